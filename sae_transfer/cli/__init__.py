@@ -1,0 +1,49 @@
+"""The `sae-transfer` command line. Each command group lives in its own module here and
+registers itself on the shared typer app; `main` turns UserError into one line + exit 2."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import typer
+
+# Fresh Prefect databases migrate for 25-35 s on small machines; the 20 s default times out.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from sae_transfer.errors import UserError  # noqa: E402
+
+app = typer.Typer(
+    help="Do sparse autoencoders transfer between base and chat models? Cache activations, "
+    "train SAEs, evaluate transfer, and report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+from sae_transfer.cli import cache_cmd, eval_cmd, models_cmd, study_cmd, train_cmd  # noqa: E402
+
+for _module in (models_cmd, cache_cmd, train_cmd, eval_cmd, study_cmd):
+    _module.register(app)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    logging.basicConfig(level=os.environ.get("SAE_TRANSFER_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors come through here in non-standalone mode
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

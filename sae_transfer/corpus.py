@@ -1,0 +1,221 @@
+"""Corpora: the built-in stdlib corpus, local files, or a Hugging Face dataset, tokenised
+into fixed-length sequences and split into train/eval by whole documents."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from sae_transfer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Role codes stored per token in the activation cache (uint8 in memory, string in Parquet).
+ROLES = ("bos", "text", "user", "assistant", "template")
+ROLE_CODE = {name: i for i, name in enumerate(ROLES)}
+
+_STDLIB_SKIP = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__", "turtledemo"}
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """Where text comes from and how it is split."""
+
+    source: str = "stdlib"  # "stdlib", a local .txt/.jsonl/.parquet file or folder, or a Hub dataset id
+    text_column: str = "text"  # column holding the text in .jsonl/.parquet/Hub datasets
+    hf_split: str = "train"  # split to stream from a Hub dataset
+    hf_config: str | None = None  # Hub dataset config name, if it has several
+    eval_fraction: float = 0.1  # share of whole documents held out for evaluation
+    seed: int = 0  # decides which documents are held out
+    max_docs: int | None = None  # stop reading after this many documents (Hub streams are unbounded)
+
+
+@dataclass(frozen=True)
+class Document:
+    doc_id: str
+    text: str
+
+
+@dataclass
+class TokenSequences:
+    """Fixed-length token sequences with per-token roles (ROLES codes)."""
+
+    tokens_NS: torch.Tensor  # int64 token ids
+    roles_NS: torch.Tensor  # uint8 role codes
+    fingerprint: str  # hash of corpus identity, split, tokenizer and chunking
+
+    @property
+    def n_tokens(self) -> int:
+        return self.tokens_NS.numel()
+
+
+def stdlib_files() -> list[Path]:
+    """The running interpreter's standard-library `.py` files (no tests), sorted by path."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [
+        p for p in root.rglob("*.py")
+        if not _STDLIB_SKIP.intersection(p.relative_to(root).parts[:-1])
+    ]
+    return sorted(files)
+
+
+def _read_text(path: Path) -> str:
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def iter_documents(cfg: CorpusConfig) -> Iterator[Document]:
+    """Yield documents in a deterministic order from the configured source."""
+    count = 0
+    for doc in _iter_source(cfg):
+        if not doc.text.strip():
+            continue
+        yield doc
+        count += 1
+        if cfg.max_docs is not None and count >= cfg.max_docs:
+            return
+
+
+def _iter_source(cfg: CorpusConfig) -> Iterator[Document]:
+    if cfg.source == "stdlib":
+        root = Path(sysconfig.get_paths()["stdlib"])
+        for path in stdlib_files():
+            yield Document(str(path.relative_to(root)), _read_text(path))
+        return
+    path = Path(cfg.source).expanduser()
+    if path.is_dir():
+        for file in sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".py", ".md"}):
+            yield Document(str(file.relative_to(path)), _read_text(file))
+    elif path.suffix == ".txt" and path.is_file():
+        for i, line in enumerate(_read_text(path).splitlines()):
+            yield Document(f"line{i}", line.replace("\\n", "\n"))
+    elif path.suffix == ".jsonl" and path.is_file():
+        with path.open(encoding="utf-8") as fh:
+            for i, line in enumerate(fh):
+                if line.strip():
+                    yield Document(f"row{i}", _column(json.loads(line), cfg.text_column, path))
+    elif path.suffix == ".parquet" and path.is_file():
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if cfg.text_column not in table.column_names:
+            raise UserError(f"{path} has no column {cfg.text_column!r}; pass --text-column one of {table.column_names}")
+        for i, text in enumerate(table.column(cfg.text_column).to_pylist()):
+            yield Document(f"row{i}", text or "")
+    elif cfg.source.startswith((".", "/", "~")) or path.suffix in {".txt", ".jsonl", ".parquet"}:
+        raise UserError(f"corpus file {cfg.source!r} does not exist: pass an existing .txt/.jsonl/.parquet path, a folder, 'stdlib' or a Hub dataset id")
+    else:
+        yield from _iter_hub(cfg)
+
+
+def _column(row: dict, column: str, where: object) -> str:
+    if column not in row:
+        raise UserError(f"{where} has no field {column!r}; pass --text-column one of {sorted(row)}")
+    return row[column] or ""
+
+
+def _iter_hub(cfg: CorpusConfig) -> Iterator[Document]:
+    """Stream a Hugging Face dataset (downloads: only when the user named one)."""
+    import datasets
+
+    try:
+        stream = datasets.load_dataset(cfg.source, cfg.hf_config, split=cfg.hf_split, streaming=True)
+    except Exception as exc:  # the Hub raises many types; the user needs one line
+        raise UserError(f"could not open dataset {cfg.source!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    for i, row in enumerate(stream):
+        yield Document(f"row{i}", _column(row, cfg.text_column, cfg.source))
+
+
+def is_eval_document(doc_id: str, cfg: CorpusConfig) -> bool:
+    """Deterministic split by document: depends only on the id and the seed, not the order."""
+    digest = hashlib.sha256(f"{cfg.seed}:{doc_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < cfg.eval_fraction
+
+
+def split_documents(docs: Iterable[Document], cfg: CorpusConfig, split: str) -> Iterator[Document]:
+    """The documents of `split` ('train' or 'eval')."""
+    if split not in {"train", "eval"}:
+        raise UserError(f"unknown split {split!r}: use 'train' or 'eval'")
+    want_eval = split == "eval"
+    return (d for d in docs if is_eval_document(d.doc_id, cfg) == want_eval)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of a tokenizer's vocabulary and special tokens."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    payload = json.dumps([vocab, tokenizer.bos_token_id, tokenizer.eos_token_id])
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def corpus_fingerprint(cfg: CorpusConfig) -> str:
+    """Hash of what the corpus is: for local files their content, for stdlib the file list."""
+    digest = hashlib.sha256(json.dumps(cfg.__dict__, sort_keys=True).encode())
+    if cfg.source == "stdlib":
+        for path in stdlib_files():
+            digest.update(f"{path.name}:{path.stat().st_size}".encode())
+    else:
+        path = Path(cfg.source).expanduser()
+        files = sorted(path.rglob("*")) if path.is_dir() else [path] if path.is_file() else []
+        for file in files:
+            if file.is_file():
+                digest.update(file.name.encode())
+                digest.update(hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()[:16]
+
+
+def tokenize_sequences(
+    cfg: CorpusConfig,
+    tokenizer,
+    *,
+    context_size: int,
+    n_tokens: int | None = None,
+    split: str = "train",
+    prepend_bos: bool = True,
+) -> TokenSequences:
+    """Tokenise the split's documents into [N, context_size] sequences.
+
+    Documents are concatenated with the EOS token between them and cut into chunks of
+    `context_size` (minus one when a BOS is prepended). Stops once `n_tokens` tokens are
+    collected (rounded up to whole sequences); raises UserError if the corpus is smaller.
+    """
+    if context_size < 2:
+        raise UserError(f"context_size must be at least 2, got {context_size}")
+    bos = tokenizer.bos_token_id
+    if prepend_bos and bos is None:
+        raise UserError("tokenizer has no BOS token: pass --no-prepend-bos or use a tokenizer with one")
+    sep = tokenizer.eos_token_id
+    body = context_size - 1 if prepend_bos else context_size
+    n_seqs_wanted = None if n_tokens is None else -(-n_tokens // context_size)
+    stream: list[int] = []
+    chunks: list[list[int]] = []
+    for doc in split_documents(iter_documents(cfg), cfg, split):
+        stream.extend(tokenizer.encode(doc.text, add_special_tokens=False))
+        if sep is not None:
+            stream.append(sep)
+        while len(stream) >= body:
+            chunks.append(stream[:body])
+            del stream[:body]
+        if n_seqs_wanted is not None and len(chunks) >= n_seqs_wanted:
+            break
+    if not chunks or (n_seqs_wanted is not None and len(chunks) < n_seqs_wanted):
+        have = len(chunks) * context_size
+        need = "" if n_tokens is None else f"; {n_tokens} requested"
+        raise UserError(
+            f"corpus {cfg.source!r} gives only {have} {split} tokens at context size {context_size}{need}: "
+            "lower the token count or context size, or use a larger corpus"
+        )
+    if n_seqs_wanted is not None:
+        chunks = chunks[:n_seqs_wanted]
+    tokens = torch.tensor(chunks, dtype=torch.int64)
+    roles = torch.full_like(tokens, ROLE_CODE["text"], dtype=torch.uint8)
+    if prepend_bos:
+        tokens = torch.cat([torch.full((len(chunks), 1), bos, dtype=torch.int64), tokens], dim=1)
+        roles = torch.cat([torch.full((len(chunks), 1), ROLE_CODE["bos"], dtype=torch.uint8), roles], dim=1)
+    payload = f"{corpus_fingerprint(cfg)}:{split}:{tokenizer_fingerprint(tokenizer)}:{context_size}:{prepend_bos}:{tokens.shape[0]}"
+    return TokenSequences(tokens, roles, hashlib.sha256(payload.encode()).hexdigest()[:16])

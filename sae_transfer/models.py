@@ -1,0 +1,125 @@
+"""Load causal LMs through TransformerLens 4 `TransformerBridge` and check hook names."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+
+from sae_transfer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def default_device() -> str:
+    """CUDA when available, else CPU: every compute step takes this unless told otherwise."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _looks_local(spec: str) -> bool:
+    return spec.startswith((".", "/", "~")) or Path(spec).expanduser().exists()
+
+
+def load_model(
+    spec: str,
+    *,
+    revision: str | None = None,
+    device: str | None = None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+):
+    """Boot `spec` (a local Hugging Face checkpoint folder or a Hub id) as a TransformerBridge.
+
+    Returns the bridge in eval mode. Nothing is downloaded unless `spec` is a Hub id that is
+    not already in the local Hugging Face cache.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    name = spec
+    if _looks_local(spec):
+        path = Path(spec).expanduser()
+        if not (path / "config.json").is_file():
+            raise UserError(
+                f"model folder {spec!r} has no config.json: pass a Hugging Face checkpoint "
+                "folder (save_pretrained output) or a Hub id such as Qwen/Qwen1.5-0.5B"
+            )
+        name = str(path.resolve())
+    try:
+        bridge = TransformerBridge.boot_transformers(
+            name,
+            device=device or default_device(),
+            dtype=DTYPES[dtype],
+            revision=revision,
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"could not load model {spec!r}"
+            + (f" at revision {revision!r}" if revision else "")
+            + f": {first} (check the id or path; offline runs need the model on disk)"
+        ) from exc
+    bridge.eval()
+    return bridge
+
+
+def hook_names(model) -> list[str]:
+    """All hook point names the loaded model serves, sorted."""
+    return sorted(model.hook_dict.keys())
+
+
+def check_hooks(model, hooks: list[str]) -> None:
+    """Raise UserError naming close valid hooks if any of `hooks` is not served by `model`."""
+    valid = set(model.hook_dict.keys())
+    for hook in hooks:
+        if hook not in valid:
+            close = difflib.get_close_matches(hook, sorted(valid), n=5, cutoff=0.5)
+            hint = ", ".join(close) if close else ", ".join(sorted(valid)[:5])
+            raise UserError(f"model has no hook {hook!r}; close valid names: {hint}")
+
+
+def layer_of(hook: str) -> int | None:
+    """Block index in a hook name such as `blocks.6.hook_resid_pre`, else None."""
+    parts = hook.split(".")
+    if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+_FULL_HASH_LIMIT = 64 << 20  # files above 64 MiB are fingerprinted by size + head + tail
+
+
+def weights_fingerprint(model_dir: str | Path) -> str:
+    """sha256 (hex, 16 chars) over a local checkpoint's weight and config files.
+
+    Small files are hashed whole; large ones (7B shards) by size plus their first and last
+    4 MiB, which changes whenever a fine-tune rewrites them and costs milliseconds.
+    """
+    path = Path(model_dir)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.suffix in {".safetensors", ".bin", ".json"})
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with file.open("rb") as fh:
+            if size <= _FULL_HASH_LIMIT:
+                digest.update(fh.read())
+            else:
+                digest.update(fh.read(4 << 20))
+                fh.seek(size - (4 << 20))
+                digest.update(fh.read())
+    return digest.hexdigest()[:16]
+
+
+def model_identity(spec: str, revision: str | None = None) -> dict[str, str]:
+    """Provenance of a model: its id, and the revision (Hub) or weight hash (local folder)."""
+    if _looks_local(spec) and Path(spec).expanduser().is_dir():
+        return {"model_id": spec, "model_revision": "sha256:" + weights_fingerprint(Path(spec).expanduser())}
+    return {"model_id": spec, "model_revision": revision or "main"}
