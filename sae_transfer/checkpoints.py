@@ -1,0 +1,51 @@
+"""Finding fine-tuning checkpoints: subfolders of a local folder, or a Hub repo's revisions."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from sae_transfer.errors import UserError
+
+_STEP = re.compile(r"(\d+)(?!.*\d)")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One model checkpoint to evaluate."""
+
+    path: str  # local folder, or "<repo>@<revision>" for a Hub revision
+    step: int  # training step parsed from the name; -1 when the name has no number
+    revision: str | None = None  # Hub revision (None for local folders)
+
+
+def step_of(name: str) -> int:
+    """The last number in a checkpoint name (`step-000120` -> 120, `checkpoint-500` -> 500), else -1."""
+    match = _STEP.search(name)
+    return int(match.group(1)) if match else -1
+
+
+def scan_folder(folder: str | Path) -> list[Checkpoint]:
+    """Hugging Face checkpoint folders (with config.json) directly inside `folder`, by step."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"checkpoint folder {str(root)!r} does not exist: point --checkpoints at a folder of Hugging Face checkpoint folders")
+    found = [
+        Checkpoint(str(p), step_of(p.name))
+        for p in root.iterdir()
+        if p.is_dir() and not p.name.startswith(".") and (p / "config.json").is_file()
+    ]
+    return sorted(found, key=lambda c: (c.step, c.path))
+
+
+def scan_hub(repo: str) -> list[Checkpoint]:
+    """Branches and tags of a Hub model repo as checkpoints (network: only when the user named a repo)."""
+    from huggingface_hub import list_repo_refs
+
+    try:
+        refs = list_repo_refs(repo)
+    except Exception as exc:  # the Hub client raises many types; the user needs one line
+        raise UserError(f"could not list revisions of {repo!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    found = [Checkpoint(f"{repo}@{ref.name}", step_of(ref.name), ref.target_commit) for ref in [*refs.branches, *refs.tags]]
+    return sorted(found, key=lambda c: (c.step, c.path))

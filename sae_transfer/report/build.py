@@ -1,0 +1,146 @@
+"""Build the report from the catalog: one query per section, figures embedded as base64 PNG."""
+
+from __future__ import annotations
+
+import base64
+import html
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from sae_transfer.report import plots
+from storage import catalog
+from storage.layout import StudyLayout
+
+log = logging.getLogger(__name__)
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
+h1{font-size:1.6rem}h2{margin-top:2.2rem;border-bottom:1px solid #ddd;padding-bottom:.3rem}
+table{border-collapse:collapse;font-size:.85rem;margin:.6rem 0 1rem}
+th,td{border:1px solid #ccc;padding:.25rem .5rem;text-align:right}th{background:#f3f3f3}
+td:first-child,th:first-child{text-align:left}.note{color:#555;font-size:.9rem}
+img{max-width:100%;border:1px solid #eee}.empty{color:#a00}
+"""
+
+
+@dataclass
+class Section:
+    """One report section: a title, a note, tables and figures."""
+
+    slug: str
+    title: str
+    note: str
+    tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
+    figures: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    html: Path
+    markdown: Path
+    figures: list[Path]
+
+
+def _q(con, name: str, params: list) -> pd.DataFrame:
+    """Run query `name`, binding as many of `params` as it numbers (?1, ?2, ...)."""
+    sql = catalog.load_query(name)
+    n = max((int(i) for i in re.findall(r"\?(\d+)", sql)), default=0)
+    return con.execute(sql, params[:n]).df()
+
+
+def collect_sections(results_dir: str | Path, base: str, chat: str, *, scatter_rows: int = 4000) -> list[Section]:
+    """Run every report query on the catalog and draw the figures."""
+    con = catalog.connect(results_dir)
+    try:
+        pair = [base, chat]
+        transfer = _q(con, "transfer_table", pair)
+        sections = [
+            Section("transfer", "Transfer matrix (plain text)",
+                    "Every SAE spliced into every model on held-out text. CE loss recovered uses the zero-ablation baseline, "
+                    "with a bootstrap 95% interval over sequences. `excluded`: outlier-norm positions are not counted and keep "
+                    "their own activation; `included`: every position is spliced.",
+                    [(f"outliers {policy}", part.drop(columns=["outlier_policy"])) for policy, part in transfer.groupby("outlier_policy", sort=False)]),
+        ]
+        scatter = _q(con, "mse_vs_norm", pair + [scatter_rows])
+        sections.append(Section("outliers", "Outlier-norm activations",
+                                "Tokens whose scaled norm (mean norm rescaled to sqrt(d_model)) passes the threshold, and what they are.",
+                                [("outlier summary", _q(con, "outlier_table", []))],
+                                [("MSE vs scaled norm (log y)", plots.mse_vs_norm(scatter))] if not scatter.empty else []))
+        sections.append(Section("segments", "Instruction-formatted data",
+                                "Greedy chat rollouts on held-out prompts; each SAE is spliced only at one segment's positions.",
+                                [("segments", _q(con, "segments_table", pair))]))
+        sections.append(Section("finetune", "Fine-tuned base SAE",
+                                "On the chat model, outliers included (as the study's fine-tuning table).",
+                                [("fine-tuned SAE vs from-scratch SAEs", _q(con, "finetune_table", pair))]))
+        diff = _q(con, "weight_diff", [])
+        sections.append(Section("weights", "Chat vs base weights",
+                                "Relative Frobenius norm of the weight change per layer and matrix.",
+                                [("largest changes", diff.sort_values("rel_diff", ascending=False).head(12))],
+                                [("weight differences", plots.weight_diff(diff))] if not diff.empty else []))
+        positions = _q(con, "positions", pair)
+        sections.append(Section("positions", "Position curves (length generalisation)",
+                                "Reconstruction by position bucket, up to 4x the SAE's training context.",
+                                [], [("by position", plots.position_curves(positions))] if not positions.empty else []))
+        curves = _q(con, "training_curves", [])
+        sections.append(Section("training", "Training curves", "Logged every few steps of every SAE run.",
+                                [], [("training", plots.training_curves(curves))] if not curves.empty else []))
+        drift = _q(con, "drift", pair)
+        sections.append(Section("drift", "Drift across fine-tuning checkpoints",
+                                "Each SAE on each chat fine-tuning checkpoint as the watcher evaluated it (step 0 = base model).",
+                                [("drift", drift)], [("drift", plots.drift(drift[drift["outlier_policy"] == "excluded"]))] if not drift.empty else []))
+        return sections
+    finally:
+        con.close()
+
+
+def _html_table(df: pd.DataFrame) -> str:
+    if df.empty:
+        return '<p class="empty">no rows yet</p>'
+    return df.to_html(index=False, border=0, na_rep="", float_format=lambda v: f"{v:.4g}")
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    if df.empty:
+        return "_no rows yet_\n"
+    cells = [[("" if pd.isna(v) else f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row] for row in df.itertuples(index=False)]
+    head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
+    return head + "".join("| " + " | ".join(r) + " |\n" for r in cells)
+
+
+def render(sections: list[Section], title: str, out_dir: str | Path) -> ReportPaths:
+    """Write report.html (self-contained), report.md and the figures as PNG files."""
+    out = Path(out_dir)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    parts, md, figures = [f"<h1>{html.escape(title)}</h1>"], [f"# {title}\n"], []
+    for sec in sections:
+        parts.append(f'<h2 id="{sec.slug}">{html.escape(sec.title)}</h2><p class="note">{html.escape(sec.note)}</p>')
+        md.append(f"\n## {sec.title}\n\n{sec.note}\n")
+        for caption, df in sec.tables:
+            parts.append(f"<h3>{html.escape(caption)}</h3>{_html_table(df)}")
+            md.append(f"\n**{caption}**\n\n{_md_table(df)}")
+        for i, (caption, png) in enumerate(sec.figures):
+            path = out / "figures" / f"{sec.slug}-{i}.png"
+            path.write_bytes(png)
+            figures.append(path)
+            data = base64.b64encode(png).decode()
+            parts.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(caption)}</figcaption></figure>')
+            md.append(f"\n![{caption}](figures/{path.name})\n")
+    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>{''.join(parts)}</body></html>"
+    html_path, md_path = out / "report.html", out / "report.md"
+    for path, text in ((html_path, page), (md_path, "".join(md))):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return ReportPaths(html_path, md_path, figures)
+
+
+def build_report(results_dir: str | Path, base: str, chat: str, title: str | None = None) -> ReportPaths:
+    """Query the catalog of `results_dir` and write the report under `<results_dir>/report/`."""
+    layout = StudyLayout(Path(results_dir))
+    sections = collect_sections(results_dir, base, chat)
+    return render(sections, title or f"SAE transfer: {base} vs {chat}", layout.report)

@@ -1,0 +1,165 @@
+"""The study config: one validated object that names the model pair, hooks, corpora, token
+budgets, SAE settings and outlier rules. It is the `transfer_study` flow's parameter."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from sae_transfer.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PairConfig(_Section):
+    """The base model and its chat fine-tune (Hub ids or local checkpoint folders)."""
+
+    base: str = "artifacts/demo-models/base"  # base model: Hub id or local HF folder
+    chat: str = "artifacts/demo-models/chat"  # chat fine-tune of `base`
+    base_revision: str | None = None  # Hub revision (branch, tag or commit) of base
+    chat_revision: str | None = None  # Hub revision of chat
+    checkpoints: str | None = "artifacts/demo-models/chat-checkpoints"  # folder of fine-tuning checkpoints to watch
+    checkpoints_repo: str | None = None  # Hub repo whose revisions are checkpoints (online only)
+    build_demo: bool = True  # build the offline demo pair first if base/chat are the demo folders
+    trust_remote_code: bool = False  # only for models whose code you have read
+
+
+class CorpusSection(_Section):
+    """Text the SAEs are trained and evaluated on (the study used the Pile)."""
+
+    source: str = "stdlib"  # "stdlib", a local .txt/.jsonl/.parquet file or folder, or a Hub dataset id
+    text_column: str = "text"  # text column of .jsonl/.parquet/Hub sources
+    context_size: int = Field(128, ge=2)  # tokens per sequence, BOS included
+    prepend_bos: bool = True  # prepend BOS to every sequence (the study did)
+    train_tokens: int = Field(400_000, gt=0)  # activations cached per model for SAE training
+    seed: int = 0  # document train/eval split
+
+
+class SAESection(_Section):
+    """SAE architecture and training budget (defaults follow the study's Conerly et al. setup)."""
+
+    arch: Literal["relu", "topk", "batchtopk", "jumprelu"] = "relu"  # the study trained ReLU SAEs
+    expansion: int = Field(16, ge=1)  # d_sae = expansion x d_model
+    l1_coefficient: float = Field(5.0, ge=0)  # sparsity penalty (relu)
+    k: int = Field(32, ge=1)  # active features (topk/batchtopk)
+    lr: float = Field(5e-4, gt=0)  # Adam learning rate, also used for fine-tuning (the study's recipe)
+    batch_size: int = Field(4096, ge=1)  # tokens per step in pre-training
+    train_tokens: int = Field(400_000, gt=0)  # pre-training token budget per SAE
+
+
+class FinetuneSection(_Section):
+    """Fine-tuning the base SAE on chat activations (the study: 5M tokens, batch 256)."""
+
+    enabled: bool = True  # train the fine-tuned base SAE
+    tokens: int = Field(50_000, gt=0)  # fine-tuning token budget
+    batch_size: int = Field(256, ge=1)  # the study's fine-tuning batch size
+
+
+class OutlierSection(_Section):
+    """Outlier-norm rules on scaled norms (mean norm sqrt(d_model))."""
+
+    threshold: float | None = None  # absolute scaled-norm threshold; None = chosen per model from its norm distribution
+    k_median: float = Field(3.0, gt=1)  # second rule: k x median scaled norm
+
+
+class EvalSection(_Section):
+    """Held-out evaluation budget."""
+
+    tokens: int = Field(32_768, gt=0)  # eval tokens per (SAE, model) pair (the study used ~100k)
+    bootstrap: int = Field(1000, ge=0)  # bootstrap resamples for the CE-loss-recovered interval
+    position_multiples: list[int] = [1, 2, 4]  # context multiples for position curves
+
+
+class InstructionSection(_Section):
+    """Instruction-formatted data: prompts -> greedy chat rollouts -> segment metrics."""
+
+    enabled: bool = True  # evaluate per segment (user prompt / rollout / template)
+    source: str = "demo"  # "demo" (held-out docstrings), a local .jsonl of {"prompt": ...}, or a Hub id
+    n_prompts: int = Field(48, ge=1)  # the study used ~50 Alpaca instructions
+    max_new_tokens: int = Field(96, ge=1)  # rollout length cap
+
+
+class StudyConfig(_Section):
+    """One base-vs-chat transfer study."""
+
+    name: str = "demo"  # results go to `<results_root>/<name>`
+    results_root: str = "results"  # parent folder of every study's results
+    pair: PairConfig = PairConfig()
+    hooks: list[str] = ["blocks.2.hook_resid_pre"]  # hook points studied (the study: middle-layer resid_pre)
+    corpus: CorpusSection = CorpusSection()
+    sae: SAESection = SAESection()
+    finetune: FinetuneSection = FinetuneSection()
+    outliers: OutlierSection = OutlierSection()
+    eval: EvalSection = EvalSection()
+    instructions: InstructionSection = InstructionSection()
+    device: str | None = None  # None = CUDA when available, else CPU
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # model dtype (bf16 on GPUs for 7B models)
+    act_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # element dtype of cached activations
+    seed: int = 0  # SAE init, shuffling and bootstrap
+
+    @model_validator(mode="after")
+    def _check(self) -> "StudyConfig":
+        if not self.hooks:
+            raise ValueError("hooks: name at least one hook, e.g. blocks.6.hook_resid_pre")
+        return self
+
+    @property
+    def results_dir(self) -> Path:
+        return Path(self.results_root) / self.name
+
+    def fingerprint(self) -> str:
+        """Hash of the whole config (16 hex chars)."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+
+def _format_error(exc: ValidationError, source: str) -> str:
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        return f"{source}: unknown key {where!r}; remove it or fix its spelling (see sae_transfer/configs/demo.yaml)"
+    return f"{source}: {where}: {err['msg']} (got {err.get('input')!r})"
+
+
+def parse_study(data: dict, source: str = "config") -> StudyConfig:
+    """Validate a dict as a StudyConfig; raise UserError with the first problem on one line."""
+    try:
+        return StudyConfig.model_validate(data or {})
+    except ValidationError as exc:
+        raise UserError(_format_error(exc, source)) from None
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """Read a YAML or TOML study config file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"study config {str(path)!r} not found: pass a .yaml or .toml file (examples in sae_transfer/configs/)")
+    text = path.read_text()
+    try:
+        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise UserError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: {str(exc).splitlines()[0]}") from None
+    if data is not None and not isinstance(data, dict):
+        raise UserError(f"{path}: the top level must be a mapping of keys such as pair, hooks, corpus")
+    return parse_study(data, str(path))
+
+
+def example_config(name: str) -> Path:
+    """Path of a shipped example config (demo, qwen1.5-0.5b, mistral-7b)."""
+    path = Path(__file__).parent / "configs" / f"{name}.yaml"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise UserError(f"no example config {name!r}; shipped: {', '.join(shipped)}")
+    return path
+
+
+def config_json(cfg: StudyConfig) -> str:
+    """Canonical JSON of a config (stored with every run for provenance)."""
+    return json.dumps(cfg.model_dump(), sort_keys=True)

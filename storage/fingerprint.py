@@ -1,0 +1,86 @@
+"""Content fingerprints of files and folders, cheap on re-runs.
+
+sha256 of every file's bytes, remembered per (path, size, mtime_ns) in a small JSON memo
+so an unchanged 14 GB checkpoint is hashed once, not on every run. Touching a file's
+content changes its size or mtime, which invalidates the memo entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from pathlib import Path
+
+_LOCK = threading.Lock()
+_SKIP_NAMES = {".DS_Store", "__pycache__"}
+
+
+def _memo_path() -> Path:
+    root = os.environ.get("SAE_TRANSFER_CACHE_DIR") or Path.home() / ".cache" / "sae-transfer"
+    return Path(root) / "fingerprints.json"
+
+
+def _load_memo() -> dict:
+    try:
+        return json.loads(_memo_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_memo(memo: dict) -> None:
+    path = _memo_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, path)
+    except OSError:  # a read-only home only costs re-hashing next time
+        pass
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def fingerprint(path: str | Path) -> str:
+    """Content hash (16 hex chars) of a file, or of a folder's files (names + bytes).
+
+    Temporary files (`*.tmp`, names starting with `.tmp`) are ignored, so an interrupted
+    writer does not change the fingerprint of what is complete.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(path)
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*")
+        if p.is_file() and p.name not in _SKIP_NAMES and not p.name.endswith(".tmp") and not p.name.startswith(".tmp")
+    )
+    with _LOCK:
+        memo = _load_memo()
+        changed = False
+        digest = hashlib.sha256()
+        for file in files:
+            stat = file.stat()
+            key = str(file.resolve())
+            stamp = [stat.st_size, stat.st_mtime_ns]
+            entry = memo.get(key)
+            if entry is None or entry[:2] != stamp:
+                entry = stamp + [_sha256_file(file)]
+                memo[key] = entry
+                changed = True
+            rel = file.name if file == path else str(file.relative_to(path))
+            digest.update(f"{rel}\0{entry[2]}\n".encode())
+        if changed:
+            _save_memo(memo)
+    return digest.hexdigest()[:16]
+
+
+def hash_payload(*parts: object) -> str:
+    """Stable 16-hex-char hash of JSON-serialisable parts."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

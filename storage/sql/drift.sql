@@ -1,0 +1,27 @@
+-- Drift across fine-tuning checkpoints: how each SAE does on each checkpoint.
+-- Parameters: ?1 base model id, ?2 chat model id.
+with evaluated as (
+    select c.path, max(c.step) as step
+    from checkpoints as c
+    group by c.path
+),
+
+rows as (
+    select
+        m.hook,
+        m.outlier_policy,
+        case when m.sae_finetuned_from is not null then 'fine-tuned base' when m.sae_model = ?1 then 'base' when m.sae_model = ?2 then 'chat' else m.sae_model end as sae,
+        coalesce(e.step, case when m.model_id = ?1 then 0 end) as step,
+        m.ce_loss_score,
+        m.explained_variance,
+        m.created_at
+    from metrics as m
+    left join evaluated as e on e.path = m.model_id
+    where m.segment = 'text'
+)
+
+select hook, outlier_policy, sae, step, ce_loss_score, explained_variance
+from rows
+where step is not null
+qualify row_number() over (partition by hook, outlier_policy, sae, step order by created_at desc) = 1
+order by hook, outlier_policy, sae, step

@@ -1,0 +1,23 @@
+-- The study's outlier table: threshold, fraction of outliers, and what they are.
+with latest as (
+    select *
+    from outlier_summary
+    qualify row_number() over (
+        partition by model_id, model_revision, hook, outlier_rule order by created_at desc
+    ) = 1
+)
+
+select
+    model_id as model,
+    hook,
+    outlier_rule as rule,
+    round(outlier_threshold, 2) as threshold,
+    n_tokens,
+    n_outliers,
+    round(frac_outliers, 6) as frac_outliers,
+    round(100 * frac_bos, 1) as bos_pct,
+    round(100 * frac_first10, 1) as first10_pct,
+    round(100 * frac_newline, 1) as newline_pct,
+    round(100 * frac_other, 1) as other_pct
+from latest
+order by hook, model, rule

@@ -1,0 +1,25 @@
+-- MSE and explained variance by position bucket, past the SAE's training context.
+-- Parameters: ?1 base model id, ?2 chat model id.
+with latest as (
+    select *
+    from positions
+    where outlier_policy = 'excluded'
+    qualify row_number() over (
+        partition by sae_id, model_id, hook, context_size, bucket_lo order by created_at desc
+    ) = 1
+)
+
+select
+    hook,
+    case when sae_finetuned_from is not null then 'fine-tuned base' when sae_model = ?1 then 'base' when sae_model = ?2 then 'chat' else sae_model end as sae,
+    case when model_id = ?1 then 'base' when model_id = ?2 then 'chat' else model_id end as model,
+    context_size,
+    sae_context_size,
+    bucket_lo,
+    bucket_hi,
+    beyond_training_context,
+    n_tokens,
+    mse,
+    explained_variance
+from latest
+order by hook, sae, model, context_size, bucket_lo

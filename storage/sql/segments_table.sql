@@ -1,0 +1,40 @@
+-- Instruction-formatted data: transfer per segment (splice only at that segment's positions).
+-- Parameters: ?1 base model id, ?2 chat model id.
+with labelled as (
+    select
+        *,
+        case
+            when sae_finetuned_from is not null then 'fine-tuned base'
+            when sae_model = ?1 then 'base'
+            when sae_model = ?2 then 'chat'
+            else sae_model
+        end as sae_label
+    from metrics
+    where segment <> 'text'
+),
+
+latest as (
+    select *
+    from labelled
+    qualify row_number() over (
+        partition by sae_id, model_id, hook, segment, outlier_policy order by created_at desc
+    ) = 1
+)
+
+select
+    hook,
+    segment,
+    outlier_policy,
+    sae_label as sae,
+    round(l0, 1) as l0,
+    round(100 * ce_loss_score, 2) as ce_loss_rec_pct,
+    round(ce_clean, 3) as clean_ce,
+    round(ce_sae, 3) as sae_ce,
+    round(ce_delta, 3) as ce_delta,
+    round(ce_zero, 3) as zero_abl_ce,
+    round(100 * explained_variance_legacy, 1) as ev_legacy_pct,
+    round(mse, 2) as mse,
+    n_tokens
+from latest
+where model_id = ?2
+order by hook, segment, outlier_policy desc, sae_label

@@ -1,0 +1,46 @@
+-- The study's main table: every SAE x model on plain text, with and without outliers.
+-- Parameters: ?1 base model id, ?2 chat model id.
+with labelled as (
+    select
+        *,
+        case
+            when sae_finetuned_from is not null then 'fine-tuned base'
+            when sae_model = ?1 then 'base'
+            when sae_model = ?2 then 'chat'
+            else sae_model
+        end as sae_label,
+        case when model_id = ?1 then 'base' when model_id = ?2 then 'chat' else model_id end as model_label
+    from metrics
+    where segment = 'text'
+),
+
+latest as (
+    -- re-runs append rows; the newest row per (SAE, model, hook, policy) wins
+    select *
+    from labelled
+    qualify row_number() over (
+        partition by sae_id, model_id, model_revision, hook, outlier_policy order by created_at desc
+    ) = 1
+)
+
+select
+    hook,
+    outlier_policy,
+    sae_label as sae,
+    model_label as model,
+    round(l0, 1) as l0,
+    round(100 * ce_loss_score, 2) as ce_loss_rec_pct,
+    round(100 * ce_loss_score_lo, 2) as ce_rec_ci_lo,
+    round(100 * ce_loss_score_hi, 2) as ce_rec_ci_hi,
+    round(ce_clean, 3) as clean_ce,
+    round(ce_sae, 3) as sae_ce,
+    round(ce_delta, 3) as ce_delta,
+    round(ce_zero, 3) as zero_abl_ce,
+    round(100 * explained_variance, 1) as ev_pct,
+    round(100 * explained_variance_legacy, 1) as ev_legacy_pct,
+    round(mse, 2) as mse,
+    round(kl_div_score, 4) as kl_div_score,
+    n_tokens
+from latest
+where model_label in ('base', 'chat')
+order by hook, outlier_policy desc, sae_label, model_label

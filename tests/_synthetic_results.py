@@ -1,0 +1,81 @@
+"""A results folder filled with hand-made rows of every table, for catalog and report tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage import tables
+
+BASE, CHAT = "models/base", "models/chat"
+HOOK = "blocks.2.hook_resid_pre"
+
+
+def _metric(sae_model, model_id, policy, score, finetuned=None, segment="text", revision="sha256:x"):
+    sae = {"models/base": "base-sae", "models/chat": "chat-sae"}[sae_model] + ("-ft" if finetuned else "")
+    return dict(
+        sae_id=f"{sae}:abc", sae_model=sae_model, sae_finetuned_from=finetuned, model_id=model_id,
+        model_revision=revision, hook=HOOK, segment=segment, outlier_policy=policy, outlier_rule="absolute",
+        outlier_threshold=10.0, scale_factor=1.5, n_tokens=1000, n_sequences=10, l0=20.0, mse=3.0,
+        explained_variance=0.8, explained_variance_legacy=0.75, ce_clean=2.0, ce_sae=2.0 + (1 - score) * 6,
+        ce_zero=8.0, ce_delta=(1 - score) * 6, ce_loss_score=score, ce_loss_score_lo=score - 0.01,
+        ce_loss_score_hi=score + 0.01, ce_ci_level=0.95, kl_div_score=score, seed=0,
+    )
+
+
+def fill(root: Path) -> None:
+    """Write one part per table under `root`."""
+    rows = []
+    for policy in ("excluded", "included"):
+        for sae_model in (BASE, CHAT):
+            for model in (BASE, CHAT):
+                rows.append(_metric(sae_model, model, policy, 0.97 if sae_model == model else 0.93))
+        rows.append(_metric(BASE, CHAT, policy, 0.96, finetuned="base-sae:abc"))
+    for segment in ("user_prompt", "rollout", "template"):
+        rows.append(_metric(BASE, CHAT, "excluded", 0.9, segment=segment))
+        rows.append(_metric(CHAT, CHAT, "excluded", 0.95, segment=segment))
+    for step, score in ((30, 0.95), (60, 0.94)):
+        rows.append(_metric(BASE, f"models/ckpt/step-{step:06d}", "excluded", score))
+    tables.append_rows(root, "metrics", rows)
+    tables.append_rows(root, "outlier_summary", [dict(
+        model_id=m, model_revision="r", hook=HOOK, outlier_rule="absolute", outlier_threshold=10.0, n_tokens=1000,
+        n_outliers=10, frac_outliers=0.01, frac_bos=1.0, frac_first10=0.0, frac_newline=0.0, frac_other=0.0,
+    ) for m in (BASE, CHAT)])
+    tables.append_rows(root, "token_errors", [dict(
+        sae_id="base-sae:abc", sae_model=BASE, model_id=CHAT, hook=HOOK, seq_id=i, pos=i % 8,
+        scaled_norm=1.0 + i, sq_error=0.5 * (1 + i), l0=5, is_outlier=i > 8,
+    ) for i in range(10)])
+    tables.append_rows(root, "weight_diff", [dict(
+        base_model=BASE, chat_model=CHAT, param=f"model.layers.{layer}.self_attn.q_proj.weight", layer=layer,
+        kind="q_proj", numel=16, base_norm=1.0, diff_norm=0.1 * (layer + 1), rel_diff=0.1 * (layer + 1),
+    ) for layer in range(3)])
+    tables.append_rows(root, "positions", [dict(
+        sae_id="base-sae:abc", sae_model=BASE, model_id=CHAT, hook=HOOK, outlier_policy="excluded",
+        sae_context_size=16, context_size=64, bucket_lo=lo, bucket_hi=2 * lo - 1 if lo > 1 else 1,
+        beyond_training_context=lo >= 16, n_tokens=10, mse=1.0 + lo / 8, explained_variance=0.9 - lo / 100,
+    ) for lo in (1, 2, 4, 8, 16, 32)])
+    tables.append_rows(root, "checkpoints", [dict(
+        checkpoint_id=f"c{step}", path=f"models/ckpt/step-{step:06d}", step=step, status="evaluated",
+    ) for step in (30, 60)]) if "checkpoints" in tables.SCHEMAS else _write_checkpoints(root)
+    log_dir = root / "saes" / "base-sae" / "training_log"
+    log_dir.mkdir(parents=True)
+    pq.write_table(pa.table({
+        "step": [1, 2, 3], "tokens": [100, 200, 300], "lr": [1e-4] * 3, "loss": [3.0, 2.0, 1.0],
+        "mse": [3.0, 2.0, 1.0], "l0": [50.0, 30.0, 20.0], "explained_variance": [0.1, 0.5, 0.7],
+        "dead_fraction": [0.0, 0.0, 0.01],
+    }), log_dir / "part-0.parquet")
+
+
+def _write_checkpoints(root: Path) -> None:
+    from storage.study_tables import CHECKPOINTS
+
+    folder = root / "checkpoints"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = {f.name: [] for f in CHECKPOINTS}
+    for step in (30, 60):
+        for name, value in dict(checkpoint_id=f"c{step}", path=f"models/ckpt/step-{step:06d}", step=step,
+                                status="evaluated", flow_run_id="x", created_at=None).items():
+            rows[name].append(value)
+    pq.write_table(pa.Table.from_pydict(rows, schema=CHECKPOINTS), folder / "part-0.parquet")

@@ -1,0 +1,30 @@
+"""Shared test setup: an isolated Prefect home and one session-wide Prefect test server."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Set before anything imports prefect: every test process gets its own Prefect home and
+# fingerprint memo, never the user's.
+_HOME = Path(tempfile.mkdtemp(prefix="sae-transfer-tests-"))
+os.environ.setdefault("PREFECT_HOME", str(_HOME / "prefect"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ["SAE_TRANSFER_CACHE_DIR"] = str(_HOME / "cache")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One Prefect test server for every flow test in the session (start-up costs 10-30 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

@@ -1,0 +1,47 @@
+"""The report: built from the catalog only, every section present, rendered in a real browser."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+
+from sae_transfer.report.build import build_report
+from tests import _synthetic_results as synth
+
+SECTIONS = ["transfer", "outliers", "segments", "finetune", "weights", "positions", "training", "drift"]
+
+
+def test_report_has_every_section_with_tables_and_figures(tmp_path):
+    synth.fill(tmp_path)
+    paths = build_report(tmp_path, synth.BASE, synth.CHAT, title="test study")
+    page = paths.html.read_text()
+    for slug in SECTIONS:
+        assert f'id="{slug}"' in page
+    assert page.count("<table") >= 6
+    assert "no rows yet" not in page
+    assert page.count("data:image/png;base64,") >= 5
+    md = paths.markdown.read_text()
+    assert "| hook | sae | model | l0 |" in md and "**outlier summary**" in md
+    assert all(p.stat().st_size > 1000 for p in paths.figures)
+
+
+def test_report_on_empty_results_says_so(tmp_path):
+    paths = build_report(tmp_path, synth.BASE, synth.CHAT)
+    assert "no rows yet" in paths.html.read_text()
+
+
+@pytest.mark.skipif(not shutil.which("chromium"), reason="needs Debian's chromium (installed by .ci/run)")
+def test_report_renders_in_headless_chromium(tmp_path):
+    synth.fill(tmp_path)
+    paths = build_report(tmp_path, synth.BASE, synth.CHAT)
+    args = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run(args + ["--dump-dom", paths.html.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert dom.stdout.count("<table") >= 6 and "Transfer matrix" in dom.stdout
+    shot = tmp_path / "report.png"
+    subprocess.run(args + [f"--screenshot={shot}", "--window-size=1280,2400", paths.html.as_uri()],
+                   capture_output=True, timeout=120, check=True)
+    assert shot.stat().st_size > 20_000
