@@ -3,6 +3,7 @@ into fixed-length sequences and split into train/eval by whole documents."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -39,8 +40,20 @@ class CorpusConfig:
 
 @dataclass(frozen=True)
 class Document:
-    doc_id: str
+    doc_id: str  # file path relative to the source root, or `row{i}` for rows of one file
     text: str
+    split_key: str | None = None  # what decides the train/eval split; None: the doc_id
+
+    @property
+    def key(self) -> str:
+        """The string the deterministic split hashes."""
+        return self.doc_id if self.split_key is None else self.split_key
+
+
+def _row(i: int, text: str) -> Document:
+    # Rows are split by content, so reordering or inserting rows moves no row across the
+    # split, and duplicate rows always land on the same side.
+    return Document(f"row{i}", text, hashlib.sha256(text.encode()).hexdigest())
 
 
 @dataclass
@@ -56,14 +69,24 @@ class TokenSequences:
         return self.tokens_NS.numel()
 
 
+def stdlib_root() -> Path:
+    """The running interpreter's standard-library folder."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
 def stdlib_files() -> list[Path]:
     """The running interpreter's standard-library `.py` files (no tests), sorted by path."""
-    root = Path(sysconfig.get_paths()["stdlib"])
+    return list(_stdlib_files(stdlib_root()))
+
+
+@functools.lru_cache(maxsize=4)
+def _stdlib_files(root: Path) -> tuple[Path, ...]:
+    # Walking the stdlib takes ~1 s; it does not change while the interpreter runs.
     files = [
         p for p in root.rglob("*.py")
         if not _STDLIB_SKIP.intersection(p.relative_to(root).parts[:-1])
     ]
-    return sorted(files)
+    return tuple(sorted(files))
 
 
 def _read_text(path: Path) -> str:
@@ -84,7 +107,7 @@ def iter_documents(cfg: CorpusConfig) -> Iterator[Document]:
 
 def _iter_source(cfg: CorpusConfig) -> Iterator[Document]:
     if cfg.source == "stdlib":
-        root = Path(sysconfig.get_paths()["stdlib"])
+        root = stdlib_root()
         for path in stdlib_files():
             yield Document(str(path.relative_to(root)), _read_text(path))
         return
@@ -93,28 +116,47 @@ def _iter_source(cfg: CorpusConfig) -> Iterator[Document]:
         for file in sorted(p for p in path.rglob("*") if p.suffix in {".txt", ".py", ".md"}):
             yield Document(str(file.relative_to(path)), _read_text(file))
     elif path.suffix == ".txt" and path.is_file():
+        # One document per line; a literal backslash-n inside a line stands for a newline.
         for i, line in enumerate(_read_text(path).splitlines()):
-            yield Document(f"line{i}", line.replace("\\n", "\n"))
+            yield _row(i, line.replace("\\n", "\n"))
     elif path.suffix == ".jsonl" and path.is_file():
-        with path.open(encoding="utf-8") as fh:
-            for i, line in enumerate(fh):
-                if line.strip():
-                    yield Document(f"row{i}", _column(json.loads(line), cfg.text_column, path))
+        yield from _iter_jsonl(path, cfg.text_column)
     elif path.suffix == ".parquet" and path.is_file():
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(path)
-        if cfg.text_column not in table.column_names:
-            raise UserError(f"{path} has no column {cfg.text_column!r}; pass --text-column one of {table.column_names}")
-        for i, text in enumerate(table.column(cfg.text_column).to_pylist()):
-            yield Document(f"row{i}", text or "")
+        yield from _iter_parquet(path, cfg.text_column)
     elif cfg.source.startswith((".", "/", "~")) or path.suffix in {".txt", ".jsonl", ".parquet"}:
         raise UserError(f"corpus file {cfg.source!r} does not exist: pass an existing .txt/.jsonl/.parquet path, a folder, 'stdlib' or a Hub dataset id")
     else:
         yield from _iter_hub(cfg)
 
 
+def _iter_jsonl(path: Path, column: str) -> Iterator[Document]:
+    with path.open(encoding="utf-8") as fh:
+        for i, line in enumerate(fh):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(f"{path} line {i + 1} is not valid JSON ({exc.msg}): fix or remove that line") from exc
+            yield _row(i, _column(row, column, path))
+
+
+def _iter_parquet(path: Path, column: str) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    file = pq.ParquetFile(path)
+    if column not in file.schema_arrow.names:
+        raise UserError(f"{path} has no column {column!r}; pass --text-column one of {file.schema_arrow.names}")
+    i = 0
+    for batch in file.iter_batches(columns=[column], batch_size=1024):  # streamed, not loaded whole
+        for text in batch.column(0).to_pylist():
+            yield _row(i, text or "")
+            i += 1
+
+
 def _column(row: dict, column: str, where: object) -> str:
+    if not isinstance(row, dict):
+        raise UserError(f"{where} holds a JSON {type(row).__name__} where an object with field {column!r} was expected")
     if column not in row:
         raise UserError(f"{where} has no field {column!r}; pass --text-column one of {sorted(row)}")
     return row[column] or ""
@@ -129,12 +171,13 @@ def _iter_hub(cfg: CorpusConfig) -> Iterator[Document]:
     except Exception as exc:  # the Hub raises many types; the user needs one line
         raise UserError(f"could not open dataset {cfg.source!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     for i, row in enumerate(stream):
-        yield Document(f"row{i}", _column(row, cfg.text_column, cfg.source))
+        yield _row(i, _column(row, cfg.text_column, cfg.source))
 
 
-def is_eval_document(doc_id: str, cfg: CorpusConfig) -> bool:
-    """Deterministic split by document: depends only on the id and the seed, not the order."""
-    digest = hashlib.sha256(f"{cfg.seed}:{doc_id}".encode()).digest()
+def is_eval_document(key: str, cfg: CorpusConfig) -> bool:
+    """Deterministic split by document: depends only on its key (`Document.key`: the path of a
+    file, the content of a row) and the seed, not on the order documents come in."""
+    digest = hashlib.sha256(f"{cfg.seed}:{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < cfg.eval_fraction
 
 
@@ -143,7 +186,7 @@ def split_documents(docs: Iterable[Document], cfg: CorpusConfig, split: str) -> 
     if split not in {"train", "eval"}:
         raise UserError(f"unknown split {split!r}: use 'train' or 'eval'")
     want_eval = split == "eval"
-    return (d for d in docs if is_eval_document(d.doc_id, cfg) == want_eval)
+    return (d for d in docs if is_eval_document(d.key, cfg) == want_eval)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -157,14 +200,15 @@ def corpus_fingerprint(cfg: CorpusConfig) -> str:
     """Hash of what the corpus is: for local files their content, for stdlib the file list."""
     digest = hashlib.sha256(json.dumps(cfg.__dict__, sort_keys=True).encode())
     if cfg.source == "stdlib":
+        root = stdlib_root()
         for path in stdlib_files():
-            digest.update(f"{path.name}:{path.stat().st_size}".encode())
+            digest.update(f"{path.relative_to(root)}:{path.stat().st_size}".encode())
     else:
         path = Path(cfg.source).expanduser()
         files = sorted(path.rglob("*")) if path.is_dir() else [path] if path.is_file() else []
         for file in files:
             if file.is_file():
-                digest.update(file.name.encode())
+                digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
                 digest.update(hashlib.sha256(file.read_bytes()).digest())
     return digest.hexdigest()[:16]
 

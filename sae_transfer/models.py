@@ -22,7 +22,12 @@ def default_device() -> str:
 
 
 def _looks_local(spec: str) -> bool:
-    return spec.startswith((".", "/", "~")) or Path(spec).expanduser().exists()
+    """A path, not a Hub id: explicit path syntax, an existing path, more slashes than
+    `org/name` has, or a first component that is a local folder (`artifacts/demo/base`)."""
+    path = Path(spec).expanduser()
+    if spec.startswith((".", "/", "~", "\\")) or path.exists() or spec.count("/") > 1:
+        return True
+    return len(path.parts) > 1 and Path(path.parts[0]).is_dir()
 
 
 def load_model(
@@ -45,6 +50,11 @@ def load_model(
     name = spec
     if _looks_local(spec):
         path = Path(spec).expanduser()
+        if not path.exists():
+            raise UserError(
+                f"model folder {spec!r} does not exist: pass an existing Hugging Face checkpoint folder "
+                "(build the offline demo pair with `sae-transfer demo-models`) or a Hub id"
+            )
         if not (path / "config.json").is_file():
             raise UserError(
                 f"model folder {spec!r} has no config.json: pass a Hugging Face checkpoint "

@@ -1,7 +1,103 @@
-"""Command group placeholder: filled in by its owner."""
+"""`sae-transfer train` and `sae-transfer finetune`: train an SAE on cached activations, or
+fine-tune an existing SAE on another model's activations. Both resume; both print the SAE folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
+
+from sae_transfer.errors import UserError
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to `app`."""
+    app.command("train")(train)
+    app.command("finetune")(finetune)
+
+
+def _tokens(text: str) -> int:
+    """'5M', '800k', '1e6', '4096' -> int."""
+    low = text.strip().lower().replace("_", "")
+    scale = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}.get(low[-1:], 1)
+    try:
+        return int(float(low[:-1] if scale > 1 else low) * scale)
+    except ValueError:
+        raise UserError(f"cannot read {text!r} as a token count: write e.g. 4096, 1e6, 5M") from None
+
+
+def _report(result, quiet: bool) -> None:
+    m = result.metrics
+    if not quiet:
+        state = "already complete" if result.skipped else (f"resumed from step {result.resumed_from_step}" if result.resumed_from_step else "trained")
+        typer.echo(f"{state}: l0 {m.get('l0', float('nan')):.1f}, explained variance {m.get('explained_variance', float('nan')):.4f}, "
+                   f"dead {m.get('dead_fraction_final', float('nan')):.3f}", err=True)
+    typer.echo(str(result.sae_dir))
+
+
+def train(
+    acts: Path = typer.Option(..., "--acts", help="Activation dataset folder (from `sae-transfer cache`) or a .safetensors file with 'acts'."),
+    arch: str = typer.Option("relu", "--arch", help="relu | topk | batchtopk | jumprelu"),
+    d_sae: int = typer.Option(..., "--d-sae", help="Number of features."),
+    tokens: str = typer.Option(..., "--tokens", help="Training tokens, e.g. 50M."),
+    out: Path = typer.Option(..., "--out", help="Run folder: sae/, checkpoints/, training_log/, run.json."),
+    l1: Optional[float] = typer.Option(None, "--l1", help="Sparsity coefficient (relu: L1·‖W_dec‖; jumprelu: L0)."),
+    k: Optional[int] = typer.Option(None, "--k", help="Active features per token (topk, batchtopk)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate."),
+    batch_size: int = typer.Option(4096, "--batch-size", help="Tokens per step."),
+    lr_warmup: float = typer.Option(0.0, "--lr-warmup", help="Fraction of steps of linear LR warm-up."),
+    lr_decay: float = typer.Option(0.2, "--lr-decay", help="Fraction of steps of linear LR decay to zero at the end."),
+    l1_warmup: float = typer.Option(0.05, "--l1-warmup", help="Fraction of steps of sparsity-coefficient warm-up."),
+    jumprelu_l0: str = typer.Option("step", "--jumprelu-l0", help="JumpReLU L0 penalty: step or tanh."),
+    ghost_grads: bool = typer.Option(False, "--ghost-grads", help="relu: ghost grads for dead latents."),
+    resample_every: int = typer.Option(0, "--resample-every", help="relu: resample dead latents every N steps (0: off)."),
+    init_b_dec: str = typer.Option("geometric_median", "--init-b-dec", help="geometric_median | mean | zeros"),
+    dead_window: str = typer.Option("1M", "--dead-window", help="Tokens without firing after which a latent is dead."),
+    checkpoint_every: str = typer.Option("10M", "--checkpoint-every", help="Checkpoint every N tokens."),
+    log_every: int = typer.Option(50, "--log-every", help="Training-log row every N steps."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: int = typer.Option(0, "--threads", help="torch threads (0: default)."),
+    buffer_tokens: str = typer.Option("256k", "--buffer-tokens", help="Shuffle-buffer size in tokens."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary; print only the SAE folder."),
+) -> None:
+    """Train an SAE from cached activations (resumes from the newest checkpoint in --out); print the SAE folder."""
+    from sae_transfer.training.api import train_on_dataset
+
+    result = train_on_dataset(
+        acts, out, arch=arch, expansion=None, d_sae=d_sae, tokens=_tokens(tokens), l1_coefficient=l1, k=k, lr=lr,
+        batch_size=batch_size, seed=seed, buffer_tokens=_tokens(buffer_tokens), progress=not quiet,
+        lr_warmup_frac=lr_warmup, lr_decay_frac=lr_decay, l1_warmup_frac=l1_warmup, jumprelu_l0_mode=jumprelu_l0,
+        ghost_grads=ghost_grads, resample_every_steps=resample_every, init_b_dec=init_b_dec,
+        dead_window_tokens=_tokens(dead_window), checkpoint_every_tokens=_tokens(checkpoint_every),
+        log_every_steps=log_every, num_threads=threads,
+    )
+    _report(result, quiet)
+
+
+def finetune(
+    sae: Path = typer.Option(..., "--sae", help="SAE folder to start from (ours or SAELens 6)."),
+    acts: Path = typer.Option(..., "--acts", help="Activations of the target (e.g. chat) model."),
+    out: Path = typer.Option(..., "--out", help="Run folder for the fine-tuned SAE."),
+    tokens: str = typer.Option("5M", "--tokens", help="Fine-tuning token budget (the study: 5M)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Default: the parent run's LR (same as pre-training)."),
+    l1: Optional[float] = typer.Option(None, "--l1", help="Default: the parent run's sparsity coefficient."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Tokens per step (the study: 256)."),
+    lr_warmup: float = typer.Option(0.05, "--lr-warmup", help="Linear warm-up over this fraction."),
+    lr_decay: float = typer.Option(0.2, "--lr-decay", help="Linear decay to zero over the last fraction."),
+    checkpoint_every: str = typer.Option("1M", "--checkpoint-every", help="Checkpoint every N tokens."),
+    log_every: int = typer.Option(50, "--log-every", help="Training-log row every N steps."),
+    seed: int = typer.Option(0, "--seed"),
+    threads: int = typer.Option(0, "--threads", help="torch threads (0: default)."),
+    buffer_tokens: str = typer.Option("256k", "--buffer-tokens", help="Shuffle-buffer size in tokens."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the SAE folder."),
+) -> None:
+    """Fine-tune an SAE on another model's activations (the seed study's recipe); print the SAE folder."""
+    from sae_transfer.training.api import finetune_on_dataset
+
+    result = finetune_on_dataset(
+        sae, acts, out, tokens=_tokens(tokens), batch_size=batch_size, seed=seed, lr=lr, l1_coefficient=l1,
+        buffer_tokens=_tokens(buffer_tokens), progress=not quiet, lr_warmup_frac=lr_warmup, lr_decay_frac=lr_decay,
+        checkpoint_every_tokens=_tokens(checkpoint_every), log_every_steps=log_every, num_threads=threads,
+    )
+    _report(result, quiet)

@@ -1,0 +1,208 @@
+"""A training run in an output folder: resume from checkpoints, write the SAE and run.json.
+
+    <out>/sae/                 SAELens 6 folder (cfg.json, sae_weights.safetensors, sparsity.safetensors)
+    <out>/checkpoints/         trainer checkpoints (storage.checkpoints)
+    <out>/training_log/        Parquet parts of the training log
+    <out>/run.json             manifest, written last: config, tokens, timings, final metrics
+
+A call on a folder with a complete run.json for the same config does nothing; a folder with
+checkpoints resumes from the newest one."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sae_transfer.errors import UserError
+from sae_transfer.sae import SAE, SAEConfig, make_sae
+from sae_transfer.sae.scaling import fold_scale
+from sae_transfer.training.config import TrainConfig
+from sae_transfer.training.loop import LoopState, TrainingRun, train_loop
+from sae_transfer.training.sources import SourceFactory
+from sae_transfer.training.tricks import geometric_median
+from storage import checkpoints as ckpt
+from storage.sae_format import load_sae, save_sae
+
+log = logging.getLogger(__name__)
+TRAIN_ARCH_TO_SAE = {"relu": "standard", "topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu"}
+SAE_ARCH_TO_TRAIN = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a finished (or already complete) run left on disk."""
+
+    sae_dir: Path  # the SAELens folder
+    run_json: Path  # the manifest
+    metrics: dict  # final training metrics (l0, explained_variance, dead_fraction, ...)
+    resumed_from_step: int | None  # checkpoint step the run resumed from, if any
+    skipped: bool  # True when a complete run was already there
+
+
+@dataclass(frozen=True)
+class Parent:
+    """The SAE a fine-tune starts from."""
+
+    path: Path  # its SAELens folder
+    weights_sha256: str  # hash of its sae_weights.safetensors
+
+
+def sample_tokens(make_source: SourceFactory, n_tokens: int) -> torch.Tensor:
+    """The first ≥ n_tokens raw activations of the stream [N, D] (used for scale and b_dec)."""
+    chunks, got = [], 0
+    for acts_BD in make_source(0):
+        chunks.append(acts_BD)
+        got += acts_BD.shape[0]
+        if got >= n_tokens:
+            break
+    return torch.cat(chunks)
+
+
+def estimate_scale(raw_ND: torch.Tensor) -> float:
+    """s = √D / E‖x‖: multiplying by s gives mean norm √d_in (Conerly et al.; DESIGN.md)."""
+    return math.sqrt(raw_ND.shape[1]) / float(raw_ND.norm(dim=-1).mean())
+
+
+def init_b_dec(cfg: TrainConfig, x_ND: torch.Tensor) -> torch.Tensor:
+    """Initial decoder bias [D] in scaled units: geometric median, mean or zeros."""
+    if cfg.init_b_dec == "geometric_median":
+        return geometric_median(x_ND[:16_384])
+    if cfg.init_b_dec == "mean":
+        return x_ND.mean(0)
+    return torch.zeros(x_ND.shape[1])
+
+
+def fresh_run(cfg: TrainConfig, make_source: SourceFactory, d_in: int, parent_sae: SAE | None) -> TrainingRun:
+    """A new run: estimate the scale, build and initialise the SAE (or adapt the parent's)."""
+    raw_ND = sample_tokens(make_source, cfg.scale_estimate_tokens if cfg.normalize_activations or cfg.init_b_dec != "zeros" else 1)
+    scale = estimate_scale(raw_ND) if cfg.normalize_activations else 1.0
+    if parent_sae is not None:
+        # parent weights read raw activations; make them read s·x
+        sae = fold_scale(parent_sae, 1.0 / scale)
+        sae.cfg = SAEConfig(**{**sae.cfg.__dict__, "metadata": {}})
+        return TrainingRun.create(cfg, sae, scale)
+    sae = make_sae(SAEConfig(TRAIN_ARCH_TO_SAE[cfg.arch], d_in, cfg.d_sae, k=cfg.k if cfg.arch in ("topk", "batchtopk") else None))
+    run = TrainingRun.create(cfg, sae, scale)
+    run.trainer.init_weights(torch.Generator().manual_seed(cfg.seed), init_b_dec(cfg, raw_ND * scale))
+    return run
+
+
+def restore(run: TrainingRun, checkpoint: ckpt.Checkpoint) -> None:
+    """Load a checkpoint's weights, optimiser, dead-latent counts and loop state into `run`."""
+    run.sae.load_state_dict(checkpoint.sae_tensors)
+    ckpt.optimizer_from_tensors(run.optimizer, checkpoint.optimizer_tensors, checkpoint.state["optimizer_groups"])
+    run.dead.load_state_tensors(checkpoint.extra_tensors)
+    run.state = LoopState(**checkpoint.state["loop"])
+
+
+def train_sae(
+    cfg: TrainConfig,
+    make_source: SourceFactory,
+    d_in: int,
+    out_dir: str | Path,
+    metadata: dict | None = None,
+    parent: Parent | None = None,
+    progress: bool = True,
+) -> RunResult:
+    """Train (or fine-tune, when `parent` is given) an SAE into out_dir, resuming if possible.
+
+    `make_source(n)` yields raw acts_BD batches of cfg.batch_size from batch n of the stream.
+    `metadata` goes into cfg.json's metadata (model_name, hook_name, context_size, ...)."""
+    out = Path(out_dir)
+    manifest_path, sae_dir = out / "run.json", out / "sae"
+    done = _read_manifest(manifest_path)
+    if done is not None:
+        if done.get("config") != cfg.to_dict():
+            raise UserError(f"{out} holds a finished run with a different config; choose another --out or delete it")
+        return RunResult(sae_dir, manifest_path, done["final_metrics"], None, True)
+    checkpoint = ckpt.latest_checkpoint(out / "checkpoints")
+    if checkpoint is not None and checkpoint.state["config"] != cfg.to_dict():
+        raise UserError(f"{out} holds checkpoints of a run with a different config; choose another --out or delete it")
+    parent_sae = load_sae(parent.path, expect_d_in=d_in) if parent is not None else None
+    if checkpoint is None:
+        run = fresh_run(cfg, make_source, d_in, parent_sae)
+        ckpt.truncate_log(out / "training_log", -1)
+    else:
+        run = fresh_run_shell(cfg, d_in, parent_sae)
+        restore(run, checkpoint)
+        ckpt.truncate_log(out / "training_log", run.state.step)
+        log.info("resuming %s from step %d", out, run.state.step)
+    pending: list[dict] = []
+
+    def on_checkpoint(r: TrainingRun) -> None:
+        # log part first: after a crash, parts past the newest checkpoint are deleted on resume
+        ckpt.append_log_rows(out / "training_log", pending, r.state.step)
+        pending.clear()
+        _write_checkpoint(out, r, reader_position=r.state.step)
+
+    t0 = time.perf_counter()
+    last = train_loop(run, make_source(run.state.step), pending.append, on_checkpoint, progress=progress)
+    final = _final_metrics(run, last)
+    meta = {**(metadata or {}), **({"finetuned_from": str(parent.path)} if parent else {})}
+    save_sae(run.sae, sae_dir, scale_factor=run.state.scale_factor, metadata=meta, log10_density_F=run.dead.log10_density())
+    ckpt.write_json_atomic(manifest_path, {
+        "status": "complete",
+        "config": cfg.to_dict(),
+        "sae_dir": "sae",
+        "tokens": run.state.tokens,
+        "steps": run.state.step,
+        "scale_factor": run.state.scale_factor,
+        "timings": {"train_s": run.state.elapsed_s, "wall_s_this_call": time.perf_counter() - t0,
+                    "tokens_per_s": run.state.tokens / max(run.state.elapsed_s, 1e-9)},
+        "final_metrics": final,
+        "resample_steps": run.state.resample_steps,
+        "metadata": metadata or {},
+        "finetuned_from": {"path": str(parent.path), "weights_sha256": parent.weights_sha256} if parent else None,
+    })
+    return RunResult(sae_dir, manifest_path, final, None if checkpoint is None else checkpoint.state["loop"]["step"], False)
+
+
+def fresh_run_shell(cfg: TrainConfig, d_in: int, parent_sae: SAE | None) -> TrainingRun:
+    """A run with the right shapes, to be filled from a checkpoint (no data is read)."""
+    if parent_sae is not None:
+        sae = fold_scale(parent_sae, 1.0)
+        sae.cfg = SAEConfig(**{**sae.cfg.__dict__, "metadata": {}})
+    else:
+        sae = make_sae(SAEConfig(TRAIN_ARCH_TO_SAE[cfg.arch], d_in, cfg.d_sae, k=cfg.k if cfg.arch in ("topk", "batchtopk") else None))
+    return TrainingRun.create(cfg, sae, 1.0)
+
+
+def _write_checkpoint(out: Path, run: TrainingRun, reader_position: int) -> None:
+    opt_tensors, groups = ckpt.optimizer_to_tensors(run.optimizer)
+    state = {
+        "config": run.cfg.to_dict(),
+        "loop": run.state.__dict__,
+        "reader_position": reader_position,  # batches consumed from the activation stream
+        "optimizer_groups": groups,
+    }
+    sae_tensors = {k: v.detach().clone() for k, v in run.sae.state_dict().items()}
+    ckpt.save_checkpoint(out / "checkpoints", run.state.step, sae_tensors, opt_tensors, run.dead.state_tensors(), state, keep=run.cfg.keep_checkpoints)
+
+
+def _final_metrics(run: TrainingRun, last_row: dict) -> dict:
+    """Last log row plus dead fraction over min(dead window, tokens trained)."""
+    window = min(run.cfg.dead_window_tokens, run.state.tokens)
+    dead = float((run.dead.since_fired_F >= window).float().mean())
+    return {**last_row, "dead_fraction_final": dead, "dead_window_tokens": window}
+
+
+def _read_manifest(path: Path) -> dict | None:
+    import json
+
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return data if data.get("status") == "complete" else None
+
+
+def parent_sae_arch(path: str | Path) -> str:
+    """The training arch name (relu/topk/jumprelu) of an SAE folder, for fine-tuning it."""
+    sae = load_sae(path)
+    if sae.cfg.architecture not in SAE_ARCH_TO_TRAIN:
+        raise UserError(f"{path}: cannot fine-tune architecture {sae.cfg.architecture!r}")
+    return SAE_ARCH_TO_TRAIN[sae.cfg.architecture]

@@ -1,0 +1,162 @@
+"""TopK SAE trainer (Gao et al. 2024): MSE + AuxK loss on dead latents; unit-norm decoder rows.
+
+Only the encoder's forward matmul is dense. Its backward and the decoder (forward and
+backward) touch only the k active latents per token, as sparse [F, B] × dense products:
+B·K·D multiply-adds each instead of B·F·D."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F_nn
+
+from sae_transfer.training.trainers.base import StepLoss, Trainer, mse_of
+
+
+def _sparse_FB(latent_N: torch.Tensor, token_N: torch.Tensor, vals_N: torch.Tensor, d_sae: int, n_tokens: int) -> torch.Tensor:
+    """The [F, B] sparse (COO) matrix holding vals_N[n] at (latent_N[n], token_N[n])."""
+    return torch.sparse_coo_tensor(torch.stack([latent_N, token_N]), vals_N, (d_sae, n_tokens), check_invariants=False)
+
+
+def _csr_BF(crow_B1: torch.Tensor, latent_N: torch.Tensor, vals_N: torch.Tensor, d_sae: int) -> torch.Tensor:
+    """The [B, F] sparse (CSR) matrix with row b holding vals at latent_N[crow[b]:crow[b+1]]."""
+    return torch.sparse_csr_tensor(crow_B1, latent_N, vals_N, (crow_B1.numel() - 1, d_sae), check_invariants=False)
+
+
+def select_topk(pre_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token top-k of ReLU(pre): (vals [B·K], token [B·K], latent [B·K]) in CSR order."""
+    vals_BK, idx_BK = pre_BF.topk(k, dim=-1, sorted=False)
+    idx_BK, order_BK = idx_BK.sort(dim=-1)
+    vals_BK = torch.relu(vals_BK.gather(1, order_BK))
+    return vals_BK.flatten(), token_index(*idx_BK.shape), idx_BK.flatten()
+
+
+def select_batch_topk(pre_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The B·k largest ReLU(pre) of the whole batch, as (vals, token, latent) in CSR order.
+
+    Exact but cheap: take each token's top 4k first and select among those; only if some
+    token's 4k-th candidate beats the batch cut-off (it might hold more) use the full batch."""
+    B, F = pre_BF.shape
+    n_keep = min(k * B, B * F)
+    c = min(F, 4 * k)
+    cand_vals_BC, cand_idx_BC = torch.relu(pre_BF).topk(c, dim=-1, sorted=False)
+    vals_N, pos_N = cand_vals_BC.flatten().topk(n_keep, sorted=False)
+    cut = vals_N.min()
+    if c < F and bool((cand_vals_BC.min(dim=-1).values > cut).any()):
+        vals_N, flat_N = torch.relu(pre_BF).flatten().topk(n_keep, sorted=False)
+    else:
+        flat_N = (pos_N // c) * F + cand_idx_BC.flatten()[pos_N]
+    flat_N, order_N = flat_N.sort()
+    return vals_N[order_N], flat_N // F, flat_N % F
+
+
+class _SparseEncode(torch.autograd.Function):
+    """(x [B,D], W_enc [D,F], bias [F], select) -> active (vals [N], token [N], latent [N]),
+    where select(pre_BF) picks them (TopK or BatchTopK) in CSR order.
+
+    Backward touches only the active latents: grad W_enc = (S x)ᵀ with S the [F, B] sparse
+    matrix of active-latent gradients (N·D multiply-adds instead of B·F·D)."""
+
+    @staticmethod
+    def forward(ctx, x_BD, W_enc_DF, bias_F, select):
+        vals_N, token_N, latent_N = select(torch.addmm(bias_F, x_BD, W_enc_DF))
+        ctx.save_for_backward(x_BD, vals_N, token_N, latent_N)
+        ctx.d_sae = W_enc_DF.shape[1]
+        ctx.mark_non_differentiable(token_N, latent_N)
+        return vals_N, token_N, latent_N
+
+    @staticmethod
+    def backward(ctx, g_vals_N, _g_token, _g_latent):
+        x_BD, vals_N, token_N, latent_N = ctx.saved_tensors
+        g_N = g_vals_N * (vals_N > 0)
+        g_bias_F = torch.zeros(ctx.d_sae, dtype=g_N.dtype).index_add_(0, latent_N, g_N)
+        g_W_enc_FD = torch.sparse.mm(_sparse_FB(latent_N, token_N, g_N, ctx.d_sae, x_BD.shape[0]), x_BD)
+        return None, g_W_enc_FD.T, g_bias_F, None
+
+
+def sparse_encode(trainer, x_BD: torch.Tensor, select) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Active (vals, token, latent) of trainer.sae on x_BD, differentiable through vals."""
+    sae = trainer.sae
+    bias_F = sae.b_enc - sae.b_dec @ sae.W_enc if sae.cfg.apply_b_dec_to_input else sae.b_enc
+    return _SparseEncode.apply(x_BD, sae.W_enc, bias_F, select)
+
+
+def csr_rows(token_N: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """CSR row pointer [B+1] for sorted token ids."""
+    crow_B1 = torch.zeros(n_tokens + 1, dtype=torch.int64)
+    crow_B1[1:] = torch.bincount(token_N, minlength=n_tokens).cumsum(0)
+    return crow_B1
+
+
+def token_index(B: int, K: int) -> torch.Tensor:
+    """[B·K] token of each flattened (token, slot) pair: 0,0,..,1,1,.."""
+    return torch.arange(B).repeat_interleave(K)
+
+
+class _SparseDecode(torch.autograd.Function):
+    """x̂ [B, D] = S W_dec for the sparse [B, F] activations S given as CSR (crow [B+1],
+    latent [N] ascending within a row, vals [N]). Forward and backward read only the active
+    rows of W_dec: the value gradient is a sampled dense-dense product (B·K·D work)."""
+
+    @staticmethod
+    def forward(ctx, vals_N, crow_B1, latent_N, W_dec_FD):
+        S_BF = _csr_BF(crow_B1, latent_N, vals_N, W_dec_FD.shape[0])
+        ctx.save_for_backward(vals_N, crow_B1, latent_N, W_dec_FD)
+        return S_BF @ W_dec_FD
+
+    @staticmethod
+    def backward(ctx, g_BD):
+        vals_N, crow_B1, latent_N, W_dec_FD = ctx.saved_tensors
+        pattern_BF = _csr_BF(crow_B1, latent_N, torch.ones_like(vals_N), W_dec_FD.shape[0])
+        g_vals_N = torch.sparse.sampled_addmm(pattern_BF, g_BD, W_dec_FD.T, beta=0.0).values()
+        token_N = torch.repeat_interleave(crow_B1.diff())
+        g_W_dec_FD = torch.sparse.mm(_sparse_FB(latent_N, token_N, vals_N, W_dec_FD.shape[0], g_BD.shape[0]), g_BD)
+        return g_vals_N, None, None, g_W_dec_FD
+
+
+def sparse_decode(vals_N, crow_B1, latent_N, W_dec_FD) -> torch.Tensor:
+    """x̂ [B, D] (without b_dec) from CSR-ordered active latents (see _SparseDecode)."""
+    return _SparseDecode.apply(vals_N, crow_B1, latent_N, W_dec_FD)
+
+
+def aux_k_loss(x_BD, x_hat_BD, pre_BF, W_dec_FD, dead_F, aux_k: int) -> torch.Tensor:
+    """AuxK (Gao et al.): the top-`aux_k` dead latents model the residual x − x̂; returns their
+    squared error normalised by the residual's, so it is O(1) whatever the MSE scale."""
+    dead_idx = dead_F.nonzero().squeeze(-1)
+    residual_BD = (x_BD - x_hat_BD).detach()
+    pre_dead_BG = pre_BF.index_select(1, dead_idx)
+    vals_BK, idx_BK = pre_dead_BG.topk(min(aux_k, dead_idx.numel()), dim=-1, sorted=False)
+    e_hat_BD = F_nn.embedding_bag(dead_idx[idx_BK], W_dec_FD, per_sample_weights=torch.relu(vals_BK), mode="sum")
+    return (e_hat_BD - residual_BD).pow(2).sum(-1).mean() / residual_BD.pow(2).sum(-1).mean().clamp_min(1e-12)
+
+
+class TopKTrainer(Trainer):
+    def decoder_norm(self) -> float:
+        return 1.0
+
+    def select(self, pre_BF: torch.Tensor):
+        """Active latents of a batch of pre-activations (per-token top-k)."""
+        return select_topk(pre_BF, self.sae.cfg.k)
+
+    def loss(self, x_BD: torch.Tensor, step: int, dead_F: torch.Tensor, detail: bool = True) -> StepLoss:
+        sae, cfg = self.sae, self.cfg
+        B = x_BD.shape[0]
+        vals_N, token_N, latent_N = sparse_encode(self, x_BD, self.select)
+        x_hat_BD = sparse_decode(vals_N, csr_rows(token_N, B), latent_N, sae.W_dec) + sae.b_dec
+        mse = mse_of(x_BD, x_hat_BD)
+        loss = mse
+        if cfg.aux_coefficient and bool(dead_F.any()):
+            aux_k = cfg.aux_k or sae.d_in // 2
+            loss = loss + cfg.aux_coefficient * aux_k_loss(x_BD, x_hat_BD, self.encoder_pre(x_BD), sae.W_dec, dead_F, aux_k)
+        with torch.no_grad():
+            positive_N = vals_N > 0
+            fire_count_F = torch.bincount(latent_N[positive_N], minlength=sae.d_sae)
+            self.after_selection(vals_N[positive_N])
+        return StepLoss(loss, mse.detach(), torch.zeros(()), x_hat_BD.detach(), fire_count_F > 0, fire_count_F)
+
+    def after_selection(self, kept_vals_N: torch.Tensor) -> None:
+        """Hook for statistics of the kept activations (BatchTopK's threshold)."""
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        W_dec_FD = self.sae.W_dec
+        W_dec_FD.div_(W_dec_FD.norm(dim=-1, keepdim=True).clamp_min(1e-8))

@@ -1,0 +1,161 @@
+"""SAE folders in the layout SAELens 6 saves and loads.
+
+    <folder>/cfg.json                 architecture, d_in, d_sae, dtype, ..., metadata{...}
+    <folder>/sae_weights.safetensors  W_enc [d_in,d_sae], b_enc [d_sae], W_dec [d_sae,d_in],
+                                      b_dec [d_in] (+ threshold [d_sae] for jumprelu)
+    <folder>/sparsity.safetensors     optional: `sparsity` [d_sae], log10 feature density
+
+Weights are stored for raw activations: the training scale factor is folded in
+(`sae_transfer.sae.scaling.fold_scale`) and recorded as metadata.activation_scale_factor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from sae_transfer.errors import UserError
+from sae_transfer.sae import ARCHITECTURES, SAE, SAEConfig, make_sae
+from sae_transfer.sae.batchtopk import BatchTopKSAE
+from sae_transfer.sae.scaling import fold_scale
+
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+SPARSITY_FILE = "sparsity.safetensors"
+SAE_LENS_VERSION = "6.0.0"  # the SAELens major version whose layout we write
+# metadata fields SAELens expects; written with these defaults when the caller does not know them
+METADATA_DEFAULTS = {
+    "sae_lens_version": SAE_LENS_VERSION,
+    "sae_lens_training_version": SAE_LENS_VERSION,
+    "model_name": None,
+    "hook_name": None,
+    "hook_head_index": None,
+    "model_class_name": "HookedTransformer",
+    "model_from_pretrained_kwargs": {},
+    "prepend_bos": True,
+    "context_size": None,
+    "dataset_path": None,
+    "seqpos_slice": [None],
+    "exclude_special_tokens": False,
+    "sequence_separator_token": "bos",
+    "disable_concat_sequences": False,
+}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def save_sae(
+    sae: SAE,
+    folder: str | Path,
+    scale_factor: float = 1.0,
+    metadata: dict | None = None,
+    log10_density_F: torch.Tensor | None = None,
+) -> Path:
+    """Write `sae` (trained on activations multiplied by `scale_factor`) as a SAELens 6 folder
+    that works on raw activations; atomic (temp folder, then rename). Returns the folder."""
+    folder = Path(folder)
+    if isinstance(sae, BatchTopKSAE):
+        sae = sae.to_jumprelu()
+    if scale_factor != 1.0:
+        sae = fold_scale(sae, scale_factor)
+    meta = {**METADATA_DEFAULTS, **sae.cfg.metadata, **(metadata or {})}
+    meta["activation_scale_factor"] = float(scale_factor)  # raw x was multiplied by this in training
+    cfg = {
+        "architecture": sae.cfg.architecture,
+        "d_in": sae.cfg.d_in,
+        "d_sae": sae.cfg.d_sae,
+        "dtype": sae.cfg.dtype,
+        "device": "cpu",
+        "apply_b_dec_to_input": sae.cfg.apply_b_dec_to_input,
+        "normalize_activations": "none",  # the scale factor is folded into the weights
+        "reshape_activations": "none",
+        "metadata": meta,
+    }
+    if sae.cfg.architecture == "topk":
+        cfg["k"] = sae.cfg.k
+        cfg["rescale_acts_by_decoder_norm"] = False
+    dtype = _DTYPES.get(sae.cfg.dtype, torch.float32)
+    tensors = {name: t.detach().to(dtype).contiguous().cpu() for name, t in sae.state_dict().items()}
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    save_file(tensors, tmp / WEIGHTS_FILE)
+    if log10_density_F is not None:
+        save_file({"sparsity": log10_density_F.detach().float().contiguous().cpu()}, tmp / SPARSITY_FILE)
+    (tmp / CFG_FILE).write_text(json.dumps(cfg, indent=2))
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def _read_cfg(folder: Path) -> dict:
+    if not (folder / CFG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise UserError(f"{folder} is not an SAE folder: it needs {CFG_FILE} and {WEIGHTS_FILE} (SAELens 6 layout)")
+    try:
+        cfg = json.loads((folder / CFG_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{folder / CFG_FILE} is not valid JSON ({exc}); re-save the SAE") from exc
+    missing = [k for k in ("architecture", "d_in", "d_sae") if k not in cfg]
+    if missing:
+        raise UserError(f"{folder / CFG_FILE} lacks {', '.join(missing)}; re-save the SAE in SAELens 6 layout")
+    if cfg["architecture"] not in ARCHITECTURES:
+        raise UserError(f"{folder}: architecture {cfg['architecture']!r} is not supported; use one of {sorted(ARCHITECTURES)}")
+    return cfg
+
+
+def _check_tensors(folder: Path, tensors: dict, cfg: dict) -> None:
+    d, f = int(cfg["d_in"]), int(cfg["d_sae"])
+    expected = {"W_enc": (d, f), "b_enc": (f,), "W_dec": (f, d), "b_dec": (d,)}
+    if cfg["architecture"] == "jumprelu":
+        expected["threshold"] = (f,)
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise UserError(f"{folder / WEIGHTS_FILE} lacks tensor {name!r} (has {sorted(tensors)}); re-save the SAE")
+        if tuple(tensors[name].shape) != shape:
+            raise UserError(
+                f"{folder / WEIGHTS_FILE}: {name} has shape {tuple(tensors[name].shape)}, "
+                f"cfg.json (d_in={d}, d_sae={f}) needs {shape}; the weights and cfg.json do not belong together"
+            )
+
+
+def load_sae(folder: str | Path, expect_d_in: int | None = None, expect_hook: str | None = None) -> SAE:
+    """Load an SAE folder written by `save_sae` or by SAELens 6 (standard, topk, jumprelu).
+
+    Returns a float32 SAE that reads raw activations; cfg.metadata carries cfg.json's metadata.
+    Raises UserError for a missing file or key, a wrong shape, or a d_in / hook mismatch."""
+    folder = Path(folder)
+    cfg = _read_cfg(folder)
+    if expect_d_in is not None and int(cfg["d_in"]) != expect_d_in:
+        raise UserError(f"{folder}: SAE d_in={cfg['d_in']} but the hooked activations have d_model={expect_d_in}; pick an SAE trained on this model")
+    hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
+    if expect_hook is not None and hook is not None and hook != expect_hook:
+        raise UserError(f"{folder}: SAE was trained on hook {hook!r}, not {expect_hook!r}; pick the SAE for that hook")
+    tensors = load_file(str(folder / WEIGHTS_FILE))
+    if cfg["architecture"] == "jumprelu" and "threshold" not in tensors and "log_threshold" in tensors:
+        tensors["threshold"] = tensors.pop("log_threshold").exp()
+    _check_tensors(folder, tensors, cfg)
+    if cfg["architecture"] == "topk" and not cfg.get("k"):
+        raise UserError(f"{folder / CFG_FILE}: a topk SAE needs `k`; add it to cfg.json")
+    sae_cfg = SAEConfig(
+        architecture=cfg["architecture"],
+        d_in=int(cfg["d_in"]),
+        d_sae=int(cfg["d_sae"]),
+        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
+        k=cfg.get("k"),
+        dtype=cfg.get("dtype", "float32"),
+        metadata=dict(cfg.get("metadata") or {}),
+    )
+    sae = make_sae(sae_cfg)
+    sae.load_state_dict({k: v.float() for k, v in tensors.items() if k in sae.state_dict()})
+    return sae
+
+
+def load_log10_density(folder: str | Path) -> torch.Tensor | None:
+    """log10 feature density [F] from sparsity.safetensors, or None if the folder has none."""
+    path = Path(folder) / SPARSITY_FILE
+    return load_file(str(path))["sparsity"] if path.is_file() else None

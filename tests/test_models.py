@@ -1,0 +1,107 @@
+"""Model loading through TransformerBridge, hook checks, provenance, and the CLI's errors."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+
+from sae_transfer.demo import DemoPairConfig
+from sae_transfer.demo.build import save_checkpoint
+from sae_transfer.demo.pretrain import build_model
+from sae_transfer.demo.tokenizer import train_tokenizer
+from sae_transfer.errors import UserError
+from sae_transfer.models import (
+    check_hooks, hook_names, layer_of, load_model, model_identity, weights_fingerprint,
+)
+
+TEXTS = ["def add(a, b):\n    return a + b\n", "class A:\n    pass\n", "import os\nprint(os.sep)\n"] * 20
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    """A randomly initialised 2-layer Llama-style model + BPE tokenizer, saved as a HF folder."""
+    cfg = DemoPairConfig(vocab_size=300, d_model=32, n_layers=2, n_heads=2, d_mlp=64, context_size=32, chat_context_size=32)
+    tokenizer = train_tokenizer(TEXTS, cfg.vocab_size)
+    folder = tmp_path_factory.mktemp("models") / "tiny"
+    save_checkpoint(build_model(cfg, tokenizer), tokenizer, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def bridge(tiny_model_dir):
+    return load_model(str(tiny_model_dir), device="cpu")
+
+
+def test_load_model_serves_resid_hooks_matching_hf(bridge):
+    names = hook_names(bridge)
+    assert names == sorted(names)
+    assert {"blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre", "blocks.1.hook_resid_post"} <= set(names)
+    check_hooks(bridge, ["blocks.1.hook_resid_pre"])  # no error
+    ids = bridge.to_tokens("def add(a, b):")
+    _, cache = bridge.run_with_cache(ids, names_filter=["blocks.1.hook_resid_pre"])
+    hidden = bridge.original_model(ids, output_hidden_states=True).hidden_states[1]
+    torch.testing.assert_close(cache["blocks.1.hook_resid_pre"], hidden, atol=1e-5, rtol=1e-5)
+
+
+def test_hook_typo_names_the_close_valid_hook(bridge):
+    with pytest.raises(UserError) as info:
+        check_hooks(bridge, ["blocks.0.hook_resid_pree"])
+    message = str(info.value)
+    assert "blocks.0.hook_resid_pre" in message and "\n" not in message
+
+
+def test_missing_or_incomplete_model_folder_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="does not exist") as info:
+        load_model(str(tmp_path / "no-such-model"))
+    assert "\n" not in str(info.value)
+    with pytest.raises(UserError, match="does not exist"):
+        load_model("artifacts-that-do-not-exist/demo-models/base")  # two slashes: never a Hub id
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        load_model(str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="unknown dtype"):
+        load_model(str(tmp_path / "empty"), dtype="float8")
+
+
+def test_layer_of_and_identity(tiny_model_dir, tmp_path):
+    assert layer_of("blocks.6.hook_resid_pre") == 6 and layer_of("hook_embed") is None
+    ident = model_identity(str(tiny_model_dir))
+    assert ident["model_revision"] == "sha256:" + weights_fingerprint(tiny_model_dir)
+    assert model_identity("org/model", "abc") == {"model_id": "org/model", "model_revision": "abc"}
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for file in tiny_model_dir.iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+    assert weights_fingerprint(copy) == weights_fingerprint(tiny_model_dir)
+    weights = bytearray((copy / "model.safetensors").read_bytes())
+    weights[-1] ^= 0xFF
+    (copy / "model.safetensors").write_bytes(bytes(weights))
+    assert weights_fingerprint(copy) != weights_fingerprint(tiny_model_dir)
+
+
+def _run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    from sae_transfer.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["sae-transfer", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_bad_model_path_exits_2_with_one_line(monkeypatch, capsys, tmp_path):
+    code, out, err = _run_cli(monkeypatch, capsys, "hooks", "--model", str(tmp_path / "missing"))
+    assert code == 2
+    assert err.startswith("error: model folder") and err.count("\n") == 1
+
+
+def test_cli_hooks_lists_and_checks(monkeypatch, capsys, tiny_model_dir, bridge):
+    code, out, _ = _run_cli(monkeypatch, capsys, "hooks", "--model", str(tiny_model_dir), "--contains", "resid_pre")
+    assert code == 0 and out.split() == ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
+    code, _, err = _run_cli(monkeypatch, capsys, "hooks", "--model", str(tiny_model_dir), "--check", "blocks.0.hook_resid_pree")
+    assert code == 2 and "blocks.0.hook_resid_pre," in err and err.count("\n") == 1

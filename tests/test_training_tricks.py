@@ -1,0 +1,278 @@
+"""Each training trick has a test of its effect: geometric median, schedules, dead tracking,
+ghost grads (pre-activation form), resampling, sparse TopK gradients, JumpReLU STE, clipping."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from sae_transfer.sae import SAEConfig, make_sae
+from sae_transfer.training import TrainConfig
+from sae_transfer.training.loop import TrainingRun, train_step
+from sae_transfer.training.run import estimate_scale, fresh_run
+from sae_transfer.training.schedules import lr_multiplier, rewarmup_multiplier, sparsity_multiplier
+from sae_transfer.training.sources import in_memory_factory
+from sae_transfer.training.trainers import make_trainer
+from sae_transfer.training.tricks import DeadTracker, geometric_median, ghost_grad_loss, resample_dead_latents
+
+
+def test_geometric_median_known_answers():
+    # 1-D: the geometric median is the median, far from the mean (21.2)
+    pts = torch.tensor([[0.0], [1.0], [2.0], [3.0], [100.0]])
+    assert abs(geometric_median(pts).item() - 2.0) < 1e-3
+    # Four corners of a square plus a far outlier on the diagonal: the median stays near the centre
+    square = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [1.0, -1.0], [-1.0, -1.0]])
+    sym = torch.cat([square, -square + 0.0])
+    assert torch.allclose(geometric_median(sym), torch.zeros(2), atol=1e-4)
+    # equilateral triangle: the Fermat point is the centroid
+    tri = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, 3**0.5 / 2]])
+    assert torch.allclose(geometric_median(tri), tri.mean(0), atol=1e-4)
+
+
+def test_lr_schedule_values():
+    # 100 steps, 10% warm-up, 20% decay
+    m = [lr_multiplier(s, 100, 0.1, 0.2) for s in range(100)]
+    assert m[0] == pytest.approx(0.1) and m[4] == pytest.approx(0.5) and m[9] == pytest.approx(1.0)
+    assert m[10] == m[50] == m[79] == 1.0
+    assert m[80] == pytest.approx(1.0) and m[90] == pytest.approx(0.5) and m[99] == pytest.approx(0.05)
+    assert lr_multiplier(5, 100, 0.0, 0.0) == 1.0
+    # fine-tune recipe: 5% warm-up of 1000 steps -> half LR at step 24
+    assert lr_multiplier(24, 1000, 0.05, 0.2) == pytest.approx(0.5)
+
+
+def test_rewarmup_and_sparsity_warmup():
+    assert rewarmup_multiplier(99, [100], 0.1, 50) == 1.0
+    assert rewarmup_multiplier(100, [100], 0.1, 50) == pytest.approx(0.1)
+    assert rewarmup_multiplier(125, [100], 0.1, 50) == pytest.approx(0.55)
+    assert rewarmup_multiplier(150, [100], 0.1, 50) == 1.0
+    assert sparsity_multiplier(0, 100, 0.1) == pytest.approx(0.1)
+    assert sparsity_multiplier(9, 100, 0.1) == 1.0 and sparsity_multiplier(3, 100, 0.0) == 1.0
+
+
+def test_dead_tracker_window():
+    tr = DeadTracker(3, window_tokens=100)
+    tr.update(torch.tensor([True, False, False]), 60)
+    assert not tr.dead_mask().any()
+    tr.update(torch.tensor([False, True, False]), 60)
+    assert tr.dead_mask().tolist() == [False, False, True]
+    tr.update(torch.tensor([False, False, False]), 60)
+    assert tr.dead_mask().tolist() == [True, False, True]
+    tr.add_counts(torch.tensor([6, 60, 0]), 60)
+    assert torch.allclose(tr.log10_density(), torch.tensor([-1.0, 0.0, -10.0]))
+    restored = DeadTracker(3, 100)
+    restored.load_state_tensors(tr.state_tensors())
+    assert torch.equal(restored.dead_mask(), tr.dead_mask())
+
+
+def test_ghost_grads_use_pre_activation_not_relu():
+    torch.manual_seed(0)
+    x = torch.randn(8, 4)
+    x_hat = x * 0.5
+    pre = (-torch.rand(8, 6) - 0.5).requires_grad_()  # every dead latent's pre-activation is negative
+    W_dec = torch.randn(6, 4)
+    dead = torch.tensor([True, False, True, False, False, True])
+    mse = torch.tensor(0.7)
+    loss = ghost_grad_loss(x, x_hat, pre, W_dec, dead, mse)
+    assert loss.item() == pytest.approx(0.7, rel=1e-5)  # rescaled to the MSE
+    loss.backward()
+    # exp(ReLU(pre)) would be constant 1 here and give no gradient; exp(pre) does
+    assert pre.grad[:, dead].abs().sum() > 0
+    assert pre.grad[:, ~dead].abs().sum() == 0
+    # the value uses exp(pre): recompute by hand before the rescaling
+    resid = x - x_hat
+    out = torch.exp(pre.detach()[:, dead]) @ W_dec[dead]
+    out = out * resid.norm(dim=-1, keepdim=True) / (2 * out.norm(dim=-1, keepdim=True))
+    manual = (out - resid).pow(2).sum(-1)
+    assert manual.mean().item() != pytest.approx(0.7)  # i.e. the 0.7 above really came from the rescaling
+
+
+def test_resampling_revives_dead_latents_and_resets_adam():
+    torch.manual_seed(0)
+    cfg = TrainConfig(arch="relu", d_sae=32, total_tokens=2560, batch_size=256, l1_coefficient=0.1)
+    sae = make_sae(SAEConfig("standard", 8, 32))
+    run = TrainingRun.create(cfg, sae, 1.0)
+    run.trainer.init_weights(torch.Generator().manual_seed(0), torch.zeros(8))
+    x = torch.randn(256, 8)
+    train_step(run, x)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[:10] = True
+    with torch.no_grad():
+        sae.b_enc[:10] = -100.0  # these latents can never fire
+    assert (sae.encode(x)[:, :10] == 0).all()
+    n = resample_dead_latents(sae, dead, x, run.optimizer, torch.Generator().manual_seed(1))
+    assert n == 10
+    fired = (sae.encode(x)[:, :10] > 0).any(0)
+    assert fired.all()
+    state = run.optimizer.state[sae.W_enc]
+    assert state["exp_avg"][:, :10].abs().sum() == 0 and state["exp_avg"][:, 10:].abs().sum() > 0
+    assert torch.allclose(sae.W_dec[:10].norm(dim=-1), sae.W_dec[10:].norm(dim=-1).mean().expand(10))
+
+
+def test_resampling_in_loop_drops_lr_then_rewarms():
+    acts = torch.randn(2048, 8)
+    cfg = TrainConfig(arch="relu", d_sae=32, total_tokens=256 * 20, batch_size=256, resample_every_steps=5,
+                      resample_rewarmup_steps=4, resample_lr_drop=0.1, dead_window_tokens=256, lr_decay_frac=0.0,
+                      l1_warmup_frac=0.0, scale_estimate_tokens=512)
+    run = fresh_run(cfg, in_memory_factory(acts, 256), 8, None)
+    for x in in_memory_factory(acts, 256)(0):
+        train_step(run, x)
+        if run.state.step == 5:
+            break
+    assert run.state.resample_steps == [5]
+    assert run.current_lr() == pytest.approx(cfg.lr * 0.1)
+
+
+def _dense_topk_loss(sae, x, k):
+    pre = sae.pre_acts(x)
+    vals, idx = pre.topk(k, dim=-1)
+    feats = torch.zeros_like(pre).scatter(-1, idx, torch.relu(vals))
+    return (sae.decode(feats) - x).pow(2).sum(-1).mean()
+
+
+def test_topk_sparse_gradients_equal_dense_autograd():
+    cfg = TrainConfig(arch="topk", d_sae=64, k=5, total_tokens=64, batch_size=32, aux_coefficient=0.0)
+    sae = make_sae(SAEConfig("topk", 16, 64, k=5))
+    trainer = make_trainer(sae, cfg)
+    trainer.init_weights(torch.Generator().manual_seed(0), torch.randn(16) * 0.1)
+    x = torch.randn(32, 16)
+    trainer.loss(x, 0, torch.zeros(64, dtype=torch.bool)).loss.backward()
+    sparse = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad()
+    _dense_topk_loss(sae, x, 5).backward()
+    for n, p in sae.named_parameters():
+        assert torch.allclose(sparse[n], p.grad, atol=1e-5), n
+
+
+def test_batchtopk_sparse_decoder_equals_dense_and_learns_threshold():
+    cfg = TrainConfig(arch="batchtopk", d_sae=64, k=3, total_tokens=64, batch_size=32, aux_coefficient=0.0)
+    sae = make_sae(SAEConfig("batchtopk", 16, 64, k=3))
+    trainer = make_trainer(sae, cfg)
+    trainer.init_weights(torch.Generator().manual_seed(0), torch.zeros(16))
+    x = torch.randn(32, 16)
+    out = trainer.loss(x, 0, torch.zeros(64, dtype=torch.bool))
+    assert torch.allclose(out.x_hat_BD, sae(x), atol=1e-5)
+    assert out.fire_count_F.sum().item() == 96
+    feats = sae.encode(x)
+    assert sae.threshold.item() == pytest.approx(feats[feats > 0].min().item())
+
+
+def test_jumprelu_threshold_gets_straight_through_gradient():
+    cfg = TrainConfig(arch="jumprelu", d_sae=4, total_tokens=2, batch_size=2, jumprelu_bandwidth=0.1,
+                      l1_coefficient=1.0, l1_warmup_frac=0.0)
+    sae = make_sae(SAEConfig("jumprelu", 2, 4))
+    trainer = make_trainer(sae, cfg)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.eye(2, 4))
+        sae.W_dec.zero_()
+        sae.threshold.fill_(0.5)
+    x = torch.tensor([[0.52, 0.9], [0.1, 0.48]])  # latent 0: 0.52 within ε/2 of θ; latent 1: 0.48 within
+    out = trainer.loss(x, 0, torch.zeros(4, dtype=torch.bool))
+    assert out.grads_done  # the fused step sets .grad itself
+    # step penalty: d/dθ mean_b Σ H = −(1/ε)·(#points in the window)/B; MSE term has no θ-dependence here
+    # except through the feats that cross: latent 0 (0.52 active) contributes -(θ/ε)·g_f with g_f = 0 (W_dec = 0)
+    assert sae.threshold.grad[0].item() == pytest.approx(-(1 / 0.1) * 1 / 2)
+    assert sae.threshold.grad[1].item() == pytest.approx(-(1 / 0.1) * 1 / 2)
+    assert sae.threshold.grad[2].item() == 0.0
+
+
+def test_grad_clipping_bounds_the_update_norm(monkeypatch):
+    acts = torch.randn(512, 8) * 100
+    cfg = TrainConfig(arch="relu", d_sae=16, total_tokens=512, batch_size=256, grad_clip=1e-3, normalize_activations=False)
+    run = fresh_run(cfg, in_memory_factory(acts, 256), 8, None)
+    seen = []
+    original = run.optimizer.step
+    monkeypatch.setattr(run.optimizer, "step", lambda: (seen.append(torch.sqrt(sum(p.grad.pow(2).sum() for p in run.sae.parameters()))), original()))
+    train_step(run, acts[:256])
+    assert seen[0].item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_scale_estimate_gives_mean_norm_sqrt_d():
+    x = torch.randn(1000, 64) * 7 + 3
+    s = estimate_scale(x)
+    assert (x * s).norm(dim=-1).mean().item() == pytest.approx(8.0, rel=1e-5)
+
+
+def test_same_seed_same_weights_on_cpu(tmp_path):
+    from sae_transfer.training.run import train_sae
+
+    acts = torch.randn(4096, 8)
+    cfg = TrainConfig(arch="topk", d_sae=32, k=4, total_tokens=256 * 12, batch_size=256, log_every_steps=5,
+                      checkpoint_every_tokens=0, scale_estimate_tokens=1024)
+    a = train_sae(cfg, in_memory_factory(acts, 256), 8, tmp_path / "a", progress=False)
+    b = train_sae(cfg, in_memory_factory(acts, 256), 8, tmp_path / "b", progress=False)
+    c = train_sae(dataclasses.replace(cfg, seed=1), in_memory_factory(acts, 256, seed=1), 8, tmp_path / "c", progress=False)
+    from safetensors.torch import load_file
+
+    wa, wb, wc = (load_file(str(r.sae_dir / "sae_weights.safetensors")) for r in (a, b, c))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert not torch.equal(wa["W_enc"], wc["W_enc"])
+
+
+def test_relu_fused_gradients_equal_autograd():
+    cfg = TrainConfig(arch="relu", d_sae=64, total_tokens=640, batch_size=32, l1_coefficient=0.7, l1_warmup_frac=0.2)
+    sae = make_sae(SAEConfig("standard", 16, 64))
+    trainer = make_trainer(sae, cfg)
+    trainer.init_weights(torch.Generator().manual_seed(0), torch.randn(16) * 0.3)
+    x = torch.randn(32, 16) + 0.5
+    fused = trainer.fused_loss_and_grads(x, step=1)
+    grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    sae.zero_grad(set_to_none=True)
+    ref = trainer.autograd_loss(x, 1, torch.zeros(64, dtype=torch.bool))
+    ref.loss.backward()
+    assert fused.loss.item() == pytest.approx(ref.loss.item(), rel=1e-5)
+    assert torch.equal(fused.fire_count_F, ref.fire_count_F)
+    for n, p in sae.named_parameters():
+        assert torch.allclose(grads[n], p.grad, atol=1e-5, rtol=1e-4), n
+
+
+def test_jumprelu_fused_gradients_equal_autograd(monkeypatch):
+    monkeypatch.setattr("sae_transfer.training.trainers.jumprelu.SPARSE_DENSITY", 1.0)
+    cfg = TrainConfig(arch="jumprelu", d_sae=64, total_tokens=640, batch_size=64, l1_coefficient=0.3,
+                      jumprelu_bandwidth=0.5, l1_warmup_frac=0.0)
+    sae = make_sae(SAEConfig("jumprelu", 16, 64))
+    trainer = make_trainer(sae, cfg)
+    trainer.init_weights(torch.Generator().manual_seed(0), torch.randn(16) * 0.3)
+    with torch.no_grad():
+        sae.threshold.copy_(torch.rand(64) * 0.2 + 0.3)  # a few percent of pairs near/above θ
+    x = torch.randn(64, 16)
+    sae.zero_grad(set_to_none=True)
+    ref = trainer.autograd_loss(x, 3)
+    ref.loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in sae.named_parameters()}
+    for sparse_ok in (False, True):  # dense passes; sparse over the pairs near/above θ
+        fused = trainer.fused_loss_and_grads(x, step=3, sparse_ok=sparse_ok)
+        assert fused.loss.item() == pytest.approx(ref.loss.item(), rel=1e-5)
+        assert sae.threshold.grad.abs().sum() > 0
+        for n, p in sae.named_parameters():
+            assert torch.allclose(ref_grads[n], p.grad, atol=1e-5, rtol=1e-4), (sparse_ok, n)
+
+
+def test_batch_topk_candidate_shortcut_is_exact():
+    from sae_transfer.training.trainers.topk import select_batch_topk
+
+    gen = torch.Generator().manual_seed(0)
+    pre = torch.randn(64, 256, generator=gen)
+    pre[3] += 10  # one token holds far more than 4k of the batch's largest values: fallback path
+    for p in (torch.randn(64, 256, generator=gen), pre):
+        vals, token, latent = select_batch_topk(p, 2)
+        dense = torch.zeros_like(p)
+        dense[token, latent] = vals
+        ref_vals, ref_idx = torch.relu(p).flatten().topk(128)
+        ref = torch.zeros(p.numel()).scatter_(0, ref_idx, ref_vals).view_as(p)
+        assert torch.equal(dense, ref)
+        assert torch.all(token.diff() >= 0)  # CSR order
+
+
+def test_ghost_grads_in_loop_reach_dead_latents():
+    acts = torch.randn(1024, 8)
+    cfg = TrainConfig(arch="relu", d_sae=32, total_tokens=256 * 4, batch_size=256, ghost_grads=True,
+                      dead_window_tokens=256, scale_estimate_tokens=256, grad_clip=0.0)
+    run = fresh_run(cfg, in_memory_factory(acts, 256), 8, None)
+    with torch.no_grad():
+        run.sae.b_enc[:5] = -8.0  # never fire
+    batches = iter(in_memory_factory(acts, 256)(0))
+    train_step(run, next(batches))  # after this, latents 0-4 count as dead
+    assert run.dead.dead_mask()[:5].all()
+    before = run.sae.W_enc[:, :5].clone()
+    train_step(run, next(batches))
+    assert not torch.equal(run.sae.W_enc[:, :5], before)  # only the ghost term can move them
