@@ -1,0 +1,239 @@
+"""Benchmark the activation cache; every number is measured within this one run.
+
+Prints:
+  1. `act` layout: fixed_size_binary vs fixed-size list, write and read MB/s on the same data.
+  2. writer MB/s and bytes per token on disk (synthetic d_model 512, float16 and float32).
+  3. ActivationReader throughput through the shuffle buffer into float32 torch batches, from a
+     warm page cache (MB/s of stored bytes and tokens/s).
+  4. reader peak RSS for a dataset 1x vs 10x as large (subprocesses, ru_maxrss).
+  5. caching tokens/s divided by bare forward tokens/s on the same model and tokens, with the
+     full forward pass and with the pass stopped after the deepest hook.
+
+    python bench/bench_cache.py [--model DIR] [--threads 1] [--quick]
+
+Without --model a small Llama (d_model 256, 4 layers) is built in a temp folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from storage.activations import ActivationReader  # noqa: E402
+from storage.activations_write import ActivationWriter, WriterConfig  # noqa: E402
+
+
+def best_of(fn, reps: int = 3) -> float:
+    """Fastest wall time (s) of `reps` calls: the machine is shared, the minimum is the signal."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def synthetic(path: Path, n_rows: int, d_model: int, dtype: str, shard_bytes: int = 128 << 20) -> float:
+    """Write a synthetic dataset with ActivationWriter; returns the write time in seconds."""
+    meta = {"model_id": "synthetic", "hook": "blocks.0.hook_resid_pre", "d_model": d_model, "dtype": dtype,
+            "n_tokens": n_rows, "context_size": 128}
+    tdt = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    chunk = 16384
+    block = torch.randn(chunk, d_model).to(tdt)
+    raw = (block.view(torch.int16) if dtype == "bfloat16" else block).numpy().view(np.uint8)
+    norms = torch.linalg.vector_norm(block.float(), dim=1).numpy()
+    t0 = time.perf_counter()
+    writer = ActivationWriter(path, meta, WriterConfig(shard_bytes=shard_bytes))
+    for r0 in range(0, n_rows, chunk):
+        m = min(chunk, n_rows - r0)
+        rows = np.arange(r0, r0 + m)
+        writer.append(rows // 128, (rows % 128).astype(np.int32), (rows % 1000).astype(np.int32),
+                      np.where(rows % 128 == 0, 0, 1).astype(np.uint8), norms[:m], raw[:m])
+    writer.finish()
+    return time.perf_counter() - t0
+
+
+def disk_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.glob("*.parquet"))
+
+
+def warm(path: Path) -> None:
+    for f in path.glob("*.parquet"):
+        f.read_bytes()
+
+
+def bench_layouts(tmp: Path, n: int, d: int) -> None:
+    """fixed_size_binary vs fixed_size_list(float16) for the same vectors."""
+    acts = torch.randn(n, d).half().numpy()
+    as_binary = pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * d), n, [None, pa.py_buffer(acts)])
+    as_list = pa.FixedSizeListArray.from_arrays(pa.array(acts.reshape(-1)), d)
+    mb = acts.nbytes / 1e6
+    print(f"\n[1] act layout, {n} x {d} float16 ({mb:.0f} MB), uncompressed Parquet")
+    for name, arr in (("fixed_size_binary", as_binary), ("fixed_size_list", as_list)):
+        path = tmp / f"layout_{name}.parquet"
+        table = pa.table({"act": arr})
+        t_w = best_of(lambda: pq.write_table(table, path, compression="NONE", use_dictionary=False,
+                                             write_statistics=False, row_group_size=16384), 2)
+        warm(tmp)
+
+        def read():
+            col = pq.read_table(path, use_threads=False).column("act").combine_chunks()
+            if name == "fixed_size_binary":
+                np.frombuffer(col.buffers()[1], np.float16).reshape(n, d)
+            else:
+                col.flatten().to_numpy().reshape(n, d)
+
+        t_r = best_of(read, 3)
+        print(f"    {name:18s} write {mb / t_w:7.0f} MB/s   read+decode {mb / t_r:7.0f} MB/s   "
+              f"file {path.stat().st_size / n:.0f} B/token")
+
+
+def bench_reader(tmp: Path, n_rows: int, d: int) -> None:
+    print(f"\n[2] writer and [3] reader, synthetic d_model {d}; batches of 4096 float32 rows on CPU")
+    for dtype, itemsize in (("float16", 2), ("float32", 4)):
+        rows = n_rows if dtype == "float16" else n_rows // 2
+        path = tmp / f"ds_{dtype}"
+        t_w = synthetic(path, rows, d, dtype)
+        mb = rows * d * itemsize / 1e6
+        print(f"    {dtype}: {rows} tokens, {mb:.0f} MB of vectors; writer {mb / t_w:.0f} MB/s; "
+              f"{disk_bytes(path) / rows:.1f} bytes/token on disk (vector: {d * itemsize})")
+        warm(path)
+        files = [str(f) for f in sorted(path.glob("*.parquet"))]
+        t_pq = best_of(lambda: [pq.read_table(f, columns=["act"], memory_map=True, use_threads=False) for f in files], 3)
+        print(f"      reference, bare pq.read_table of the act column: {mb / t_pq:7.0f} MB/s")
+        for buffer_tokens in (65536, 262144):
+            def read_epoch():
+                for _ in ActivationReader(path, batch_size=4096, buffer_tokens=buffer_tokens, epochs=1):
+                    pass
+            t_r = best_of(read_epoch, 3)
+            used = (rows // 4096) * 4096
+            print(f"      reader buffer {buffer_tokens:6d}: {used * d * itemsize / 1e6 / t_r:7.0f} MB/s stored, "
+                  f"{used / t_r:9.0f} tokens/s")
+        for f in path.glob("*.parquet"):
+            f.unlink()
+
+
+_RSS = """
+import json, resource, sys
+sys.path.insert(0, sys.argv[2])
+import torch
+torch.set_num_threads(1)
+from storage.activations import ActivationReader
+n = 0
+for acts in ActivationReader(sys.argv[1], batch_size=4096, buffer_tokens=32768, epochs=1):
+    n += acts.shape[0]
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forking parent
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM")]
+kb = int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"rows": n, "maxrss_mb": kb / 1024}))
+"""
+
+
+def bench_rss(tmp: Path, n_small: int, d: int) -> None:
+    print(f"\n[4] reader peak RSS (buffer 32768 tokens = {32768 * d * 2 >> 20} MiB, d_model {d} float16)")
+    out = {}
+    for scale in (1, 10):
+        path = tmp / f"rss_{scale}"
+        synthetic(path, n_small * scale, d, "float16")
+        res = subprocess.run([sys.executable, "-c", _RSS, str(path), str(ROOT)], capture_output=True, text=True, check=True)
+        out[scale] = json.loads(res.stdout.strip().splitlines()[-1])
+        print(f"    {scale:2d}x: {n_small * scale} tokens ({disk_bytes(path) / 1e6:.0f} MB on disk): "
+              f"peak RSS {out[scale]['maxrss_mb']:.0f} MB")
+        for f in path.glob("*.parquet"):
+            f.unlink()
+    print(f"    ratio 10x/1x: {out[10]['maxrss_mb'] / out[1]['maxrss_mb']:.3f} (goal <= 1.2)")
+
+
+def bench_caching(tmp: Path, model_dir: str | None, n_tokens: int) -> None:
+    from sae_transfer import activations as A
+    from sae_transfer.corpus import CorpusConfig, tokenize_sequences
+    from sae_transfer.models import load_model
+
+    if model_dir is None:
+        from tests._tiny import tiny_model_dir
+
+        model_dir = str(tiny_model_dir(tmp, d_model=256, n_layers=4, vocab=4096, name="bench-llama"))
+    model = load_model(model_dir, device="cpu")
+    n_layers, context = model.cfg.n_layers, 128
+    corpus = CorpusConfig(max_docs=2000)
+    seqs = tokenize_sequences(corpus, model.tokenizer, context_size=context, n_tokens=n_tokens)
+    batch_seqs = 4096 // context
+    print(f"\n[5] caching vs bare forward: {Path(model_dir).name}, d_model {model.cfg.d_model}, {n_layers} layers, "
+          f"vocab {model.cfg.d_vocab}, {seqs.n_tokens} tokens, context {context}, {batch_seqs * context} tokens/pass")
+
+    def bare():
+        with torch.inference_mode():
+            for s0 in range(0, seqs.tokens_NS.shape[0], batch_seqs):
+                model(seqs.tokens_NS[s0:s0 + batch_seqs], return_type=None)
+
+    t_bare = best_of(bare, 2)
+    t_hf = best_of(lambda: _hf_forward(model, seqs.tokens_NS, batch_seqs), 2)
+    print(f"    bare forward, bridge, no hooks : {seqs.n_tokens / t_bare:9.0f} tokens/s")
+    print(f"    bare forward, HF model directly: {seqs.n_tokens / t_hf:9.0f} tokens/s")
+    deep = f"blocks.{n_layers - 1}.hook_resid_post"
+    mid = f"blocks.{n_layers // 2}.hook_resid_pre"
+    cases = [
+        ("mid + last block, full pass", (mid, deep), False, "float32"),
+        ("mid + last block, stop early", (mid, deep), True, "float32"),
+        ("mid + last block, bf16 storage", (mid, deep), True, "bfloat16"),
+        ("two mid hooks, full pass", ("blocks.1.hook_resid_pre", mid), False, "float32"),
+        ("two mid hooks, stop early", ("blocks.1.hook_resid_pre", mid), True, "float32"),
+    ]
+    for i, (label, hooks, stop, dtype) in enumerate(cases):
+        cfg = A.CacheConfig(model=model_dir, hooks=hooks, corpus=corpus, n_tokens=seqs.n_tokens,
+                            context_size=context, dtype=dtype, batch_tokens=batch_seqs * context, stop_early=stop)
+        metas = A.dataset_metas(cfg)
+        counter = iter(range(100))
+
+        def run():
+            out = tmp / f"cache_{i}_{next(counter)}"
+            A._write_datasets(model, seqs, cfg, metas, {h: out / h for h in hooks}, progress=False)
+
+        # pairs of (bare, cache) runs back to back; the median pair ratio resists load spikes
+        pairs = [(best_of(bare, 1), best_of(run, 1)) for _ in range(3)]
+        ratios = sorted(tb / tc for tb, tc in pairs)
+        t_case = min(tc for _, tc in pairs)
+        print(f"    {label:31s}: {seqs.n_tokens / t_case:9.0f} tokens/s, ratio to bare forward "
+              f"{ratios[1]:5.2f} (median of 3 paired runs; goal >= 0.90)")
+
+
+def _hf_forward(model, tokens_NS: torch.Tensor, batch_seqs: int) -> None:
+    with torch.inference_mode():
+        for s0 in range(0, tokens_NS.shape[0], batch_seqs):
+            model.original_model(tokens_NS[s0:s0 + batch_seqs])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="local HF checkpoint folder (default: build a small Llama)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is stable on a shared box)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    scale = 0.25 if args.quick else 1.0
+    print(f"torch {torch.__version__}, pyarrow {pa.__version__}, torch threads {torch.get_num_threads()}")
+    with tempfile.TemporaryDirectory() as tmp_str:
+        tmp = Path(tmp_str)
+        bench_layouts(tmp, int(300_000 * scale), 256)
+        bench_reader(tmp, int(300_000 * scale), 512)
+        bench_rss(tmp, int(100_000 * scale), 256)
+        bench_caching(tmp, args.model, int(16_384 * scale))
+    print(f"\nbench peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""Run a model over token batches and collect several hooks from ONE forward pass per batch,
+then write each hook's activations to its own content-addressed Parquet dataset.
+
+`iter_hook_batches` is the pure part (torch only). `cache_activations` wires it to the corpus
+and to `storage.activations_write`: it computes each dataset's folder from what determines it
+(so a finished dataset is found without loading the model), resumes a killed run from its
+complete shards, and writes in a background thread so encoding overlaps the next forward pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from sae_transfer.corpus import CorpusConfig, corpus_fingerprint, tokenize_sequences
+from sae_transfer.errors import UserError
+from sae_transfer.models import DTYPES, check_hooks, load_model, model_identity
+
+log = logging.getLogger(__name__)
+
+
+_FLOAT16_MAX = float(torch.finfo(torch.float16).max)
+
+
+class _StopForward(Exception):
+    """Raised from the last hook needed, so layers after it are never computed."""
+
+
+@dataclass
+class HookBatch:
+    """Activations of one batch of whole sequences, per hook, already in the storage dtype."""
+
+    seq_start: int  # seq_id of the first sequence in the batch
+    acts: dict[str, torch.Tensor] = field(default_factory=dict)  # hook -> [b, S, D] storage dtype, CPU
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)  # hook -> [b, S] float32 raw L2 norms, CPU
+
+
+def iter_hook_batches(
+    model,
+    tokens_NS: torch.Tensor,
+    hooks: list[str],
+    *,
+    batch_seqs: int,
+    store_dtype: torch.dtype = torch.float32,
+    start_seq: int = 0,
+    stop_early: bool = True,
+) -> Iterator[HookBatch]:
+    """Forward `tokens_NS[start_seq:]` in batches of `batch_seqs` sequences, one pass per batch.
+
+    Every hook in `hooks` is captured in the same pass. With `stop_early`, the pass is
+    abandoned (by an exception raised in the hook) as soon as all hooks have fired, so blocks
+    after the deepest hook and the unembedding are skipped. Norms are computed in float32 from
+    the model's own activations, before the cast to `store_dtype`.
+    """
+    device = next(model.parameters()).device
+    wanted = set(hooks)
+    for s0 in range(start_seq, tokens_NS.shape[0], batch_seqs):
+        ids_BS = tokens_NS[s0:s0 + batch_seqs].to(device)
+        out = HookBatch(seq_start=s0)
+
+        def capture_as(name: str):
+            def capture(acts, hook):
+                if acts.dim() != 3:
+                    raise UserError(f"hook {name!r} gives shape {tuple(acts.shape)}: only [batch, pos, d] hooks can be cached")
+                out.norms[name] = torch.linalg.vector_norm(acts.float(), dim=-1).cpu()
+                if store_dtype == torch.float16 and float(acts.detach().abs().amax()) > _FLOAT16_MAX:
+                    raise UserError(f"activations of {name!r} exceed the float16 range (|x| > {_FLOAT16_MAX:g}): "
+                                    "store them as bfloat16 or float32 (--dtype)")
+                stored = acts.detach().to(store_dtype).cpu()
+                # same dtype on CPU aliases the model's tensor: copy before later layers run
+                out.acts[name] = stored.clone() if stored.data_ptr() == acts.data_ptr() else stored
+                if stop_early and len(out.acts) == len(wanted):
+                    raise _StopForward
+                return None
+
+            return capture
+
+        with torch.inference_mode():
+            try:
+                model.run_with_hooks(ids_BS, return_type=None, fwd_hooks=[(h, capture_as(h)) for h in hooks])
+            except _StopForward:
+                pass
+        missing = wanted - set(out.acts)
+        if missing:
+            raise UserError(f"hooks {sorted(missing)} did not fire in a forward pass: pick hooks on the model's main path")
+        yield out
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """One `sae-transfer cache` run: which model, hooks, corpus and token budget."""
+
+    model: str  # Hugging Face id or local checkpoint folder
+    hooks: tuple[str, ...]  # hook names, all cached from the same forward passes
+    corpus: CorpusConfig = CorpusConfig()  # text source and train/eval split rule
+    n_tokens: int = 1_000_000  # rows per dataset (exact; the last sequence is cut to fit)
+    context_size: int = 128  # tokens per sequence, BOS included
+    dtype: str = "float32"  # stored element dtype: float32, float16 or bfloat16
+    model_dtype: str = "float32"  # dtype the model runs in (part of the dataset key)
+    batch_tokens: int = 16384  # tokens per forward pass, rounded down to whole sequences
+    split: str = "train"  # corpus split: train or eval
+    prepend_bos: bool = True  # put the tokenizer's BOS at position 0 of every sequence
+    revision: str | None = None  # Hub revision of the model
+    device: str | None = None  # None: CUDA when available, else CPU
+    stop_early: bool = True  # skip the layers after the deepest hook
+    shard_bytes: int = 128 << 20  # bytes per Parquet shard
+    row_group_rows: int | None = None  # rows per row group; None picks ~16 MiB groups
+    checksum: bool = True  # sha256 of each shard in the manifest
+
+
+@dataclass(frozen=True)
+class CachedDataset:
+    """What `cache_activations` did for one hook."""
+
+    hook: str  # hook name
+    path: Path  # the dataset folder
+    n_tokens: int  # rows in the finished dataset
+    reused: bool  # True when a complete dataset was already there (no work done)
+    resumed_rows: int  # rows kept from an interrupted earlier run
+
+
+def dataset_metas(cfg: CacheConfig) -> dict[str, dict]:
+    """Per hook, the metadata that determines its dataset (computed without loading the model)."""
+    if cfg.dtype not in DTYPES or cfg.model_dtype not in DTYPES:
+        raise UserError(f"unknown dtype {cfg.dtype!r}/{cfg.model_dtype!r}: use one of {', '.join(DTYPES)}")
+    if cfg.n_tokens < 1 or cfg.context_size < 2:
+        raise UserError(f"need n_tokens >= 1 and context_size >= 2, got {cfg.n_tokens} and {cfg.context_size}")
+    if len(set(cfg.hooks)) != len(cfg.hooks) or not cfg.hooks:
+        raise UserError(f"pass each hook once (got {list(cfg.hooks)})")
+    identity = model_identity(cfg.model, cfg.revision)
+    local = identity["model_revision"].startswith("sha256:")
+    base = {
+        # a local folder is identified by its content, not by the path it was given as
+        "model_id": Path(cfg.model).expanduser().resolve().name if local else cfg.model,
+        "model_revision": identity["model_revision"],
+        "model_source": cfg.model,  # as given (provenance only; not part of the dataset key)
+        "corpus": cfg.corpus.source,
+        "corpus_fingerprint": corpus_fingerprint(cfg.corpus),
+        "split": cfg.split,
+        "n_tokens": cfg.n_tokens,
+        "context_size": cfg.context_size,
+        "dtype": cfg.dtype,
+        "model_dtype": cfg.model_dtype,
+        "prepend_bos": cfg.prepend_bos,
+    }
+    from storage.activations import FORMAT_VERSION, dataset_key
+
+    metas = {}
+    for hook in cfg.hooks:
+        meta = dict(base, hook=hook, format_version=FORMAT_VERSION)
+        metas[hook] = dict(meta, dataset_key=dataset_key(meta))
+    return metas
+
+
+def cache_activations(cfg: CacheConfig, out_dir: str | Path, progress: bool = True) -> list[CachedDataset]:
+    """Cache every hook of `cfg` under `out_dir`; returns one record per hook, in `cfg.hooks` order.
+
+    Complete datasets are reused untouched (the model is not even loaded when all are).
+    """
+    from storage.activations import dataset_dir, is_complete, read_manifest
+
+    metas = dataset_metas(cfg)
+    paths = {h: dataset_dir(out_dir, m) for h, m in metas.items()}
+    todo = [h for h in cfg.hooks if not is_complete(paths[h])]
+    if not todo:
+        return [CachedDataset(h, paths[h], read_manifest(paths[h])["n_tokens"], True, 0) for h in cfg.hooks]
+    model = load_model(cfg.model, revision=cfg.revision, device=cfg.device, dtype=cfg.model_dtype)
+    check_hooks(model, todo)
+    seqs = tokenize_sequences(cfg.corpus, model.tokenizer, context_size=cfg.context_size,
+                              n_tokens=cfg.n_tokens, split=cfg.split, prepend_bos=cfg.prepend_bos)
+    resumed = _write_datasets(model, seqs, cfg, {h: metas[h] for h in todo}, {h: paths[h] for h in todo}, progress)
+    return [CachedDataset(h, paths[h], cfg.n_tokens, h not in todo, resumed.get(h, 0)) for h in cfg.hooks]
+
+
+def _write_datasets(model, seqs, cfg: CacheConfig, metas: dict, paths: dict, progress: bool) -> dict[str, int]:
+    """Forward the sequences once, feeding every hook's writer; returns rows resumed per hook."""
+    from tqdm.auto import tqdm
+
+    from storage.activations_write import ActivationWriter, WriterConfig
+
+    hooks = list(metas)
+    store_dtype = DTYPES[cfg.dtype]
+    probe = next(iter_hook_batches(model, seqs.tokens_NS[:1, :2], hooks, batch_seqs=1, store_dtype=store_dtype))
+    wcfg = WriterConfig(shard_bytes=cfg.shard_bytes, row_group_rows=cfg.row_group_rows, checksum=cfg.checksum)
+    writers = {}
+    for h in hooks:
+        meta = dict(metas[h], d_model=int(probe.acts[h].shape[-1]), tokens_fingerprint=seqs.fingerprint)
+        writers[h] = ActivationWriter(paths[h], meta, wcfg)
+    start_seq = min(w.next_seq for w in writers.values())
+    resumed = {h: w.rows_done for h, w in writers.items()}
+    S = cfg.context_size
+    batch_seqs = max(1, cfg.batch_tokens // S)
+    sinks = {h: _WriterThread(writers[h]) for h in hooks}  # one thread per dataset
+    bar = tqdm(total=cfg.n_tokens, initial=min(start_seq * S, cfg.n_tokens), unit="tok", disable=not progress,
+               desc="caching", leave=False)
+    try:
+        for batch in iter_hook_batches(model, seqs.tokens_NS, hooks, batch_seqs=batch_seqs,
+                                       store_dtype=store_dtype, start_seq=start_seq, stop_early=cfg.stop_early):
+            rows = _batch_rows(batch, seqs, cfg.n_tokens)
+            for h in hooks:
+                sinks[h].put(rows, batch.acts[h], batch.norms[h])
+            bar.update(len(rows["seq_id"]))
+        for sink in sinks.values():
+            sink.close()
+        for w in writers.values():
+            w.finish()
+    except BaseException:
+        for sink in sinks.values():
+            sink.close(abandon=True)
+        for w in writers.values():
+            w.abort()
+        raise
+    finally:
+        bar.close()
+    return resumed
+
+
+def _batch_rows(batch: HookBatch, seqs, n_tokens: int) -> dict[str, np.ndarray]:
+    """Row columns (seq_id, pos, token_id, role) of a batch, cut so the dataset ends at n_tokens."""
+    some = next(iter(batch.acts.values()))
+    b, S = some.shape[:2]
+    s0 = batch.seq_start
+    n = min(b * S, n_tokens - s0 * S)
+    return {
+        "seq_id": np.repeat(np.arange(s0, s0 + b, dtype=np.int64), S)[:n],
+        "pos": np.tile(np.arange(S, dtype=np.int32), b)[:n],
+        "token_id": seqs.tokens_NS[s0:s0 + b].reshape(-1)[:n].numpy().astype(np.int32),
+        "role": seqs.roles_NS[s0:s0 + b].reshape(-1)[:n].numpy(),
+    }
+
+
+class _WriterThread:
+    """Feeds one writer from a bounded queue on a background thread (Parquet encoding releases the GIL)."""
+
+    def __init__(self, writer, depth: int = 3):
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="activation-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue
+            rows, acts_BSD, norms_BS = item
+            try:
+                n = len(rows["seq_id"])
+                act_u8 = acts_BSD.reshape(-1, acts_BSD.shape[-1])[:n].contiguous()
+                act_u8 = act_u8.view(torch.int16 if act_u8.dtype == torch.bfloat16 else act_u8.dtype)
+                act_np = act_u8.numpy().view(np.uint8)
+                self.writer.append(rows["seq_id"], rows["pos"], rows["token_id"], rows["role"],
+                                          norms_BS.reshape(-1)[:n].numpy(), act_np)
+            except BaseException as exc:  # surfaced on the main thread by put/close
+                self.error = exc
+
+    def put(self, rows: dict, acts_BSD: torch.Tensor, norms_BS: torch.Tensor) -> None:
+        """Queue one batch's rows (blocks while `depth` batches are waiting)."""
+        if self.error is not None:
+            raise self.error
+        self.queue.put((rows, acts_BSD, norms_BS))
+
+    def close(self, abandon: bool = False) -> None:
+        """Wait for queued rows to be written (or drop them with `abandon`); re-raise a writer error."""
+        if abandon:
+            while not self.queue.empty():
+                self.queue.get_nowait()
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None and not abandon:
+            raise self.error

@@ -1,0 +1,239 @@
+"""Write one activation dataset: bounded shards, atomic renames, a progress log, manifest last.
+
+Crash safety: a shard is written as `.shard-NNNNN.parquet.tmp`, fsynced, renamed to
+`shard-NNNNN.parquet`, and only then recorded in `_progress.jsonl`. Shards end on sequence
+boundaries, so a new writer on the same folder keeps the recorded shards, deletes anything else,
+and asks for sequences from `next_seq` on. `manifest.json` is written (atomically) after the
+last shard; readers trust nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from storage.activations import (
+    ELEMENT_DTYPES, FORMAT_VERSION, MANIFEST, PROGRESS, activation_schema, role_dictionary, sha256_file,
+)
+
+log = logging.getLogger(__name__)
+
+_ROW_OVERHEAD = 21  # bytes per row outside `act` (seq_id, pos, token_id, role, norm), uncompressed
+
+
+@dataclass(frozen=True)
+class WriterConfig:
+    """How an activation dataset is cut into files."""
+
+    shard_bytes: int = 128 << 20  # close a shard once it holds this many bytes (at a sequence boundary)
+    row_group_rows: int | None = None  # rows per row group; None: ~16 MiB of act, clamped to 1024..16384
+    checksum: bool = True  # record each shard's sha256 in the manifest (re-reads the file from page cache)
+
+    def rows_per_group(self, row_bytes: int) -> int:
+        """Row-group length for vectors of `row_bytes` bytes."""
+        if self.row_group_rows is not None:
+            return self.row_group_rows
+        return int(min(16384, max(1024, (16 << 20) // row_bytes)))
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class ActivationWriter:
+    """Appends token rows to a dataset folder; resumes from the shards a killed run completed.
+
+    `meta` must hold at least `d_model`, `dtype` and `n_tokens` (the total the finished
+    dataset has); it is stored in every shard's key-value metadata and in the manifest.
+    """
+
+    def __init__(self, path: str | Path, meta: dict, cfg: WriterConfig = WriterConfig()):
+        self.path = Path(path)
+        self.meta = dict(meta, format_version=FORMAT_VERSION)
+        self.cfg = cfg
+        self.d_model = int(meta["d_model"])
+        self.row_bytes = self.d_model * ELEMENT_DTYPES[meta["dtype"]][1]
+        self.rg_rows = cfg.rows_per_group(self.row_bytes)
+        self.schema = activation_schema(self.d_model, meta["dtype"], self.meta)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.shards: list[dict] = self._recover()
+        self.next_seq: int = self.shards[-1]["end_seq"] if self.shards else 0  # first seq not yet safe
+        self.rows_done: int = sum(s["rows"] for s in self.shards)  # rows in complete shards
+        self._writer: pq.ParquetWriter | None = None
+        self._pending: list[pa.RecordBatch] = []
+        self._pending_rows = 0
+        self._shard_rows = 0
+        self._shard_norm_sum = 0.0  # float64 sum of `norm` over the open shard's rows
+        self._shard_first_seq = self.next_seq
+        self._last_seq = self.next_seq - 1
+
+    # -- resume -------------------------------------------------------------------------
+    def _recover(self) -> list[dict]:
+        """Shards a previous run completed (recorded and intact); delete every other shard file."""
+        kept: list[dict] = []
+        progress = self.path / PROGRESS
+        if progress.is_file():
+            for line in progress.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except ValueError:  # a line cut short by a kill
+                    break
+                file = self.path / entry["file"]
+                if entry.get("key") != self.meta.get("dataset_key") or not file.is_file() \
+                        or file.stat().st_size != entry["bytes"]:
+                    break
+                kept.append(entry)
+        keep_names = {e["file"] for e in kept}
+        for file in list(self.path.glob("shard-*.parquet")) + list(self.path.glob(".shard-*.tmp")):
+            if file.name not in keep_names:
+                file.unlink()
+        self._rewrite_progress(kept)
+        if kept:
+            log.info("resuming %s: %d complete shards, %d rows", self.path, len(kept), sum(e["rows"] for e in kept))
+        return kept
+
+    def _rewrite_progress(self, entries: list[dict]) -> None:
+        tmp = self.path / (PROGRESS + ".tmp")
+        tmp.write_text("".join(json.dumps(e) + "\n" for e in entries))
+        os.replace(tmp, self.path / PROGRESS)
+
+    # -- appending ----------------------------------------------------------------------
+    def append(self, seq_id: np.ndarray, pos: np.ndarray, token_id: np.ndarray, role: np.ndarray,
+               norm: np.ndarray, act: np.ndarray) -> None:
+        """Add rows (whole sequences, in seq_id order); rows of already-saved sequences are skipped.
+
+        `act` is a C-contiguous uint8 array [n, d_model * itemsize] of little-endian vectors;
+        `role` holds ROLE_CODE values. The arrays are referenced, not copied, until written.
+        """
+        if len(seq_id) and seq_id[-1] < self.next_seq:
+            return
+        if len(seq_id) and seq_id[0] < self.next_seq:
+            start = int(np.searchsorted(seq_id, self.next_seq))
+            seq_id, pos, token_id, role, norm, act = (a[start:] for a in (seq_id, pos, token_id, role, norm, act))
+        n = len(seq_id)
+        if n == 0:
+            return
+        assert act.shape == (n, self.row_bytes) and act.dtype == np.uint8 and act.flags.c_contiguous
+        assert seq_id[0] > self._last_seq, "append whole sequences in increasing seq_id order"
+        batch = pa.RecordBatch.from_arrays([
+            pa.array(seq_id.astype(np.int64, copy=False)),
+            pa.array(pos.astype(np.int32, copy=False)),
+            pa.array(token_id.astype(np.int32, copy=False)),
+            pa.DictionaryArray.from_arrays(pa.array(role.astype(np.int8, copy=False)), role_dictionary()),
+            pa.array(norm.astype(np.float32, copy=False)),
+            pa.FixedSizeBinaryArray.from_buffers(pa.binary(self.row_bytes), n, [None, pa.py_buffer(act)]),
+        ], schema=self.schema)
+        self._pending.append(batch)
+        self._pending_rows += n
+        self._shard_rows += n
+        self._shard_norm_sum += float(norm.sum(dtype=np.float64))
+        self._last_seq = int(seq_id[-1])
+        if self._pending_rows >= self.rg_rows:
+            self._flush(whole_groups_only=True)
+        if self._shard_rows * (self.row_bytes + _ROW_OVERHEAD) >= self.cfg.shard_bytes:
+            self._close_shard()
+
+    def _tmp_name(self) -> Path:
+        return self.path / f".shard-{len(self.shards):05d}.parquet.tmp"
+
+    def _flush(self, whole_groups_only: bool) -> None:
+        """Write pending rows as row groups of `rg_rows` (all of them unless `whole_groups_only`)."""
+        if not self._pending_rows:
+            return
+        table = pa.Table.from_batches(self._pending, schema=self.schema)
+        n_write = (self._pending_rows // self.rg_rows) * self.rg_rows if whole_groups_only else self._pending_rows
+        if n_write == 0:
+            return
+        if self._writer is None:
+            self._writer = pq.ParquetWriter(
+                self._tmp_name(), self.schema,
+                compression={c: ("NONE" if c == "act" else "ZSTD") for c in self.schema.names},
+                use_dictionary=["role"],
+                write_statistics=["seq_id", "pos", "token_id", "role", "norm"],
+                data_page_size=4 << 20,
+            )
+        self._writer.write_table(table.slice(0, n_write), row_group_size=self.rg_rows)
+        rest = table.slice(n_write)
+        self._pending = rest.to_batches() if rest.num_rows else []
+        self._pending_rows = rest.num_rows
+
+    def _close_shard(self) -> None:
+        """Finish the current shard file: flush, fsync, rename, then record it in the progress log."""
+        self._flush(whole_groups_only=False)
+        if self._writer is None:
+            return
+        self._writer.close()
+        self._writer = None
+        tmp = self._tmp_name()
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        final = self.path / f"shard-{len(self.shards):05d}.parquet"
+        os.replace(tmp, final)
+        _fsync_dir(self.path)
+        entry = {
+            "file": final.name, "rows": self._shard_rows, "bytes": final.stat().st_size,
+            "sha256": sha256_file(final) if self.cfg.checksum else None,
+            "first_seq": self._shard_first_seq, "end_seq": self._last_seq + 1,
+            "norm_sum": self._shard_norm_sum,
+            "key": self.meta.get("dataset_key"),
+        }
+        with open(self.path / PROGRESS, "a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.shards.append(entry)
+        self.rows_done += self._shard_rows
+        self.next_seq = entry["end_seq"]
+        self._shard_first_seq = self.next_seq
+        self._shard_rows = 0
+        self._shard_norm_sum = 0.0
+        log.debug("wrote %s (%d rows)", final, entry["rows"])
+
+    def finish(self) -> dict:
+        """Close the last shard and write the manifest; returns the manifest dict."""
+        self._close_shard()
+        want = int(self.meta["n_tokens"])
+        if self.rows_done != want:
+            raise RuntimeError(f"{self.path}: wrote {self.rows_done} rows, metadata says n_tokens={want}")
+        norm_mean = sum(s["norm_sum"] for s in self.shards) / max(1, self.rows_done)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "n_tokens": self.rows_done,
+            # E||x|| over all rows and the scale s = sqrt(d_model) / E||x|| (see DESIGN: scaling)
+            "norm_mean": norm_mean,
+            "scale_factor": (self.d_model ** 0.5) / norm_mean if norm_mean > 0 else None,
+            "row_bytes": self.row_bytes,
+            "row_group_rows": self.rg_rows,
+            "meta": self.meta,
+            "shards": [{k: v for k, v in s.items() if k != "key"} for s in self.shards],
+        }
+        tmp = self.path / (MANIFEST + ".tmp")
+        with open(tmp, "w") as fh:
+            json.dump(manifest, fh, indent=1)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path / MANIFEST)
+        _fsync_dir(self.path)
+        (self.path / PROGRESS).unlink(missing_ok=True)
+        return manifest
+
+    def abort(self) -> None:
+        """Drop the open temp shard (completed shards stay for a later resume)."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._tmp_name().unlink(missing_ok=True)
