@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
+import threading
 from pathlib import Path
 
 import torch
@@ -12,6 +13,10 @@ import torch
 from sae_transfer.errors import UserError
 
 log = logging.getLogger(__name__)
+
+# transformers builds models under a process-global "meta device" context: two threads loading
+# at once (concurrent pipeline tasks) corrupt each other's weights. Loads are serialised.
+_LOAD_LOCK = threading.Lock()
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -62,13 +67,14 @@ def load_model(
             )
         name = str(path.resolve())
     try:
-        bridge = TransformerBridge.boot_transformers(
-            name,
-            device=device or default_device(),
-            dtype=DTYPES[dtype],
-            revision=revision,
-            trust_remote_code=trust_remote_code,
-        )
+        with _LOAD_LOCK:
+            bridge = TransformerBridge.boot_transformers(
+                name,
+                device=device or default_device(),
+                dtype=DTYPES[dtype],
+                revision=revision,
+                trust_remote_code=trust_remote_code,
+            )
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(

@@ -29,6 +29,7 @@ class PairConfig(_Section):
     checkpoints: str | None = "artifacts/demo-models/chat-checkpoints"  # folder of fine-tuning checkpoints to watch
     checkpoints_repo: str | None = None  # Hub repo whose revisions are checkpoints (online only)
     build_demo: bool = True  # build the offline demo pair first if base/chat are the demo folders
+    demo_preset: Literal["default", "tiny"] = "default"  # "tiny": a seconds-sized pair for smoke tests
     trust_remote_code: bool = False  # only for models whose code you have read
 
 

@@ -31,6 +31,14 @@ def _table_sources() -> dict[str, tuple[str, pa.Schema | None]]:
     return sources
 
 
+# Models are named by Hub id or local folder; SAE metadata may keep only the folder's name.
+# Report queries compare models by their last path component through this macro.
+_MACROS = """
+CREATE OR REPLACE MACRO model_name(m) AS regexp_extract(rtrim(m, '/'), '[^/]+$');
+CREATE OR REPLACE MACRO same_model(a, b) AS model_name(a) = model_name(b);
+"""
+
+
 def _quote(text: str) -> str:
     """A SQL string literal. DuckDB cannot bind parameters inside DDL, so view paths are
     the one place a value is quoted into SQL; they come from our own layout, never user SQL."""
@@ -74,6 +82,7 @@ def build_catalog(results_dir: str | Path) -> Path:
     tmp = layout.root / f".tmp-catalog-{uuid.uuid4().hex}.duckdb"
     con = duckdb.connect(str(tmp))
     try:
+        con.execute(_MACROS)
         for name, (pattern, schema) in sorted(_table_sources().items()):
             statement = view_sql(layout, name, pattern, schema)
             if statement:

@@ -55,5 +55,6 @@ class StudyLayout:
         return self.root / ".catalog"
 
     @property
-    def watch_state(self) -> Path:
-        return self.root / "checkpoints"
+    def study_state(self) -> Path:
+        """JSON naming the SAEs the study trained, per hook (what evaluate_checkpoint re-uses)."""
+        return self.root / "study_state.json"

@@ -1,5 +1,5 @@
-"""Tables the DAG itself writes (runs, watched checkpoints) and where the catalog finds
-tables written elsewhere (training logs inside SAE run folders)."""
+"""Schemas of the tables the DAG itself writes (runs, watched checkpoints), and where the
+catalog finds tables written elsewhere (training logs inside SAE run folders)."""
 
 from __future__ import annotations
 
@@ -41,9 +41,8 @@ TRAINING_LOG_STUB = pa.schema(
 )
 
 # View name -> (glob relative to the results root, schema for an empty view).
+# (runs and checkpoints are plain tables in storage.tables.SCHEMAS.)
 SOURCES: dict[str, tuple[str, pa.Schema | None]] = {
-    "runs": ("runs/part-*.parquet", RUNS),
-    "checkpoints": ("checkpoints/part-*.parquet", CHECKPOINTS),
     "training_log": ("saes/*/training_log/part-*.parquet", TRAINING_LOG_STUB),
 }
 

@@ -19,23 +19,34 @@ from pydantic import BaseModel
 import sae_transfer
 from storage.fingerprint import fingerprint, hash_payload
 
-_PATH_KEYS = ("path", "dir", "model", "sae", "acts", "folder", "base", "chat")
+# Parameters (and record fields) whose value names an INPUT file or folder: hashed by content.
+# Output folders (out_dir, results_dir, run_dir) are deliberately not: their content is what
+# the task writes, and hashing it would make every key stale the moment the task ran.
+_INPUT_PATH_NAMES = {"path", "model", "sae", "acts", "base", "chat", "checkpoint", "prompts"}
 
 
 def _looks_like_path(name: str, value: object) -> bool:
-    if isinstance(value, Path):
-        return True
-    return isinstance(value, str) and any(k in name.lower() for k in _PATH_KEYS) and Path(value).exists()
+    named = name in _INPUT_PATH_NAMES or name.endswith(("_path", "_paths"))
+    return named and isinstance(value, (str, Path)) and Path(value).exists()
 
 
-def _jsonable(name: str, value: object) -> object:
+def _jsonable(name: str, value: object, paths: bool = True) -> object:
+    """JSON form of a parameter; input paths (when `paths`) become {path, content hash}.
+
+    Only top-level parameters and task records are searched for input paths: a config object
+    (StudyConfig) is hashed as written, so a task taking the config does not depend on the
+    content of every model the config names, only on the ones passed to it explicitly.
+    """
+    from tasks.records import _Record
+
     if isinstance(value, BaseModel):
-        return {k: _jsonable(k, v) for k, v in value.model_dump().items()}
+        inner = paths and isinstance(value, _Record)
+        return {k: _jsonable(k, v, inner) for k, v in value.model_dump().items()} if inner else value.model_dump(mode="json")
     if isinstance(value, dict):
-        return {str(k): _jsonable(str(k), v) for k, v in value.items()}
+        return {str(k): _jsonable(str(k), v, paths) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(name, v) for v in value]
-    if _looks_like_path(name, value) and Path(value).exists():
+        return [_jsonable(name, v, paths) for v in value]
+    if paths and _looks_like_path(name, value):
         return {"path": str(value), "content": fingerprint(value)}
     return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
 
@@ -61,3 +72,16 @@ CACHE_OPTIONS = dict(
     result_serializer="json",
     cache_expiration=timedelta(days=365),
 )
+
+
+def run_name(prefix: str, *params: str):
+    """A task_run_name callable: `prefix-<last path part of each named parameter>`."""
+
+    def name() -> str:
+        from prefect.runtime import task_run
+
+        values = task_run.parameters
+        parts = [str(values.get(p, "")).rstrip("/").split("/")[-1] for p in params]
+        return "-".join([prefix, *[p for p in parts if p]])
+
+    return name

@@ -58,7 +58,7 @@ def fill(root: Path) -> None:
     ) for lo in (1, 2, 4, 8, 16, 32)])
     tables.append_rows(root, "checkpoints", [dict(
         checkpoint_id=f"c{step}", path=f"models/ckpt/step-{step:06d}", step=step, status="evaluated",
-    ) for step in (30, 60)]) if "checkpoints" in tables.SCHEMAS else _write_checkpoints(root)
+    ) for step in (30, 60)])
     log_dir = root / "saes" / "base-sae" / "training_log"
     log_dir.mkdir(parents=True)
     pq.write_table(pa.table({
@@ -67,15 +67,3 @@ def fill(root: Path) -> None:
         "dead_fraction": [0.0, 0.0, 0.01],
     }), log_dir / "part-0.parquet")
 
-
-def _write_checkpoints(root: Path) -> None:
-    from storage.study_tables import CHECKPOINTS
-
-    folder = root / "checkpoints"
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = {f.name: [] for f in CHECKPOINTS}
-    for step in (30, 60):
-        for name, value in dict(checkpoint_id=f"c{step}", path=f"models/ckpt/step-{step:06d}", step=step,
-                                status="evaluated", flow_run_id="x", created_at=None).items():
-            rows[name].append(value)
-    pq.write_table(pa.Table.from_pydict(rows, schema=CHECKPOINTS), folder / "part-0.parquet")

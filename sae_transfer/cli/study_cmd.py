@@ -1,7 +1,137 @@
-"""Command group placeholder: filled in by its owner."""
+"""Study-level commands: demo, run, watch, report, sql."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+from sae_transfer.errors import UserError
+
+RESULTS_HELP = "study results folder (default: results/<study name> of --config, else results/demo)"
+
+
+def _config(config: Optional[Path]):
+    from sae_transfer.study import example_config, load_study
+
+    return load_study(config or example_config("demo"))
+
+
+def _results(results: Optional[Path], config: Optional[Path]) -> Path:
+    return results or _config(config).results_dir
+
+
+def _pair_from_results(results: Path, config: Optional[Path]) -> tuple[str, str]:
+    """Base and chat ids: from --config, else the latest recorded run, else the demo config."""
+    if config is None:
+        from storage import catalog
+
+        runs = catalog.query(results, "select config_json from runs where config_json is not null order by created_at desc limit 1")
+        if len(runs):
+            pair = json.loads(runs["config_json"][0])["pair"]
+            return pair["base"], pair["chat"]
+    cfg = _config(config)
+    return cfg.pair.base, cfg.pair.chat
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to `app`."""
+    """Add the study commands to `app`."""
+
+    @app.command()
+    def demo(
+        results_root: Path = typer.Option(Path("results"), help="parent folder of study results"),
+    ) -> None:
+        """Run the whole transfer study on the offline demo pair and print where the report is."""
+        from flows.study import run_study
+        from sae_transfer.study import example_config, load_study
+
+        cfg = load_study(example_config("demo")).model_copy(update={"results_root": str(results_root)})
+        summary = run_study(cfg)
+        typer.echo(summary)
+
+    @app.command()
+    def run(config: Path = typer.Argument(..., help="study config (.yaml or .toml); examples in sae_transfer/configs/")) -> None:
+        """Run the transfer study described by CONFIG (cached steps are skipped)."""
+        from flows.study import run_study
+        from sae_transfer.study import load_study
+
+        typer.echo(run_study(load_study(config)))
+
+    @app.command()
+    def watch(
+        config: Optional[Path] = typer.Option(None, help="study config (default: the demo study)"),
+        checkpoints: Optional[Path] = typer.Option(None, help="folder of checkpoints (default: the config's pair.checkpoints)"),
+    ) -> None:
+        """Evaluate every checkpoint not seen before (once each), then rebuild the report."""
+        from flows.watch import watch_checkpoints
+
+        cfg = _config(config)
+        if checkpoints is not None:
+            cfg = cfg.model_copy(update={"pair": cfg.pair.model_copy(update={"checkpoints": str(checkpoints)})})
+        result = watch_checkpoints(cfg)
+        typer.echo(json.dumps(result, indent=2))
+
+    @app.command()
+    def report(
+        results: Optional[Path] = typer.Option(None, help=RESULTS_HELP),
+        config: Optional[Path] = typer.Option(None, help="study config naming the pair (default: the latest run's)"),
+    ) -> None:
+        """Build the HTML + Markdown base-vs-chat report from the DuckDB catalog."""
+        from sae_transfer.report.build import build_report
+
+        folder = _results(results, config)
+        if not folder.is_dir():
+            raise UserError(f"results folder {str(folder)!r} does not exist: run `sae-transfer demo` or pass --results")
+        base, chat = _pair_from_results(folder, config)
+        paths = build_report(folder, base, chat)
+        typer.echo(f"report: {paths.html}\nmarkdown: {paths.markdown}")
+
+    @app.command()
+    def sql(
+        query: str = typer.Argument(..., help="SQL over the views metrics, outliers, outlier_summary, token_errors, "
+                                    "training_log, weight_diff, positions, rollouts, checkpoints, runs"),
+        results: Optional[Path] = typer.Option(None, help=RESULTS_HELP),
+        format: str = typer.Option("table", "--format", "-f", help="table, csv or json"),
+        limit: int = typer.Option(200, help="rows shown in table format"),
+    ) -> None:
+        """Answer ad-hoc SQL over a study's results (read-only)."""
+        import duckdb
+
+        from storage import catalog
+
+        if format not in {"table", "csv", "json"}:
+            raise UserError(f"unknown --format {format!r}: use table, csv or json")
+        folder = _results(results, None)
+        if not folder.is_dir():
+            raise UserError(f"results folder {str(folder)!r} does not exist: run `sae-transfer demo` or pass --results")
+        con = catalog.connect(folder)
+        try:
+            df = con.execute(query).df()
+        except duckdb.Error as exc:
+            raise UserError(f"query failed: {' '.join(str(exc).split())}") from None
+        finally:
+            con.close()
+        if format == "csv":
+            df.to_csv(sys.stdout, index=False)
+        elif format == "json":
+            typer.echo(df.to_json(orient="records", date_format="iso"))
+        else:
+            _print_table(df, limit)
+
+
+def _print_table(df, limit: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_lines=False)
+    for column in df.columns:
+        table.add_column(str(column))
+    for row in df.head(limit).itertuples(index=False):
+        table.add_row(*("" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
+    console = Console(width=max(120, 14 * len(df.columns)))
+    console.print(table)
+    if len(df) > limit:
+        console.print(f"... {len(df) - limit} more rows (use --format csv for all)")

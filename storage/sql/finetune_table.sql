@@ -4,7 +4,7 @@
 with on_chat as (
     select *
     from metrics
-    where segment = 'text' and outlier_policy = 'included' and model_id = ?2
+    where segment = 'text' and outlier_policy = 'included' and same_model(model_id, ?2)
     qualify row_number() over (partition by sae_id, hook order by created_at desc) = 1
 ),
 
@@ -18,7 +18,7 @@ select
     m.hook,
     case
         when m.sae_finetuned_from is not null then 'fine-tuned base'
-        when m.sae_model = ?1 then 'base'
+        when same_model(m.sae_model, ?1) then 'base'
         else 'chat'
     end as sae,
     t.train_tokens,

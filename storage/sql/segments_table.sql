@@ -5,8 +5,8 @@ with labelled as (
         *,
         case
             when sae_finetuned_from is not null then 'fine-tuned base'
-            when sae_model = ?1 then 'base'
-            when sae_model = ?2 then 'chat'
+            when same_model(sae_model, ?1) then 'base'
+            when same_model(sae_model, ?2) then 'chat'
             else sae_model
         end as sae_label
     from metrics
@@ -36,5 +36,5 @@ select
     round(mse, 2) as mse,
     n_tokens
 from latest
-where model_id = ?2
+where same_model(model_id, ?2)
 order by hook, segment, outlier_policy desc, sae_label

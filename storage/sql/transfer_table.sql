@@ -5,11 +5,11 @@ with labelled as (
         *,
         case
             when sae_finetuned_from is not null then 'fine-tuned base'
-            when sae_model = ?1 then 'base'
-            when sae_model = ?2 then 'chat'
+            when same_model(sae_model, ?1) then 'base'
+            when same_model(sae_model, ?2) then 'chat'
             else sae_model
         end as sae_label,
-        case when model_id = ?1 then 'base' when model_id = ?2 then 'chat' else model_id end as model_label
+        case when same_model(model_id, ?1) then 'base' when same_model(model_id, ?2) then 'chat' else model_id end as model_label
     from metrics
     where segment = 'text'
 ),

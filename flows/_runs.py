@@ -1,0 +1,40 @@
+"""Per-step timings of a finished flow run, read back from the Prefect API."""
+
+from __future__ import annotations
+
+from prefect import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.context import get_run_context
+
+
+async def _task_runs(flow_run_id):
+    async with get_client() as client:
+        return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+ALWAYS_RUNS = "always-runs"  # tag of cheap bookkeeping tasks that are never cached
+
+
+def step_timings() -> dict[str, tuple[float, bool | None]]:
+    """Task run name -> (seconds it ran, whether Prefect served it from the cache; None for
+    bookkeeping tasks tagged ALWAYS_RUNS, which run every time by design)."""
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    flow_run_id = get_run_context().flow_run.id
+    runs = run_coro_as_sync(_task_runs(flow_run_id)) or []
+    timings: dict[str, tuple[float, bool]] = {}
+    for r in sorted(runs, key=lambda r: r.expected_start_time or r.created):
+        if r.state and r.state.state_details.child_flow_run_id:
+            continue  # a subflow (the checkpoint watcher) is not a step of its own
+        name, n = r.name, 1
+        while name in timings:  # same task on several hooks
+            n += 1
+            name = f"{r.name}#{n}"
+        cached = None if ALWAYS_RUNS in (r.tags or []) else r.state_name == "Cached"
+        timings[name] = (r.total_run_time.total_seconds(), cached)
+    return timings
+
+
+def current_run_id() -> str:
+    """The id of the flow run we are in."""
+    return str(get_run_context().flow_run.id)

@@ -1,0 +1,25 @@
+"""finetune_sae: fine-tune an existing SAE on another model's activations (the study's recipe)."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from sae_transfer.study import StudyConfig
+from storage.fingerprint import hash_payload
+from storage.layout import StudyLayout, slug
+from tasks.activations import cache_activations
+from tasks.records import SAERecord
+from tasks.sae import finetune_sae as finetune_task
+
+
+@flow(name="finetune_sae", log_prints=True)
+def finetune_sae(config: StudyConfig, sae: str, model: str, hook: str) -> dict:
+    """Cache `model`'s activations at `hook` (or reuse them) and fine-tune the SAE at `sae` on them."""
+    layout = StudyLayout(config.results_dir)
+    acts = next(a for a in cache_activations(model, [hook], config.corpus, str(layout.activations),
+                                             act_dtype=config.act_dtype, model_dtype=config.dtype, device=config.device)
+                if a.hook == hook)
+    parent = SAERecord(path=sae, run_dir=sae, model="", hook=hook, role="parent")
+    out = str(layout.sae_run(f"finetuned-{slug(hook)}-{hash_payload(acts.path, sae, config.finetune.model_dump(), config.seed)}"))
+    record = finetune_task(parent, acts, config.finetune, out, config.seed)
+    return record.model_dump()

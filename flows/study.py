@@ -1,0 +1,78 @@
+"""transfer_study: the whole DAG for one study config.
+
+pair -> caches (base, chat) -> SAEs (base, chat) -> fine-tuned base SAE -> transfer matrix,
+outliers, segments, position curves, weight diffs -> checkpoint drift -> report.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow
+from prefect.futures import wait
+
+from flows._runs import current_run_id, step_timings
+from flows.watch import watch_checkpoints
+from sae_transfer.study import StudyConfig
+from storage.checkpoints import write_json_atomic
+from storage.fingerprint import hash_payload
+from storage.layout import StudyLayout, slug
+from tasks.activations import cache_activations
+from tasks.evaluate import evaluate_segments, evaluate_transfer, position_curves, sae_paths, tag_outliers, weight_diff
+from tasks.models import prepare_pair
+from tasks.report import build_report, record_run
+from tasks.sae import finetune_sae, train_sae
+
+
+def _sae_dir(layout: StudyLayout, role: str, hook: str, *key) -> str:
+    """Run folder named by what determines the SAE, so a changed input never reuses a stale run."""
+    return str(layout.sae_run(f"{role}-{slug(hook)}-{hash_payload(*key)}"))
+
+
+@flow(name="transfer_study", log_prints=True)
+def transfer_study(config: StudyConfig) -> dict:
+    """Run (or re-use) every step of the study and build the report; returns where it is."""
+    started = time.perf_counter()
+    layout, results = StudyLayout(config.results_dir), str(config.results_dir)
+    pair = prepare_pair(config.pair)
+    opts = dict(act_dtype=config.act_dtype, model_dtype=config.dtype, device=config.device)
+    caches = {
+        role: cache_activations.submit(model, config.hooks, config.corpus, str(layout.activations), revision=rev, **opts)
+        for role, model, rev in (("base", pair.base, config.pair.base_revision), ("chat", pair.chat, config.pair.chat_revision))
+    }
+    pending = [weight_diff.submit(pair.base, pair.chat, results)]
+    pending += [tag_outliers.submit(m, config, h) for m in (pair.base, pair.chat) for h in config.hooks]
+    acts = {role: {a.hook: a for a in fut.result()} for role, fut in caches.items()}
+    trained: dict[str, list[str]] = {}
+    for hook in config.hooks:
+        saes = {
+            role: train_sae.submit(acts[role][hook], config.sae, role, _sae_dir(layout, role, hook, acts[role][hook].path, config.sae.model_dump(), config.seed), config.seed)
+            for role in ("base", "chat")
+        }
+        if config.finetune.enabled:
+            ft_dir = _sae_dir(layout, "finetuned", hook, acts["chat"][hook].path, config.sae.model_dump(), config.finetune.model_dump(), config.seed)
+            saes["finetuned"] = finetune_sae.submit(saes["base"], acts["chat"][hook], config.finetune, ft_dir, config.seed)
+        paths = trained[hook] = sae_paths([fut.result() for fut in saes.values()])
+        write_json_atomic(layout.study_state, {"saes": trained})
+        pending += [evaluate_transfer.submit(paths, m, config, hook) for m in (pair.base, pair.chat)]
+        pending += [position_curves.submit(paths, m, config, hook) for m in (pair.base, pair.chat)]
+        if config.instructions.enabled:
+            pending.append(evaluate_segments.submit(paths[:2], pair.chat, config, hook))
+    wait(pending)
+    for fut in pending:
+        fut.result()  # surface the first failure
+    drift = watch_checkpoints(config, via_deployment=False, build=False) if pair.checkpoints else {}
+    report = build_report(config)
+    timings = step_timings()
+    steps = [cached for _, cached in timings.values() if cached is not None]
+    timings["total"] = (time.perf_counter() - started, all(steps))
+    record_run(config, "transfer_study", current_run_id(), timings)
+    return {"report": report, "results": results, "seconds": round(time.perf_counter() - started, 1),
+            "steps": len(steps), "cached_steps": sum(steps), "checkpoints": drift.get("evaluated", [])}
+
+
+def run_study(config: StudyConfig) -> str:
+    """Run `transfer_study` in this process (Prefect's ephemeral API) and describe the outcome."""
+    out = transfer_study(config)
+    return (f"study {config.name}: {out['steps']} steps ({out['cached_steps']} cached) in {out['seconds']} s\n"
+            f"report: {out['report']}\nresults: {out['results']} (try: sae-transfer sql \"select * from metrics\" --results {out['results']})")

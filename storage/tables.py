@@ -1,0 +1,239 @@
+"""Result tables: every pyarrow schema declared once, an append-only part-file writer, a reader.
+
+Each table is a folder of Parquet parts under the results folder (`RESULTS/metrics/`,
+`RESULTS/outliers/`, ...). An append writes one new part `part-<utc timestamp>-<uuid>.parquet`
+to a hidden temporary name and renames it into place, so concurrent writers never lose or
+duplicate rows and readers never see a half-written file (pyarrow datasets and DuckDB globs on
+`part-*.parquet` skip the `.tmp-` names).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import uuid
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from storage import study_tables
+
+_STR, _F64, _I64, _BOOL = pa.string(), pa.float64(), pa.int64(), pa.bool_()
+_TS = pa.timestamp("us", tz="UTC")
+
+# Who was evaluated, on what, how: shared by every per-(SAE, model) table.
+_PROVENANCE = [
+    ("sae_id", _STR),  # SAE folder name (the run folder for <run>/sae) + ":" + weights sha256 prefix
+    ("sae_model", _STR),  # model the SAE was trained on (cfg metadata model_name)
+    ("sae_finetuned_from", _STR),  # parent SAE folder (cfg metadata finetuned_from); null if trained from scratch
+    ("model_id", _STR),  # evaluated model: Hub id or local folder
+    ("model_revision", _STR),  # Hub revision, "sha256:<weights hash>" or checkpoint step
+    ("hook", _STR),  # hook point, e.g. blocks.6.hook_resid_pre
+]
+
+METRICS = pa.schema(
+    _PROVENANCE
+    + [
+        ("segment", _STR),  # "text" (plain corpus), "user_prompt", "rollout" or "template"
+        ("outlier_policy", _STR),  # "excluded" (outlier positions keep their activation, not counted) or "included"
+        ("outlier_rule", _STR),  # how the absolute threshold was chosen, e.g. "median+10mad" or "absolute"
+        ("outlier_threshold", _F64),  # threshold on the scaled norm
+        ("scale_factor", _F64),  # s = sqrt(d_model) / E||x|| on the evaluated model's own activations
+        ("n_tokens", _I64),  # counted positions
+        ("n_sequences", _I64),
+        ("l0", _F64),  # mean active features per counted token
+        ("mse", _F64),  # mean over tokens of sum_d (x - x_hat)^2, scaled units
+        ("explained_variance", _F64),  # 1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2)
+        ("explained_variance_legacy", _F64),  # mean over tokens of 1 - ||x - x_hat||^2 / ||x - mean(x)||^2
+        ("ce_clean", _F64),  # nats per counted next-token prediction
+        ("ce_sae", _F64),
+        ("ce_zero", _F64),
+        ("ce_delta", _F64),  # ce_sae - ce_clean
+        ("ce_loss_score", _F64),  # (ce_zero - ce_sae) / (ce_zero - ce_clean)
+        ("ce_loss_score_lo", _F64),  # bootstrap percentile interval over sequences
+        ("ce_loss_score_hi", _F64),
+        ("ce_ci_level", _F64),  # e.g. 0.95
+        ("kl_div_score", _F64),  # (KL_zero - KL_sae) / KL_zero
+        ("kl_sae", _F64),  # mean KL(clean || sae-spliced), nats
+        ("kl_zero", _F64),  # mean KL(clean || zero-ablated), nats
+        ("context_size", _I64),  # tokens per evaluated sequence (max, for ragged segments)
+        ("tokens_fingerprint", _STR),  # hash of the evaluated token set
+        ("seed", _I64),  # bootstrap seed
+        ("created_at", _TS),
+    ]
+)
+
+OUTLIERS = pa.schema(
+    [
+        ("model_id", _STR),
+        ("model_revision", _STR),
+        ("hook", _STR),
+        ("seq_id", _I64),
+        ("pos", _I64),
+        ("token_id", _I64),
+        ("token_text", _STR),
+        ("role", _STR),  # corpus ROLES: bos/text/user/assistant/template
+        ("norm", _F64),  # raw ||x||
+        ("scaled_norm", _F64),  # s * ||x||
+        ("scale_factor", _F64),
+        ("outlier_rule", _STR),
+        ("outlier_threshold", _F64),  # absolute threshold on the scaled norm
+        ("is_outlier_abs", _BOOL),  # scaled_norm > outlier_threshold (the seed study's rule)
+        ("k_median", _F64),
+        ("is_outlier_kmedian", _BOOL),  # scaled_norm > k_median * median(scaled_norm)
+        ("is_newline", _BOOL),  # token text contains a newline
+        ("tokens_fingerprint", _STR),
+        ("created_at", _TS),
+    ]
+)
+
+OUTLIER_SUMMARY = pa.schema(
+    [
+        ("model_id", _STR),
+        ("model_revision", _STR),
+        ("hook", _STR),
+        ("outlier_rule", _STR),  # "median+10mad", "absolute" or "3xmedian" ...
+        ("outlier_threshold", _F64),  # on the scaled norm
+        ("n_tokens", _I64),
+        ("n_outliers", _I64),
+        ("frac_outliers", _F64),
+        ("frac_bos", _F64),  # shares of the outliers (sum to 1): BOS,
+        ("frac_first10", _F64),  # other positions < 10,
+        ("frac_newline", _F64),  # newline tokens at positions >= 10,
+        ("frac_other", _F64),  # everything else
+        ("median_scaled_norm", _F64),
+        ("scale_factor", _F64),
+        ("tokens_fingerprint", _STR),
+        ("created_at", _TS),
+    ]
+)
+
+TOKEN_ERRORS = pa.schema(
+    _PROVENANCE
+    + [
+        ("seq_id", _I64),
+        ("pos", _I64),
+        ("scaled_norm", _F64),
+        ("sq_error", _F64),  # sum_d (x - x_hat)^2 in scaled units
+        ("l0", _I64),  # active features at this token
+        ("is_outlier", _BOOL),  # by the absolute threshold
+        ("tokens_fingerprint", _STR),
+        ("created_at", _TS),
+    ]
+)
+
+WEIGHT_DIFF = pa.schema(
+    [
+        ("base_model", _STR),
+        ("chat_model", _STR),
+        ("param", _STR),  # full parameter name in the checkpoint
+        ("layer", _I64),  # decoder layer index; null for embeddings, final norm, unembedding
+        ("kind", _STR),  # q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, input_layernorm, embed, unembed, ...
+        ("numel", _I64),
+        ("base_norm", _F64),  # ||W_base||_F
+        ("diff_norm", _F64),  # ||W_chat - W_base||_F
+        ("rel_diff", _F64),  # diff_norm / base_norm
+        ("created_at", _TS),
+    ]
+)
+
+POSITIONS = pa.schema(
+    _PROVENANCE
+    + [
+        ("outlier_policy", _STR),
+        ("outlier_threshold", _F64),
+        ("scale_factor", _F64),
+        ("sae_context_size", _I64),  # context the SAE was trained at (cfg metadata)
+        ("context_size", _I64),  # length of the evaluated sequences
+        ("bucket_lo", _I64),  # first position in the bucket
+        ("bucket_hi", _I64),  # last position in the bucket (inclusive)
+        ("beyond_training_context", _BOOL),  # bucket_lo >= sae_context_size
+        ("n_tokens", _I64),
+        ("l0", _F64),
+        ("mse", _F64),
+        ("explained_variance", _F64),
+        ("mean_scaled_norm", _F64),
+        ("created_at", _TS),
+    ]
+)
+
+ROLLOUTS = pa.schema(
+    [
+        ("cache_key", _STR),  # hash of model identity + prompts + max_new_tokens
+        ("model_id", _STR),
+        ("model_revision", _STR),
+        ("prompt_idx", _I64),
+        ("prompt", _STR),
+        ("completion", _STR),  # greedy continuation, special tokens stripped
+        ("max_new_tokens", _I64),
+        ("created_at", _TS),
+    ]
+)
+
+SCHEMAS: dict[str, pa.Schema] = {
+    "metrics": METRICS,
+    "outliers": OUTLIERS,
+    "outlier_summary": OUTLIER_SUMMARY,
+    "token_errors": TOKEN_ERRORS,
+    "weight_diff": WEIGHT_DIFF,
+    "positions": POSITIONS,
+    "rollouts": ROLLOUTS,
+    "runs": study_tables.RUNS,  # provenance of every pipeline run (written by the flows)
+    "checkpoints": study_tables.CHECKPOINTS,  # model checkpoints the watcher has seen / evaluated
+}
+
+
+def now_utc() -> dt.datetime:
+    """Timestamp for `created_at` columns."""
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def table_dir(results_dir: str | Path, name: str) -> Path:
+    """Folder holding the parts of table `name`."""
+    if name not in SCHEMAS:
+        raise KeyError(f"unknown table {name!r}; known: {sorted(SCHEMAS)}")
+    return Path(results_dir) / name
+
+
+def to_table(name: str, rows: Iterable[Mapping] | pa.Table) -> pa.Table:
+    """Rows (dicts; missing columns become null, `created_at` defaults to now) as a table of `name`'s schema."""
+    schema = SCHEMAS[name]
+    if isinstance(rows, pa.Table):
+        return rows.select(schema.names).cast(schema)
+    rows = list(rows)
+    stamp = now_utc()
+    columns = {
+        f.name: [r.get(f.name, stamp if f.name == "created_at" else None) for r in rows] for f in schema
+    }
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def append_rows(results_dir: str | Path, name: str, rows: Iterable[Mapping] | pa.Table) -> Path | None:
+    """Append rows to table `name` as one new part file; returns its path (None if no rows).
+
+    Temp file + rename in the same folder: atomic on POSIX, so a reader or a second writer
+    sees either the whole part or nothing.
+    """
+    table = to_table(name, rows)
+    if table.num_rows == 0:
+        return None
+    folder = table_dir(results_dir, name)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = now_utc().strftime("%Y%m%dT%H%M%S%fZ")
+    final = folder / f"part-{stamp}-{uuid.uuid4().hex}.parquet"
+    tmp = folder / f".tmp-{final.name}"
+    pq.write_table(table, tmp)
+    os.replace(tmp, final)
+    return final
+
+
+def read_table(results_dir: str | Path, name: str) -> pa.Table:
+    """All parts of table `name` as one pyarrow table (empty, with the schema, if none)."""
+    folder = table_dir(results_dir, name)
+    parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+    if not parts:
+        return SCHEMAS[name].empty_table()
+    return pads.dataset([str(p) for p in parts], schema=SCHEMAS[name], format="parquet").to_table()

@@ -1,0 +1,30 @@
+"""Task: cache a model's activations at the study's hooks (one forward pass per batch)."""
+
+from __future__ import annotations
+
+from prefect import get_run_logger, task
+
+from sae_transfer.study import CorpusSection
+from tasks._cache import CACHE_OPTIONS, run_name
+from tasks.records import ActsRecord
+
+
+@task(name="cache-activations", task_run_name=run_name("cache-activations", "model"), **CACHE_OPTIONS)
+def cache_activations(
+    model: str, hooks: list[str], corpus: CorpusSection, out_dir: str, *, revision: str | None = None,
+    act_dtype: str = "float32", model_dtype: str = "float32", device: str | None = None,
+) -> list[ActsRecord]:
+    """Cache `corpus.train_tokens` training-split tokens of every hook of `model` under `out_dir`."""
+    from sae_transfer.activations import CacheConfig, cache_activations as cache
+    from sae_transfer.corpus import CorpusConfig
+
+    cfg = CacheConfig(
+        model=model, hooks=tuple(hooks), n_tokens=corpus.train_tokens, context_size=corpus.context_size,
+        corpus=CorpusConfig(source=corpus.source, text_column=corpus.text_column, seed=corpus.seed),
+        dtype=act_dtype, model_dtype=model_dtype, prepend_bos=corpus.prepend_bos, revision=revision,
+        device=device, split="train",
+    )
+    done = cache(cfg, out_dir, progress=False)
+    for d in done:
+        get_run_logger().info("%s %s: %s (%d tokens)", model, d.hook, "reused" if d.reused else "cached", d.n_tokens)
+    return [ActsRecord(path=str(d.path), model=model, hook=d.hook, n_tokens=d.n_tokens, reused=d.reused) for d in done]

@@ -1,0 +1,49 @@
+"""Small typed records the tasks return (paths and numbers, never tensors). They are
+JSON-serialised by Prefect's result store and hashed into downstream cache keys."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class PairRecord(_Record):
+    """The model pair a study runs on."""
+
+    base: str  # base model spec (Hub id or local folder)
+    chat: str  # chat model spec
+    checkpoints: str | None  # folder of fine-tuning checkpoints, if any
+    built: bool  # True when this call built the demo pair
+
+
+class ActsRecord(_Record):
+    """One cached activation dataset."""
+
+    path: str  # dataset folder
+    model: str  # model spec the activations came from
+    hook: str
+    n_tokens: int
+    reused: bool  # True when the dataset already existed
+
+
+class SAERecord(_Record):
+    """One trained (or fine-tuned) SAE."""
+
+    path: str  # SAELens-layout folder (cfg.json + sae_weights.safetensors)
+    run_dir: str  # training run folder (checkpoints, training log, run.json)
+    model: str  # model spec whose activations it was trained on
+    hook: str
+    role: str  # "base", "chat" or "finetuned"
+    finetuned_from: str | None = None  # parent SAE folder for fine-tunes
+    tokens: int = 0  # tokens trained on
+    final_metrics: dict = {}
+
+
+class RowsRecord(_Record):
+    """Rows appended to one or more result tables."""
+
+    step: str  # DAG step that produced them
+    rows: dict[str, int]  # table name -> rows appended

@@ -1,0 +1,43 @@
+"""Tasks: train an SAE on cached activations; fine-tune an existing SAE on another model's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import get_run_logger, task
+
+from sae_transfer.study import FinetuneSection, SAESection
+from tasks._cache import CACHE_OPTIONS, run_name
+from tasks.records import ActsRecord, SAERecord
+
+
+def _record(result, acts: ActsRecord, role: str, parent: str | None = None) -> SAERecord:
+    return SAERecord(
+        path=str(result.sae_dir), run_dir=str(Path(result.sae_dir).parent), model=acts.model, hook=acts.hook,
+        role=role, finetuned_from=parent, tokens=int(result.metrics.get("tokens", 0)), final_metrics=result.metrics,
+    )
+
+
+@task(name="train-sae", task_run_name=run_name("train-sae", "role"), **CACHE_OPTIONS)
+def train_sae(acts: ActsRecord, sae: SAESection, role: str, out_dir: str, seed: int = 0) -> SAERecord:
+    """Train an SAE of the study's architecture on one activation dataset (resumes if interrupted)."""
+    from sae_transfer.training.api import train_on_dataset
+
+    result = train_on_dataset(
+        acts.path, out_dir, arch=sae.arch, expansion=sae.expansion, l1_coefficient=sae.l1_coefficient,
+        k=sae.k, lr=sae.lr, batch_size=sae.batch_size, tokens=sae.train_tokens, seed=seed,
+    )
+    get_run_logger().info("%s SAE %s: %s", role, "reused" if result.skipped else "trained", result.metrics)
+    return _record(result, acts, role)
+
+
+@task(name="finetune-sae", **CACHE_OPTIONS)
+def finetune_sae(parent: SAERecord, acts: ActsRecord, finetune: FinetuneSection, out_dir: str, seed: int = 0) -> SAERecord:
+    """Fine-tune `parent` on `acts` with the study's recipe (same LR, 5% warm-up, 20% decay)."""
+    from sae_transfer.training.api import finetune_on_dataset
+
+    result = finetune_on_dataset(
+        parent.path, acts.path, out_dir, tokens=finetune.tokens, batch_size=finetune.batch_size, seed=seed,
+    )
+    get_run_logger().info("fine-tuned SAE %s: %s", "reused" if result.skipped else "trained", result.metrics)
+    return _record(result, acts, "finetuned", parent=parent.path)

@@ -1,0 +1,72 @@
+"""The research DAG end to end on a tiny pair: tables filled, cached re-runs do no work,
+touching the chat model re-runs exactly what depends on it, the watcher never repeats."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from storage import catalog
+from tests._tiny_study import tiny_study
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, prefect_harness):
+    from flows.study import transfer_study
+
+    cfg = tiny_study(tmp_path_factory.mktemp("study"))
+    first = transfer_study(cfg)
+    return cfg, first
+
+
+def _count(cfg, sql):
+    return int(catalog.query(cfg.results_dir, sql).iloc[0, 0])
+
+
+def test_first_run_fills_every_table(study):
+    cfg, first = study
+    assert first["cached_steps"] < first["steps"]
+    # 3 SAEs x 2 models x 2 outlier policies on plain text
+    assert _count(cfg, "select count(*) from metrics where segment = 'text' and model_revision not like 'step-%'") >= 12
+    assert _count(cfg, "select count(distinct segment) from metrics where segment <> 'text'") == 3
+    for table in ("outliers", "outlier_summary", "token_errors", "weight_diff", "positions", "rollouts", "training_log", "runs"):
+        assert _count(cfg, f"select count(*) from {table}") > 0, table
+    assert _count(cfg, "select count(*) from checkpoints where status = 'evaluated'") >= 2
+    html = (cfg.results_dir / "report" / "report.html").read_text()
+    assert html.count("<table") >= 6
+
+
+def test_unchanged_rerun_is_fully_cached(study):
+    from flows.study import transfer_study
+
+    cfg, first = study
+    rows_before = _count(cfg, "select count(*) from metrics")
+    again = transfer_study(cfg)
+    assert again["cached_steps"] == again["steps"]
+    assert _count(cfg, "select count(*) from metrics") == rows_before
+    assert again["checkpoints"] == []  # the watcher remembers what it evaluated
+
+
+def test_touching_the_chat_model_reruns_only_its_dependents(study):
+    from flows.study import transfer_study
+
+    cfg, _ = study
+    weights = cfg.pair.chat + "/model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k in tensors if "mlp" in k)
+    tensors[name] = tensors[name] + 1e-3 * torch.randn_like(tensors[name])
+    save_file(tensors, weights, metadata={"format": "pt"})
+    out = transfer_study(cfg)
+    timings = catalog.query(cfg.results_dir, "select step, cached from runs where run_id = (select run_id from runs "
+                            "where step = 'total' order by created_at desc limit 1) and step <> 'total'")
+    ran = set(timings[~timings.cached].step)
+    cached = set(timings[timings.cached].step)
+    assert any("train-sae-base" in s for s in cached) and any("train-sae-chat" in s for s in ran)
+    assert any("finetune-sae" in s for s in ran)
+    assert any(s.startswith("cache-activations") and "chat" in s for s in ran)
+    assert any(s.startswith("cache-activations") and "base" in s for s in cached)
+    assert any(s.startswith("tag-outliers") and "base" in s for s in cached), (ran, cached)
+    assert out["cached_steps"] < out["steps"]
