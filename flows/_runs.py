@@ -1,10 +1,15 @@
-"""Per-step timings of a finished flow run, read back from the Prefect API."""
+"""Flow helpers: per-step timings read back from the Prefect API, CPU thread sharing."""
 
 from __future__ import annotations
 
+import os
+
+import torch
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.context import get_run_context
+
+from sae_transfer.models import default_device
 
 
 async def _task_runs(flow_run_id):
@@ -38,3 +43,10 @@ def step_timings() -> dict[str, tuple[float, bool | None]]:
 def current_run_id() -> str:
     """The id of the flow run we are in."""
     return str(get_run_context().flow_run.id)
+
+
+def share_cpu_threads(config) -> None:
+    """Tasks run concurrently in threads of one process; on CPU each gets its share of the cores
+    (torch's default of one thread per core per task oversubscribes and runs several times slower)."""
+    if (config.device or default_device()) == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))

@@ -8,6 +8,8 @@ from pathlib import Path
 from prefect import flow
 from prefect.futures import wait
 
+from flows._runs import share_cpu_threads
+
 from sae_transfer.errors import UserError
 from sae_transfer.study import StudyConfig
 from storage import tables
@@ -29,6 +31,7 @@ def evaluate_checkpoint(config: StudyConfig, checkpoint: str, step: int = -1) ->
     """Evaluate every study SAE on `checkpoint` (a local HF folder or Hub id) at every hook."""
     if not Path(checkpoint).exists() and not config.pair.checkpoints_repo:
         raise UserError(f"checkpoint {checkpoint!r} does not exist: pass a Hugging Face checkpoint folder")
+    share_cpu_threads(config)
     label = f"step-{step}" if step >= 0 else None
     futures = [evaluate_transfer.submit(paths, checkpoint, config, hook, revision_label=label)
                for hook, paths in study_saes(config).items()]

@@ -11,7 +11,7 @@ import time
 from prefect import flow
 from prefect.futures import wait
 
-from flows._runs import current_run_id, step_timings
+from flows._runs import current_run_id, share_cpu_threads, step_timings
 from flows.watch import watch_checkpoints
 from sae_transfer.study import StudyConfig
 from storage.checkpoints import write_json_atomic
@@ -33,6 +33,7 @@ def _sae_dir(layout: StudyLayout, role: str, hook: str, *key) -> str:
 def transfer_study(config: StudyConfig) -> dict:
     """Run (or re-use) every step of the study and build the report; returns where it is."""
     started = time.perf_counter()
+    share_cpu_threads(config)
     layout, results = StudyLayout(config.results_dir), str(config.results_dir)
     pair = prepare_pair(config.pair)
     opts = dict(act_dtype=config.act_dtype, model_dtype=config.dtype, device=config.device)

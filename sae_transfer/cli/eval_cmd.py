@@ -1,7 +1,203 @@
-"""Command group placeholder: filled in by its owner."""
+"""`sae-transfer evaluate | outliers | segments | weight-diff | positions`: transfer evaluation
+commands. Each appends rows to Parquet tables under the results folder (`--out`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
 
 import typer
+
+from sae_transfer.errors import UserError
+
+log = logging.getLogger(__name__)
+
+SaeOpt = typer.Option(..., "--sae", help="SAE folder (SAELens layout); repeat for several")
+ModelOpt = typer.Option(..., "--model", help="Hugging Face checkpoint folder or Hub id; repeat for several")
+HookOpt = typer.Option(..., "--hook", help="hook point, e.g. blocks.6.hook_resid_pre")
+OutOpt = typer.Option(..., "--out", help="results folder; tables go to OUT/<table>/part-*.parquet")
+TokensOpt = typer.Option(16384, "--tokens", help="held-out eval tokens per model")
+CorpusOpt = typer.Option("stdlib", "--corpus", help="corpus: 'stdlib', a local file/folder, or a Hub dataset id")
+CtxOpt = typer.Option(None, "--context-size", help="tokens per sequence (default: the SAE's training context, else 128)")
+BatchOpt = typer.Option(4096, "--batch-tokens", help="tokens per forward batch")
+ThreshOpt = typer.Option(None, "--threshold", help="absolute outlier threshold on scaled norms (default: median + 10 MAD)")
+MadOpt = typer.Option(10.0, "--mad-k", help="robust default threshold: median + k * 1.4826 * MAD")
+KMedOpt = typer.Option(3.0, "--k-median", help="second outlier rule: scaled norm > k * median")
+DeviceOpt = typer.Option(None, "--device", help="cuda, cpu, ... (default: CUDA when available)")
+DtypeOpt = typer.Option("float32", "--dtype", help="model dtype: float32, bfloat16, float16")
+SeedOpt = typer.Option(0, "--seed", help="bootstrap seed")
+
+
+def _eval_config(batch_tokens, threshold, mad_k, k_median, seed, device, n_bootstrap=1000, token_errors=True):
+    from sae_transfer.evals.api import eval_config
+
+    return eval_config(threshold=threshold, mad_k=mad_k, k_median=k_median, n_bootstrap=n_bootstrap, seed=seed,
+                       device=device, batch_tokens=batch_tokens, token_errors=token_errors)
+
+
+def _load(spec: str, device, dtype):
+    from sae_transfer.evals.api import load_eval_model
+
+    return load_eval_model(spec, device=device, dtype=dtype)
+
+
+def _plain_tokens(model, corpus: str, context_size: int, n_tokens: int):
+    from sae_transfer.evals.api import plain_tokens
+
+    return plain_tokens(model, corpus, context_size, n_tokens)
+
+
+def _context(saes, context_size: int | None) -> int:
+    from sae_transfer.evals.api import sae_context
+
+    return context_size or sae_context(saes)
+
+
+def _prepare(saes_dirs: list[str], models: list[str], hook: str):
+    from sae_transfer.evals.loading import check_pairings, load_saes
+
+    saes = load_saes(saes_dirs, hook)
+    check_pairings(models, saes, hook)
+    return saes
+
+
+def _show(rows: list[dict], columns: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(*columns)
+    for r in rows:
+        table.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in columns])
+    Console(width=max(120, 16 * len(columns))).print(table)
+
+
+def evaluate(
+    sae: list[str] = SaeOpt, model: list[str] = ModelOpt, hook: str = HookOpt, tokens: int = TokensOpt,
+    out: Path = OutOpt, corpus: str = CorpusOpt, context_size: Optional[int] = CtxOpt,
+    batch_tokens: int = BatchOpt, threshold: Optional[float] = ThreshOpt, mad_k: float = MadOpt,
+    k_median: float = KMedOpt, bootstrap: int = typer.Option(1000, "--bootstrap", help="bootstrap resamples for the CE score CI"),
+    seed: int = SeedOpt, device: Optional[str] = DeviceOpt, dtype: str = DtypeOpt,
+    token_errors: bool = typer.Option(True, "--token-errors/--no-token-errors", help="write per-token errors (MSE vs norm)"),
+) -> None:
+    """Every SAE x every model: l0, CE loss recovered (+ bootstrap CI), KL, explained variance, mse,
+    with outliers excluded and included -> OUT/metrics (and OUT/token_errors)."""
+    from sae_transfer.evals.run import transfer_records
+    from storage.tables import append_rows
+
+    saes = _prepare(sae, model, hook)
+    cfg = _eval_config(batch_tokens, threshold, mad_k, k_median, seed, device, bootstrap, token_errors)
+    ctx = _context(saes, context_size)
+    rows = []
+    for spec in model:
+        m, info = _load(spec, device, dtype)
+        rec = transfer_records(m, info, saes, _plain_tokens(m, corpus, ctx, tokens), hook, cfg)
+        append_rows(out, "metrics", rec.metrics)
+        append_rows(out, "token_errors", rec.token_errors)
+        rows += rec.metrics
+        del m
+    _show(rows, ["sae_id", "model_id", "outlier_policy", "l0", "ce_loss_score", "ce_delta", "explained_variance", "mse", "n_tokens"])
+
+
+def outliers(
+    model: list[str] = ModelOpt, hook: str = HookOpt, tokens: int = TokensOpt, out: Path = OutOpt,
+    corpus: str = CorpusOpt, context_size: int = typer.Option(128, "--context-size", help="tokens per sequence"),
+    batch_tokens: int = BatchOpt, threshold: Optional[float] = ThreshOpt, mad_k: float = MadOpt,
+    k_median: float = KMedOpt, device: Optional[str] = DeviceOpt, dtype: str = DtypeOpt,
+) -> None:
+    """Per-token norms and outlier flags -> OUT/outliers; the study's breakdown -> OUT/outlier_summary."""
+    from sae_transfer.evals.run import outlier_records
+    from storage.tables import append_rows
+
+    cfg = _eval_config(batch_tokens, threshold, mad_k, k_median, 0, device)
+    summary = []
+    for spec in model:
+        m, info = _load(spec, device, dtype)
+        per_token, rows = outlier_records(m, info, _plain_tokens(m, corpus, context_size, tokens), hook, cfg)
+        append_rows(out, "outliers", per_token)
+        append_rows(out, "outlier_summary", rows)
+        summary += rows
+    _show(summary, ["model_id", "outlier_rule", "outlier_threshold", "frac_outliers", "frac_bos", "frac_first10", "frac_newline", "frac_other"])
+
+
+def segments(
+    sae: list[str] = SaeOpt, model: str = typer.Option(..., "--model", help="the chat model (rollouts and evaluation)"),
+    hook: str = HookOpt, out: Path = OutOpt,
+    prompts: str = typer.Option("demo", "--prompts", help="JSONL of {\"prompt\": ...}, 'demo', or a Hub dataset id"),
+    max_prompts: int = typer.Option(50, "--max-prompts", help="prompts to use"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="greedy rollout length"),
+    batch_tokens: int = BatchOpt, threshold: Optional[float] = ThreshOpt, mad_k: float = MadOpt,
+    k_median: float = KMedOpt, seed: int = SeedOpt, device: Optional[str] = DeviceOpt, dtype: str = DtypeOpt,
+) -> None:
+    """Greedy chat rollouts (cached in OUT/rollouts) -> user_prompt / rollout / template masks ->
+    metrics per segment, splicing only at that segment's positions -> OUT/metrics."""
+    from sae_transfer.evals.rollouts import load_prompts
+    from sae_transfer.evals.run import chat_transcripts, segment_records
+    from storage.tables import append_rows
+
+    saes = _prepare(sae, [model], hook)
+    cfg = _eval_config(batch_tokens, threshold, mad_k, k_median, seed, device, token_errors=False)
+    prompt_list = load_prompts(prompts, max_prompts)
+    if not prompt_list:
+        raise UserError(f"instruction set {prompts!r} has no prompts: pass a JSONL with one {{\"prompt\": ...}} per line")
+    m, info = _load(model, device, dtype)
+    transcripts = chat_transcripts(m, info, prompt_list, max_new_tokens, out)
+    rows = segment_records(m, info, saes, transcripts, hook, cfg)
+    append_rows(out, "metrics", rows)
+    _show(rows, ["sae_id", "segment", "outlier_policy", "l0", "ce_loss_score", "ce_clean", "ce_sae", "explained_variance_legacy", "n_tokens"])
+
+
+def weight_diff(
+    base: str = typer.Option(..., "--base", help="base checkpoint folder (safetensors)"),
+    chat: str = typer.Option(..., "--chat", help="fine-tuned checkpoint folder (safetensors)"),
+    out: Path = OutOpt,
+) -> None:
+    """||W_chat - W_base||_F / ||W_base||_F per layer and weight matrix -> OUT/weight_diff."""
+    from sae_transfer.evals.weight_diff import weight_diff_rows
+    from storage.tables import append_rows
+
+    for spec in (base, chat):
+        if not Path(spec).expanduser().is_dir():
+            raise UserError(f"{spec!r} is not a local checkpoint folder: weight-diff reads safetensors files directly")
+    rows = weight_diff_rows(Path(base).expanduser(), Path(chat).expanduser())
+    append_rows(out, "weight_diff", rows)
+    _show(sorted(rows, key=lambda r: -r["rel_diff"])[:12], ["param", "layer", "kind", "rel_diff"])
+
+
+def positions(
+    sae: list[str] = SaeOpt, model: list[str] = ModelOpt, hook: str = HookOpt, tokens: int = TokensOpt,
+    out: Path = OutOpt, corpus: str = CorpusOpt, context_size: Optional[int] = CtxOpt,
+    multiples: str = typer.Option("1,2,4", "--multiples", help="context sizes to evaluate, as multiples of the SAE's"),
+    max_positions: Optional[int] = typer.Option(None, "--max-positions", help="longest sequence to try (default: the model config's max_position_embeddings; rotary models run past it)"),
+    batch_tokens: int = BatchOpt, threshold: Optional[float] = ThreshOpt, mad_k: float = MadOpt,
+    device: Optional[str] = DeviceOpt, dtype: str = DtypeOpt,
+) -> None:
+    """MSE / explained variance by position bucket at 1x, 2x, 4x the SAE's training context
+    (where the model allows) -> OUT/positions."""
+    from sae_transfer.evals.loading import model_shape
+    from sae_transfer.evals.positions import context_sizes
+    from sae_transfer.evals.run import position_records
+    from storage.tables import append_rows
+
+    saes = _prepare(sae, model, hook)
+    cfg = _eval_config(batch_tokens, threshold, mad_k, 3.0, 0, device)
+    ctx = _context(saes, context_size)
+    rows = []
+    for spec in model:
+        m, info = _load(spec, device, dtype)
+        limit = max_positions or model_shape(spec)[2]
+        sizes = set(context_sizes(ctx, limit, tuple(int(x) for x in multiples.split(",")))) | {ctx}
+        token_sets = {size: _plain_tokens(m, corpus, size, tokens) for size in sizes}
+        rows += position_records(m, info, saes, token_sets, hook, cfg, ctx)
+    append_rows(out, "positions", rows)
+    _show([r for r in rows if r["outlier_policy"] == "excluded"],
+          ["sae_id", "model_id", "context_size", "bucket_lo", "bucket_hi", "mse", "explained_variance", "n_tokens"])
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to `app`."""
+    app.command("evaluate")(evaluate)
+    app.command("outliers")(outliers)
+    app.command("segments")(segments)
+    app.command("weight-diff")(weight_diff)
+    app.command("positions")(positions)

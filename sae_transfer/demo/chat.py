@@ -7,6 +7,7 @@ import ast
 import io
 import logging
 import textwrap
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -17,6 +18,11 @@ from sae_transfer.demo.config import DemoPairConfig
 from sae_transfer.demo.loop import IGNORE, mean_token_loss, train_loop
 from sae_transfer.demo.tokenizer import ChatEncoding, encode_chat, special_ids
 from sae_transfer.errors import UserError
+
+# CPython 3.11's parser keeps its recursion-depth bookkeeping per interpreter, not per thread:
+# two threads calling ast.parse at once fail with "AST constructor recursion depth mismatch".
+# Pipeline tasks run in threads, so parses are serialised.
+_AST_LOCK = threading.Lock()
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +38,8 @@ class InstructionPair:
 
 def _function_pairs(doc_id: str, text: str, cfg: DemoPairConfig) -> list[InstructionPair]:
     try:
-        tree = ast.parse(text)
+        with _AST_LOCK:
+            tree = ast.parse(text)
     except (SyntaxError, ValueError):
         return []
     pairs = []

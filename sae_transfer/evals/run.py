@@ -1,0 +1,124 @@
+"""One call per analysis, returning table rows: what a CLI command or a Prefect task runs
+between loading inputs and appending rows through `storage.tables`."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from sae_transfer.evals import positions as pos_mod
+from sae_transfer.evals import records, transfer
+from sae_transfer.evals.loading import LoadedSAE, check_width
+from sae_transfer.evals.segments import SEGMENTS, segment_mask
+from sae_transfer.evals.transfer import EvalConfig, NormStats, TokenSet
+
+
+@dataclass
+class TransferRecords:
+    """Rows for the `metrics` and `token_errors` tables, and the norms they used."""
+
+    metrics: list[dict]
+    token_errors: list[dict]
+    norms: NormStats
+
+
+def checked_norms(model, saes: list[LoadedSAE], toks: TokenSet, hook: str, cfg: EvalConfig) -> NormStats:
+    """Hook name check, the norm pass, then the SAE width check (UserError on a mismatch)."""
+    from sae_transfer.models import check_hooks
+
+    check_hooks(model, [hook])
+    norms = transfer.norm_pass(model, toks, hook, cfg)
+    check_width(norms.d_in, saes, hook)
+    return norms
+
+
+def transfer_records(
+    model, model_info: dict, saes: list[LoadedSAE], toks: TokenSet, hook: str, cfg: EvalConfig,
+    norms: NormStats | None = None,
+) -> TransferRecords:
+    """Every SAE on one model and token set, both outlier policies (norm pass unless given)."""
+    norms = norms or checked_norms(model, saes, toks, hook, cfg)
+    results = transfer.evaluate_saes(model, {s.info["sae_id"]: s.sae for s in saes}, toks, hook, norms, cfg)
+    metrics, errors = [], []
+    for s in saes:
+        res = results[s.info["sae_id"]]
+        kw = dict(sae_info=s.info, model_info=model_info, hook=hook, toks=toks)
+        metrics += records.metrics_rows(res, norms=norms, cfg=cfg, **kw)
+        errors += records.token_error_rows(res, **kw)
+    return TransferRecords(metrics, errors, norms)
+
+
+def segment_records(
+    model, model_info: dict, saes: list[LoadedSAE], transcripts: TokenSet, hook: str, cfg: EvalConfig
+) -> list[dict]:
+    """Metrics rows per segment (user_prompt, rollout, template), splicing only at that
+    segment's positions; one norm pass over all transcript tokens."""
+    norms = checked_norms(model, saes, transcripts, hook, cfg)
+    rows = []
+    for seg in SEGMENTS:
+        mask = segment_mask(transcripts.roles_NS, transcripts.valid_NS, seg)
+        toks = TokenSet(transcripts.tokens_NS, transcripts.roles_NS, transcripts.valid_NS, mask, seg, transcripts.fingerprint)
+        rows += transfer_records(model, model_info, saes, toks, hook, cfg, norms).metrics
+    return rows
+
+
+def outlier_records(model, model_info: dict, toks: TokenSet, hook: str, cfg: EvalConfig) -> tuple[list[dict], list[dict]]:
+    """(per-token `outliers` rows, `outlier_summary` rows) for one model."""
+    from sae_transfer.models import check_hooks
+
+    check_hooks(model, [hook])
+    norms = transfer.norm_pass(model, toks, hook, cfg)
+    kw = dict(model_info=model_info, hook=hook, cfg=cfg)
+    return (records.outlier_rows(norms, toks, model.tokenizer, **kw),
+            records.outlier_summary_rows(norms, toks, model.tokenizer, **kw))
+
+
+def position_records(
+    model, model_info: dict, saes: list[LoadedSAE], token_sets: dict[int, TokenSet], hook: str, cfg: EvalConfig,
+    sae_context: int,
+) -> list[dict]:
+    """`positions` rows for each context size in `token_sets` (size -> sequences of that length).
+
+    Scale factor and threshold come from the sequences at the SAE's own context size."""
+    norms = checked_norms(model, saes, token_sets[sae_context], hook, cfg)
+    by_id = {s.info["sae_id"]: s for s in saes}
+    rows = []
+    for size, toks in sorted(token_sets.items()):
+        curves = pos_mod.position_curves(
+            model, {k: s.sae for k, s in by_id.items()}, toks.tokens_NS, hook, scale=norms.scale,
+            threshold=norms.threshold, batch_tokens=cfg.batch_tokens, device=cfg.device,
+        )
+        for r in curves:
+            r.update(by_id[r["sae_id"]].info, **model_info, hook=hook, sae_context_size=sae_context,
+                     beyond_training_context=r["bucket_lo"] >= sae_context)
+        rows += curves
+    return rows
+
+
+def chat_transcripts(model, model_info: dict, prompts: list[str], max_new_tokens: int, results_dir: str | Path) -> TokenSet:
+    """Greedy rollouts of the chat model (cached in the `rollouts` table under `results_dir`,
+    keyed by model identity + prompts + max_new_tokens) as right-padded transcripts with roles."""
+    from sae_transfer.evals import rollouts
+    from sae_transfer.evals.segments import pad_transcripts, transcript_roles
+    from storage.tables import append_rows, read_table
+
+    key = rollouts.rollout_cache_key(model_info, prompts, max_new_tokens)
+    cached = read_table(results_dir, "rollouts").to_pandas()
+    cached = cached[cached["cache_key"] == key].drop_duplicates("prompt_idx").sort_values("prompt_idx")
+    if len(cached) == len(prompts):
+        replies = cached["completion"].tolist()
+    else:
+        replies = rollouts.greedy_rollouts(model, prompts, max_new_tokens)
+        append_rows(results_dir, "rollouts", [
+            {"cache_key": key, **model_info, "prompt_idx": i, "prompt": p, "completion": c, "max_new_tokens": max_new_tokens}
+            for i, (p, c) in enumerate(zip(prompts, replies))
+        ])
+    tok = model.tokenizer
+    transcripts = [transcript_roles(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": c}])
+                   for p, c in zip(prompts, replies)]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    tokens_NS, roles_NS, valid_NS = pad_transcripts(transcripts, pad, max_len=getattr(model.cfg, "n_ctx", None))
+    fingerprint = hashlib.sha256(tokens_NS.numpy().tobytes()).hexdigest()[:16]
+    return TokenSet(tokens_NS, roles_NS, valid_NS, valid_NS.clone(), "all", fingerprint)
+

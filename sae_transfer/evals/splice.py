@@ -1,0 +1,110 @@
+"""Forward passes for CE/KL evaluation: clean (caching the hook), hook zeroed, SAE spliced in
+at masked positions only (positions outside the mask keep their own activation).
+
+For `blocks.L.hook_resid_pre` (L >= 1) the patched passes resume from the residual stream at
+block L (`start_at_layer`) instead of recomputing blocks 0..L-1, whose output the clean pass
+already gave: identical logits, and a mid-layer evaluation costs about two forward passes
+instead of three. Other hooks run the whole model with a hook.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable
+
+import torch
+
+_RESID_PRE = re.compile(r"^blocks\.(\d+)\.hook_resid_pre$")
+
+
+def resume_layer(hook: str) -> int | None:
+    """Block a patched pass can start at for this hook, or None (run the whole model)."""
+    m = _RESID_PRE.match(hook)
+    return int(m.group(1)) if m and int(m.group(1)) >= 1 else None
+
+
+class _StopForward(Exception):
+    """Raised inside a hook to end a forward pass once the hooked activation is captured."""
+
+
+def hook_activations(model, tokens_BS: torch.Tensor, hook: str) -> torch.Tensor:
+    """The hook's activations [B, S, D] in the model's dtype; the pass stops at the hook."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(act, hook=None):
+        captured["x"] = act.detach()
+        raise _StopForward
+
+    try:
+        model.run_with_hooks(tokens_BS, return_type=None, fwd_hooks=[(hook, grab)])
+    except _StopForward:
+        pass
+    return captured["x"]
+
+
+def clean_pass(model, tokens_BS: torch.Tensor, hook: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One unhooked forward: (activations at `hook` [B, S, D], logits [B, S, V])."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab(act, hook=None):
+        captured["x"] = act.detach()
+        return act
+
+    logits_BSV = model.run_with_hooks(tokens_BS, return_type="logits", fwd_hooks=[(hook, grab)])
+    return captured["x"], logits_BSV
+
+
+def patched_logits(
+    model, tokens_BS: torch.Tensor, hook: str, patch: Callable[[torch.Tensor], torch.Tensor],
+    clean_x_BSD: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits [B, S, V] with the hook's activation replaced by `patch(act_BSD)`.
+
+    With `clean_x_BSD` (the clean activation at `hook`) and a resumable hook, the pass starts
+    at the hook's block from `patch(clean_x_BSD)`.
+    """
+    layer = resume_layer(hook)
+    if layer is not None and clean_x_BSD is not None:
+        return model(patch(clean_x_BSD), start_at_layer=layer, return_type="logits")
+    return model.run_with_hooks(tokens_BS, return_type="logits", fwd_hooks=[(hook, lambda act, hook=None: patch(act))])
+
+
+def zero_logits(model, tokens_BS: torch.Tensor, hook: str, clean_x_BSD: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits with the hook's output set to zero at every position (zero-ablation baseline)."""
+    return patched_logits(model, tokens_BS, hook, torch.zeros_like, clean_x_BSD)
+
+
+def spliced_logits(
+    model, tokens_BS: torch.Tensor, hook: str, x_hat_BSD: torch.Tensor, mask_BS: torch.Tensor,
+    clean_x_BSD: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits with x_hat spliced in where mask_BS is true; other positions keep their activation."""
+    def splice(act_BSD: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask_BS[..., None], x_hat_BSD.to(act_BSD.dtype), act_BSD)
+
+    return patched_logits(model, tokens_BS, hook, splice, clean_x_BSD)
+
+
+def next_token_logprobs(logits_BSV: torch.Tensor) -> torch.Tensor:
+    """log-softmax in float32 [B, S, V]."""
+    return torch.log_softmax(logits_BSV.float(), dim=-1)
+
+
+def next_token_loss(logp_BSV: torch.Tensor, tokens_BS: torch.Tensor) -> torch.Tensor:
+    """Per-position loss [B, S] (nats) of predicting token s+1 at position s; the last position is 0."""
+    loss_BS = torch.zeros(tokens_BS.shape, dtype=torch.float32, device=logp_BSV.device)
+    targets = tokens_BS[:, 1:].unsqueeze(-1)
+    loss_BS[:, :-1] = -logp_BSV[:, :-1].gather(-1, targets).squeeze(-1)
+    return loss_BS
+
+
+def kl_per_token(logp_clean_BSV: torch.Tensor, logp_patched_BSV: torch.Tensor) -> torch.Tensor:
+    """KL(clean || patched) per position [B, S], nats."""
+    return (logp_clean_BSV.exp() * (logp_clean_BSV - logp_patched_BSV)).sum(-1)
+
+
+def loss_mask(counted_BS: torch.Tensor, valid_BS: torch.Tensor) -> torch.Tensor:
+    """Positions whose next-token loss counts: counted, and the next position is a real token."""
+    mask_BS = torch.zeros_like(counted_BS)
+    mask_BS[:, :-1] = counted_BS[:, :-1] & valid_BS[:, 1:]
+    return mask_BS

@@ -1,0 +1,222 @@
+"""Evaluate SAEs on one model: reconstruction and CE/KL metrics with outliers excluded and
+included, from as few forward passes as possible.
+
+Per model and token set: one hook-only pass for norms (scale factor, outlier flags), then per
+batch one clean pass, one zero-ablated pass (shared by every SAE), and one spliced pass per
+(SAE, outlier policy); patched passes at resid_pre hooks resume at the hook's block (see
+`splice`). Returns records; nothing here touches the disk.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from sae_transfer.corpus import ROLE_CODE
+from sae_transfer.evals import splice
+from sae_transfer.evals.bootstrap import ce_score_ci
+from sae_transfer.evals.metrics import ReconAccumulator, ReconMetrics, scale_factor
+from sae_transfer.evals.outliers import OutlierRule, choose_threshold
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("excluded", "included")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How a transfer evaluation runs."""
+
+    batch_tokens: int = 4096  # tokens per forward batch; logits of this many tokens are held 3x in float32
+    outliers: OutlierRule = field(default_factory=OutlierRule)  # threshold rule on scaled norms
+    n_bootstrap: int = 1000  # resamples of sequences for the ce_loss_score interval
+    ci_level: float = 0.95  # percentile interval level
+    seed: int = 0  # bootstrap generator seed
+    keep_token_errors: bool = True  # return per-token (scaled norm, squared error) for the MSE-vs-norm plot
+    device: str | None = None  # None: the model's device
+    policies: tuple[str, ...] = POLICIES  # outlier policies to report; each costs one spliced pass per SAE
+
+
+@dataclass
+class TokenSet:
+    """Sequences to evaluate and which positions count."""
+
+    tokens_NS: torch.Tensor  # int64 token ids, right-padded
+    roles_NS: torch.Tensor  # uint8 corpus ROLES codes
+    valid_NS: torch.Tensor  # bool: a real token (False on padding)
+    counted_NS: torch.Tensor  # bool: positions of the evaluated segment (splice + metrics here only)
+    segment: str = "text"  # "text", "user_prompt", "rollout" or "template"
+    fingerprint: str = ""  # hash identifying the token set
+
+    @classmethod
+    def plain(cls, tokens_NS: torch.Tensor, roles_NS: torch.Tensor, fingerprint: str = "") -> "TokenSet":
+        """Every position of fixed-length corpus sequences counts."""
+        ones = torch.ones_like(tokens_NS, dtype=torch.bool)
+        return cls(tokens_NS, roles_NS, ones, ones.clone(), "text", fingerprint)
+
+
+@dataclass
+class NormStats:
+    """Per-token activation norms of one model on one token set, and what follows from them."""
+
+    norms_NS: torch.Tensor  # raw ||x|| (float32, cpu; 0 on padding)
+    scale: float  # s = sqrt(d_model) / E||x|| over valid tokens
+    rule: str  # how the threshold was chosen
+    threshold: float  # absolute threshold on scaled norms
+    outlier_NS: torch.Tensor  # bool: scaled norm > threshold (valid tokens only)
+    median_scaled: float  # median scaled norm over valid tokens
+    d_in: int  # width of the hooked activation
+
+
+@dataclass
+class PolicyResult:
+    """Metrics of one (SAE, model, outlier policy)."""
+
+    recon: ReconMetrics
+    ce_clean: float
+    ce_sae: float
+    ce_zero: float
+    ce_ci: tuple[float, float]
+    kl_sae: float
+    kl_zero: float
+    n_sequences: int
+
+
+@dataclass
+class PairResult:
+    """Everything measured for one (SAE, model) on one token set."""
+
+    policies: dict[str, PolicyResult]
+    token_errors: dict[str, torch.Tensor] | None  # seq_id, pos, scaled_norm, sq_error, l0, is_outlier (counted tokens)
+
+
+def _batches(n_seqs: int, seq_len: int, batch_tokens: int):
+    step = max(1, batch_tokens // max(seq_len, 1))
+    for start in range(0, n_seqs, step):
+        yield slice(start, min(start + step, n_seqs))
+
+
+def _device(model, cfg: EvalConfig) -> torch.device:
+    return torch.device(cfg.device) if cfg.device else next(model.parameters()).device
+
+
+@torch.inference_mode()
+def norm_pass(model, toks: TokenSet, hook: str, cfg: EvalConfig, scale: float | None = None) -> NormStats:
+    """Per-token norms from hook-only passes; scale factor (unless given), threshold and flags."""
+    device = _device(model, cfg)
+    norms = torch.zeros(toks.tokens_NS.shape, dtype=torch.float32)
+    d_in = 0
+    for sl in _batches(*toks.tokens_NS.shape, cfg.batch_tokens):
+        x_BSD = splice.hook_activations(model, toks.tokens_NS[sl].to(device), hook)
+        norms[sl] = x_BSD.float().norm(dim=-1).cpu()
+        d_in = x_BSD.shape[-1]
+    valid = toks.valid_NS
+    s = scale if scale is not None else scale_factor(norms[valid], d_in)
+    scaled = norms * s
+    rule, threshold = choose_threshold(scaled[valid], cfg.outliers)
+    return NormStats(norms, s, rule, threshold, (scaled > threshold) & valid, float(scaled[valid].median()), d_in)
+
+
+class _Sums:
+    """Per-sequence sums for one (SAE, policy)."""
+
+    def __init__(self, d_in: int):
+        self.recon = ReconAccumulator(d_in)
+        self.parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("clean", "sae", "zero", "kl_sae", "kl_zero", "n")}
+
+    def add(self, mask_BS: torch.Tensor, **per_token_BS: torch.Tensor) -> None:
+        m = mask_BS.float()
+        for name, value_BS in per_token_BS.items():
+            self.parts[name].append((value_BS.float() * m).sum(1).double().cpu())
+        self.parts["n"].append(m.sum(1).double().cpu())
+
+    def result(self, scale: float, cfg: EvalConfig) -> PolicyResult:
+        cat = {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.float64) for k, v in self.parts.items()}
+        n = float(cat["n"].sum()) or float("nan")
+        keep = cat["n"] > 0
+        ci = ce_score_ci(
+            cat["clean"][keep], cat["sae"][keep], cat["zero"][keep],
+            n_resamples=cfg.n_bootstrap, level=cfg.ci_level, seed=cfg.seed,
+        )
+        mean = {k: float(cat[k].sum()) / n for k in ("clean", "sae", "zero", "kl_sae", "kl_zero")}
+        return PolicyResult(
+            self.recon.result(scale), mean["clean"], mean["sae"], mean["zero"], ci,
+            mean["kl_sae"], mean["kl_zero"], int(keep.sum()),
+        )
+
+
+def apply_sae(sae, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_hat [B, S, D] in the SAE's dtype, active features per token [B, S]) from raw activations."""
+    dtype = sae.W_enc.dtype
+    feats = sae.encode(x_BSD.to(dtype))
+    return sae.decode(feats), (feats != 0).sum(-1)
+
+
+@torch.inference_mode()
+def evaluate_saes(model, saes: dict, toks: TokenSet, hook: str, norms: NormStats, cfg: EvalConfig) -> dict[str, PairResult]:
+    """Metrics of every SAE in `saes` (id -> SAE) on `model`, both outlier policies.
+
+    CE numbers are nats per counted next-token prediction; mse in scaled units (see package doc).
+    """
+    device = _device(model, cfg)
+    for sae in saes.values():
+        sae.to(device)
+    sums = {(sid, p): _Sums(norms.d_in) for sid in saes for p in cfg.policies}
+    errors: dict[str, list[dict]] = {sid: [] for sid in saes}
+    for sl in _batches(*toks.tokens_NS.shape, cfg.batch_tokens):
+        tok_BS = toks.tokens_NS[sl].to(device)
+        valid_BS = toks.valid_NS[sl].to(device)
+        counted_BS = toks.counted_NS[sl].to(device) & valid_BS
+        outlier_BS = norms.outlier_NS[sl].to(device)
+        masks = {"excluded": counted_BS & ~outlier_BS, "included": counted_BS}
+        masks = {p: masks[p] for p in cfg.policies}
+        x_BSD, logits = splice.clean_pass(model, tok_BS, hook)
+        logp_clean = splice.next_token_logprobs(logits)
+        del logits
+        p_clean = logp_clean.exp()
+        neg_entropy_BS = (p_clean * logp_clean).sum(-1)
+        loss_clean = splice.next_token_loss(logp_clean, tok_BS)
+        logp = splice.next_token_logprobs(splice.zero_logits(model, tok_BS, hook, x_BSD))
+        loss_zero = splice.next_token_loss(logp, tok_BS)
+        kl_zero = neg_entropy_BS - (p_clean * logp).sum(-1)
+        for sid, sae in saes.items():
+            x_hat_BSD, l0_BS = apply_sae(sae, x_BSD)
+            for policy, mask_BS in masks.items():
+                acc = sums[(sid, policy)]
+                acc.recon.add(x_BSD[mask_BS], x_hat_BSD[mask_BS], l0_BS[mask_BS])
+                logp = splice.next_token_logprobs(splice.spliced_logits(model, tok_BS, hook, x_hat_BSD, mask_BS, x_BSD))
+                acc.add(
+                    splice.loss_mask(mask_BS, valid_BS), clean=loss_clean, zero=loss_zero,
+                    sae=splice.next_token_loss(logp, tok_BS), kl_zero=kl_zero,
+                    kl_sae=neg_entropy_BS - (p_clean * logp).sum(-1),
+                )
+            if cfg.keep_token_errors:
+                errors[sid].append(_token_errors(sl, x_BSD, x_hat_BSD, l0_BS, counted_BS, outlier_BS, norms))
+    return {
+        sid: PairResult(
+            {p: sums[(sid, p)].result(norms.scale, cfg) for p in cfg.policies},
+            {k: torch.cat([e[k] for e in errors[sid]]) for k in errors[sid][0]} if errors[sid] else None,
+        )
+        for sid in saes
+    }
+
+
+def _token_errors(sl: slice, x_BSD, x_hat_BSD, l0_BS, counted_BS, outlier_BS, norms: NormStats) -> dict[str, torch.Tensor]:
+    """Per counted token: seq_id, pos, scaled norm, squared error (scaled units), l0, outlier flag."""
+    seq_B = torch.arange(sl.start, sl.stop)
+    seq_BS = seq_B[:, None].expand(counted_BS.shape)
+    pos_BS = torch.arange(counted_BS.shape[1])[None, :].expand(counted_BS.shape)
+    m = counted_BS.cpu()
+    sq_err_BS = (x_BSD.float() - x_hat_BSD.float()).pow(2).sum(-1).cpu() * norms.scale**2
+    return {
+        "seq_id": seq_BS[m], "pos": pos_BS[m],
+        "scaled_norm": norms.norms_NS[sl][m] * norms.scale, "sq_error": sq_err_BS[m],
+        "l0": l0_BS.cpu()[m], "is_outlier": outlier_BS.cpu()[m],
+    }
+
+
+def is_bos_mask(toks: TokenSet) -> torch.Tensor:
+    """True at BOS positions (by role code)."""
+    return toks.roles_NS == ROLE_CODE["bos"]

@@ -1,0 +1,101 @@
+"""CE/KL splicing on a tiny bias-free Llama: exact answers for the lossless SAE, zero ablation
+and position masks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests._tiny import tiny_model_dir
+from sae_transfer.evals import splice
+from sae_transfer.evals.outliers import OutlierRule
+from sae_transfer.evals.transfer import EvalConfig, TokenSet, evaluate_saes, norm_pass
+from sae_transfer.models import load_model
+from sae_transfer.sae import ReluSAE, SAEConfig
+from tests.test_evals_metrics import lossless_sae
+
+HOOK = "blocks.1.hook_resid_pre"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return load_model(str(tiny_model_dir(tmp_path_factory.mktemp("m"))), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def toks(model):
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, model.cfg.d_vocab, (6, 24), generator=g)
+    tokens[:, 0] = model.tokenizer.bos_token_id
+    roles = torch.ones_like(tokens, dtype=torch.uint8)
+    roles[:, 0] = 0
+    return TokenSet.plain(tokens, roles, "test")
+
+
+@pytest.mark.parametrize("hook", ["blocks.0.hook_resid_pre", HOOK])
+def test_zeroed_residual_gives_uniform_logits(model, toks, hook):
+    # Llama has no biases and RMSNorm(0) = 0: a zero residual stays zero through every block and
+    # the final norm, so the logits are all 0 and the loss is exactly ln(vocab) at any layer.
+    with torch.inference_mode():
+        logits = splice.zero_logits(model, toks.tokens_NS, hook)
+    assert float(logits.abs().max()) == 0.0
+    loss = splice.next_token_loss(splice.next_token_logprobs(logits), toks.tokens_NS)[:, :-1]
+    assert float(loss.mean()) == pytest.approx(math.log(model.cfg.d_vocab), abs=1e-5)
+
+
+def test_lossless_sae_recovers_all_loss(model, toks):
+    cfg = EvalConfig(batch_tokens=48, n_bootstrap=200)
+    norms = norm_pass(model, toks, HOOK, cfg)
+    res = evaluate_saes(model, {"lossless": lossless_sae(model.cfg.d_model)}, toks, HOOK, norms, cfg)["lossless"]
+    with torch.inference_mode():
+        x = splice.hook_activations(model, toks.tokens_NS, HOOK)
+    for policy, r in res.policies.items():
+        assert r.ce_sae == r.ce_clean and r.kl_sae == pytest.approx(0.0, abs=1e-7)
+        assert (r.ce_zero - r.ce_sae) / (r.ce_zero - r.ce_clean) == 1.0
+        assert r.ce_ci == (1.0, 1.0)
+        assert r.ce_zero == pytest.approx(math.log(model.cfg.d_vocab), abs=1e-5)
+        assert r.recon.mse == 0.0 and r.recon.explained_variance == 1.0 and r.recon.explained_variance_legacy == 1.0
+    assert res.policies["included"].recon.l0 == pytest.approx(float((x != 0).sum(-1).float().mean()))
+    assert res.policies["included"].recon.n_tokens == toks.tokens_NS.numel()
+
+
+def test_excluded_positions_keep_their_activation(model, toks):
+    zero_sae = ReluSAE(SAEConfig("standard", model.cfg.d_model, 4))  # x_hat = 0 everywhere
+    with torch.inference_mode():
+        _, clean = splice.clean_pass(model, toks.tokens_NS, HOOK)
+        x_hat = zero_sae(splice.hook_activations(model, toks.tokens_NS, HOOK))
+        none = torch.zeros(toks.tokens_NS.shape, dtype=torch.bool)
+        assert torch.equal(splice.spliced_logits(model, toks.tokens_NS, HOOK, x_hat, none), clean)
+        last = none.clone()
+        last[:, -1] = True
+        patched = splice.spliced_logits(model, toks.tokens_NS, HOOK, x_hat, last)
+    assert torch.allclose(patched[:, :-1], clean[:, :-1], atol=1e-6)  # causal: earlier positions untouched
+    assert not torch.allclose(patched[:, -1], clean[:, -1])
+
+
+def test_outlier_policy_changes_counted_tokens(model, toks):
+    cfg = EvalConfig(batch_tokens=1000, outliers=OutlierRule(threshold=0.0), n_bootstrap=50)  # every token an outlier
+    norms = norm_pass(model, toks, HOOK, cfg)
+    assert bool(norms.outlier_NS.all()) and norms.rule == "absolute"
+    assert norms.scale * float(norms.norms_NS.mean()) == pytest.approx(math.sqrt(model.cfg.d_model), rel=1e-5)
+    sae = ReluSAE(SAEConfig("standard", model.cfg.d_model, 4))
+    res = evaluate_saes(model, {"z": sae}, toks, HOOK, norms, cfg)["z"]
+    assert res.policies["excluded"].recon.n_tokens == 0
+    assert res.policies["included"].recon.n_tokens == toks.tokens_NS.numel()
+    assert res.token_errors["is_outlier"].all() and len(res.token_errors["seq_id"]) == toks.tokens_NS.numel()
+
+
+def test_resumed_patched_pass_matches_hooked_pass(model, toks):
+    assert splice.resume_layer(HOOK) == 1 and splice.resume_layer("blocks.0.hook_resid_pre") is None
+    assert splice.resume_layer("blocks.1.hook_resid_post") is None
+    g = torch.Generator().manual_seed(2)
+    mask = torch.rand(toks.tokens_NS.shape, generator=g) > 0.5
+    with torch.inference_mode():
+        x = splice.hook_activations(model, toks.tokens_NS, HOOK)
+        x_hat = x + torch.randn(x.shape, generator=g)
+        hooked = splice.spliced_logits(model, toks.tokens_NS, HOOK, x_hat, mask)
+        resumed = splice.spliced_logits(model, toks.tokens_NS, HOOK, x_hat, mask, clean_x_BSD=x)
+        assert torch.allclose(hooked, resumed, atol=1e-5)
+        assert torch.equal(splice.zero_logits(model, toks.tokens_NS, HOOK, x), splice.zero_logits(model, toks.tokens_NS, HOOK))
