@@ -26,7 +26,7 @@ demo: setup
 	$(BIN)/sae-transfer demo
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 bench: setup
 	$(BIN)/python bench/bench_cache.py

@@ -40,7 +40,7 @@ class CorpusSection(_Section):
     text_column: str = "text"  # text column of .jsonl/.parquet/Hub sources
     context_size: int = Field(128, ge=2)  # tokens per sequence, BOS included
     prepend_bos: bool = True  # prepend BOS to every sequence (the study did)
-    train_tokens: int = Field(400_000, gt=0)  # activations cached per model for SAE training
+    train_tokens: int = Field(600_000, gt=0)  # activations cached per model for SAE training
     seed: int = 0  # document train/eval split
 
 
@@ -51,16 +51,16 @@ class SAESection(_Section):
     expansion: int = Field(16, ge=1)  # d_sae = expansion x d_model
     l1_coefficient: float = Field(5.0, ge=0)  # sparsity penalty (relu)
     k: int = Field(32, ge=1)  # active features (topk/batchtopk)
-    lr: float = Field(5e-4, gt=0)  # Adam learning rate, also used for fine-tuning (the study's recipe)
+    lr: float = Field(4e-4, gt=0)  # Adam learning rate, also used for fine-tuning (the study's recipe)
     batch_size: int = Field(4096, ge=1)  # tokens per step in pre-training
-    train_tokens: int = Field(400_000, gt=0)  # pre-training token budget per SAE
+    train_tokens: int = Field(1_200_000, gt=0)  # pre-training token budget per SAE (epochs over the cache if larger)
 
 
 class FinetuneSection(_Section):
     """Fine-tuning the base SAE on chat activations (the study: 5M tokens, batch 256)."""
 
     enabled: bool = True  # train the fine-tuned base SAE
-    tokens: int = Field(50_000, gt=0)  # fine-tuning token budget
+    tokens: int = Field(100_000, gt=0)  # fine-tuning token budget (1/12 of pre-training; the study: 5M of 800M)
     batch_size: int = Field(256, ge=1)  # the study's fine-tuning batch size
 
 
@@ -74,7 +74,7 @@ class OutlierSection(_Section):
 class EvalSection(_Section):
     """Held-out evaluation budget."""
 
-    tokens: int = Field(32_768, gt=0)  # eval tokens per (SAE, model) pair (the study used ~100k)
+    tokens: int = Field(16_384, gt=0)  # eval tokens per (SAE, model) pair (the study used ~100k)
     bootstrap: int = Field(1000, ge=0)  # bootstrap resamples for the CE-loss-recovered interval
     position_multiples: list[int] = [1, 2, 4]  # context multiples for position curves
 

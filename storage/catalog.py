@@ -32,10 +32,20 @@ def _table_sources() -> dict[str, tuple[str, pa.Schema | None]]:
 
 
 # Models are named by Hub id or local folder; SAE metadata may keep only the folder's name.
-# Report queries compare models by their last path component through this macro.
+# Report queries compare models by their last path component, and label SAEs and models
+# base / chat / fine-tuned base, through these macros.
 _MACROS = """
 CREATE OR REPLACE MACRO model_name(m) AS regexp_extract(rtrim(m, '/'), '[^/]+$');
 CREATE OR REPLACE MACRO same_model(a, b) AS model_name(a) = model_name(b);
+CREATE OR REPLACE MACRO sae_label(sae_model, finetuned_from, base, chat) AS CASE
+    WHEN finetuned_from IS NOT NULL THEN 'fine-tuned base'
+    WHEN same_model(sae_model, base) THEN 'base'
+    WHEN same_model(sae_model, chat) THEN 'chat'
+    ELSE sae_model END;
+CREATE OR REPLACE MACRO model_label(model_id, base, chat) AS CASE
+    WHEN same_model(model_id, base) THEN 'base'
+    WHEN same_model(model_id, chat) THEN 'chat'
+    ELSE model_id END;
 """
 
 

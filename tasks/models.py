@@ -23,7 +23,7 @@ def prepare_pair(pair: PairConfig) -> PairRecord:
         paths = demo_paths(out)
         if Path(pair.base) != paths.base or Path(pair.chat) != paths.chat:
             raise UserError(f"pair.build_demo is set but base/chat are not {paths.base} and {paths.chat}: set build_demo: false")
-        report = build_demo_pair(out, PRESETS[pair.demo_preset], progress=False)
+        report = build_demo_pair(out, PRESETS[pair.demo_preset], progress=True)
         built = not report.skipped
         get_run_logger().info("demo pair %s (%s)", out, "built" if built else "already built")
     return PairRecord(base=pair.base, chat=pair.chat, checkpoints=pair.checkpoints, built=built)

@@ -70,3 +70,23 @@ def test_touching_the_chat_model_reruns_only_its_dependents(study):
     assert any(s.startswith("cache-activations") and "base" in s for s in cached)
     assert any(s.startswith("tag-outliers") and "base" in s for s in cached), (ran, cached)
     assert out["cached_steps"] < out["steps"]
+
+
+def test_watcher_evaluates_a_new_checkpoint_exactly_once(study):
+    import shutil
+
+    from flows.watch import watch_checkpoints
+
+    cfg, _ = study
+    checkpoints = sorted(p for p in __import__("pathlib").Path(cfg.pair.checkpoints).iterdir())
+    new = checkpoints[0].parent / "step-999999"
+    shutil.copytree(checkpoints[0], new)
+    tensors = load_file(new / "model.safetensors")
+    name = next(k for k in tensors if "mlp" in k)
+    tensors[name] = tensors[name] * 1.01  # different content: a genuinely new checkpoint
+    save_file(tensors, new / "model.safetensors", metadata={"format": "pt"})
+    first = watch_checkpoints(cfg, build=False)
+    assert first["evaluated"] == [str(new)]
+    assert watch_checkpoints(cfg, build=False)["evaluated"] == []
+    rows = _count(cfg, "select count(*) from metrics where model_revision = 'step-999999'")
+    assert rows == 6  # 3 SAEs x 2 outlier policies, once

@@ -10,7 +10,7 @@ rows as (
     select
         m.hook,
         m.outlier_policy,
-        case when m.sae_finetuned_from is not null then 'fine-tuned base' when same_model(m.sae_model, ?1) then 'base' when same_model(m.sae_model, ?2) then 'chat' else m.sae_model end as sae,
+        sae_label(m.sae_model, m.sae_finetuned_from, ?1, ?2) as sae,
         coalesce(e.step, case when same_model(m.model_id, ?1) then 0 end) as step,
         m.ce_loss_score,
         m.explained_variance,

@@ -16,11 +16,7 @@ trained as (
 
 select
     m.hook,
-    case
-        when m.sae_finetuned_from is not null then 'fine-tuned base'
-        when same_model(m.sae_model, ?1) then 'base'
-        else 'chat'
-    end as sae,
+    sae_label(m.sae_model, m.sae_finetuned_from, ?1, ?2) as sae,
     t.train_tokens,
     round(m.l0, 1) as l0,
     round(100 * m.ce_loss_score, 2) as ce_loss_rec_pct,

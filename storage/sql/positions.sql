@@ -11,8 +11,8 @@ with latest as (
 
 select
     hook,
-    case when sae_finetuned_from is not null then 'fine-tuned base' when same_model(sae_model, ?1) then 'base' when same_model(sae_model, ?2) then 'chat' else sae_model end as sae,
-    case when same_model(model_id, ?1) then 'base' when same_model(model_id, ?2) then 'chat' else model_id end as model,
+    sae_label(sae_model, sae_finetuned_from, ?1, ?2) as sae,
+    model_label(model_id, ?1, ?2) as model,
     context_size,
     sae_context_size,
     bucket_lo,

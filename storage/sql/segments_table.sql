@@ -3,12 +3,7 @@
 with labelled as (
     select
         *,
-        case
-            when sae_finetuned_from is not null then 'fine-tuned base'
-            when same_model(sae_model, ?1) then 'base'
-            when same_model(sae_model, ?2) then 'chat'
-            else sae_model
-        end as sae_label
+        sae_label(sae_model, sae_finetuned_from, ?1, ?2) as sae_label
     from metrics
     where segment <> 'text'
 ),

@@ -3,13 +3,8 @@
 with labelled as (
     select
         *,
-        case
-            when sae_finetuned_from is not null then 'fine-tuned base'
-            when same_model(sae_model, ?1) then 'base'
-            when same_model(sae_model, ?2) then 'chat'
-            else sae_model
-        end as sae_label,
-        case when same_model(model_id, ?1) then 'base' when same_model(model_id, ?2) then 'chat' else model_id end as model_label
+        sae_label(sae_model, sae_finetuned_from, ?1, ?2) as sae_label,
+        model_label(model_id, ?1, ?2) as model_label
     from metrics
     where segment = 'text'
 ),
