@@ -99,3 +99,23 @@ def test_resumed_patched_pass_matches_hooked_pass(model, toks):
         resumed = splice.spliced_logits(model, toks.tokens_NS, HOOK, x_hat, mask, clean_x_BSD=x)
         assert torch.allclose(hooked, resumed, atol=1e-5)
         assert torch.equal(splice.zero_logits(model, toks.tokens_NS, HOOK, x), splice.zero_logits(model, toks.tokens_NS, HOOK))
+
+
+
+def test_logit_stats_equal_the_log_softmax_path():
+    import torch
+
+    from sae_transfer.evals import splice
+
+    gen = torch.Generator().manual_seed(0)
+    clean_BSV = torch.randn(2, 5, 11, generator=gen)
+    patched_BSV = clean_BSV + 0.5 * torch.randn(2, 5, 11, generator=gen)
+    tokens_BS = torch.randint(0, 11, (2, 5), generator=gen)
+    logp_clean = splice.next_token_logprobs(clean_BSV)
+    p_clean = logp_clean.exp()
+    clean = splice.logit_stats(clean_BSV, tokens_BS, p_clean)
+    patched = splice.logit_stats(patched_BSV, tokens_BS, p_clean)
+    logp = splice.next_token_logprobs(patched_BSV)
+    torch.testing.assert_close(patched.loss_BS, splice.next_token_loss(logp, tokens_BS))
+    torch.testing.assert_close(patched.kl_from(clean), splice.kl_per_token(logp_clean, logp))
+    assert torch.equal(clean.kl_from(clean), torch.zeros(2, 5))

@@ -9,6 +9,8 @@ instead of three. Other hooks run the whole model with a hook.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import re
 from typing import Callable
 
@@ -96,6 +98,33 @@ def next_token_loss(logp_BSV: torch.Tensor, tokens_BS: torch.Tensor) -> torch.Te
     targets = tokens_BS[:, 1:].unsqueeze(-1)
     loss_BS[:, :-1] = -logp_BSV[:, :-1].gather(-1, targets).squeeze(-1)
     return loss_BS
+
+
+@dataclass
+class LogitStats:
+    """What the CE and KL metrics need from one pass's logits, per position [B, S]."""
+
+    loss_BS: torch.Tensor  # next-token loss, nats (0 at the last position)
+    lse_BS: torch.Tensor  # logsumexp of the logits
+    dot_BS: torch.Tensor  # sum_v p_clean(v) * logit(v)
+
+    def kl_from(self, clean: "LogitStats") -> torch.Tensor:
+        """KL(clean || this pass) per position, nats.
+
+        KL = sum p_c (log p_c - log p) = (dot_c - dot) + (lse - lse_c), since sum p_c = 1; a pass
+        with the clean logits gives exactly 0, and no [B, S, V] log-probabilities are built.
+        """
+        return (clean.dot_BS - self.dot_BS) + (self.lse_BS - clean.lse_BS)
+
+
+def logit_stats(logits_BSV: torch.Tensor, tokens_BS: torch.Tensor, p_clean_BSV: torch.Tensor) -> LogitStats:
+    """Loss, logsumexp and the p_clean-weighted logit sum of one pass (float32)."""
+    logits_BSV = logits_BSV.float()
+    lse_BS = torch.logsumexp(logits_BSV, dim=-1)
+    loss_BS = torch.zeros(tokens_BS.shape, dtype=torch.float32, device=logits_BSV.device)
+    target_BS = logits_BSV[:, :-1].gather(-1, tokens_BS[:, 1:].unsqueeze(-1)).squeeze(-1)
+    loss_BS[:, :-1] = lse_BS[:, :-1] - target_BS
+    return LogitStats(loss_BS, lse_BS, torch.einsum("bsv,bsv->bs", p_clean_BSV, logits_BSV))
 
 
 def kl_per_token(logp_clean_BSV: torch.Tensor, logp_patched_BSV: torch.Tensor) -> torch.Tensor:

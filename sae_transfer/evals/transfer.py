@@ -173,25 +173,20 @@ def evaluate_saes(model, saes: dict, toks: TokenSet, hook: str, norms: NormStats
         masks = {"excluded": counted_BS & ~outlier_BS, "included": counted_BS}
         masks = {p: masks[p] for p in cfg.policies}
         x_BSD, logits = splice.clean_pass(model, tok_BS, hook)
-        logp_clean = splice.next_token_logprobs(logits)
+        p_clean = torch.softmax(logits.float(), dim=-1)
+        clean = splice.logit_stats(logits, tok_BS, p_clean)
         del logits
-        p_clean = logp_clean.exp()
-        neg_entropy_BS = (p_clean * logp_clean).sum(-1)
-        loss_clean = splice.next_token_loss(logp_clean, tok_BS)
-        logp = splice.next_token_logprobs(splice.zero_logits(model, tok_BS, hook, x_BSD))
-        loss_zero = splice.next_token_loss(logp, tok_BS)
-        kl_zero = neg_entropy_BS - (p_clean * logp).sum(-1)
+        zero = splice.logit_stats(splice.zero_logits(model, tok_BS, hook, x_BSD), tok_BS, p_clean)
+        kl_zero = zero.kl_from(clean)
         for sid, sae in saes.items():
             x_hat_BSD, l0_BS = apply_sae(sae, x_BSD)
             for policy, mask_BS in masks.items():
                 acc = sums[(sid, policy)]
                 acc.recon.add(x_BSD[mask_BS], x_hat_BSD[mask_BS], l0_BS[mask_BS])
-                logp = splice.next_token_logprobs(splice.spliced_logits(model, tok_BS, hook, x_hat_BSD, mask_BS, x_BSD))
-                acc.add(
-                    splice.loss_mask(mask_BS, valid_BS), clean=loss_clean, zero=loss_zero,
-                    sae=splice.next_token_loss(logp, tok_BS), kl_zero=kl_zero,
-                    kl_sae=neg_entropy_BS - (p_clean * logp).sum(-1),
-                )
+                spliced = splice.logit_stats(
+                    splice.spliced_logits(model, tok_BS, hook, x_hat_BSD, mask_BS, x_BSD), tok_BS, p_clean)
+                acc.add(splice.loss_mask(mask_BS, valid_BS), clean=clean.loss_BS, zero=zero.loss_BS,
+                        sae=spliced.loss_BS, kl_zero=kl_zero, kl_sae=spliced.kl_from(clean))
             if cfg.keep_token_errors:
                 errors[sid].append(_token_errors(sl, x_BSD, x_hat_BSD, l0_BS, counted_BS, outlier_BS, norms))
     return {
