@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 from prefect import flow
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import wait
 
 from flows._runs import current_run_id, share_cpu_threads, step_timings
@@ -34,6 +35,7 @@ def transfer_study(config: StudyConfig) -> dict:
     """Run (or re-use) every step of the study and build the report; returns where it is."""
     started = time.perf_counter()
     share_cpu_threads(config)
+    progress = create_progress_artifact(0.0, description=f"study {config.name}: caching activations")
     layout, results = StudyLayout(config.results_dir), str(config.results_dir)
     pair = prepare_pair(config.pair)
     opts = dict(act_dtype=config.act_dtype, model_dtype=config.dtype, device=config.device)
@@ -44,6 +46,7 @@ def transfer_study(config: StudyConfig) -> dict:
     pending = [weight_diff.submit(pair.base, pair.chat, results)]
     pending += [tag_outliers.submit(m, config, h) for m in (pair.base, pair.chat) for h in config.hooks]
     acts = {role: {a.hook: a for a in fut.result()} for role, fut in caches.items()}
+    update_progress_artifact(progress, 20.0, description=f"study {config.name}: training SAEs")
     trained: dict[str, list[str]] = {}
     for hook in config.hooks:
         saes = {
@@ -59,11 +62,14 @@ def transfer_study(config: StudyConfig) -> dict:
         pending += [position_curves.submit(paths, m, config, hook) for m in (pair.base, pair.chat)]
         if config.instructions.enabled:
             pending.append(evaluate_segments.submit(paths[:2], pair.chat, config, hook))
+    update_progress_artifact(progress, 50.0, description=f"study {config.name}: evaluating transfer")
     wait(pending)
     for fut in pending:
         fut.result()  # surface the first failure
+    update_progress_artifact(progress, 80.0, description=f"study {config.name}: checkpoints and report")
     drift = watch_checkpoints(config, via_deployment=False, build=False) if pair.checkpoints else {}
     report = build_report(config)
+    update_progress_artifact(progress, 100.0, description=f"study {config.name}: done")
     timings = step_timings()
     steps = [cached for _, cached in timings.values() if cached is not None]
     timings["total"] = (time.perf_counter() - started, all(steps))
