@@ -119,3 +119,18 @@ def test_logit_stats_equal_the_log_softmax_path():
     torch.testing.assert_close(patched.loss_BS, splice.next_token_loss(logp, tokens_BS))
     torch.testing.assert_close(patched.kl_from(clean), splice.kl_per_token(logp_clean, logp))
     assert torch.equal(clean.kl_from(clean), torch.zeros(2, 5))
+
+
+def test_resumed_patched_pass_equals_the_hooked_pass(model, toks):
+    """Patched passes at resid_pre run only the blocks from the hook on: same logits as a
+    pass through every block with the hook replaced."""
+    with torch.inference_mode():
+        x = splice.hook_activations(model, toks.tokens_NS, HOOK)
+        x_hat = x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+        mask = torch.rand(toks.tokens_NS.shape, generator=torch.Generator().manual_seed(2)) < 0.5
+        assert splice.resume_from_layer(model, x, 1) is not None
+        resumed = splice.spliced_logits(model, toks.tokens_NS, HOOK, x_hat, mask, clean_x_BSD=x)
+        hooked = splice.spliced_logits(model, toks.tokens_NS, HOOK, x_hat, mask)
+        torch.testing.assert_close(resumed, hooked, rtol=1e-5, atol=1e-5)
+        zero_resumed = splice.zero_logits(model, toks.tokens_NS, HOOK, x)
+        torch.testing.assert_close(zero_resumed, splice.zero_logits(model, toks.tokens_NS, HOOK), rtol=1e-5, atol=1e-5)

@@ -56,18 +56,51 @@ def clean_pass(model, tokens_BS: torch.Tensor, hook: str) -> tuple[torch.Tensor,
     return captured["x"], logits_BSV
 
 
+def _decoder_parts(model):
+    """(layers, rotary, final norm, unembed) of a Llama-family HF model (Llama, Qwen2, Mistral,
+    ...), or None for architectures whose blocks we cannot call directly."""
+    hf = getattr(model, "original_model", None)
+    inner = getattr(hf, "model", None)
+    parts = tuple(getattr(inner, name, None) for name in ("layers", "rotary_emb", "norm")) + (getattr(hf, "lm_head", None),)
+    return parts if all(p is not None for p in parts) else None
+
+
+def resume_from_layer(model, x_BSD: torch.Tensor, layer: int) -> torch.Tensor | None:
+    """Logits [B, S, V] of running blocks `layer`.. on residual x_BSD (causal, unpadded on the left).
+
+    TransformerBridge's own `start_at_layer` still runs every block, so the remaining decoder
+    layers are called directly; returns None for architectures without that structure.
+    """
+    parts = _decoder_parts(model)
+    if parts is None:
+        return None
+    layers, rotary, norm, unembed = parts
+    B, S, _ = x_BSD.shape
+    position_ids = torch.arange(S, device=x_BSD.device)[None].expand(B, S)
+    position_embeddings = rotary(x_BSD, position_ids)
+    causal = torch.full((S, S), float("-inf"), dtype=x_BSD.dtype, device=x_BSD.device).triu(1)
+    mask = causal[None, None].expand(B, 1, S, S)
+    h_BSD = x_BSD
+    for block in layers[layer:]:
+        h_BSD = block(h_BSD, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
+        h_BSD = h_BSD[0] if isinstance(h_BSD, tuple) else h_BSD
+    return unembed(norm(h_BSD))
+
+
 def patched_logits(
     model, tokens_BS: torch.Tensor, hook: str, patch: Callable[[torch.Tensor], torch.Tensor],
     clean_x_BSD: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Logits [B, S, V] with the hook's activation replaced by `patch(act_BSD)`.
 
-    With `clean_x_BSD` (the clean activation at `hook`) and a resumable hook, the pass starts
-    at the hook's block from `patch(clean_x_BSD)`.
+    With `clean_x_BSD` (the clean activation at `hook`) and a resid_pre hook of a Llama-family
+    model, only the blocks from the hook on are run, starting from `patch(clean_x_BSD)`.
     """
     layer = resume_layer(hook)
     if layer is not None and clean_x_BSD is not None:
-        return model(patch(clean_x_BSD), start_at_layer=layer, return_type="logits")
+        logits = resume_from_layer(model, patch(clean_x_BSD), layer)
+        if logits is not None:
+            return logits
     return model.run_with_hooks(tokens_BS, return_type="logits", fwd_hooks=[(hook, lambda act, hook=None: patch(act))])
 
 
