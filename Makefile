@@ -28,8 +28,11 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
+# Benchmarks print ratios measured within one run (see README "Benchmarks").
 bench: setup
 	$(BIN)/python bench/bench_cache.py
+	$(BIN)/python bench/bench_train.py --threads 1
+	$(BIN)/python bench/bench_eval.py --repeats 5
 
 clean:
 	rm -rf $(VENV) results artifacts
