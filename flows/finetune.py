@@ -9,7 +9,8 @@ from storage.fingerprint import hash_payload
 from storage.layout import StudyLayout, slug
 from tasks.activations import cache_activations
 from tasks.records import SAERecord
-from tasks.sae import finetune_sae as finetune_task
+from tasks._cache import code_version
+from tasks.sae import TRAINING_CODE, finetune_sae as finetune_task
 
 
 @flow(name="finetune_sae", log_prints=True)
@@ -20,6 +21,7 @@ def finetune_sae(config: StudyConfig, sae: str, model: str, hook: str) -> dict:
                                              act_dtype=config.act_dtype, model_dtype=config.dtype, device=config.device)
                 if a.hook == hook)
     parent = SAERecord(path=sae, run_dir=sae, model="", hook=hook, role="parent")
-    out = str(layout.sae_run(f"finetuned-{slug(hook)}-{hash_payload(acts.path, sae, config.finetune.model_dump(), config.seed)}"))
+    key = hash_payload(code_version(*TRAINING_CODE), acts.path, sae, config.finetune.model_dump(), config.seed)
+    out = str(layout.sae_run(f"finetuned-{slug(hook)}-{key}"))
     record = finetune_task(parent, acts, config.finetune, out, config.seed)
     return record.model_dump()

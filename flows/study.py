@@ -22,12 +22,14 @@ from tasks.activations import cache_activations
 from tasks.evaluate import evaluate_segments, evaluate_transfer, position_curves, sae_paths, tag_outliers, weight_diff
 from tasks.models import prepare_pair
 from tasks.report import build_report, record_run
-from tasks.sae import finetune_sae, train_sae
+from tasks._cache import code_version
+from tasks.sae import TRAINING_CODE, finetune_sae, train_sae
 
 
 def _sae_dir(layout: StudyLayout, role: str, hook: str, *key) -> str:
-    """Run folder named by what determines the SAE, so a changed input never reuses a stale run."""
-    return str(layout.sae_run(f"{role}-{slug(hook)}-{hash_payload(*key)}"))
+    """Run folder named by what determines the SAE (inputs, settings, trainer code), so a changed
+    input or a trainer fix never reuses a stale run."""
+    return str(layout.sae_run(f"{role}-{slug(hook)}-{hash_payload(code_version(*TRAINING_CODE), *key)}"))
 
 
 @flow(name="transfer_study", log_prints=True)

@@ -1,7 +1,8 @@
 """Prefect cache keys on content, not on paths or run ids.
 
 A task's key hashes: the task's name, its code version (the sae-transfer version plus a hash
-of the task module's source), every parameter's JSON form, and for every parameter that names
+of the task module's source and of every module of the packages it names), every parameter's
+JSON form, and for every parameter that names
 an existing file or folder, that path's content fingerprint. Upstream tasks return records
 that carry their own content address, so keys chain through the DAG: touching the chat model
 changes the keys of exactly the tasks downstream of it.
@@ -9,8 +10,9 @@ changes the keys of exactly the tasks downstream of it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import inspect
+import importlib
 from datetime import timedelta
 from pathlib import Path
 
@@ -51,27 +53,33 @@ def _jsonable(name: str, value: object, paths: bool = True) -> object:
     return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
 
 
-def _code_version(fn) -> str:
-    try:
-        source = inspect.getsource(inspect.getmodule(fn))
-    except (OSError, TypeError):
-        source = ""
-    return sae_transfer.__version__ + ":" + hashlib.sha256(source.encode()).hexdigest()[:12]
+@functools.lru_cache(maxsize=None)
+def _source_hash(module_name: str) -> str:
+    """sha256 of a module's source, or of every .py file of a package (sorted by path)."""
+    module = importlib.import_module(module_name)
+    files = sorted(Path(module.__file__).parent.rglob("*.py")) if module.__file__.endswith("__init__.py") else [Path(module.__file__)]
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.read_bytes())
+    return digest.hexdigest()[:12]
 
 
-def content_key(context, parameters: dict) -> str:
-    """cache_key_fn for @task: see the module docstring."""
-    fn = context.task.fn
-    payload = {name: _jsonable(name, value) for name, value in sorted(parameters.items())}
-    return f"{context.task.name}-{hash_payload(_code_version(fn), payload)}"
+def code_version(*modules: str) -> str:
+    """sae-transfer's version plus a hash of the named modules' or packages' source."""
+    return sae_transfer.__version__ + ":" + hash_payload([_source_hash(n) for n in modules])
 
 
-CACHE_OPTIONS = dict(
-    cache_key_fn=content_key,
-    persist_result=True,
-    result_serializer="json",
-    cache_expiration=timedelta(days=365),
-)
+def cached(*code: str) -> dict:
+    """@task options for a content-keyed, JSON-persisted cache. `code` names the modules or
+    packages whose source the task's output depends on: editing them invalidates the cache
+    (a fixed metric is recomputed), editing anything else does not."""
+
+    def content_key(context, parameters: dict) -> str:
+        payload = {name: _jsonable(name, value) for name, value in sorted(parameters.items())}
+        return f"{context.task.name}-{hash_payload(code_version(context.task.fn.__module__, *code), payload)}"
+
+    return dict(cache_key_fn=content_key, persist_result=True, result_serializer="json",
+                cache_expiration=timedelta(days=365))
 
 
 def run_name(prefix: str, *params: str):

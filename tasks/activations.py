@@ -5,11 +5,14 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from sae_transfer.study import CorpusSection
-from tasks._cache import CACHE_OPTIONS, run_name
+from tasks._cache import cached, run_name
 from tasks.records import ActsRecord
 
+_CODE = cached("sae_transfer.activations", "sae_transfer.corpus", "sae_transfer.models", "storage.activations",
+               "storage.activations_write")
 
-@task(name="cache-activations", task_run_name=run_name("cache-activations", "model"), **CACHE_OPTIONS)
+
+@task(name="cache-activations", task_run_name=run_name("cache-activations", "model"), **_CODE)
 def cache_activations(
     model: str, hooks: list[str], corpus: CorpusSection, out_dir: str, *, revision: str | None = None,
     act_dtype: str = "float32", model_dtype: str = "float32", device: str | None = None,

@@ -8,8 +8,10 @@ from prefect import get_run_logger, task
 
 from sae_transfer.study import StudyConfig
 from storage import tables
-from tasks._cache import CACHE_OPTIONS, run_name
+from tasks._cache import cached, run_name
 from tasks.records import RowsRecord, SAERecord
+
+_CODE = cached("sae_transfer.evals", "sae_transfer.sae", "sae_transfer.corpus", "sae_transfer.models", "storage.sae_format", "storage.tables")
 
 
 def _append(results_dir: str, step: str, produced: dict[str, list[dict]]) -> RowsRecord:
@@ -28,7 +30,7 @@ def _eval_options(config: StudyConfig) -> dict:
     )
 
 
-@task(name="evaluate-transfer", task_run_name=run_name("evaluate-transfer", "model"), **CACHE_OPTIONS)
+@task(name="evaluate-transfer", task_run_name=run_name("evaluate-transfer", "model"), **_CODE)
 def evaluate_transfer(sae_paths: list[str], model: str, config: StudyConfig, hook: str, revision_label: str | None = None) -> RowsRecord:
     """Every SAE spliced into `model` at `hook`, outliers excluded and included -> metrics, token_errors."""
     from sae_transfer.evals.api import evaluate_transfer as run
@@ -37,7 +39,7 @@ def evaluate_transfer(sae_paths: list[str], model: str, config: StudyConfig, hoo
     return _append(str(config.results_dir), f"evaluate {model}", rows)
 
 
-@task(name="tag-outliers", task_run_name=run_name("tag-outliers", "model"), **CACHE_OPTIONS)
+@task(name="tag-outliers", task_run_name=run_name("tag-outliers", "model"), **_CODE)
 def tag_outliers(model: str, config: StudyConfig, hook: str) -> RowsRecord:
     """Per-token norms and outlier flags of `model` at `hook` -> outliers, outlier_summary."""
     from sae_transfer.evals.api import tag_outliers as run
@@ -46,7 +48,7 @@ def tag_outliers(model: str, config: StudyConfig, hook: str) -> RowsRecord:
     return _append(str(config.results_dir), f"outliers {model}", rows)
 
 
-@task(name="position-curves", task_run_name=run_name("position-curves", "model"), **CACHE_OPTIONS)
+@task(name="position-curves", task_run_name=run_name("position-curves", "model"), **_CODE)
 def position_curves(sae_paths: list[str], model: str, config: StudyConfig, hook: str) -> RowsRecord:
     """Reconstruction by position bucket at 1x/2x/4x the SAEs' training context -> positions."""
     from sae_transfer.evals.api import position_curves as run
@@ -55,7 +57,7 @@ def position_curves(sae_paths: list[str], model: str, config: StudyConfig, hook:
     return _append(str(config.results_dir), f"positions {model}", rows)
 
 
-@task(name="weight-diff", **CACHE_OPTIONS)
+@task(name="weight-diff", **_CODE)
 def weight_diff(base: str, chat: str, results_dir: str) -> RowsRecord:
     """||W_chat - W_base|| / ||W_base|| per layer and matrix -> weight_diff."""
     from sae_transfer.evals.weight_diff import weight_diff_rows
@@ -63,7 +65,7 @@ def weight_diff(base: str, chat: str, results_dir: str) -> RowsRecord:
     return _append(results_dir, "weight diff", {"weight_diff": weight_diff_rows(base, chat)})
 
 
-@task(name="evaluate-segments", **CACHE_OPTIONS)
+@task(name="evaluate-segments", **_CODE)
 def evaluate_segments(sae_paths: list[str], chat: str, config: StudyConfig, hook: str) -> RowsRecord:
     """Greedy chat rollouts on the instruction set, then metrics per segment -> metrics, rollouts."""
     from sae_transfer.evals.api import evaluate_segments as run

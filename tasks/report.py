@@ -13,7 +13,7 @@ from sae_transfer.study import StudyConfig, config_json
 from storage import tables
 
 
-def code_version() -> str:
+def release_version() -> str:
     """Package version plus the git commit of the working tree when there is one."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -27,7 +27,7 @@ def code_version() -> str:
 def record_run(config: StudyConfig, flow: str, run_id: str, timings: dict[str, tuple[float, bool]]) -> int:
     """Append one `runs` row per DAG step (seconds, cached?) plus a total; returns rows written."""
     common = dict(run_id=run_id, flow=flow, study=config.name, config_hash=config.fingerprint(),
-                  config_json=config_json(config), code_version=code_version())
+                  config_json=config_json(config), code_version=release_version())
     rows = [dict(common, step=step, seconds=seconds, cached=cached) for step, (seconds, cached) in timings.items()]
     tables.append_rows(config.results_dir, "runs", rows)
     return len(rows)

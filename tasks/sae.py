@@ -7,8 +7,14 @@ from pathlib import Path
 from prefect import get_run_logger, task
 
 from sae_transfer.study import FinetuneSection, SAESection
-from tasks._cache import CACHE_OPTIONS, run_name
+from tasks._cache import cached, run_name
 from tasks.records import ActsRecord, SAERecord
+
+# What a trained SAE depends on: flows also put its hash into the run folder's name, so a
+# trainer fix trains a new SAE instead of finding the old run complete.
+TRAINING_CODE = ("sae_transfer.sae", "sae_transfer.training", "storage.sae_format", "storage.checkpoints",
+                 "storage.activations_read")
+_CODE = cached(*TRAINING_CODE)
 
 
 def _record(result, acts: ActsRecord, role: str, parent: str | None = None) -> SAERecord:
@@ -18,7 +24,7 @@ def _record(result, acts: ActsRecord, role: str, parent: str | None = None) -> S
     )
 
 
-@task(name="train-sae", task_run_name=run_name("train-sae", "role"), **CACHE_OPTIONS)
+@task(name="train-sae", task_run_name=run_name("train-sae", "role"), **_CODE)
 def train_sae(acts: ActsRecord, sae: SAESection, role: str, out_dir: str, seed: int = 0) -> SAERecord:
     """Train an SAE of the study's architecture on one activation dataset (resumes if interrupted)."""
     from sae_transfer.training.api import train_on_dataset
@@ -31,7 +37,7 @@ def train_sae(acts: ActsRecord, sae: SAESection, role: str, out_dir: str, seed: 
     return _record(result, acts, role)
 
 
-@task(name="finetune-sae", **CACHE_OPTIONS)
+@task(name="finetune-sae", **_CODE)
 def finetune_sae(parent: SAERecord, acts: ActsRecord, finetune: FinetuneSection, out_dir: str, seed: int = 0) -> SAERecord:
     """Fine-tune `parent` on `acts` with the study's recipe (same LR, 5% warm-up, 20% decay)."""
     from sae_transfer.training.api import finetune_on_dataset

@@ -1,0 +1,36 @@
+"""Content cache keys: input folders by content, configs as written, code by source hash."""
+
+from __future__ import annotations
+
+from sae_transfer.study import parse_study
+from tasks._cache import _jsonable, code_version
+from tasks.records import ActsRecord
+
+
+def test_input_paths_are_keyed_by_content_not_by_name(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "w.bin").write_bytes(b"a")
+    before = _jsonable("model", str(model))
+    assert _jsonable("model", str(model)) == before  # stable
+    (model / "w.bin").write_bytes(b"b")
+    assert _jsonable("model", str(model)) != before
+    # output folders are not inputs: their content must not enter the key
+    assert _jsonable("out_dir", str(model)) == str(model)
+
+
+def test_records_are_fingerprinted_but_configs_are_not(tmp_path):
+    acts = tmp_path / "acts"
+    acts.mkdir()
+    (acts / "part.parquet").write_bytes(b"x")
+    rec = ActsRecord(path=str(acts), model="m", hook="h", n_tokens=1, reused=False)
+    assert "content" in _jsonable("acts", rec)["path"]
+    cfg = parse_study({"pair": {"base": str(acts), "chat": str(acts), "build_demo": False}})
+    before = _jsonable("config", cfg)
+    (acts / "part.parquet").write_bytes(b"y")
+    assert _jsonable("config", cfg) == before
+
+
+def test_code_version_follows_the_named_sources():
+    assert code_version("sae_transfer.evals") == code_version("sae_transfer.evals")
+    assert code_version("sae_transfer.evals") != code_version("sae_transfer.training")
