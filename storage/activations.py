@@ -31,6 +31,7 @@ import torch
 
 from sae_transfer.corpus import ROLES
 from sae_transfer.errors import UserError
+from storage.fingerprint import sha256_file
 
 FORMAT_VERSION = 1  # bump when the row layout or metadata keys change; part of every dataset hash
 MANIFEST = "manifest.json"
@@ -193,15 +194,6 @@ class ActivationDataset:
 
     def __repr__(self) -> str:
         return f"ActivationDataset({str(self.path)!r}, hook={self.hook!r}, n_tokens={self.n_tokens}, d_model={self.d_model})"
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes (read in 4 MiB chunks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def __getattr__(name: str):

@@ -20,8 +20,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.activations import (
-    ELEMENT_DTYPES, FORMAT_VERSION, MANIFEST, PROGRESS, activation_schema, role_dictionary, sha256_file,
+    ELEMENT_DTYPES, FORMAT_VERSION, MANIFEST, PROGRESS, activation_schema, role_dictionary,
 )
+from storage.fingerprint import sha256_file
 
 log = logging.getLogger(__name__)
 

@@ -40,9 +40,10 @@ def _save_memo(memo: dict) -> None:
         pass
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (read in 4 MiB chunks)."""
     digest = hashlib.sha256()
-    with path.open("rb") as fh:
+    with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -71,7 +72,7 @@ def fingerprint(path: str | Path) -> str:
             stamp = [stat.st_size, stat.st_mtime_ns]
             entry = memo.get(key)
             if entry is None or entry[:2] != stamp:
-                entry = stamp + [_sha256_file(file)]
+                entry = stamp + [sha256_file(file)]
                 memo[key] = entry
                 changed = True
             rel = file.name if file == path else str(file.relative_to(path))

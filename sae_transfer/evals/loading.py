@@ -3,7 +3,6 @@ clear message before any forward pass."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +26,9 @@ class LoadedSAE:
 
 def weights_hash(folder: Path) -> str:
     """sha256 prefix of the SAE's weights file."""
-    digest = hashlib.sha256()
-    with (folder / "sae_weights.safetensors").open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:12]
+    from storage.fingerprint import sha256_file
+
+    return sha256_file(folder / "sae_weights.safetensors")[:12]
 
 
 def load_saes(folders: list[str], hook: str) -> list[LoadedSAE]:

@@ -62,7 +62,7 @@ def finetune_on_dataset(
     """Fine-tune the SAE folder `parent_sae` on another model's activations with the seed
     study's recipe (finetune_defaults): LR and sparsity coefficient from the parent's run.json
     unless given. run.json records the parent's path and weights hash."""
-    from storage.activations import sha256_file
+    from storage.fingerprint import sha256_file
     from storage.sae_format import WEIGHTS_FILE, load_sae
 
     parent_sae = Path(parent_sae)
