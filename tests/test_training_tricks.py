@@ -3,6 +3,7 @@ ghost grads (pre-activation form), resampling, sparse TopK gradients, JumpReLU S
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,17 +17,43 @@ from sae_transfer.training.trainers import make_trainer
 from sae_transfer.training.tricks import DeadTracker, geometric_median, ghost_grad_loss, resample_dead_latents
 
 
+def _scipy_geometric_median(points_ND: torch.Tensor) -> torch.Tensor:
+    """Independent answer: BFGS on Σ‖p − y‖ with its analytic gradient, from the coordinate-wise median."""
+    from scipy.optimize import minimize
+
+    p = points_ND.double().numpy()
+
+    def objective(y):
+        diff = p - y
+        dist = np.linalg.norm(diff, axis=1)
+        return dist.sum(), -(diff / dist[:, None]).sum(0)
+
+    res = minimize(objective, np.median(p, axis=0), jac=True, method="BFGS", options={"gtol": 1e-12})
+    return torch.from_numpy(res.x).float()
+
+
 def test_geometric_median_known_answers():
     # 1-D: the geometric median is the median, far from the mean (21.2)
     pts = torch.tensor([[0.0], [1.0], [2.0], [3.0], [100.0]])
     assert abs(geometric_median(pts).item() - 2.0) < 1e-3
-    # Four corners of a square plus a far outlier on the diagonal: the median stays near the centre
-    square = torch.tensor([[1.0, 1.0], [-1.0, 1.0], [1.0, -1.0], [-1.0, -1.0]])
-    sym = torch.cat([square, -square + 0.0])
-    assert torch.allclose(geometric_median(sym), torch.zeros(2), atol=1e-4)
     # equilateral triangle: the Fermat point is the centroid
     tri = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, 3**0.5 / 2]])
     assert torch.allclose(geometric_median(tri), tri.mean(0), atol=1e-4)
+
+
+def test_geometric_median_resists_a_far_outlier_in_2d():
+    cluster = torch.tensor([[0.0, 0.0], [1.0, 0.2], [0.3, 1.1], [-0.8, 0.4], [0.5, -0.9], [-0.4, -0.6], [1.2, 1.0]])
+    outlier = torch.tensor([[1000.0, -800.0]])
+    pts = torch.cat([cluster, outlier])
+    median = geometric_median(pts)
+    assert torch.allclose(median, _scipy_geometric_median(pts), atol=1e-4)
+    # the mean is dragged ~125 units away; the median stays inside the cluster's box
+    assert pts.mean(0).norm() > 100
+    assert (median >= cluster.min(0).values).all() and (median <= cluster.max(0).values).all()
+    # pushing the outlier 1000× farther along the ray from the median leaves every unit vector
+    # of the optimality condition unchanged, so the (unique) median must not move
+    farther = torch.cat([cluster, median + 1000 * (outlier - median)])
+    assert torch.allclose(geometric_median(farther), median, atol=1e-4)
 
 
 def test_lr_schedule_values():
@@ -64,26 +91,39 @@ def test_dead_tracker_window():
     assert torch.equal(restored.dead_mask(), tr.dead_mask())
 
 
-def test_ghost_grads_use_pre_activation_not_relu():
-    torch.manual_seed(0)
-    x = torch.randn(8, 4)
-    x_hat = x * 0.5
-    pre = (-torch.rand(8, 6) - 0.5).requires_grad_()  # every dead latent's pre-activation is negative
-    W_dec = torch.randn(6, 4)
+def test_ghost_grads_match_the_definition_by_hand():
+    """Anthropic's Jan 2024 ghost grads, corrected form, differentiated by hand: dead latents
+    output h = exp(pre) @ W_dec[dead]; per token s = ‖r‖ / (2‖h‖) (a constant), r = x − x̂ (a
+    constant); G = mean_b ‖s·h − r‖²; loss = G · (mse / G) with the ratio a constant. So
+    ∂loss/∂pre[b, f] = (mse/G)·(2/B)·s_b·⟨s_b·h_b − r_b, W_dec[f]⟩·exp(pre[b, f]) for dead f
+    (0 for live f) and ∂loss/∂W_dec[f] = (mse/G)·(2/B)·Σ_b s_b·exp(pre[b, f])·(s_b·h_b − r_b)."""
+    gen = torch.Generator().manual_seed(0)
+    B, D, F = 8, 4, 6
+    x = torch.randn(B, D, generator=gen, dtype=torch.float64)
+    x_hat = x * 0.5 + 0.1 * torch.randn(B, D, generator=gen, dtype=torch.float64)
+    pre = (-torch.rand(B, F, generator=gen, dtype=torch.float64) - 0.5).requires_grad_()  # dead latents stay below 0
+    W_dec = torch.randn(F, D, generator=gen, dtype=torch.float64).requires_grad_()
     dead = torch.tensor([True, False, True, False, False, True])
-    mse = torch.tensor(0.7)
+    mse = torch.tensor(0.7, dtype=torch.float64)
     loss = ghost_grad_loss(x, x_hat, pre, W_dec, dead, mse)
-    assert loss.item() == pytest.approx(0.7, rel=1e-5)  # rescaled to the MSE
     loss.backward()
-    # exp(ReLU(pre)) would be constant 1 here and give no gradient; exp(pre) does
-    assert pre.grad[:, dead].abs().sum() > 0
-    assert pre.grad[:, ~dead].abs().sum() == 0
-    # the value uses exp(pre): recompute by hand before the rescaling
-    resid = x - x_hat
-    out = torch.exp(pre.detach()[:, dead]) @ W_dec[dead]
-    out = out * resid.norm(dim=-1, keepdim=True) / (2 * out.norm(dim=-1, keepdim=True))
-    manual = (out - resid).pow(2).sum(-1)
-    assert manual.mean().item() != pytest.approx(0.7)  # i.e. the 0.7 above really came from the rescaling
+
+    with torch.no_grad():
+        r = x - x_hat
+        act = torch.exp(pre[:, dead])  # exp(ReLU(pre)) would be 1 here and carry no gradient
+        h = act @ W_dec[dead]
+        s = r.norm(dim=-1) / (2 * h.norm(dim=-1))
+        err = s[:, None] * h - r
+        G = err.pow(2).sum(-1).mean()
+        c = mse / G * 2 / B
+        grad_pre = torch.zeros(B, F, dtype=torch.float64)
+        grad_pre[:, dead] = c * s[:, None] * (err @ W_dec[dead].T) * act
+        grad_W_dec = torch.zeros(F, D, dtype=torch.float64)
+        grad_W_dec[dead] = c * (s[:, None] * act).T @ err
+    assert loss.item() == pytest.approx(0.7, rel=1e-9)  # rescaled to the MSE: only the direction counts
+    assert grad_pre[:, dead].abs().min() > 0
+    assert torch.allclose(pre.grad, grad_pre, rtol=1e-9, atol=1e-12)
+    assert torch.allclose(W_dec.grad, grad_W_dec, rtol=1e-9, atol=1e-12)
 
 
 def test_resampling_revives_dead_latents_and_resets_adam():
@@ -108,18 +148,38 @@ def test_resampling_revives_dead_latents_and_resets_adam():
     assert torch.allclose(sae.W_dec[:10].norm(dim=-1), sae.W_dec[10:].norm(dim=-1).mean().expand(10))
 
 
-def test_resampling_in_loop_drops_lr_then_rewarms():
-    acts = torch.randn(2048, 8)
+def _run_with_resampling(dead_window_tokens: int, steps: int = 10):
+    """A relu run resampling every 5 steps (LR × 0.1, 4-step re-warm-up) with latents 0-2 unable
+    to fire; returns the run and the LR each step trained with."""
+    acts = torch.randn(2048, 8, generator=torch.Generator().manual_seed(0))
     cfg = TrainConfig(arch="relu", d_sae=32, total_tokens=256 * 20, batch_size=256, resample_every_steps=5,
-                      resample_rewarmup_steps=4, resample_lr_drop=0.1, dead_window_tokens=256, lr_decay_frac=0.0,
-                      l1_warmup_frac=0.0, scale_estimate_tokens=512)
+                      resample_rewarmup_steps=4, resample_lr_drop=0.1, dead_window_tokens=dead_window_tokens,
+                      lr_decay_frac=0.0, l1_warmup_frac=0.0, scale_estimate_tokens=512)
     run = fresh_run(cfg, in_memory_factory(acts, 256), 8, None)
+    with torch.no_grad():
+        run.sae.b_enc[:3] = -1e3  # dead once dead_window_tokens have passed
+    lrs = []
     for x in in_memory_factory(acts, 256)(0):
         train_step(run, x)
-        if run.state.step == 5:
+        lrs.append(run.optimizer.param_groups[0]["lr"])
+        if run.state.step == steps:
             break
-    assert run.state.resample_steps == [5]
-    assert run.current_lr() == pytest.approx(cfg.lr * 0.1)
+    return run, lrs
+
+
+def test_resampling_in_loop_drops_lr_then_rewarms():
+    run, lrs = _run_with_resampling(dead_window_tokens=256)
+    assert run.state.resample_steps[0] == 5
+    assert (run.sae.b_enc[:3] > -1e3).all()  # the dead latents were resampled
+    # the resample after step 5 applies from the 6th step: LR × 0.1, rising linearly over 4 steps
+    lr = run.cfg.lr
+    assert lrs == pytest.approx([lr] * 5 + [lr * m for m in (0.1, 0.325, 0.55, 0.775)] + [lr])
+
+
+def test_resampling_with_nothing_dead_leaves_the_lr_alone():
+    run, lrs = _run_with_resampling(dead_window_tokens=10**9)  # nothing can count as dead yet
+    assert run.state.resample_steps == []
+    assert lrs == pytest.approx([run.cfg.lr] * 10)
 
 
 def _dense_topk_loss(sae, x, k):

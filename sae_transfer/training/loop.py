@@ -98,8 +98,9 @@ def _maybe_resample(run: TrainingRun, x_BD: torch.Tensor) -> None:
         return
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + st.step)
     n = resample_dead_latents(run.sae, run.dead.dead_mask(), x_BD, run.optimizer, gen)
-    st.resample_steps.append(st.step)
-    log.info("step %d: resampled %d dead latents", st.step, n)
+    if n:  # nothing resampled: no LR drop and re-warm-up
+        st.resample_steps.append(st.step)
+        log.info("step %d: resampled %d dead latents", st.step, n)
 
 
 def evaluate(run: TrainingRun, x_BD: torch.Tensor, out: StepLoss) -> dict:
