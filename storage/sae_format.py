@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from sae_transfer.errors import UserError
 from sae_transfer.sae import ARCHITECTURES, SAE, SAEConfig, make_sae
 from sae_transfer.sae.batchtopk import BatchTopKSAE
-from sae_transfer.sae.scaling import fold_scale
+from sae_transfer.sae.scaling import SCALE_KEY, fold_scale
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -123,13 +123,58 @@ def _check_tensors(folder: Path, tensors: dict, cfg: dict) -> None:
             )
 
 
+# SAELens's normalize_activations modes and what each needs at inference (SAELens 6, sae.py):
+#   none                      the weights read raw activations
+#   expected_average_only_in  the weights read x * s, s = sqrt(d_in) / E||x|| estimated in training;
+#                             SAELens folds s into the weights when it knows it. So do we, when the
+#                             folder records it (metadata.activation_scale_factor); else we refuse.
+#   constant_norm_rescale     x * sqrt(d_in) / ||x|| per token in, the inverse on the way out
+#   layer_norm                (x - mean) / std per token in, * std + mean out
+# The last two are per token and cannot be folded into weights: refused.
+NORMALIZE_MODES = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
+
+
+def _input_scale(folder: Path, cfg: dict) -> float | None:
+    """The factor the weights expect raw activations to be multiplied by (None: raw).
+
+    Raises UserError for a mode this loader cannot honour, or a scale it cannot find."""
+    where = folder / CFG_FILE
+    mode = cfg.get("normalize_activations") or "none"
+    if cfg.get("reshape_activations", "none") not in ("none", None):
+        raise UserError(f"{where}: reshape_activations={cfg['reshape_activations']!r} is not supported; "
+                        "use an SAE on a [batch, pos, d] hook such as blocks.L.hook_resid_pre")
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        raise UserError(f"{where}: rescale_acts_by_decoder_norm=true is not supported; fold the decoder norms "
+                        "into the weights (SAELens fold_W_dec_norm) and set it to false")
+    if mode == "none":
+        return None
+    if mode == "expected_average_only_in":
+        s = (cfg.get("metadata") or {}).get(SCALE_KEY)
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or not 0 < s < float("inf"):
+            raise UserError(
+                f"{where}: normalize_activations='expected_average_only_in' but metadata.{SCALE_KEY} is {s!r}; "
+                "record the training scaling factor sqrt(d_in)/E||x|| there (SAELens: norm_scaling_factor) "
+                "or fold it into the weights and set normalize_activations to 'none'")
+        return float(s)
+    if mode in NORMALIZE_MODES:
+        raise UserError(
+            f"{where}: normalize_activations={mode!r} rescales each token by its own statistics at "
+            "inference, which this project does not implement; use an SAE saved with 'none' or "
+            "'expected_average_only_in'")
+    raise UserError(f"{where}: normalize_activations={mode!r} is unknown; use one of {', '.join(NORMALIZE_MODES)}")
+
+
 def load_sae(folder: str | Path, expect_d_in: int | None = None, expect_hook: str | None = None) -> SAE:
     """Load an SAE folder written by `save_sae` or by SAELens 6 (standard, topk, jumprelu).
 
     Returns a float32 SAE that reads raw activations; cfg.metadata carries cfg.json's metadata.
-    Raises UserError for a missing file or key, a wrong shape, or a d_in / hook mismatch."""
+    A folder with normalize_activations='expected_average_only_in' has its recorded scale
+    folded in (then metadata.activation_scale_factor is s_train, as for our own SAEs); modes
+    that cannot be folded are refused. Raises UserError for a missing file or key, a wrong
+    shape, a d_in / hook mismatch, or a normalisation this loader cannot honour."""
     folder = Path(folder)
     cfg = _read_cfg(folder)
+    scale = _input_scale(folder, cfg)
     if expect_d_in is not None and int(cfg["d_in"]) != expect_d_in:
         raise UserError(f"{folder}: SAE d_in={cfg['d_in']} but the hooked activations have d_model={expect_d_in}; pick an SAE trained on this model")
     hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
@@ -152,7 +197,7 @@ def load_sae(folder: str | Path, expect_d_in: int | None = None, expect_hook: st
     )
     sae = make_sae(sae_cfg)
     sae.load_state_dict({k: v.float() for k, v in tensors.items() if k in sae.state_dict()})
-    return sae
+    return fold_scale(sae, scale) if scale is not None else sae
 
 
 def load_log10_density(folder: str | Path) -> torch.Tensor | None:

@@ -82,3 +82,18 @@ def test_metrics_on_known_values():
     # per token: ‖x - mean‖² = 1 each; errors 1 and 0 -> mean(0, 1) = 0.5
     assert abs(metrics.explained_variance_legacy(x, x_hat).item() - 0.5) < 1e-6
     assert metrics.explained_variance(x, x).item() == 1.0
+
+
+def test_batchtopk_on_sequences_keeps_k_per_token_on_average():
+    """[B, S, D] input: the batch holds B·S tokens, so B·S·k values survive (mean L0 = k), and the
+    selection equals the one on the same tokens flattened to [B·S, D]."""
+    sae = _random_sae("batchtopk", d=8, f=64, k=4)
+    x_BSD = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(1)) + 1
+    feats_BSF = sae.encode(x_BSD)
+    assert int((feats_BSF > 0).sum()) == 2 * 16 * 4
+    assert float((feats_BSF > 0).sum(-1).float().mean()) == 4.0
+    torch.testing.assert_close(feats_BSF.reshape(32, 64), sae.encode(x_BSD.reshape(32, 8)))
+    # by hand: the 128 largest ReLU pre-activations of the whole batch
+    pre = torch.relu(sae.pre_acts(x_BSD.reshape(32, 8))).flatten()
+    cut = pre.sort(descending=True).values[127]
+    assert torch.equal(feats_BSF.flatten() > 0, pre >= cut)

@@ -118,3 +118,36 @@ def test_clear_errors(tmp_path):
         load_sae(_saelens_folder(tmp_path / "d", "jumprelu", t))
     with pytest.raises(UserError, match="not an SAE folder"):
         load_sae(tmp_path / "nothing")
+
+
+def test_expected_average_only_in_folds_the_recorded_scale(tmp_path):
+    """SAELens's `expected_average_only_in` weights read x * s (s recorded): the loaded SAE on raw
+    x must equal the hand-written SAE on s * x, and be a different map from the unfolded one."""
+    t, s = _tensors(with_threshold=True), 0.125
+    folder = _saelens_folder(tmp_path / "eao", "jumprelu", t, {"normalize_activations": "expected_average_only_in"})
+    cfg = json.loads((folder / "cfg.json").read_text())
+    cfg["metadata"]["activation_scale_factor"] = s
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    sae = load_sae(folder)
+    x = torch.randn(6, D) * 8
+    pre = (s * x - t["b_dec"]) @ t["W_enc"] + t["b_enc"]
+    feats = pre * (pre > t["threshold"])
+    assert (feats > 0).any()
+    torch.testing.assert_close(sae.encode(x), feats, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sae(x), (feats @ t["W_dec"] + t["b_dec"]) / s, atol=1e-4, rtol=1e-4)
+    assert sae.cfg.metadata["activation_scale_factor"] == s  # now s_train folded in, like our own SAEs
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"normalize_activations": "expected_average_only_in"}, "activation_scale_factor is None"),
+    ({"normalize_activations": "constant_norm_rescale"}, "constant_norm_rescale.*each token"),
+    ({"normalize_activations": "layer_norm"}, "layer_norm.*each token"),
+    ({"normalize_activations": "whiten"}, "unknown"),
+    ({"reshape_activations": "hook_z"}, "reshape_activations"),
+    ({"k": 5, "rescale_acts_by_decoder_norm": True}, "rescale_acts_by_decoder_norm"),
+])
+def test_normalisations_that_cannot_be_honoured_are_refused_in_one_line(tmp_path, extra, match):
+    arch = "topk" if "k" in extra else "standard"
+    with pytest.raises(UserError, match=match) as info:
+        load_sae(_saelens_folder(tmp_path / "f", arch, _tensors(), extra))
+    assert "\n" not in str(info.value) and "cfg.json" in str(info.value)

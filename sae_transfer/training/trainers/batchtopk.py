@@ -12,6 +12,8 @@ THRESHOLD_MOMENTUM = 0.99  # running-mean decay for the inference threshold
 
 class BatchTopKTrainer(TopKTrainer):
     def select(self, pre_BF: torch.Tensor):
+        # k·B values for B tokens: the batch must be flat tokens, never [B, S, F]
+        assert pre_BF.dim() == 2, f"batchtopk selects over [tokens, F], got shape {tuple(pre_BF.shape)}"
         return select_batch_topk(pre_BF, self.sae.cfg.k)
 
     def after_selection(self, kept_vals_N: torch.Tensor) -> None:
