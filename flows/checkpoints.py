@@ -9,35 +9,38 @@ from prefect import flow
 from prefect.futures import wait
 
 from flows._runs import share_cpu_threads
-
 from sae_transfer.errors import UserError
+from sae_transfer.models import is_local
 from sae_transfer.study import StudyConfig
-from storage import tables
-from storage.fingerprint import fingerprint
 from storage.layout import StudyLayout
+from tasks.checkpoints import publish_drift, record_checkpoint
 from tasks.evaluate import evaluate_transfer
 
 
-def study_saes(config: StudyConfig) -> dict[str, list[str]]:
-    """Hook -> SAE folders the study trained (base, chat, fine-tuned), from its state file."""
+def study_state(config: StudyConfig) -> dict:
+    """The study's state file: `saes` (hook -> SAE folders: base, chat, fine-tuned) and
+    `thresholds` (hook -> the pair's outlier threshold, which checkpoints are evaluated with too)."""
     state = StudyLayout(config.results_dir).study_state
     if not state.is_file():
         raise UserError(f"{state} not found: run the study first (sae-transfer run CONFIG) so there are SAEs to evaluate")
-    return json.loads(state.read_text())["saes"]
+    return json.loads(state.read_text())
 
 
 @flow(name="evaluate_checkpoint", log_prints=True)
 def evaluate_checkpoint(config: StudyConfig, checkpoint: str, step: int = -1) -> dict:
-    """Evaluate every study SAE on `checkpoint` (a local HF folder or Hub id) at every hook."""
-    if not Path(checkpoint).exists() and not config.pair.checkpoints_repo:
-        raise UserError(f"checkpoint {checkpoint!r} does not exist: pass a Hugging Face checkpoint folder")
+    """Evaluate every study SAE on `checkpoint` (a local HF folder, or a Hub `repo@revision`)
+    at every hook; publish the drift table so far as an artifact."""
+    if is_local(checkpoint) and not (Path(checkpoint).expanduser() / "config.json").is_file():
+        raise UserError(f"checkpoint {checkpoint!r} is not a Hugging Face checkpoint folder (no config.json): "
+                        "pass a folder saved with save_pretrained, or a Hub repo@revision")
     share_cpu_threads(config)
     label = f"step-{step}" if step >= 0 else None
-    futures = [evaluate_transfer.submit(paths, checkpoint, config, hook, revision_label=label)
-               for hook, paths in study_saes(config).items()]
+    state = study_state(config)
+    thresholds = state.get("thresholds", {})
+    futures = [evaluate_transfer.submit(paths, checkpoint, config, hook, revision_label=label, threshold=thresholds.get(hook))
+               for hook, paths in state["saes"].items()]
     wait(futures)
     rows = sum(f.result().rows.get("metrics", 0) for f in futures)
-    checkpoint_id = fingerprint(checkpoint) if Path(checkpoint).exists() else checkpoint
-    tables.append_rows(config.results_dir, "checkpoints", [dict(
-        checkpoint_id=checkpoint_id, path=checkpoint, step=step, status="evaluated", flow_run_id=None)])
-    return {"checkpoint": checkpoint, "step": step, "metrics_rows": rows}
+    ckpt_id = record_checkpoint(config, checkpoint, step, "evaluated")
+    publish_drift(config, step)
+    return {"checkpoint": checkpoint, "checkpoint_id": ckpt_id, "step": step, "metrics_rows": rows}

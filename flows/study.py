@@ -19,7 +19,8 @@ from storage.checkpoints import write_json_atomic
 from storage.fingerprint import hash_payload
 from storage.layout import StudyLayout, slug
 from tasks.activations import cache_activations
-from tasks.evaluate import evaluate_segments, evaluate_transfer, position_curves, sae_paths, tag_outliers, weight_diff
+from tasks.evaluate import (evaluate_segments, evaluate_transfer, pair_threshold, position_curves, sae_paths, tag_outliers,
+                            weight_diff)
 from tasks.models import prepare_pair
 from tasks.report import build_report, record_run
 from tasks._cache import code_version
@@ -40,13 +41,15 @@ def transfer_study(config: StudyConfig) -> dict:
     progress = create_progress_artifact(0.0, description=f"study {config.name}: caching activations")
     layout, results = StudyLayout(config.results_dir), str(config.results_dir)
     pair = prepare_pair(config.pair)
-    opts = dict(act_dtype=config.act_dtype, model_dtype=config.dtype, device=config.device)
+    opts = dict(act_dtype=config.act_dtype, model_dtype=config.dtype, device=config.device,
+                trust_remote_code=config.pair.trust_remote_code)
     caches = {
         role: cache_activations.submit(model, config.hooks, config.corpus, str(layout.activations), revision=rev, **opts)
         for role, model, rev in (("base", pair.base, config.pair.base_revision), ("chat", pair.chat, config.pair.chat_revision))
     }
     pending = [weight_diff.submit(pair.base, pair.chat, results)]
-    pending += [tag_outliers.submit(m, config, h) for m in (pair.base, pair.chat) for h in config.hooks]
+    thresholds = {h: pair_threshold.submit(pair.base, config, h) for h in config.hooks}  # one cut-off per pair
+    pending += [tag_outliers.submit(m, config, h, threshold=thresholds[h]) for m in (pair.base, pair.chat) for h in config.hooks]
     acts = {role: {a.hook: a for a in fut.result()} for role, fut in caches.items()}
     update_progress_artifact(progress, 20.0, description=f"study {config.name}: training SAEs")
     trained: dict[str, list[str]] = {}
@@ -59,11 +62,12 @@ def transfer_study(config: StudyConfig) -> dict:
             ft_dir = _sae_dir(layout, "finetuned", hook, acts["chat"][hook].path, config.sae.model_dump(), config.finetune.model_dump(), config.seed)
             saes["finetuned"] = finetune_sae.submit(saes["base"], acts["chat"][hook], config.finetune, ft_dir, config.seed)
         paths = trained[hook] = sae_paths([fut.result() for fut in saes.values()])
-        write_json_atomic(layout.study_state, {"saes": trained})
-        pending += [evaluate_transfer.submit(paths, m, config, hook) for m in (pair.base, pair.chat)]
-        pending += [position_curves.submit(paths, m, config, hook) for m in (pair.base, pair.chat)]
+        thr = thresholds[hook]
+        write_json_atomic(layout.study_state, {"saes": trained, "thresholds": {h: t.result() for h, t in thresholds.items() if h in trained}})
+        pending += [evaluate_transfer.submit(paths, m, config, hook, threshold=thr) for m in (pair.base, pair.chat)]
+        pending += [position_curves.submit(paths, m, config, hook, threshold=thr) for m in (pair.base, pair.chat)]
         if config.instructions.enabled:
-            pending.append(evaluate_segments.submit(paths[:2], pair.chat, config, hook))
+            pending.append(evaluate_segments.submit(paths[:2], pair.chat, config, hook, threshold=thr))
     update_progress_artifact(progress, 50.0, description=f"study {config.name}: evaluating transfer")
     wait(pending)
     for fut in pending:

@@ -22,89 +22,105 @@ class _Section(BaseModel):
 class PairConfig(_Section):
     """The base model and its chat fine-tune (Hub ids or local checkpoint folders)."""
 
-    base: str = "artifacts/demo-models/base"  # base model: Hub id or local HF folder
-    chat: str = "artifacts/demo-models/chat"  # chat fine-tune of `base`
-    base_revision: str | None = None  # Hub revision (branch, tag or commit) of base
-    chat_revision: str | None = None  # Hub revision of chat
-    checkpoints: str | None = "artifacts/demo-models/chat-checkpoints"  # folder of fine-tuning checkpoints to watch
-    checkpoints_repo: str | None = None  # Hub repo whose revisions are checkpoints (online only)
-    build_demo: bool = True  # build the offline demo pair first if base/chat are the demo folders
-    demo_preset: Literal["default", "tiny"] = "default"  # "tiny": a seconds-sized pair for smoke tests
-    trust_remote_code: bool = False  # only for models whose code you have read
+    base: str = Field("artifacts/demo-models/base", description="base model: Hub id or local HF folder")
+    chat: str = Field("artifacts/demo-models/chat", description="chat fine-tune of `base`")
+    base_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of base")
+    chat_revision: str | None = Field(None, description="Hub revision of chat")
+    checkpoints: str | None = Field(
+        "artifacts/demo-models/chat-checkpoints", description="folder of fine-tuning checkpoints to watch")
+    checkpoints_repo: str | None = Field(None, description="Hub repo whose revisions are checkpoints (online only)")
+    build_demo: bool = Field(True, description="build the offline demo pair first if base/chat are the demo folders")
+    demo_preset: Literal["default", "tiny"] = Field(
+        "default", description="demo pair size; 'tiny' is a seconds-sized pair for smoke tests")
+    trust_remote_code: bool = Field(False, description="let a Hub model's own modelling code run; only for models whose code you have read")
 
 
 class CorpusSection(_Section):
     """Text the SAEs are trained and evaluated on (the study used the Pile)."""
 
-    source: str = "stdlib"  # "stdlib", a local .txt/.jsonl/.parquet file or folder, or a Hub dataset id
-    text_column: str = "text"  # text column of .jsonl/.parquet/Hub sources
-    context_size: int = Field(128, ge=2)  # tokens per sequence, BOS included
-    prepend_bos: bool = True  # prepend BOS to every sequence (the study did)
-    train_tokens: int = Field(600_000, gt=0)  # activations cached per model for SAE training
-    seed: int = 0  # document train/eval split
+    source: str = Field(
+        "stdlib", description="'stdlib', a local .txt/.jsonl/.parquet file or folder, or a Hub dataset id")
+    text_column: str = Field("text", description="text column of .jsonl/.parquet/Hub sources")
+    context_size: int = Field(128, ge=2, description="tokens per sequence, BOS included")
+    prepend_bos: bool = Field(True, description="prepend BOS to every sequence (the study did)")
+    train_tokens: int = Field(600_000, gt=0, description="activations cached per model for SAE training")
+    seed: int = Field(0, description="seed of the document train/eval split")
 
 
 class SAESection(_Section):
     """SAE architecture and training budget (defaults follow the study's Conerly et al. setup)."""
 
-    arch: Literal["relu", "topk", "batchtopk", "jumprelu"] = "relu"  # the study trained ReLU SAEs
-    expansion: int = Field(16, ge=1)  # d_sae = expansion x d_model
-    l1_coefficient: float = Field(5.0, ge=0)  # sparsity penalty (relu)
-    k: int = Field(32, ge=1)  # active features (topk/batchtopk)
-    lr: float = Field(4e-4, gt=0)  # Adam learning rate, also used for fine-tuning (the study's recipe)
-    batch_size: int = Field(4096, ge=1)  # tokens per step in pre-training
-    train_tokens: int = Field(1_200_000, gt=0)  # pre-training token budget per SAE (epochs over the cache if larger)
+    arch: Literal["relu", "topk", "batchtopk", "jumprelu"] = Field("relu", description="SAE architecture (the study trained ReLU SAEs)")
+    expansion: int = Field(16, ge=1, description="d_sae = expansion x d_model")
+    l1_coefficient: float = Field(5.0, ge=0, description="sparsity penalty (relu)")
+    k: int = Field(32, ge=1, description="active features (topk/batchtopk)")
+    lr: float = Field(4e-4, gt=0, description="Adam learning rate, also used for fine-tuning (the study's recipe)")
+    batch_size: int = Field(4096, ge=1, description="tokens per step in pre-training")
+    train_tokens: int = Field(
+        1_200_000, gt=0, description="pre-training token budget per SAE (epochs over the cache if larger)")
 
 
 class FinetuneSection(_Section):
     """Fine-tuning the base SAE on chat activations (the study: 5M tokens, batch 256)."""
 
-    enabled: bool = True  # train the fine-tuned base SAE
-    tokens: int = Field(100_000, gt=0)  # fine-tuning token budget (1/12 of pre-training; the study: 5M of 800M)
-    batch_size: int = Field(256, ge=1)  # the study's fine-tuning batch size
+    enabled: bool = Field(True, description="train the fine-tuned base SAE")
+    tokens: int = Field(
+        100_000, gt=0, description="fine-tuning token budget (1/12 of pre-training; the study: 5M of 800M)")
+    batch_size: int = Field(256, ge=1, description="tokens per fine-tuning step (the study: 256)")
 
 
 class OutlierSection(_Section):
     """Outlier-norm rules on scaled norms (mean norm sqrt(d_model))."""
 
-    threshold: float | None = None  # absolute scaled-norm threshold; None = chosen per model from its norm distribution
-    k_median: float = Field(3.0, gt=1)  # second rule: k x median scaled norm
+    rule: Literal["absolute", "k_median", "either"] = Field(
+        "absolute", description="which tokens the 'excluded' metrics drop: the study's absolute threshold, k x median, or either")
+    threshold: float | None = Field(
+        None, ge=0, description="absolute scaled-norm threshold, one value for base and chat (the study: Qwen1.5 50, "
+        "Gemma 300, Mistral 200); empty: median + mad_k MAD estimated on the base model, used for both")
+    mad_k: float = Field(10.0, gt=0, description="robust estimate: median + mad_k * 1.4826 * MAD of the base model's scaled norms")
+    k_median: float = Field(3.0, gt=1, description="k x median rule: scaled norm above k times the evaluated model's median")
 
 
 class EvalSection(_Section):
     """Held-out evaluation budget."""
 
-    tokens: int = Field(16_384, gt=0)  # eval tokens per (SAE, model) pair (the study used ~100k)
-    bootstrap: int = Field(1000, ge=0)  # bootstrap resamples for the CE-loss-recovered interval
-    position_multiples: list[int] = [1, 2, 4]  # context multiples for position curves
+    tokens: int = Field(16_384, gt=0, description="eval tokens per (SAE, model) pair (the study used ~100k)")
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the CE-loss-recovered interval")
+    position_multiples: list[int] = Field(
+        [1, 2, 4], description="context multiples for position curves (sizes the model cannot take are skipped)")
 
 
 class InstructionSection(_Section):
     """Instruction-formatted data: prompts -> greedy chat rollouts -> segment metrics."""
 
-    enabled: bool = True  # evaluate per segment (user prompt / rollout / template)
-    source: str = "demo"  # "demo" (held-out docstrings), a local .jsonl of {"prompt": ...}, or a Hub id
-    n_prompts: int = Field(48, ge=1)  # the study used ~50 Alpaca instructions
-    max_new_tokens: int = Field(96, ge=1)  # rollout length cap
+    enabled: bool = Field(True, description="evaluate per segment (user prompt / rollout / template)")
+    source: str = Field(
+        "demo", description="'demo' (held-out docstrings), a local .jsonl of {'prompt': ...}, or a Hub id")
+    n_prompts: int = Field(48, ge=1, description="instructions rolled out (the study used ~50 Alpaca instructions)")
+    max_new_tokens: int = Field(96, ge=1, description="rollout length cap, in tokens")
 
 
 class StudyConfig(_Section):
     """One base-vs-chat transfer study."""
 
-    name: str = "demo"  # results go to `<results_root>/<name>`
-    results_root: str = "results"  # parent folder of every study's results
-    pair: PairConfig = PairConfig()
-    hooks: list[str] = ["blocks.2.hook_resid_pre"]  # hook points studied (the study: middle-layer resid_pre)
-    corpus: CorpusSection = CorpusSection()
-    sae: SAESection = SAESection()
-    finetune: FinetuneSection = FinetuneSection()
-    outliers: OutlierSection = OutlierSection()
-    eval: EvalSection = EvalSection()
-    instructions: InstructionSection = InstructionSection()
-    device: str | None = None  # None = CUDA when available, else CPU
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # model dtype (bf16 on GPUs for 7B models)
-    act_dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # element dtype of cached activations
-    seed: int = 0  # SAE init, shuffling and bootstrap
+    name: str = Field("demo", description="results go to `<results_root>/<name>`")
+    results_root: str = Field("results", description="parent folder of every study's results")
+    pair: PairConfig = Field(PairConfig(), description="the base model, its chat fine-tune and their checkpoints")
+    hooks: list[str] = Field(
+        ["blocks.2.hook_resid_pre"], description="hook points studied (the study: middle-layer resid_pre)")
+    corpus: CorpusSection = Field(CorpusSection(), description="text the SAEs are trained and evaluated on")
+    sae: SAESection = Field(SAESection(), description="SAE architecture and training budget")
+    finetune: FinetuneSection = Field(FinetuneSection(), description="fine-tuning the base SAE on chat activations")
+    outliers: OutlierSection = Field(OutlierSection(), description="outlier-norm rules")
+    eval: EvalSection = Field(EvalSection(), description="held-out evaluation budget")
+    instructions: InstructionSection = Field(
+        InstructionSection(), description="instruction-formatted data and segment metrics")
+    device: str | None = Field(None, description="cuda, cuda:1, cpu ...; empty = CUDA when available, else CPU")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="model dtype (bf16 on GPUs for 7B models)")
+    act_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="element dtype of cached activations")
+    seed: int = Field(0, description="seed of SAE init, shuffling and bootstrap")
 
     @model_validator(mode="after")
     def _check(self) -> "StudyConfig":

@@ -39,26 +39,36 @@ METRICS = pa.schema(
     + [
         ("segment", _STR),  # "text" (plain corpus), "user_prompt", "rollout" or "template"
         ("outlier_policy", _STR),  # "excluded" (outlier positions keep their activation, not counted) or "included"
-        ("outlier_rule", _STR),  # how the absolute threshold was chosen, e.g. "median+10mad" or "absolute"
-        ("outlier_threshold", _F64),  # threshold on the scaled norm
-        ("scale_factor", _F64),  # s = sqrt(d_model) / E||x|| on the evaluated model's own activations
+        ("outlier_rule", _STR),  # the exclusion rule: "absolute" (the study's), "k_median" or "either"
+        ("outlier_threshold", _F64),  # absolute threshold on the scaled norm (one per model pair)
+        ("threshold_source", _STR),  # "config", "pair estimate on <model>" or the robust estimate's name
+        ("suggested_threshold", _F64),  # robust estimate median + 10 MAD on this model's scaled norms (recorded, not applied)
+        ("kmedian_threshold", _F64),  # k x median scaled norm of this model (the k_median rule's cut-off)
+        ("scale_factor_train", _F64),  # s_train folded into the SAE (null: none recorded, SAE used as saved)
+        ("scale_factor_eval", _F64),  # s_eval = sqrt(d_model) / E||x|| on the evaluated model's own activations
+        ("scale_ratio", _F64),  # r = s_eval / s_train: the SAE reconstructs SAE(r x) / r
         ("n_tokens", _I64),  # counted positions
         ("n_sequences", _I64),
         ("l0", _F64),  # mean active features per counted token
         ("mse", _F64),  # mean over tokens of sum_d (x - x_hat)^2, scaled units
         ("explained_variance", _F64),  # 1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2)
         ("explained_variance_legacy", _F64),  # mean over tokens of 1 - ||x - x_hat||^2 / ||x - mean(x)||^2
+        ("variance_share", _F64),  # (E||x||^2 - ||E x||^2) / E||x||^2: EV's denominator as a share of energy
         ("ce_clean", _F64),  # nats per counted next-token prediction
         ("ce_sae", _F64),
-        ("ce_zero", _F64),
+        ("ce_zero", _F64),  # hook zeroed at every position
         ("ce_delta", _F64),  # ce_sae - ce_clean
         ("ce_loss_score", _F64),  # (ce_zero - ce_sae) / (ce_zero - ce_clean)
         ("ce_loss_score_lo", _F64),  # bootstrap percentile interval over sequences
         ("ce_loss_score_hi", _F64),
         ("ce_ci_level", _F64),  # e.g. 0.95
+        ("ce_zero_segment", _F64),  # hook zeroed at the counted positions only (segments; the study's Alpaca evals)
+        ("ce_loss_score_segment", _F64),  # (ce_zero_segment - ce_sae) / (ce_zero_segment - ce_clean)
         ("kl_div_score", _F64),  # (KL_zero - KL_sae) / KL_zero
         ("kl_sae", _F64),  # mean KL(clean || sae-spliced), nats
         ("kl_zero", _F64),  # mean KL(clean || zero-ablated), nats
+        ("reliable", _BOOL),  # false when a ratio's denominator is ill-conditioned (see unreliable_reason)
+        ("unreliable_reason", _STR),  # e.g. "only 192 tokens (< 500); token variance is 1.2% of their energy (< 5%)"
         ("context_size", _I64),  # tokens per evaluated sequence (max, for ragged segments)
         ("tokens_fingerprint", _STR),  # hash of the evaluated token set
         ("seed", _I64),  # bootstrap seed
@@ -79,11 +89,15 @@ OUTLIERS = pa.schema(
         ("norm", _F64),  # raw ||x||
         ("scaled_norm", _F64),  # s * ||x||
         ("scale_factor", _F64),
-        ("outlier_rule", _STR),
+        ("outlier_rule", _STR),  # the configured exclusion rule: absolute / k_median / either
         ("outlier_threshold", _F64),  # absolute threshold on the scaled norm
+        ("threshold_source", _STR),  # where the absolute threshold came from
         ("is_outlier_abs", _BOOL),  # scaled_norm > outlier_threshold (the seed study's rule)
         ("k_median", _F64),
-        ("is_outlier_kmedian", _BOOL),  # scaled_norm > k_median * median(scaled_norm)
+        ("kmedian_threshold", _F64),  # k_median * median(scaled_norm)
+        ("is_outlier_kmedian", _BOOL),  # scaled_norm > kmedian_threshold
+        ("is_outlier", _BOOL),  # excluded by the configured rule
+        ("flagged_by", _STR),  # "absolute", "k_median", "both" or null
         ("is_newline", _BOOL),  # token text contains a newline
         ("tokens_fingerprint", _STR),
         ("created_at", _TS),
@@ -95,8 +109,11 @@ OUTLIER_SUMMARY = pa.schema(
         ("model_id", _STR),
         ("model_revision", _STR),
         ("hook", _STR),
-        ("outlier_rule", _STR),  # "median+10mad", "absolute" or "3xmedian" ...
-        ("outlier_threshold", _F64),  # on the scaled norm
+        ("outlier_rule", _STR),  # "absolute", "k_median" or "either"
+        ("outlier_threshold", _F64),  # on the scaled norm (null for "either")
+        ("threshold_source", _STR),  # where the threshold came from
+        ("excludes", _BOOL),  # this is the configured rule (the one metrics exclude by)
+        ("suggested_threshold", _F64),  # robust estimate median + 10 MAD on this model (recorded, not applied)
         ("n_tokens", _I64),
         ("n_outliers", _I64),
         ("frac_outliers", _F64),
@@ -145,7 +162,9 @@ POSITIONS = pa.schema(
     + [
         ("outlier_policy", _STR),
         ("outlier_threshold", _F64),
-        ("scale_factor", _F64),
+        ("scale_factor_train", _F64),  # as in metrics
+        ("scale_factor_eval", _F64),
+        ("scale_ratio", _F64),
         ("sae_context_size", _I64),  # context the SAE was trained at (cfg metadata)
         ("context_size", _I64),  # length of the evaluated sequences
         ("bucket_lo", _I64),  # first position in the bucket

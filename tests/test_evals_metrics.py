@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from sae_transfer.evals.bootstrap import ce_score_ci
-from sae_transfer.evals.metrics import ReconAccumulator, reconstruction_metrics, scale_factor
+from sae_transfer.evals.metrics import ReconAccumulator, reconstruction_metrics
+from sae_transfer.sae.scaling import scale_factor_of
 from sae_transfer.sae import ReluSAE, SAEConfig
 from sae_transfer.sae import metrics as sae_metrics
 
@@ -80,7 +81,7 @@ def test_accumulator_is_batching_invariant_for_exact_sums():
 
 def test_scale_factor_gives_mean_norm_sqrt_d():
     x = torch.randn(500, 64) * 7.0
-    s = scale_factor(x.norm(dim=-1), 64)
+    s = scale_factor_of(x.norm(dim=-1), 64)
     assert float((s * x).norm(dim=-1).mean()) == pytest.approx(8.0)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sae_transfer.evals.outliers import OutlierRule, breakdown, choose_threshold
+from sae_transfer.evals.outliers import OutlierRule, breakdown, choose_threshold, flag_tokens, flagged_by
 from sae_transfer.evals.positions import context_sizes, position_buckets
 
 
@@ -36,7 +36,7 @@ def test_breakdown_without_outliers_is_nan_shares():
 
 def test_threshold_rules():
     norms = torch.tensor([9.0, 10.0, 10.0, 11.0, 10.0, 300.0])
-    assert choose_threshold(norms, OutlierRule(threshold=50.0)) == ("absolute", 50.0)
+    assert choose_threshold(norms, OutlierRule(threshold=50.0)) == ("config", 50.0)
     rule, t = choose_threshold(norms, OutlierRule(mad_k=10))
     # median 10, MAD 0 -> the robust threshold sits just at the median: flags only values above it
     assert rule == "median+10mad" and t == pytest.approx(10.0)
@@ -52,3 +52,21 @@ def test_position_buckets_and_context_sizes():
     assert position_buckets(8) == [(0, 0), (1, 1), (2, 3), (4, 7)]
     assert context_sizes(64, 200) == [64, 128]
     assert context_sizes(64, None, (1, 2, 4)) == [64, 128, 256]
+
+
+def test_rule_choice_decides_exclusion_and_records_who_flagged():
+    # median 10 -> k x median (k=3) cut-off 30; absolute cut-off 100
+    scaled = torch.tensor([10.0, 10.0, 9.0, 11.0, 50.0, 150.0])
+    want = {"absolute": [0, 0, 0, 0, 0, 1], "k_median": [0, 0, 0, 0, 1, 1], "either": [0, 0, 0, 0, 1, 1]}
+    for rule, expected in want.items():
+        f = flag_tokens(scaled, 100.0, 3.0 * 10.0, rule)
+        assert f.outlier_N.int().tolist() == expected, rule
+    f = flag_tokens(scaled, 100.0, 30.0, "absolute")
+    assert [flagged_by(a, k) for a, k in zip(f.absolute_N.tolist(), f.k_median_N.tolist())][-2:] == ["k_median", "both"]
+
+
+def test_outlier_rule_rejects_unknown_rule_and_negative_threshold():
+    with pytest.raises(ValueError, match="rule"):
+        OutlierRule(rule="median")
+    with pytest.raises(ValueError, match="threshold"):
+        OutlierRule(threshold=-1.0)

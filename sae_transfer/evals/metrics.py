@@ -1,4 +1,4 @@
-"""Reconstruction metrics (DESIGN.md definitions): scale factor, l0, mse, explained variance.
+"""Reconstruction metrics (DESIGN.md definitions) accumulated over batches: l0, mse, explained variance.
 
 Everything is accumulated as sums over batches so one pass over any number of tokens gives
 exactly the same numbers as one big batch.
@@ -6,17 +6,11 @@ exactly the same numbers as one big batch.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-
-def scale_factor(norms_N: torch.Tensor, d_model: int) -> float:
-    """s = sqrt(d_model) / mean ||x|| (dimensionless), so that s * x has mean norm sqrt(d_model)."""
-    mean_norm = float(norms_N.double().mean())
-    assert mean_norm > 0, "activations are all zero; cannot scale"
-    return math.sqrt(d_model) / mean_norm
+from sae_transfer.sae.metrics import legacy_terms, variance_explained_from_moments
 
 
 @dataclass(frozen=True)
@@ -28,6 +22,7 @@ class ReconMetrics:
     mse: float  # mean over tokens of sum_d (x - x_hat)^2, in scaled units (times s^2 vs raw)
     explained_variance: float  # 1 - E||x - x_hat||^2 / (E||x||^2 - ||E x||^2) (SAELens)
     explained_variance_legacy: float  # mean over tokens of 1 - ||x - x_hat||^2 / ||x - mean(x)||^2 (seed study)
+    variance_share: float  # (E||x||^2 - ||E x||^2) / E||x||^2: how much of the tokens' energy varies (EV's denominator)
 
 
 class ReconAccumulator:
@@ -57,24 +52,25 @@ class ReconAccumulator:
         self.sum_sq_norm += float(x.pow(2).sum())
         self.sum_x_D += x.sum(0).cpu()
         if x.shape[0]:
-            denom_N = (x - x.mean(0)).pow(2).sum(-1)  # seed study: ||x - mean_batch(x)||^2
-            self.sum_legacy += float((1 - sq_err_N / denom_N).sum())
+            self.sum_legacy += float(legacy_terms(x, sq_err_N).sum())
         return sq_err_N
 
     def result(self, scale: float) -> ReconMetrics:
         """Metrics over everything added; `scale` is s (mse is multiplied by s^2)."""
         n = max(self.n, 1)
-        mean_D = self.sum_x_D / n
-        total_var = self.sum_sq_norm / n - float(mean_D.pow(2).sum())
-        if total_var <= 1e-9 * self.sum_sq_norm / n:  # identical tokens (e.g. only BOS): undefined
+        mean_sq_norm = self.sum_sq_norm / n
+        total_var = mean_sq_norm - float((self.sum_x_D / n).pow(2).sum())
+        if total_var <= 1e-9 * mean_sq_norm:  # identical tokens (e.g. only BOS): undefined
             total_var = 0.0
         nan = float("nan")
+        ev = variance_explained_from_moments(self.sum_sq_err / n, mean_sq_norm, self.sum_x_D / n)
         return ReconMetrics(
             n_tokens=self.n,
             l0=self.sum_l0 / n if self.n else nan,
             mse=scale**2 * self.sum_sq_err / n if self.n else nan,
-            explained_variance=1 - (self.sum_sq_err / n) / total_var if self.n and total_var > 0 else nan,
+            explained_variance=float(ev) if self.n and total_var > 0 else nan,
             explained_variance_legacy=self.sum_legacy / n if self.n else nan,
+            variance_share=total_var / mean_sq_norm if self.n and mean_sq_norm > 0 else nan,
         )
 
 

@@ -10,23 +10,60 @@ import torch
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 
 
+RULES = ("absolute", "k_median", "either")  # which tokens are excluded (DESIGN.md "Outliers")
+
+
 @dataclass(frozen=True)
 class OutlierRule:
-    """How the absolute threshold on scaled norms is chosen."""
+    """Which tokens count as outliers (and are excluded under the "excluded" policy)."""
 
-    threshold: float | None = None  # absolute threshold (the seed study used 50 for Qwen1.5-0.5B, 200 for Mistral-7B); None: robust default
-    mad_k: float = 10.0  # robust default: median + mad_k * 1.4826 * MAD of the scaled norms (far tail only)
-    k_median: float = 3.0  # second rule, flagged separately: scaled norm > k_median * median
+    rule: str = "absolute"  # "absolute" (the seed study's), "k_median", or "either" of the two
+    threshold: float | None = None  # absolute threshold on scaled norms, one per model pair (the study: Qwen1.5 50, Gemma 300, Mistral 200); None: the robust estimate below
+    mad_k: float = 10.0  # robust estimate: median + mad_k * 1.4826 * MAD of the scaled norms (far tail only); printed and recorded as a suggestion
+    k_median: float = 3.0  # k x median rule: scaled norm > k_median * median of the evaluated model's scaled norms
+    threshold_source: str = "config"  # where `threshold` came from, recorded on rows (e.g. "pair estimate on <base model>")
+
+    def __post_init__(self):
+        if self.rule not in RULES:
+            raise ValueError(f"outliers.rule: {self.rule!r} is not a rule; use one of {', '.join(RULES)}")
+        if self.threshold is not None and not self.threshold >= 0:
+            raise ValueError(f"outliers.threshold: {self.threshold} must be >= 0 (a scaled norm; the mean scaled norm is sqrt(d_model))")
 
 
-def choose_threshold(scaled_norms_N: torch.Tensor, rule: OutlierRule) -> tuple[str, float]:
-    """(rule name, absolute threshold on scaled norms) for this model's norm distribution."""
-    if rule.threshold is not None:
-        return "absolute", float(rule.threshold)
+def suggest_threshold(scaled_norms_N: torch.Tensor, mad_k: float) -> float:
+    """median + mad_k * 1.4826 * MAD of scaled norms: a robust cut-off far in the upper tail."""
     norms = scaled_norms_N.double()
     median = norms.median()
     mad = (norms - median).abs().median()
-    return f"median+{rule.mad_k:g}mad", float(median + rule.mad_k * MAD_TO_SIGMA * mad)
+    return float(median + mad_k * MAD_TO_SIGMA * mad)
+
+
+def choose_threshold(scaled_norms_N: torch.Tensor, rule: OutlierRule) -> tuple[str, float]:
+    """(where the absolute threshold came from, the threshold on scaled norms): the configured
+    value, else the robust estimate on these norms (callers pass the pair's reference model)."""
+    if rule.threshold is not None:
+        return rule.threshold_source, float(rule.threshold)
+    return f"median+{rule.mad_k:g}mad", suggest_threshold(scaled_norms_N, rule.mad_k)
+
+
+@dataclass(frozen=True)
+class Flags:
+    """Per-token outlier flags of both rules and the configured combination."""
+
+    absolute_N: torch.Tensor  # scaled norm > absolute threshold
+    k_median_N: torch.Tensor  # scaled norm > k_median * median
+    outlier_N: torch.Tensor  # what the configured rule excludes
+
+
+def flag_tokens(scaled_N: torch.Tensor, abs_threshold: float, kmedian_threshold: float, rule: str) -> Flags:
+    """Both rules' flags and the configured rule's outliers (same shape as `scaled_N`)."""
+    a, k = scaled_N > abs_threshold, scaled_N > kmedian_threshold
+    return Flags(a, k, {"absolute": a, "k_median": k, "either": a | k}[rule])
+
+
+def flagged_by(absolute: bool, k_median: bool) -> str | None:
+    """Which rule(s) flagged a token: "absolute", "k_median", "both" or None."""
+    return "both" if absolute and k_median else "absolute" if absolute else "k_median" if k_median else None
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ def position_curves(
     for (sid, policy, b), acc in accs.items():
         r = acc.result(scale)
         rows.append({
-            "sae_id": sid, "outlier_policy": policy, "outlier_threshold": threshold, "scale_factor": scale,
+            "sae_id": sid, "outlier_policy": policy, "outlier_threshold": threshold,
             "context_size": seq_len, "bucket_lo": buckets[b][0], "bucket_hi": buckets[b][1], "n_tokens": r.n_tokens,
             "l0": r.l0, "mse": r.mse, "explained_variance": r.explained_variance,
             "mean_scaled_norm": norm_sums[(sid, policy, b)] / r.n_tokens if r.n_tokens else float("nan"),

@@ -4,7 +4,7 @@ between loading inputs and appending rows through `storage.tables`."""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sae_transfer.evals import positions as pos_mod
@@ -12,6 +12,7 @@ from sae_transfer.evals import records, transfer
 from sae_transfer.evals.loading import LoadedSAE, check_width
 from sae_transfer.evals.segments import SEGMENTS, segment_mask
 from sae_transfer.evals.transfer import EvalConfig, NormStats, TokenSet
+from sae_transfer.sae.scaling import cross_model_ratio, rescaled, training_scale
 
 
 @dataclass
@@ -23,14 +24,31 @@ class TransferRecords:
     norms: NormStats
 
 
-def checked_norms(model, saes: list[LoadedSAE], toks: TokenSet, hook: str, cfg: EvalConfig) -> NormStats:
+def checked_norms(
+    model, saes: list[LoadedSAE], toks: TokenSet, hook: str, cfg: EvalConfig, *, scale: float | None = None,
+    threshold: tuple[str, float] | None = None,
+) -> NormStats:
     """Hook name check, the norm pass, then the SAE width check (UserError on a mismatch)."""
     from sae_transfer.models import check_hooks
 
     check_hooks(model, [hook])
-    norms = transfer.norm_pass(model, toks, hook, cfg)
+    norms = transfer.norm_pass(model, toks, hook, cfg, scale=scale, threshold=threshold)
     check_width(norms.d_in, saes, hook)
     return norms
+
+
+def as_applied(saes: list[LoadedSAE], s_eval: float) -> dict[str, tuple[object, dict]]:
+    """sae_id -> (the SAE as applied to a model with scale factor s_eval, its scale columns).
+
+    A saved SAE reads raw activations of its own model (s_train folded in); on a model with
+    factor s_eval it reconstructs x_hat = SAE(r x) / r, r = s_eval / s_train (DESIGN.md)."""
+    out = {}
+    for s in saes:
+        s_train = training_scale(s.sae)
+        r = cross_model_ratio(s_eval, s_train)
+        cols = {"scale_factor_train": s_train, "scale_factor_eval": s_eval, "scale_ratio": r}
+        out[s.info["sae_id"]] = (rescaled(s.sae, r), cols)
+    return out
 
 
 def transfer_records(
@@ -39,27 +57,33 @@ def transfer_records(
 ) -> TransferRecords:
     """Every SAE on one model and token set, both outlier policies (norm pass unless given)."""
     norms = norms or checked_norms(model, saes, toks, hook, cfg)
-    results = transfer.evaluate_saes(model, {s.info["sae_id"]: s.sae for s in saes}, toks, hook, norms, cfg)
+    applied = as_applied(saes, norms.scale)
+    results = transfer.evaluate_saes(model, {sid: a[0] for sid, a in applied.items()}, toks, hook, norms, cfg)
     metrics, errors = [], []
     for s in saes:
-        res = results[s.info["sae_id"]]
+        sid = s.info["sae_id"]
+        res = results[sid]
         kw = dict(sae_info=s.info, model_info=model_info, hook=hook, toks=toks)
-        metrics += records.metrics_rows(res, norms=norms, cfg=cfg, **kw)
+        metrics += records.metrics_rows(res, norms=norms, cfg=cfg, scales=applied[sid][1], **kw)
         errors += records.token_error_rows(res, **kw)
     return TransferRecords(metrics, errors, norms)
 
 
 def segment_records(
-    model, model_info: dict, saes: list[LoadedSAE], transcripts: TokenSet, hook: str, cfg: EvalConfig
+    model, model_info: dict, saes: list[LoadedSAE], transcripts: TokenSet, hook: str, cfg: EvalConfig,
+    reference: NormStats,
 ) -> list[dict]:
     """Metrics rows per segment (user_prompt, rollout, template), splicing only at that
-    segment's positions; one norm pass over all transcript tokens."""
-    norms = checked_norms(model, saes, transcripts, hook, cfg)
+    segment's positions, with the segment-only zero ablation as well. Scale factor and absolute
+    threshold come from `reference` (the main corpus's norm pass), as the seed study did."""
+    norms = checked_norms(model, saes, transcripts, hook, cfg, scale=reference.scale,
+                          threshold=(reference.threshold_source, reference.threshold))
+    seg_cfg = replace(cfg, zero_segment=True)
     rows = []
     for seg in SEGMENTS:
         mask = segment_mask(transcripts.roles_NS, transcripts.valid_NS, seg)
         toks = TokenSet(transcripts.tokens_NS, transcripts.roles_NS, transcripts.valid_NS, mask, seg, transcripts.fingerprint)
-        rows += transfer_records(model, model_info, saes, toks, hook, cfg, norms).metrics
+        rows += transfer_records(model, model_info, saes, toks, hook, seg_cfg, norms).metrics
     return rows
 
 
@@ -76,22 +100,23 @@ def outlier_records(model, model_info: dict, toks: TokenSet, hook: str, cfg: Eva
 
 def position_records(
     model, model_info: dict, saes: list[LoadedSAE], token_sets: dict[int, TokenSet], hook: str, cfg: EvalConfig,
-    sae_context: int,
+    sae_context: int, threshold: tuple[str, float] | None = None,
 ) -> list[dict]:
     """`positions` rows for each context size in `token_sets` (size -> sequences of that length).
 
     Scale factor and threshold come from the sequences at the SAE's own context size."""
-    norms = checked_norms(model, saes, token_sets[sae_context], hook, cfg)
+    norms = checked_norms(model, saes, token_sets[sae_context], hook, cfg, threshold=threshold)
+    applied = as_applied(saes, norms.scale)
     by_id = {s.info["sae_id"]: s for s in saes}
     rows = []
     for size, toks in sorted(token_sets.items()):
         curves = pos_mod.position_curves(
-            model, {k: s.sae for k, s in by_id.items()}, toks.tokens_NS, hook, scale=norms.scale,
+            model, {k: a[0] for k, a in applied.items()}, toks.tokens_NS, hook, scale=norms.scale,
             threshold=norms.threshold, batch_tokens=cfg.batch_tokens, device=cfg.device,
         )
         for r in curves:
-            r.update(by_id[r["sae_id"]].info, **model_info, hook=hook, sae_context_size=sae_context,
-                     beyond_training_context=r["bucket_lo"] >= sae_context)
+            r.update(by_id[r["sae_id"]].info, **model_info, **applied[r["sae_id"]][1], hook=hook,
+                     sae_context_size=sae_context, beyond_training_context=r["bucket_lo"] >= sae_context)
         rows += curves
     return rows
 

@@ -17,8 +17,9 @@ import torch
 from sae_transfer.corpus import ROLE_CODE
 from sae_transfer.evals import splice
 from sae_transfer.evals.bootstrap import ce_score_ci
-from sae_transfer.evals.metrics import ReconAccumulator, ReconMetrics, scale_factor
-from sae_transfer.evals.outliers import OutlierRule, choose_threshold
+from sae_transfer.evals.metrics import ReconAccumulator, ReconMetrics
+from sae_transfer.evals.outliers import Flags, OutlierRule, choose_threshold, flag_tokens, suggest_threshold
+from sae_transfer.sae.scaling import scale_factor_of
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class EvalConfig:
     keep_token_errors: bool = True  # return per-token (scaled norm, squared error) for the MSE-vs-norm plot
     device: str | None = None  # None: the model's device
     policies: tuple[str, ...] = POLICIES  # outlier policies to report; each costs one spliced pass per SAE
+    zero_segment: bool = False  # also zero-ablate only the counted positions (ce_zero_segment; the seed study's segment evals)
 
 
 @dataclass
@@ -62,12 +64,20 @@ class NormStats:
     """Per-token activation norms of one model on one token set, and what follows from them."""
 
     norms_NS: torch.Tensor  # raw ||x|| (float32, cpu; 0 on padding)
-    scale: float  # s = sqrt(d_model) / E||x|| over valid tokens
-    rule: str  # how the threshold was chosen
-    threshold: float  # absolute threshold on scaled norms
-    outlier_NS: torch.Tensor  # bool: scaled norm > threshold (valid tokens only)
+    scale: float  # s_eval = sqrt(d_model) / E||x|| (on this token set, or given: e.g. the main corpus's)
+    rule: str  # the configured exclusion rule: "absolute", "k_median" or "either"
+    threshold: float  # absolute threshold on scaled norms (one per pair)
+    threshold_source: str  # "config", "pair:<model>" or the robust estimate's name on this model
+    suggested_threshold: float  # robust estimate (median + k MAD) on this model's scaled norms, recorded
+    kmedian_threshold: float  # k_median x median scaled norm of this model
+    flags: Flags  # per-token flags [N, S] of both rules and of the configured rule (valid tokens only)
     median_scaled: float  # median scaled norm over valid tokens
     d_in: int  # width of the hooked activation
+
+    @property
+    def outlier_NS(self) -> torch.Tensor:
+        """True where the configured rule flags a valid token."""
+        return self.flags.outlier_N
 
 
 @dataclass
@@ -78,6 +88,7 @@ class PolicyResult:
     ce_clean: float
     ce_sae: float
     ce_zero: float
+    ce_zero_segment: float  # hook zeroed at the counted positions only (nan unless cfg.zero_segment)
     ce_ci: tuple[float, float]
     kl_sae: float
     kl_zero: float
@@ -103,8 +114,14 @@ def _device(model, cfg: EvalConfig) -> torch.device:
 
 
 @torch.inference_mode()
-def norm_pass(model, toks: TokenSet, hook: str, cfg: EvalConfig, scale: float | None = None) -> NormStats:
-    """Per-token norms from hook-only passes; scale factor (unless given), threshold and flags."""
+def norm_pass(
+    model, toks: TokenSet, hook: str, cfg: EvalConfig, scale: float | None = None,
+    threshold: tuple[str, float] | None = None,
+) -> NormStats:
+    """Per-token norms from hook-only passes, then the scale factor and outlier flags.
+
+    `scale` (s_eval) and `threshold` ((source, value)) override the estimates on this token set:
+    segments use the main corpus's, and a study uses one absolute threshold per model pair."""
     device = _device(model, cfg)
     norms = torch.zeros(toks.tokens_NS.shape, dtype=torch.float32)
     d_in = 0
@@ -113,10 +130,15 @@ def norm_pass(model, toks: TokenSet, hook: str, cfg: EvalConfig, scale: float | 
         norms[sl] = x_BSD.float().norm(dim=-1).cpu()
         d_in = x_BSD.shape[-1]
     valid = toks.valid_NS
-    s = scale if scale is not None else scale_factor(norms[valid], d_in)
+    s = scale if scale is not None else scale_factor_of(norms[valid], d_in)
     scaled = norms * s
-    rule, threshold = choose_threshold(scaled[valid], cfg.outliers)
-    return NormStats(norms, s, rule, threshold, (scaled > threshold) & valid, float(scaled[valid].median()), d_in)
+    source, abs_threshold = threshold if threshold is not None else choose_threshold(scaled[valid], cfg.outliers)
+    median = float(scaled[valid].median())
+    kmed = cfg.outliers.k_median * median
+    f = flag_tokens(scaled, abs_threshold, kmed, cfg.outliers.rule)
+    flags = Flags(f.absolute_N & valid, f.k_median_N & valid, f.outlier_N & valid)
+    suggested = suggest_threshold(scaled[valid], cfg.outliers.mad_k)
+    return NormStats(norms, s, cfg.outliers.rule, abs_threshold, source, suggested, kmed, flags, median, d_in)
 
 
 class _Sums:
@@ -124,7 +146,7 @@ class _Sums:
 
     def __init__(self, d_in: int):
         self.recon = ReconAccumulator(d_in)
-        self.parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("clean", "sae", "zero", "kl_sae", "kl_zero", "n")}
+        self.parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("clean", "sae", "zero", "zero_seg", "kl_sae", "kl_zero", "n")}
 
     def add(self, mask_BS: torch.Tensor, **per_token_BS: torch.Tensor) -> None:
         m = mask_BS.float()
@@ -140,9 +162,10 @@ class _Sums:
             cat["clean"][keep], cat["sae"][keep], cat["zero"][keep],
             n_resamples=cfg.n_bootstrap, level=cfg.ci_level, seed=cfg.seed,
         )
-        mean = {k: float(cat[k].sum()) / n for k in ("clean", "sae", "zero", "kl_sae", "kl_zero")}
+        mean = {k: float(cat[k].sum()) / n if cat[k].numel() else float("nan")
+                for k in ("clean", "sae", "zero", "zero_seg", "kl_sae", "kl_zero")}
         return PolicyResult(
-            self.recon.result(scale), mean["clean"], mean["sae"], mean["zero"], ci,
+            self.recon.result(scale), mean["clean"], mean["sae"], mean["zero"], mean["zero_seg"], ci,
             mean["kl_sae"], mean["kl_zero"], int(keep.sum()),
         )
 
@@ -178,6 +201,7 @@ def evaluate_saes(model, saes: dict, toks: TokenSet, hook: str, norms: NormStats
         del logits
         zero = splice.logit_stats(splice.zero_logits(model, tok_BS, hook, x_BSD), tok_BS, p_clean)
         kl_zero = zero.kl_from(clean)
+        zero_seg = {p: _zero_at(model, tok_BS, hook, x_BSD, m, p_clean).loss_BS for p, m in masks.items()} if cfg.zero_segment else {}
         for sid, sae in saes.items():
             x_hat_BSD, l0_BS = apply_sae(sae, x_BSD)
             for policy, mask_BS in masks.items():
@@ -185,8 +209,9 @@ def evaluate_saes(model, saes: dict, toks: TokenSet, hook: str, norms: NormStats
                 acc.recon.add(x_BSD[mask_BS], x_hat_BSD[mask_BS], l0_BS[mask_BS])
                 spliced = splice.logit_stats(
                     splice.spliced_logits(model, tok_BS, hook, x_hat_BSD, mask_BS, x_BSD), tok_BS, p_clean)
+                extra = {"zero_seg": zero_seg[policy]} if cfg.zero_segment else {}
                 acc.add(splice.loss_mask(mask_BS, valid_BS), clean=clean.loss_BS, zero=zero.loss_BS,
-                        sae=spliced.loss_BS, kl_zero=kl_zero, kl_sae=spliced.kl_from(clean))
+                        sae=spliced.loss_BS, kl_zero=kl_zero, kl_sae=spliced.kl_from(clean), **extra)
             if cfg.keep_token_errors:
                 errors[sid].append(_token_errors(sl, x_BSD, x_hat_BSD, l0_BS, counted_BS, outlier_BS, norms))
     return {
@@ -196,6 +221,12 @@ def evaluate_saes(model, saes: dict, toks: TokenSet, hook: str, norms: NormStats
         )
         for sid in saes
     }
+
+
+def _zero_at(model, tok_BS, hook: str, x_BSD: torch.Tensor, mask_BS: torch.Tensor, p_clean):
+    """Logit stats with the hook zeroed only at `mask_BS` (segment-only zero ablation)."""
+    zeros = torch.zeros_like(x_BSD)
+    return splice.logit_stats(splice.spliced_logits(model, tok_BS, hook, zeros, mask_BS, x_BSD), tok_BS, p_clean)
 
 
 def _token_errors(sl: slice, x_BSD, x_hat_BSD, l0_BS, counted_BS, outlier_BS, norms: NormStats) -> dict[str, torch.Tensor]:

@@ -11,7 +11,6 @@ checkpoints resumes from the newest one."""
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 from sae_transfer.errors import UserError
 from sae_transfer.sae import SAE, SAEConfig, make_sae
-from sae_transfer.sae.scaling import fold_scale
+from sae_transfer.sae.scaling import fold_scale, scale_factor_of, training_scale
 from sae_transfer.training.config import TrainConfig
 from sae_transfer.training.loop import LoopState, TrainingRun, train_loop
 from sae_transfer.training.sources import SourceFactory
@@ -64,8 +63,8 @@ def sample_tokens(make_source: SourceFactory, n_tokens: int) -> torch.Tensor:
 
 
 def estimate_scale(raw_ND: torch.Tensor) -> float:
-    """s = √D / E‖x‖: multiplying by s gives mean norm √d_in (Conerly et al.; DESIGN.md)."""
-    return math.sqrt(raw_ND.shape[1]) / float(raw_ND.norm(dim=-1).mean())
+    """s = √D / E‖x‖ on a sample of raw activations (multiplying by s gives mean norm √d_in)."""
+    return scale_factor_of(raw_ND.float().norm(dim=-1), raw_ND.shape[1])
 
 
 def init_b_dec(cfg: TrainConfig, x_ND: torch.Tensor) -> torch.Tensor:
@@ -82,8 +81,13 @@ def fresh_run(cfg: TrainConfig, make_source: SourceFactory, d_in: int, parent_sa
     raw_ND = sample_tokens(make_source, cfg.scale_estimate_tokens if cfg.normalize_activations or cfg.init_b_dec != "zeros" else 1)
     scale = estimate_scale(raw_ND) if cfg.normalize_activations else 1.0
     if parent_sae is not None:
-        # parent weights read raw activations; make them read s·x
-        sae = fold_scale(parent_sae, 1.0 / scale)
+        # The parent reads raw activations of its own model (its s_train folded in): fold its own
+        # factor out to get the normalised weights it was trained as, which read s·x of any model
+        # (the study reused the base weights unchanged). The child then records this model's s.
+        s_parent = training_scale(parent_sae)
+        if s_parent is None:
+            log.warning("parent SAE records no activation_scale_factor; assuming it was trained at this model's scale")
+        sae = fold_scale(parent_sae, 1.0 / (s_parent or scale))
         sae.cfg = SAEConfig(**{**sae.cfg.__dict__, "metadata": {}})
         return TrainingRun.create(cfg, sae, scale)
     sae = make_sae(SAEConfig(TRAIN_ARCH_TO_SAE[cfg.arch], d_in, cfg.d_sae, k=cfg.k if cfg.arch in ("topk", "batchtopk") else None))
