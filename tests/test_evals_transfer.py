@@ -134,3 +134,45 @@ def test_resumed_patched_pass_equals_the_hooked_pass(model, toks):
         torch.testing.assert_close(resumed, hooked, rtol=1e-5, atol=1e-5)
         zero_resumed = splice.zero_logits(model, toks.tokens_NS, HOOK, x)
         torch.testing.assert_close(zero_resumed, splice.zero_logits(model, toks.tokens_NS, HOOK), rtol=1e-5, atol=1e-5)
+
+
+def test_k_median_rule_excludes_what_it_flags(model, toks):
+    # k = 1: every token above the median scaled norm is an outlier, so the "excluded" policy
+    # counts exactly the tokens at or below the median (the absolute threshold is not used).
+    cfg = EvalConfig(batch_tokens=1000, n_bootstrap=20, outliers=OutlierRule(rule="k_median", threshold=1e9, k_median=1.0))
+    norms = norm_pass(model, toks, HOOK, cfg)
+    scaled = norms.norms_NS * norms.scale
+    expected = int((scaled <= scaled.median()).sum())
+    assert int(norms.flags.absolute_N.sum()) == 0 and int((~norms.outlier_NS).sum()) == expected
+    res = evaluate_saes(model, {"lossless": lossless_sae(model.cfg.d_model)}, toks, HOOK, norms, cfg)["lossless"]
+    assert res.policies["excluded"].recon.n_tokens == expected
+
+
+def test_segment_zero_ablation_at_every_position_equals_full_zero_ablation(model, toks):
+    cfg = EvalConfig(batch_tokens=1000, n_bootstrap=20, zero_segment=True, policies=("included",))
+    norms = norm_pass(model, toks, HOOK, cfg)
+    r = evaluate_saes(model, {"l": lossless_sae(model.cfg.d_model)}, toks, HOOK, norms, cfg)["l"].policies["included"]
+    assert r.ce_zero_segment == pytest.approx(r.ce_zero, rel=1e-5)
+    # on half the positions only, the zeroed positions hurt less than zeroing every position
+    half = TokenSet(toks.tokens_NS, toks.roles_NS, toks.valid_NS, torch.arange(toks.tokens_NS.shape[1]).expand_as(toks.tokens_NS) % 2 == 0)
+    r = evaluate_saes(model, {"l": lossless_sae(model.cfg.d_model)}, half, HOOK, norms, cfg)["l"].policies["included"]
+    # independent answer: a full hooked pass zeroing the counted positions, losses averaged there
+    def zero_counted(act, hook=None):
+        return torch.where(half.counted_NS[..., None], torch.zeros_like(act), act)
+
+    with torch.inference_mode():
+        logits = model.run_with_hooks(toks.tokens_NS, return_type="logits", fwd_hooks=[(HOOK, zero_counted)])
+    loss = splice.next_token_loss(splice.next_token_logprobs(logits), toks.tokens_NS)
+    counted = half.counted_NS.clone()
+    counted[:, -1] = False  # the last position predicts nothing
+    assert r.ce_zero_segment == pytest.approx(float(loss[counted].mean()), rel=1e-5)
+    assert r.ce_zero_segment != pytest.approx(r.ce_zero, rel=1e-6)
+
+
+def test_reliability_flags_ill_conditioned_rows():
+    from sae_transfer.evals.records import reliability
+
+    assert reliability(10_000, 2.0, (0.8, 0.9), 0.5) is None
+    why = reliability(192, 0.02, (0.1, 2.9), 0.01)
+    assert "192 tokens" in why and "ce_zero - ce_clean" in why and "interval" in why and "variance" in why
+    assert reliability(10_000, float("nan"), (0.8, 0.9), 0.5) is not None
