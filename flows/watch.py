@@ -2,23 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import flow, get_run_logger
 
-from sae_transfer.checkpoints import Checkpoint, scan_folder, scan_hub
+from sae_transfer.checkpoints import checkpoint_id, scan_folder, scan_hub
 from sae_transfer.study import StudyConfig
-from storage import tables
-from storage.fingerprint import fingerprint
-
-
-def _checkpoint_id(ckpt: Checkpoint) -> str:
-    return fingerprint(ckpt.path) if Path(ckpt.path).exists() else f"{ckpt.path}:{ckpt.revision}"
-
-
-def seen_ids(config: StudyConfig) -> set[str]:
-    """Checkpoint ids already started or evaluated for this study."""
-    return set(tables.read_table(config.results_dir, "checkpoints").column("checkpoint_id").to_pylist())
+from tasks.checkpoints import publish_watch, record_checkpoint, seen_ids
 
 
 @flow(name="watch_checkpoints", log_prints=True)
@@ -27,8 +15,8 @@ def watch_checkpoints(config: StudyConfig, via_deployment: bool = False,
     """Scan the checkpoint folder (and Hub repo, if configured); start one evaluation per new one.
 
     `via_deployment`: start each evaluation as a run of `deployment`, keyed by an idempotency
-    key of (study, checkpoint content) so a checkpoint is never evaluated twice even when two
-    watchers race; otherwise evaluate inline as subflows.
+    key of (study, checkpoint id) so a checkpoint is never evaluated twice even when two
+    watchers race; otherwise evaluate inline as subflows. A markdown artifact says what was new.
     """
     from flows.checkpoints import evaluate_checkpoint
 
@@ -36,13 +24,13 @@ def watch_checkpoints(config: StudyConfig, via_deployment: bool = False,
     found = scan_folder(config.pair.checkpoints) if config.pair.checkpoints else []
     if config.pair.checkpoints_repo:
         found += scan_hub(config.pair.checkpoints_repo)
-    seen, started = seen_ids(config), []
+    seen, new = seen_ids(config), []
     for ckpt in found:
-        ckpt_id = _checkpoint_id(ckpt)
+        ckpt_id = checkpoint_id(ckpt.path)
         if ckpt_id in seen:
             continue
-        tables.append_rows(config.results_dir, "checkpoints", [dict(
-            checkpoint_id=ckpt_id, path=ckpt.path, step=ckpt.step, status="seen", flow_run_id=None)])
+        seen.add(ckpt_id)  # a branch and a tag on one commit are one checkpoint
+        record_checkpoint(config, ckpt.path, ckpt.step, "seen")
         if via_deployment:
             from prefect.deployments import run_deployment
 
@@ -51,10 +39,10 @@ def watch_checkpoints(config: StudyConfig, via_deployment: bool = False,
             log.info("started %s for %s (run %s)", deployment, ckpt.path, run.id)
         else:
             evaluate_checkpoint(config, ckpt.path, ckpt.step)
-        started.append(ckpt.path)
-    if build and started and not via_deployment:
+        new.append(ckpt)
+    if build and new and not via_deployment:
         from tasks.report import build_report
 
         build_report(config)
-    log.info("%d checkpoints found, %d new", len(found), len(started))
-    return {"found": len(found), "evaluated": started}
+    log.info(publish_watch(config, found, new, "via deployment" if via_deployment else "inline"))
+    return {"found": len(found), "evaluated": [c.path for c in new]}

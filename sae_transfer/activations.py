@@ -35,11 +35,85 @@ class _StopForward(Exception):
 
 @dataclass
 class HookBatch:
-    """Activations of one batch of whole sequences, per hook, already in the storage dtype."""
+    """Activations of one batch of whole sequences, per hook, on the host in the storage dtype.
+
+    On CUDA the tensors are pinned host buffers that asynchronous copies are still filling when
+    the batch is yielded with `pipelined=True`: call `wait()` before reading them.
+    """
 
     seq_start: int  # seq_id of the first sequence in the batch
-    acts: dict[str, torch.Tensor] = field(default_factory=dict)  # hook -> [b, S, D] storage dtype, CPU
-    norms: dict[str, torch.Tensor] = field(default_factory=dict)  # hook -> [b, S] float32 raw L2 norms, CPU
+    acts: dict[str, torch.Tensor] = field(default_factory=dict)  # hook -> [b, S, D] storage dtype, host
+    norms: dict[str, torch.Tensor] = field(default_factory=dict)  # hook -> [b, S] float32 raw L2 norms, host
+    ready: object | None = None  # torch.cuda.Event recorded after the batch's copies; None: already on the host
+
+    def wait(self) -> "HookBatch":
+        """Block until the batch's device-to-host copies have landed; returns the batch.
+
+        Raises UserError when a float16 cast overflowed (a finite activation stored as inf)."""
+        if self.ready is not None:
+            self.ready.synchronize()
+            self.ready = None
+        for name, acts_BSD in self.acts.items():
+            if acts_BSD.dtype == torch.float16:
+                _check_float16(name, acts_BSD, self.norms[name])
+        return self
+
+
+def _check_float16(name: str, acts_BSD: torch.Tensor, norms_BS: torch.Tensor) -> None:
+    """UserError when a finite activation became inf in float16 (only rows whose norm, an upper
+    bound on every element, exceeds the float16 range are looked at)."""
+    big_BS = torch.isfinite(norms_BS) & (norms_BS > _FLOAT16_MAX)
+    if bool(big_BS.any()) and bool(torch.isinf(acts_BSD[big_BS]).any()):
+        raise UserError(f"activations of {name!r} exceed the float16 range (|x| > {_FLOAT16_MAX:g}): "
+                        "store them as bfloat16 or float32 (--dtype)")
+
+
+class _HostStager:
+    """Moves hooked activations to the host without stalling the forward pass.
+
+    On CUDA: norms are computed on the device, the cast to the storage dtype happens there too,
+    and both are copied into pinned host buffers by `non_blocking` copies on a side stream, so
+    the copy engine overlaps the next layers; `finish()` records one event per batch. On CPU:
+    one copy in the storage dtype (the model's tensor may be reused by later layers).
+    """
+
+    def __init__(self, device: torch.device, store_dtype: torch.dtype):
+        self.cuda = device.type == "cuda"
+        self.store_dtype = store_dtype
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+
+    def stage(self, acts_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(host activations [b, S, D] storage dtype, host norms [b, S] float32) of `acts_BSD`."""
+        x_BSD = acts_BSD.detach()
+        norms_BS = torch.linalg.vector_norm(x_BSD, dim=-1, dtype=torch.float32)
+        if not self.cuda:
+            return x_BSD.to(self.store_dtype, copy=True), norms_BS
+        stored_BSD = x_BSD.to(self.store_dtype)
+        host_BSD = torch.empty(stored_BSD.shape, dtype=self.store_dtype, pin_memory=True)
+        host_BS = torch.empty(norms_BS.shape, dtype=torch.float32, pin_memory=True)
+        self.stream.wait_stream(torch.cuda.current_stream(x_BSD.device))
+        with torch.cuda.stream(self.stream):
+            host_BSD.copy_(stored_BSD, non_blocking=True)
+            host_BS.copy_(norms_BS, non_blocking=True)
+        # the caching allocator must not hand these to later layers before the copies ran
+        stored_BSD.record_stream(self.stream)
+        norms_BS.record_stream(self.stream)
+        return host_BSD, host_BS
+
+    def finish(self):
+        """An event that completes when every copy staged so far has landed (None on CPU)."""
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+
+def _upload(ids_BS: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Token ids on `device`; from pinned memory without a host sync on CUDA."""
+    if device.type != "cuda":
+        return ids_BS.to(device)
+    return ids_BS.pin_memory().to(device, non_blocking=True)
 
 
 def iter_hook_batches(
@@ -51,31 +125,29 @@ def iter_hook_batches(
     store_dtype: torch.dtype = torch.float32,
     start_seq: int = 0,
     stop_early: bool = True,
+    pipelined: bool = False,
 ) -> Iterator[HookBatch]:
     """Forward `tokens_NS[start_seq:]` in batches of `batch_seqs` sequences, one pass per batch.
 
     Every hook in `hooks` is captured in the same pass. With `stop_early`, the pass is
     abandoned (by an exception raised in the hook) as soon as all hooks have fired, so blocks
     after the deepest hook and the unembedding are skipped. Norms are computed in float32 from
-    the model's own activations, before the cast to `store_dtype`.
+    the model's own activations, before the cast to `store_dtype`. With `pipelined`, a batch is
+    yielded while its device-to-host copies may still run (the consumer calls `batch.wait()`,
+    e.g. on a writer thread); otherwise every yielded batch is ready to read.
     """
     device = next(model.parameters()).device
+    stager = _HostStager(device, store_dtype)
     wanted = set(hooks)
     for s0 in range(start_seq, tokens_NS.shape[0], batch_seqs):
-        ids_BS = tokens_NS[s0:s0 + batch_seqs].to(device)
+        ids_BS = _upload(tokens_NS[s0:s0 + batch_seqs], device)
         out = HookBatch(seq_start=s0)
 
         def capture_as(name: str):
             def capture(acts, hook):
                 if acts.dim() != 3:
                     raise UserError(f"hook {name!r} gives shape {tuple(acts.shape)}: only [batch, pos, d] hooks can be cached")
-                out.norms[name] = torch.linalg.vector_norm(acts.float(), dim=-1).cpu()
-                if store_dtype == torch.float16 and float(acts.detach().abs().amax()) > _FLOAT16_MAX:
-                    raise UserError(f"activations of {name!r} exceed the float16 range (|x| > {_FLOAT16_MAX:g}): "
-                                    "store them as bfloat16 or float32 (--dtype)")
-                stored = acts.detach().to(store_dtype).cpu()
-                # same dtype on CPU aliases the model's tensor: copy before later layers run
-                out.acts[name] = stored.clone() if stored.data_ptr() == acts.data_ptr() else stored
+                out.acts[name], out.norms[name] = stager.stage(acts)
                 if stop_early and len(out.acts) == len(wanted):
                     raise _StopForward
                 return None
@@ -90,7 +162,8 @@ def iter_hook_batches(
         missing = wanted - set(out.acts)
         if missing:
             raise UserError(f"hooks {sorted(missing)} did not fire in a forward pass: pick hooks on the model's main path")
-        yield out
+        out.ready = stager.finish()
+        yield out if pipelined else out.wait()
 
 
 @dataclass(frozen=True)
@@ -108,6 +181,7 @@ class CacheConfig:
     split: str = "train"  # corpus split: train or eval
     prepend_bos: bool = True  # put the tokenizer's BOS at position 0 of every sequence
     revision: str | None = None  # Hub revision of the model
+    trust_remote_code: bool = False  # let a Hub model's own modelling code run (not part of the dataset key)
     device: str | None = None  # None: CUDA when available, else CPU
     stop_early: bool = True  # skip the layers after the deepest hook
     shard_bytes: int = 128 << 20  # bytes per Parquet shard
@@ -138,7 +212,7 @@ def dataset_metas(cfg: CacheConfig) -> dict[str, dict]:
     local = identity["model_revision"].startswith("sha256:")
     base = {
         # a local folder is identified by its content, not by the path it was given as
-        "model_id": Path(cfg.model).expanduser().resolve().name if local else cfg.model,
+        "model_id": Path(cfg.model).expanduser().resolve().name if local else identity["model_id"],
         "model_revision": identity["model_revision"],
         "model_source": cfg.model,  # as given (provenance only; not part of the dataset key)
         "corpus": cfg.corpus.source,
@@ -171,7 +245,8 @@ def cache_activations(cfg: CacheConfig, out_dir: str | Path, progress: bool = Tr
     todo = [h for h in cfg.hooks if not is_complete(paths[h])]
     if not todo:
         return [CachedDataset(h, paths[h], read_manifest(paths[h])["n_tokens"], True, 0) for h in cfg.hooks]
-    model = load_model(cfg.model, revision=cfg.revision, device=cfg.device, dtype=cfg.model_dtype)
+    model = load_model(cfg.model, revision=cfg.revision, device=cfg.device, dtype=cfg.model_dtype,
+                       trust_remote_code=cfg.trust_remote_code)
     check_hooks(model, todo)
     seqs = tokenize_sequences(cfg.corpus, model.tokenizer, context_size=cfg.context_size,
                               n_tokens=cfg.n_tokens, split=cfg.split, prepend_bos=cfg.prepend_bos)

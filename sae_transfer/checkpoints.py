@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sae_transfer.errors import UserError
+from sae_transfer.models import ModelRef, is_local, parse_model_spec
 
 _STEP = re.compile(r"(\d+)(?!.*\d)")
 
@@ -15,9 +16,9 @@ _STEP = re.compile(r"(\d+)(?!.*\d)")
 class Checkpoint:
     """One model checkpoint to evaluate."""
 
-    path: str  # local folder, or "<repo>@<revision>" for a Hub revision
-    step: int  # training step parsed from the name; -1 when the name has no number
-    revision: str | None = None  # Hub revision (None for local folders)
+    path: str  # what to load: a local folder, or "<repo>@<commit>" (pinned, so a moved branch is a new checkpoint)
+    step: int  # training step parsed from the folder or branch/tag name; -1 when the name has no number
+    ref: str | None = None  # Hub branch or tag the commit was listed under (None for local folders)
 
 
 def step_of(name: str) -> int:
@@ -47,5 +48,18 @@ def scan_hub(repo: str) -> list[Checkpoint]:
         refs = list_repo_refs(repo)
     except Exception as exc:  # the Hub client raises many types; the user needs one line
         raise UserError(f"could not list revisions of {repo!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
-    found = [Checkpoint(f"{repo}@{ref.name}", step_of(ref.name), ref.target_commit) for ref in [*refs.branches, *refs.tags]]
+    found = [Checkpoint(ModelRef(repo, ref.target_commit).spec, step_of(ref.name), ref.name)
+             for ref in [*refs.branches, *refs.tags]]
     return sorted(found, key=lambda c: (c.step, c.path))
+
+
+def checkpoint_id(spec: str) -> str:
+    """The id a checkpoint is recorded under, by the watcher and by its evaluation alike: a local
+    folder's content fingerprint (a re-saved folder is a new checkpoint), else the Hub spec
+    itself (`repo@commit` as the watcher pins it)."""
+    from storage.fingerprint import fingerprint
+
+    if is_local(spec):
+        return fingerprint(Path(spec).expanduser())
+    return parse_model_spec(spec).spec
+

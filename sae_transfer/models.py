@@ -6,9 +6,11 @@ import difflib
 import hashlib
 import logging
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 from sae_transfer.errors import UserError
 
@@ -35,6 +37,40 @@ def _looks_local(spec: str) -> bool:
     return len(path.parts) > 1 and Path(path.parts[0]).is_dir()
 
 
+def is_local(spec: str) -> bool:
+    """True when `spec` names a local checkpoint folder (existing or not), False for a Hub id
+    (with or without `@revision`)."""
+    return _looks_local(spec)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model to load: where it lives and which revision of it."""
+
+    name: str  # local Hugging Face folder or Hub id, without any `@revision`
+    revision: str | None = None  # Hub branch, tag or commit; None: the default branch (or a local folder)
+
+    @property
+    def spec(self) -> str:
+        """The one-string form, `org/name@revision` (or just the name), that `parse_model_spec` reads."""
+        return f"{self.name}@{self.revision}" if self.revision and not _looks_local(self.name) else self.name
+
+
+def parse_model_spec(spec: str, revision: str | None = None) -> ModelRef:
+    """`org/name@rev` -> ModelRef("org/name", "rev"), the one place a spec's `@` is split.
+
+    Local folders are never split (a folder name may contain `@`). `revision`, when given,
+    must agree with the spec's own `@rev` (UserError otherwise)."""
+    if _looks_local(spec) or "@" not in spec:
+        return ModelRef(spec, revision)
+    name, _, rev = spec.rpartition("@")
+    if not name or not rev:
+        raise UserError(f"model {spec!r}: write a Hub revision as org/name@revision (branch, tag or commit)")
+    if revision is not None and revision != rev:
+        raise UserError(f"model {spec!r} names revision {rev!r} but revision {revision!r} was also given: pass one")
+    return ModelRef(name, rev)
+
+
 def load_model(
     spec: str,
     *,
@@ -43,7 +79,8 @@ def load_model(
     dtype: str = "float32",
     trust_remote_code: bool = False,
 ):
-    """Boot `spec` (a local Hugging Face checkpoint folder or a Hub id) as a TransformerBridge.
+    """Boot `spec` (a local Hugging Face checkpoint folder, a Hub id, or `org/name@revision`)
+    as a TransformerBridge. `trust_remote_code` lets a Hub repo's own modelling code run.
 
     Returns the bridge in eval mode. Nothing is downloaded unless `spec` is a Hub id that is
     not already in the local Hugging Face cache.
@@ -52,7 +89,8 @@ def load_model(
 
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    name = spec
+    ref = parse_model_spec(spec, revision)
+    name, revision = ref.name, ref.revision
     if _looks_local(spec):
         path = Path(spec).expanduser()
         if not path.exists():
@@ -75,12 +113,13 @@ def load_model(
                 revision=revision,
                 trust_remote_code=trust_remote_code,
             )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
-            f"could not load model {spec!r}"
+            f"could not load model {name!r}"
             + (f" at revision {revision!r}" if revision else "")
-            + f": {first} (check the id or path; offline runs need the model on disk)"
+            + f": {first} (check the id or path, and re-download or re-save a damaged checkpoint; "
+            "offline runs need the model on disk)"
         ) from exc
     bridge.eval()
     return bridge
@@ -135,7 +174,9 @@ def weights_fingerprint(model_dir: str | Path) -> str:
 
 
 def model_identity(spec: str, revision: str | None = None) -> dict[str, str]:
-    """Provenance of a model: its id, and the revision (Hub) or weight hash (local folder)."""
+    """Provenance of a model: its id (without `@revision`), and the revision (Hub: the spec's
+    `@rev`, else `revision`, else "main") or weight hash (local folder)."""
     if _looks_local(spec) and Path(spec).expanduser().is_dir():
         return {"model_id": spec, "model_revision": "sha256:" + weights_fingerprint(Path(spec).expanduser())}
-    return {"model_id": spec, "model_revision": revision or "main"}
+    ref = parse_model_spec(spec, revision)
+    return {"model_id": ref.name, "model_revision": ref.revision or "main"}

@@ -15,7 +15,7 @@ _CODE = cached("sae_transfer.activations", "sae_transfer.corpus", "sae_transfer.
 @task(name="cache-activations", task_run_name=run_name("cache-activations", "model"), **_CODE)
 def cache_activations(
     model: str, hooks: list[str], corpus: CorpusSection, out_dir: str, *, revision: str | None = None,
-    act_dtype: str = "float32", model_dtype: str = "float32", device: str | None = None,
+    act_dtype: str = "float32", model_dtype: str = "float32", device: str | None = None, trust_remote_code: bool = False,
 ) -> list[ActsRecord]:
     """Cache `corpus.train_tokens` training-split tokens of every hook of `model` under `out_dir`."""
     from sae_transfer.activations import CacheConfig, cache_activations as cache
@@ -25,7 +25,7 @@ def cache_activations(
         model=model, hooks=tuple(hooks), n_tokens=corpus.train_tokens, context_size=corpus.context_size,
         corpus=CorpusConfig(source=corpus.source, text_column=corpus.text_column, seed=corpus.seed),
         dtype=act_dtype, model_dtype=model_dtype, prepend_bos=corpus.prepend_bos, revision=revision,
-        device=device, split="train",
+        device=device, split="train", trust_remote_code=trust_remote_code,
     )
     done = cache(cfg, out_dir, progress=False)
     for d in done:

@@ -6,13 +6,16 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
+from sae_transfer.models import ModelRef
 from sae_transfer.study import PairConfig
 from tasks.records import PairRecord
 
 
 @task(name="prepare-pair", persist_result=False, tags=["always-runs"])
 def prepare_pair(pair: PairConfig) -> PairRecord:
-    """Build the demo pair if the config points at it and it is missing; check local folders."""
+    """Build the demo pair if the config points at it and it is missing. The record names each
+    model pinned to its configured revision (`org/name@rev`), so every step that loads it
+    downstream (cache, outliers, evaluation) loads that revision."""
     from sae_transfer.demo.build import build_demo_pair, demo_paths
     from sae_transfer.demo.config import PRESETS
     from sae_transfer.errors import UserError
@@ -26,4 +29,5 @@ def prepare_pair(pair: PairConfig) -> PairRecord:
         report = build_demo_pair(out, PRESETS[pair.demo_preset], progress=True)
         built = not report.skipped
         get_run_logger().info("demo pair %s (%s)", out, "built" if built else "already built")
-    return PairRecord(base=pair.base, chat=pair.chat, checkpoints=pair.checkpoints, built=built)
+    return PairRecord(base=ModelRef(pair.base, pair.base_revision).spec, chat=ModelRef(pair.chat, pair.chat_revision).spec,
+                      checkpoints=pair.checkpoints, built=built)

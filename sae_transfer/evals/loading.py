@@ -58,10 +58,17 @@ def model_shape(spec: str) -> tuple[int, int, int | None]:
         cfg = json.loads((path / "config.json").read_text())
     elif path.exists() or spec.startswith((".", "/", "~")):
         raise UserError(f"model folder {spec!r} has no config.json: pass a Hugging Face checkpoint folder or a Hub id")
-    else:
-        from transformers import AutoConfig
+    else:  # a Hub id, maybe `org/name@revision`: read its config.json (cached, or downloaded)
+        from huggingface_hub import hf_hub_download
 
-        cfg = AutoConfig.from_pretrained(spec).to_dict()
+        from sae_transfer.models import parse_model_spec
+
+        ref = parse_model_spec(spec)
+        try:
+            cfg = json.loads(Path(hf_hub_download(ref.name, "config.json", revision=ref.revision)).read_text())
+        except Exception as exc:  # the Hub client raises many types; the user needs one line
+            raise UserError(f"could not read the config of model {spec!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__} "
+                            "(check the id and revision; offline runs need the model in the local cache)") from exc
     cfg = cfg.get("text_config", cfg) if "hidden_size" not in cfg else cfg
     d_model = cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model")
     n_layers = cfg.get("num_hidden_layers") or cfg.get("n_layer")
