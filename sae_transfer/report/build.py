@@ -25,6 +25,7 @@ table{border-collapse:collapse;font-size:.85rem;margin:.6rem 0 1rem}
 th,td{border:1px solid #ccc;padding:.25rem .5rem;text-align:right}th{background:#f3f3f3}
 td:first-child,th:first-child{text-align:left}.note{color:#555;font-size:.9rem}
 img{max-width:100%;border:1px solid #eee}.empty{color:#a00}
+tr.unreliable td{color:#999;background:#fafafa}td.why{text-align:left;font-size:.8rem}
 """
 
 
@@ -98,18 +99,46 @@ def collect_sections(results_dir: str | Path, base: str, chat: str, *, scatter_r
         con.close()
 
 
+def _cell(v) -> str:
+    return "" if v is None or (isinstance(v, float) and pd.isna(v)) else f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _unreliable(flag) -> bool:
+    """True for an explicit `reliable = false` (null: rows written before the flag existed)."""
+    return flag is not None and not pd.isna(flag) and not bool(flag)
+
+
 def _html_table(df: pd.DataFrame) -> str:
+    """An HTML table; rows whose `reliable` is false are greyed, with the reason as their note."""
     if df.empty:
         return '<p class="empty">no rows yet</p>'
-    return df.to_html(index=False, border=0, na_rep="", float_format=lambda v: f"{v:.4g}")
+    flagged = "reliable" in df.columns
+    shown = df.drop(columns=[c for c in ("reliable", "unreliable_reason") if c in df.columns])
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in shown.columns) + ("<th>note</th>" if flagged else "")
+    rows = []
+    for i, row in enumerate(shown.itertuples(index=False)):
+        bad = flagged and _unreliable(df["reliable"].iloc[i])
+        note = f"<td class='why'>not a finding: {html.escape(str(df['unreliable_reason'].iloc[i]))}</td>" if bad else ("<td></td>" if flagged else "")
+        cells = "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row)
+        rows.append(f"<tr{' class=unreliable' if bad else ''}>{cells}{note}</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 def _md_table(df: pd.DataFrame) -> str:
+    """A Markdown table; unreliable rows carry "(not a finding: reason)" in a note column."""
     if df.empty:
         return "_no rows yet_\n"
-    cells = [[("" if pd.isna(v) else f"{v:.4g}" if isinstance(v, float) else str(v)) for v in row] for row in df.itertuples(index=False)]
-    head = "| " + " | ".join(df.columns) + " |\n|" + "---|" * len(df.columns) + "\n"
-    return head + "".join("| " + " | ".join(r) + " |\n" for r in cells)
+    flagged = "reliable" in df.columns
+    shown = df.drop(columns=[c for c in ("reliable", "unreliable_reason") if c in df.columns])
+    cols = list(shown.columns) + (["note"] if flagged else [])
+    lines = []
+    for i, row in enumerate(shown.itertuples(index=False)):
+        cells = [_cell(v) for v in row]
+        if flagged:
+            bad = _unreliable(df["reliable"].iloc[i])
+            cells.append(f"not a finding: {df['unreliable_reason'].iloc[i]}" if bad else "")
+        lines.append("| " + " | ".join(cells) + " |\n")
+    return "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n" + "".join(lines)
 
 
 def render(sections: list[Section], title: str, out_dir: str | Path) -> ReportPaths:

@@ -1,4 +1,5 @@
 -- The study's main table: every SAE x model on plain text, with and without outliers.
+-- r = s_eval / s_train: the SAE reconstructs SAE(r x) / r on the evaluated model (DESIGN.md "Scaling").
 -- Parameters: ?1 base model id, ?2 chat model id.
 with labelled as (
     select
@@ -35,7 +36,10 @@ select
     round(100 * explained_variance_legacy, 1) as ev_legacy_pct,
     round(mse, 2) as mse,
     round(kl_div_score, 4) as kl_div_score,
-    n_tokens
+    round(scale_ratio, 3) as r,
+    n_tokens,
+    reliable,
+    unreliable_reason
 from latest
 where model_label in ('base', 'chat')
 order by hook, outlier_policy desc, sae_label, model_label
