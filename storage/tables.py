@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from storage import study_tables
+from storage import diffing_tables, study_tables
 
 _STR, _F64, _I64, _BOOL = pa.string(), pa.float64(), pa.int64(), pa.bool_()
 _TS = pa.timestamp("us", tz="UTC")
@@ -202,6 +202,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "rollouts": ROLLOUTS,
     "runs": study_tables.RUNS,  # provenance of every pipeline run (written by the flows)
     "checkpoints": study_tables.CHECKPOINTS,  # model checkpoints the watcher has seen / evaluated
+    **diffing_tables.SCHEMAS,  # feature-level diffing: latent_stats, latent_examples, latent_matches, ...
 }
 
 
