@@ -10,7 +10,7 @@ import pytest
 from sae_transfer.report.build import build_report
 from tests import _synthetic_results as synth
 
-SECTIONS = ["transfer", "outliers", "segments", "finetune", "weights", "positions", "training", "drift"]
+SECTIONS = ["findings", "transfer", "outliers", "segments", "finetune", "weights", "positions", "training", "drift"]
 
 
 def test_report_has_every_section_with_tables_and_figures(tmp_path):
@@ -21,7 +21,10 @@ def test_report_has_every_section_with_tables_and_figures(tmp_path):
         assert f'id="{slug}"' in page
     assert page.count("<table") >= 6
     assert "no rows yet" not in page
-    assert page.count("data:image/png;base64,") >= 5
+    assert page.count("data:image/png;base64,") >= 6  # the transfer heatmap among them
+    # one sentence per research question, numbers and intervals from the synthetic rows
+    assert "On the chat model the base SAE recovers 93.0 % [92.0, 94.0] of CE loss vs 97.0 % [96.0, 98.0] for the chat SAE" in page
+    assert "the base SAE fine-tuned" not in page and "recovers 96.0 % [95.0, 97.0] on the chat model" in page
     md = paths.markdown.read_text()
     assert "| hook | sae | model | l0 |" in md and "**outlier summary**" in md
     assert all(p.stat().st_size > 1000 for p in paths.figures)
@@ -41,6 +44,12 @@ def test_report_renders_in_headless_chromium(tmp_path):
     dom = subprocess.run(args + ["--dump-dom", paths.html.as_uri()], capture_output=True, text=True, timeout=120)
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert dom.stdout.count("<table") >= 6 and "Transfer matrix" in dom.stdout
+    # every table fits the page width: no horizontal scroll at a laptop window size
+    probe = tmp_path / "probe.html"
+    probe.write_text(paths.html.read_text().replace(
+        "</body>", "<script>document.body.dataset.overflow = document.documentElement.scrollWidth > window.innerWidth;</script></body>"))
+    fit = subprocess.run(args + ["--window-size=1280,2000", "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    assert 'data-overflow="false"' in fit.stdout
     shot = tmp_path / "report.png"
     subprocess.run(args + [f"--screenshot={shot}", "--window-size=1280,2400", paths.html.as_uri()],
                    capture_output=True, timeout=120, check=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from sae_transfer.report import plots
+from sae_transfer.report.findings import findings
 from storage import catalog
 from storage.layout import StudyLayout
 
@@ -21,8 +22,9 @@ log = logging.getLogger(__name__)
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
 h1{font-size:1.6rem}h2{margin-top:2.2rem;border-bottom:1px solid #ddd;padding-bottom:.3rem}
-table{border-collapse:collapse;font-size:.85rem;margin:.6rem 0 1rem}
-th,td{border:1px solid #ccc;padding:.25rem .5rem;text-align:right}th{background:#f3f3f3}
+table{border-collapse:collapse;font-size:.78rem;margin:.6rem 0 1rem;max-width:100%}
+th,td{border:1px solid #ccc;padding:.2rem .35rem;text-align:right;overflow-wrap:anywhere}th{background:#f3f3f3}
+ul.findings li{margin:.35rem 0;line-height:1.4}
 td:first-child,th:first-child{text-align:left}.note{color:#555;font-size:.9rem}
 img{max-width:100%;border:1px solid #eee}.empty{color:#a00}
 tr.unreliable td{color:#999;background:#fafafa}td.why{text-align:left;font-size:.8rem}
@@ -38,6 +40,7 @@ class Section:
     note: str
     tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
     figures: list[tuple[str, bytes]] = field(default_factory=list)
+    bullets: list[str] = field(default_factory=list)  # sentences shown before the tables
 
 
 @dataclass(frozen=True)
@@ -60,24 +63,30 @@ def collect_sections(results_dir: str | Path, base: str, chat: str, *, scatter_r
     try:
         pair = [base, chat]
         transfer = _q(con, "transfer_table", pair)
+        named = {name: _q(con, name, pair) for name in ("outlier_table", "segments_table", "finetune_table", "drift")}
+        sentences = findings(transfer, named["outlier_table"], named["segments_table"], named["finetune_table"], named["drift"])
         sections = [
+            Section("findings", "Findings", "One sentence per research question, from the tables below "
+                    "(CE loss recovered with its bootstrap 95 % interval over sequences).", bullets=sentences or ["no results yet"]),
             Section("transfer", "Transfer matrix (plain text)",
                     "Every SAE spliced into every model on held-out text. CE loss recovered uses the zero-ablation baseline, "
                     "with a bootstrap 95% interval over sequences. `excluded`: outlier-norm positions are not counted and keep "
-                    "their own activation; `included`: every position is spliced.",
-                    [(f"outliers {policy}", part.drop(columns=["outlier_policy"])) for policy, part in transfer.groupby("outlier_policy", sort=False)]),
+                    "their own activation; `included`: every position is spliced. r = s_eval / s_train: the SAE reconstructs "
+                    "SAE(r x) / r on the evaluated model. Greyed rows have ill-conditioned denominators and are not findings.",
+                    [(f"outliers {policy}", part.drop(columns=["outlier_policy"])) for policy, part in transfer.groupby("outlier_policy", sort=False)],
+                    [("transfer matrix, outliers excluded", plots.transfer_heatmap(transfer))] if not transfer.empty else []),
         ]
         scatter = _q(con, "mse_vs_norm", pair + [scatter_rows])
         sections.append(Section("outliers", "Outlier-norm activations",
                                 "Tokens whose scaled norm (mean norm rescaled to sqrt(d_model)) passes the threshold, and what they are.",
-                                [("outlier summary", _q(con, "outlier_table", []))],
+                                [("outlier summary", named["outlier_table"])],
                                 [("MSE vs scaled norm (log y)", plots.mse_vs_norm(scatter))] if not scatter.empty else []))
         sections.append(Section("segments", "Instruction-formatted data",
                                 "Greedy chat rollouts on held-out prompts; each SAE is spliced only at one segment's positions.",
-                                [("segments", _q(con, "segments_table", pair))]))
+                                [("segments", named["segments_table"])]))
         sections.append(Section("finetune", "Fine-tuned base SAE",
                                 "On the chat model, outliers included (as the study's fine-tuning table).",
-                                [("fine-tuned SAE vs from-scratch SAEs", _q(con, "finetune_table", pair))]))
+                                [("fine-tuned SAE vs from-scratch SAEs", named["finetune_table"])]))
         diff = _q(con, "weight_diff", [])
         sections.append(Section("weights", "Chat vs base weights",
                                 "Relative Frobenius norm of the weight change per layer and matrix.",
@@ -90,7 +99,7 @@ def collect_sections(results_dir: str | Path, base: str, chat: str, *, scatter_r
         curves = _q(con, "training_curves", [])
         sections.append(Section("training", "Training curves", "Logged every few steps of every SAE run.",
                                 [], [("training", plots.training_curves(curves))] if not curves.empty else []))
-        drift = _q(con, "drift", pair)
+        drift = named["drift"]
         sections.append(Section("drift", "Drift across fine-tuning checkpoints",
                                 "Each SAE on each chat fine-tuning checkpoint as the watcher evaluated it (step 0 = base model).",
                                 [("drift", drift)], [("drift", plots.drift(drift[drift["outlier_policy"] == "excluded"]))] if not drift.empty else []))
@@ -149,6 +158,9 @@ def render(sections: list[Section], title: str, out_dir: str | Path) -> ReportPa
     for sec in sections:
         parts.append(f'<h2 id="{sec.slug}">{html.escape(sec.title)}</h2><p class="note">{html.escape(sec.note)}</p>')
         md.append(f"\n## {sec.title}\n\n{sec.note}\n")
+        if sec.bullets:
+            parts.append("<ul class='findings'>" + "".join(f"<li>{html.escape(b)}</li>" for b in sec.bullets) + "</ul>")
+            md.append("\n" + "".join(f"- {b}\n" for b in sec.bullets))
         for caption, df in sec.tables:
             parts.append(f"<h3>{html.escape(caption)}</h3>{_html_table(df)}")
             md.append(f"\n**{caption}**\n\n{_md_table(df)}")

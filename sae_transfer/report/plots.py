@@ -96,3 +96,20 @@ def drift(df: pd.DataFrame) -> bytes:
         ax.set_xlabel("chat fine-tuning step (0 = base model)")
         ax.legend(fontsize=8)
     return _png(fig)
+
+
+def transfer_heatmap(df: pd.DataFrame, policy: str = "excluded") -> bytes:
+    """CE loss recovered (%) of every SAE (rows) on every model (columns), one panel per hook."""
+    rows = df[df["outlier_policy"] == policy]
+    hooks = sorted(rows["hook"].unique())
+    fig, axes = plt.subplots(1, max(len(hooks), 1), figsize=(4.8 * max(len(hooks), 1), 3.2), squeeze=False)
+    for ax, hook in zip(axes[0], hooks):
+        grid = rows[rows["hook"] == hook].pivot_table(index="sae", columns="model", values="ce_loss_rec_pct")
+        im = ax.imshow(grid.values, cmap="viridis", aspect="auto")
+        ax.set_xticks(range(len(grid.columns)), [f"on {c}" for c in grid.columns])
+        ax.set_yticks(range(len(grid.index)), [f"{i} SAE" for i in grid.index])
+        for (i, j), v in pd.DataFrame(grid.values).stack().items():
+            ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="white" if v < grid.values.mean() else "black")
+        ax.set_title(f"CE loss recovered (%), {hook}", fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    return _png(fig)
