@@ -114,6 +114,8 @@ def load_model(
                 trust_remote_code=trust_remote_code,
             )
     except (OSError, ValueError, SafetensorError) as exc:
+        if "supported architecture" in str(exc):  # TransformerLens has no adapter for this family
+            raise UserError(_unsupported_family(spec, str(exc))) from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
             f"could not load model {name!r}"
@@ -122,6 +124,7 @@ def load_model(
             "offline runs need the model on disk)"
         ) from exc
     bridge.eval()
+    check_family(bridge, spec)
     return bridge
 
 
@@ -180,3 +183,33 @@ def model_identity(spec: str, revision: str | None = None) -> dict[str, str]:
         return {"model_id": spec, "model_revision": "sha256:" + weights_fingerprint(Path(spec).expanduser())}
     ref = parse_model_spec(spec, revision)
     return {"model_id": ref.name, "model_revision": ref.revision or "main"}
+
+STUDY_FAMILIES = "llama, mistral, qwen2, gemma, gemma2, gpt2"  # tested end to end in tests/test_families.py
+
+
+def _unsupported_family(spec: str, message: str) -> str:
+    """One line naming the family TransformerLens refused (its own message lists every adapter)."""
+    import re
+
+    family = re.search(r"Model type: ([\w.-]+)", message)
+    arch = re.search(r"Config architectures: \[([^\]]*)\]", message)
+    names = arch.group(1).replace("'", "") if arch else ""
+    what = (family.group(1) if family else "unknown") + (f" ({names})" if names else "")
+    return (f"model {spec!r} is a {what} model, which TransformerLens 4 cannot load: "
+            f"use a supported causal LM (the study's families: {STUDY_FAMILIES})")
+
+
+def check_family(bridge, spec: str) -> None:
+    """UserError naming the family unless `bridge` is a decoder-only causal LM: every metric here
+    is a next-token loss, which encoders, encoder-decoders and audio/vision models do not give."""
+    hf = getattr(bridge, "original_model", None)
+    hf_cfg = getattr(hf, "config", None)
+    causal = (
+        not getattr(hf_cfg, "is_encoder_decoder", False)
+        and getattr(bridge.cfg, "attention_dir", "causal") == "causal"
+        and not any(getattr(bridge.cfg, flag, False) for flag in ("is_audio_model", "is_visual_model"))
+    )
+    if not causal:
+        raise UserError(
+            f"model {spec!r} is a {getattr(hf_cfg, 'model_type', 'unknown')} model ({type(hf).__name__}), not a "
+            f"decoder-only causal LM: the study needs next-token logits (its families: {STUDY_FAMILIES})")

@@ -1,10 +1,11 @@
 """Forward passes for CE/KL evaluation: clean (caching the hook), hook zeroed, SAE spliced in
 at masked positions only (positions outside the mask keep their own activation).
 
-For `blocks.L.hook_resid_pre` (L >= 1) the patched passes resume from the residual stream at
-block L (`start_at_layer`) instead of recomputing blocks 0..L-1, whose output the clean pass
-already gave: identical logits, and a mid-layer evaluation costs about two forward passes
-instead of three. Other hooks run the whole model with a hook.
+For `blocks.L.hook_resid_pre` (L >= 1) of a family in RESUMABLE_FAMILIES the patched passes
+resume from the residual stream at block L instead of recomputing blocks 0..L-1, whose output
+the clean pass already gave: identical logits (the model's own forward and post-processing run),
+and a mid-layer evaluation costs about two forward passes instead of three. Other hooks and
+families run the whole model with a hook.
 """
 
 from __future__ import annotations
@@ -15,8 +16,13 @@ import re
 from typing import Callable
 
 import torch
+from torch import nn
 
 _RESID_PRE = re.compile(r"^blocks\.(\d+)\.hook_resid_pre$")
+# Families whose resumed pass tests/test_families.py proves equal to the full hooked pass
+# (HF `config.model_type`). Others run the whole model with a hook: same logits, one more block
+# stack per patched pass.
+RESUMABLE_FAMILIES = frozenset({"llama", "mistral", "qwen2", "gemma", "gemma2", "gpt2"})
 
 
 def resume_layer(hook: str) -> int | None:
@@ -56,35 +62,53 @@ def clean_pass(model, tokens_BS: torch.Tensor, hook: str) -> tuple[torch.Tensor,
     return captured["x"], logits_BSV
 
 
-def _decoder_parts(model):
-    """(layers, rotary, final norm, unembed) of a Llama-family HF model (Llama, Qwen2, Mistral,
-    ...), or None for architectures whose blocks we cannot call directly."""
+def _block_list(model) -> nn.ModuleList | None:
+    """The HF ModuleList holding the bridge's blocks in order, if the family is resumable."""
     hf = getattr(model, "original_model", None)
-    inner = getattr(hf, "model", None)
-    parts = tuple(getattr(inner, name, None) for name in ("layers", "rotary_emb", "norm")) + (getattr(hf, "lm_head", None),)
-    return parts if all(p is not None for p in parts) else None
-
-
-def resume_from_layer(model, x_BSD: torch.Tensor, layer: int) -> torch.Tensor | None:
-    """Logits [B, S, V] of running blocks `layer`.. on residual x_BSD (causal, unpadded on the left).
-
-    TransformerBridge's own `start_at_layer` still runs every block, so the remaining decoder
-    layers are called directly; returns None for architectures without that structure.
-    """
-    parts = _decoder_parts(model)
-    if parts is None:
+    blocks = getattr(model, "blocks", None)
+    if hf is None or not blocks or getattr(hf.config, "model_type", None) not in RESUMABLE_FAMILIES:
         return None
-    layers, rotary, norm, unembed = parts
-    B, S, _ = x_BSD.shape
-    position_ids = torch.arange(S, device=x_BSD.device)[None].expand(B, S)
-    position_embeddings = rotary(x_BSD, position_ids)
-    causal = torch.full((S, S), float("-inf"), dtype=x_BSD.dtype, device=x_BSD.device).triu(1)
-    mask = causal[None, None].expand(B, 1, S, S)
-    h_BSD = x_BSD
-    for block in layers[layer:]:
-        h_BSD = block(h_BSD, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
-        h_BSD = h_BSD[0] if isinstance(h_BSD, tuple) else h_BSD
-    return unembed(norm(h_BSD))
+    for module in hf.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == len(blocks) and all(a is b for a, b in zip(module, blocks)):
+            return module
+    return None
+
+
+class _Resume(nn.Module):
+    """Stands in for a skipped block: returns the residual the resumed pass starts from."""
+
+    def __init__(self, x_BSD: torch.Tensor):
+        super().__init__()
+        self.x_BSD = x_BSD
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        return self.x_BSD
+
+
+def resume_from_layer(model, x_BSD: torch.Tensor, layer: int, tokens_BS: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Logits [B, S, V] of the model with the residual entering block `layer` set to x_BSD.
+
+    The model's own forward runs (masks per layer type, sliding windows, positions, final norm,
+    soft-capping and any other post-processing of the family), with blocks 0..layer-1 replaced
+    for this call by stand-ins that return x_BSD; only the embedding lookup is spent on them.
+    TransformerBridge's `start_at_layer` still runs every block, hence this. Returns None for a
+    family not in RESUMABLE_FAMILIES (the caller runs the full hooked pass). The swap mutates
+    the model for the duration of the call: do not share one model object between threads.
+    """
+    layers = _block_list(model)
+    if layers is None or not 1 <= layer < len(layers):
+        return None
+    if tokens_BS is None:  # the stand-ins ignore the embedding, any ids of the right shape do
+        tokens_BS = torch.zeros(x_BSD.shape[:2], dtype=torch.long, device=x_BSD.device)
+    skipped = [layers[i] for i in range(layer)]
+    stand_in = _Resume(x_BSD)
+    try:
+        for i in range(layer):
+            layers[i] = stand_in
+        return model(tokens_BS, return_type="logits")
+    finally:
+        for i, block in enumerate(skipped):
+            layers[i] = block
 
 
 def patched_logits(
@@ -93,12 +117,12 @@ def patched_logits(
 ) -> torch.Tensor:
     """Logits [B, S, V] with the hook's activation replaced by `patch(act_BSD)`.
 
-    With `clean_x_BSD` (the clean activation at `hook`) and a resid_pre hook of a Llama-family
-    model, only the blocks from the hook on are run, starting from `patch(clean_x_BSD)`.
+    With `clean_x_BSD` (the clean activation at `hook`) and a resid_pre hook of a resumable
+    family, only the blocks from the hook on are run, starting from `patch(clean_x_BSD)`.
     """
     layer = resume_layer(hook)
     if layer is not None and clean_x_BSD is not None:
-        logits = resume_from_layer(model, patch(clean_x_BSD), layer)
+        logits = resume_from_layer(model, patch(clean_x_BSD), layer, tokens_BS)
         if logits is not None:
             return logits
     return model.run_with_hooks(tokens_BS, return_type="logits", fwd_hooks=[(hook, lambda act, hook=None: patch(act))])
