@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from sae_transfer.errors import UserError
-from sae_transfer.training.config import TrainConfig, finetune_defaults
+from sae_transfer.training.config import RUNTIME_FIELDS, TrainConfig, finetune_defaults
 from sae_transfer.training.data import open_training_data
 from sae_transfer.training.run import Parent, RunResult, parent_sae_arch, train_sae
 
@@ -85,6 +85,6 @@ def parent_config(sae_dir: Path) -> TrainConfig:
     manifest = Path(sae_dir).parent / "run.json"
     if manifest.is_file():
         recorded = json.loads(manifest.read_text()).get("config") or {}
-        known = {f.name for f in dataclasses.fields(TrainConfig)}
+        known = {f.name for f in dataclasses.fields(TrainConfig)} - set(RUNTIME_FIELDS)  # the child picks its own device
         return TrainConfig.from_dict({k: v for k, v in recorded.items() if k in known})
     return TrainConfig()

@@ -6,6 +6,11 @@ import dataclasses
 from dataclasses import dataclass
 
 ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
+DTYPES = ("float32", "bfloat16")
+SPARSE_KERNELS = ("auto", "csr", "dense")
+# Fields that say where and how fast a run computes, not what it learns: a checkpoint or a
+# finished run matches a config that differs only in these (a GPU run resumes on a CPU).
+RUNTIME_FIELDS = ("device", "dtype", "tf32", "sparse_kernels", "num_threads")
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,10 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     seed: int = 0  # weight init, data order, resampling
     num_threads: int = 0  # torch threads (0: leave torch's default)
+    device: str | None = None  # "cpu", "cuda", "cuda:1", ...; None: CUDA when available, else CPU
+    dtype: str = "float32"  # matmul precision: float32, or bfloat16 (autocast: weights and Adam state stay fp32)
+    tf32: bool = True  # CUDA only: fp32 matmuls may use TF32 tensor cores (recorded in run.json)
+    sparse_kernels: str = "auto"  # topk/batchtopk/jumprelu: csr (torch.sparse), dense ([B,F] matmuls); auto: csr on CPU, dense on CUDA
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
@@ -57,6 +66,10 @@ class TrainConfig:
             raise ValueError(f"init_b_dec={self.init_b_dec!r}: use geometric_median, mean or zeros")
         if self.jumprelu_l0_mode not in ("step", "tanh"):
             raise ValueError(f"jumprelu_l0_mode={self.jumprelu_l0_mode!r}: use step or tanh")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: use one of {DTYPES} (bfloat16 runs the matmuls in bf16, weights stay fp32)")
+        if self.sparse_kernels not in SPARSE_KERNELS:
+            raise ValueError(f"sparse_kernels={self.sparse_kernels!r}: use one of {SPARSE_KERNELS}")
         if (self.ghost_grads or self.resample_every_steps) and self.arch != "relu":
             raise ValueError(f"ghost_grads/resampling apply to arch=relu, not {self.arch!r}; TopK uses AuxK")
 
@@ -70,6 +83,10 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["adam_betas"] = list(self.adam_betas)
         return d
+
+    def learning_dict(self) -> dict:
+        """to_dict without RUNTIME_FIELDS: what a resumed or re-run run must match."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":

@@ -5,7 +5,6 @@ Shape legend: B batch tokens, D d_in, F d_sae."""
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -15,7 +14,9 @@ import torch
 from sae_transfer.errors import UserError
 from sae_transfer.sae import SAE, metrics
 from sae_transfer.training.config import TrainConfig
+from sae_transfer.training.device import Numerics, resolve_numerics
 from sae_transfer.training.schedules import lr_multiplier, rewarmup_multiplier
+from sae_transfer.training.sources import device_batches
 from sae_transfer.training.trainers import StepLoss, Trainer, make_trainer
 from sae_transfer.training.tricks import DeadTracker, resample_dead_latents
 
@@ -33,9 +34,35 @@ class LoopState:
     elapsed_s: float = 0.0  # training wall time so far (excluding I/O setup)
 
 
+class NonFiniteWatch:
+    """The first step whose loss was not finite, kept on the device so no step waits for it;
+    `check` reads it (one host sync) at logging and checkpoint steps."""
+
+    def __init__(self, device: torch.device):
+        self.step_ = torch.full((), -1, dtype=torch.int64, device=device)
+        self.loss_ = torch.zeros((), device=device)
+
+    def record(self, loss: torch.Tensor, step: int) -> None:
+        """Remember `step` if `loss` is not finite and no earlier step was (device-side)."""
+        first = ~torch.isfinite(loss) & (self.step_ < 0)
+        self.step_.copy_(torch.where(first, step, self.step_))
+        self.loss_.copy_(torch.where(first, loss.float(), self.loss_))
+
+    def check(self, batch_size: int) -> None:
+        """Raise UserError naming the first non-finite step, if any (nothing has been logged or
+        checkpointed since it: the last checkpoint is intact)."""
+        step = int(self.step_)
+        if step >= 0:
+            raise UserError(
+                f"training diverged: loss is {float(self.loss_)} at step {step} (token {step * batch_size}); "
+                "the last checkpoint is intact — lower the learning rate or check the activations"
+            )
+
+
 @dataclass
 class TrainingRun:
-    """An SAE being trained: model, trainer, optimiser, dead-latent tracker and loop state."""
+    """An SAE being trained: model, trainer, optimiser, dead-latent tracker and loop state,
+    all on numerics.device (weights and Adam state fp32 whatever the compute dtype)."""
 
     cfg: TrainConfig
     sae: SAE
@@ -43,15 +70,22 @@ class TrainingRun:
     optimizer: torch.optim.Optimizer
     dead: DeadTracker
     state: LoopState
+    numerics: Numerics
+    nonfinite: NonFiniteWatch
 
     @classmethod
-    def create(cls, cfg: TrainConfig, sae: SAE, scale_factor: float) -> "TrainingRun":
-        """Wrap an initialised SAE (weights in scaled units) for training."""
+    def create(cls, cfg: TrainConfig, sae: SAE, scale_factor: float, numerics: Numerics | None = None) -> "TrainingRun":
+        """Wrap an initialised SAE (weights in scaled units) for training; moves it to the
+        run's device as fp32."""
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
+        numerics = numerics or resolve_numerics(cfg)
+        sae.to(device=numerics.device, dtype=torch.float32)
         optimizer = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, fused=True)
-        dead = DeadTracker(sae.d_sae, cfg.dead_window_tokens)
-        return cls(cfg, sae, make_trainer(sae, cfg), optimizer, dead, LoopState(scale_factor=scale_factor))
+        dead = DeadTracker(sae.d_sae, cfg.dead_window_tokens, device=numerics.device)
+        trainer = make_trainer(sae, cfg, numerics.sparse_kernels)
+        return cls(cfg, sae, trainer, optimizer, dead, LoopState(scale_factor=scale_factor), numerics,
+                   NonFiniteWatch(numerics.device))
 
     def current_lr(self) -> float:
         """LR for the next step: schedule × post-resample re-warm-up."""
@@ -62,19 +96,19 @@ class TrainingRun:
 
 
 def train_step(run: TrainingRun, raw_BD: torch.Tensor) -> tuple[torch.Tensor, StepLoss]:
-    """One optimiser step on a raw batch; returns (scaled batch, its StepLoss).
-    Raises UserError naming the step if the loss is not finite (weights are left untouched)."""
+    """One optimiser step on a raw batch (moved to the run's device as fp32 if it is not
+    there); returns (scaled batch, its StepLoss). Never waits on the device: a non-finite
+    loss is recorded in run.nonfinite, which the loop checks at log and checkpoint steps."""
     cfg, st = run.cfg, run.state
     lr = run.current_lr()
     for group in run.optimizer.param_groups:
         group["lr"] = lr
+    if raw_BD.device != run.numerics.device or raw_BD.dtype != torch.float32:
+        raw_BD = raw_BD.to(run.numerics.device, torch.float32, non_blocking=True)
     x_BD = raw_BD * st.scale_factor if st.scale_factor != 1.0 else raw_BD
-    out = run.trainer.loss(x_BD, st.step, run.dead.dead_mask(), detail=is_log_step(cfg, st.step))
-    if not math.isfinite(float(out.loss.detach())):
-        raise UserError(
-            f"training diverged: loss is {float(out.loss.detach())} at step {st.step} (token {st.tokens}); "
-            "the last checkpoint is intact — lower the learning rate or check the activations"
-        )
+    dead_F = run.dead.dead_mask() if run.dead.any_dead() else None
+    out = run.trainer.loss(x_BD, st.step, dead_F, detail=is_log_step(cfg, st.step))
+    run.nonfinite.record(out.loss.detach(), st.step)
     if not out.grads_done:
         run.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -96,6 +130,7 @@ def _maybe_resample(run: TrainingRun, x_BD: torch.Tensor) -> None:
     every = cfg.resample_every_steps
     if not every or st.step % every or st.step > cfg.resample_until_frac * cfg.total_steps:
         return
+    run.nonfinite.check(cfg.batch_size)  # resampling draws from the losses: they must be finite
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + st.step)
     n = resample_dead_latents(run.sae, run.dead.dead_mask(), x_BD, run.optimizer, gen)
     if n:  # nothing resampled: no LR drop and re-warm-up
@@ -107,19 +142,16 @@ def evaluate(run: TrainingRun, x_BD: torch.Tensor, out: StepLoss) -> dict:
     """One training-log row for the batch just trained on (metrics in scaled units)."""
     st = run.state
     with torch.no_grad():
-        return {
-            "step": st.step,
-            "tokens": st.tokens,
-            "lr": run.current_lr(),
-            "loss": float(out.loss),
-            "mse": float(out.mse),
-            "sparsity": float(out.sparsity),
-            "l0": float(out.fire_count_F.sum()) / x_BD.shape[0],
-            "explained_variance": float(metrics.explained_variance(x_BD, out.x_hat_BD)),
-            "explained_variance_legacy": float(metrics.explained_variance_legacy(x_BD, out.x_hat_BD)),
-            "dead_fraction": float(run.dead.dead_mask().float().mean()),
-            "elapsed_s": st.elapsed_s,
-        }
+        values = torch.stack([
+            out.loss.detach().float(), out.mse.float(), out.sparsity.float(),
+            out.fire_count_F.sum().float() / x_BD.shape[0],
+            metrics.explained_variance(x_BD, out.x_hat_BD).float(),
+            metrics.explained_variance_legacy(x_BD, out.x_hat_BD).float(),
+            run.dead.dead_mask().float().mean(),
+        ]).tolist()  # one host sync for the whole row
+    names = ("loss", "mse", "sparsity", "l0", "explained_variance", "explained_variance_legacy", "dead_fraction")
+    return {"step": st.step, "tokens": st.tokens, "lr": run.current_lr(), **dict(zip(names, values)),
+            "elapsed_s": st.elapsed_s}
 
 
 def is_log_step(cfg: TrainConfig, step: int) -> bool:
@@ -141,30 +173,43 @@ def train_loop(
     progress: bool = True,
 ) -> dict:
     """Train until cfg.total_steps; logs every log_every_steps, checkpoints every
-    checkpoint_every_tokens and at the end. Returns the last log row."""
+    checkpoint_every_tokens and at the end. Returns the last log row.
+
+    Batches reach the device through `device_batches` (pinned, read ahead on CUDA). The only
+    host syncs are at log and checkpoint steps: the non-finite check, the log row, the
+    checkpoint itself."""
     from tqdm.auto import tqdm
 
     cfg, st = run.cfg, run.state
     bar = tqdm(total=cfg.total_tokens, initial=st.tokens, unit="tok", unit_scale=True, disable=not progress, smoothing=0.1)
     last_row: dict = {}
     t_last = time.perf_counter()
-    it = iter(batches)
-    while st.step < cfg.total_steps:
-        raw_BD = next(it, None)
-        if raw_BD is None:
-            raise UserError(f"activation data ran out at step {st.step} of {cfg.total_steps}; lower --tokens or allow more epochs")
-        tokens_before = st.tokens
-        x_BD, out = train_step(run, raw_BD)
-        now = time.perf_counter()
-        st.elapsed_s += now - t_last
-        t_last = now
-        if is_log_step(cfg, st.step - 1):
-            last_row = evaluate(run, x_BD, out)
-            on_log(last_row)
-            bar.set_postfix(l0=f"{last_row['l0']:.1f}", ev=f"{last_row['explained_variance']:.3f}", refresh=False)
-        bar.update(x_BD.shape[0])
-        if checkpoint_due(cfg, tokens_before, st.tokens) or st.step == cfg.total_steps:
-            on_checkpoint(run)
-            t_last = time.perf_counter()
-    bar.close()
+    it = device_batches(batches, run.numerics.device)
+    try:
+        while st.step < cfg.total_steps:
+            raw_BD = next(it, None)
+            if raw_BD is None:
+                raise UserError(f"activation data ran out at step {st.step} of {cfg.total_steps}; lower --tokens or allow more epochs")
+            tokens_before = st.tokens
+            x_BD, out = train_step(run, raw_BD)
+            log_now = is_log_step(cfg, st.step - 1)
+            checkpoint_now = checkpoint_due(cfg, tokens_before, st.tokens) or st.step == cfg.total_steps
+            if log_now or checkpoint_now:
+                run.nonfinite.check(cfg.batch_size)  # waits for the device: the timing below is honest
+            now = time.perf_counter()
+            st.elapsed_s += now - t_last
+            t_last = now
+            if log_now:
+                last_row = evaluate(run, x_BD, out)
+                on_log(last_row)
+                bar.set_postfix(l0=f"{last_row['l0']:.1f}", ev=f"{last_row['explained_variance']:.3f}", refresh=False)
+            bar.update(x_BD.shape[0])
+            if checkpoint_now:
+                on_checkpoint(run)
+                t_last = time.perf_counter()
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+        bar.close()
     return last_row

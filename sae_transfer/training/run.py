@@ -20,7 +20,7 @@ import torch
 from sae_transfer.errors import UserError
 from sae_transfer.sae import SAE, SAEConfig, make_sae
 from sae_transfer.sae.scaling import fold_scale, scale_factor_of, training_scale
-from sae_transfer.training.config import TrainConfig
+from sae_transfer.training.config import RUNTIME_FIELDS, TrainConfig
 from sae_transfer.training.loop import LoopState, TrainingRun, train_loop
 from sae_transfer.training.sources import SourceFactory
 from sae_transfer.training.tricks import geometric_median
@@ -121,11 +121,11 @@ def train_sae(
     manifest_path, sae_dir = out / "run.json", out / "sae"
     done = _read_manifest(manifest_path)
     if done is not None:
-        if done.get("config") != cfg.to_dict():
+        if not same_learning_config(done.get("config"), cfg):
             raise UserError(f"{out} holds a finished run with a different config; choose another --out or delete it")
         return RunResult(sae_dir, manifest_path, done["final_metrics"], None, True)
     checkpoint = ckpt.latest_checkpoint(out / "checkpoints")
-    if checkpoint is not None and checkpoint.state["config"] != cfg.to_dict():
+    if checkpoint is not None and not same_learning_config(checkpoint.state["config"], cfg):
         raise UserError(f"{out} holds checkpoints of a run with a different config; choose another --out or delete it")
     parent_sae = load_sae(parent.path, expect_d_in=d_in) if parent is not None else None
     if checkpoint is None:
@@ -156,6 +156,7 @@ def train_sae(
         "tokens": run.state.tokens,
         "steps": run.state.step,
         "scale_factor": run.state.scale_factor,
+        "numerics": run.numerics.to_dict(),  # device, compute dtype, TF32, sparse kernels of this call
         "timings": {"train_s": run.state.elapsed_s, "wall_s_this_call": time.perf_counter() - t0,
                     "tokens_per_s": run.state.tokens / max(run.state.elapsed_s, 1e-9)},
         "final_metrics": final,
@@ -178,14 +179,22 @@ def fresh_run_shell(cfg: TrainConfig, d_in: int, parent_sae: SAE | None) -> Trai
 
 def _write_checkpoint(out: Path, run: TrainingRun, reader_position: int) -> None:
     opt_tensors, groups = ckpt.optimizer_to_tensors(run.optimizer)
+    opt_tensors = {k: v.cpu() for k, v in opt_tensors.items()}  # checkpoints hold CPU tensors: any device resumes them
     state = {
         "config": run.cfg.to_dict(),
         "loop": run.state.__dict__,
         "reader_position": reader_position,  # batches consumed from the activation stream
         "optimizer_groups": groups,
     }
-    sae_tensors = {k: v.detach().clone() for k, v in run.sae.state_dict().items()}
+    sae_tensors = {k: v.detach().to("cpu", copy=True) for k, v in run.sae.state_dict().items()}
     ckpt.save_checkpoint(out / "checkpoints", run.state.step, sae_tensors, opt_tensors, run.dead.state_tensors(), state, keep=run.cfg.keep_checkpoints)
+
+
+def same_learning_config(recorded: dict | None, cfg: TrainConfig) -> bool:
+    """Whether a recorded config (run.json, checkpoint) trains what `cfg` trains: equal but
+    for RUNTIME_FIELDS (device, dtype, ...), so a run started on a GPU resumes on a CPU."""
+    recorded = {k: v for k, v in (recorded or {}).items() if k not in RUNTIME_FIELDS}
+    return recorded == cfg.learning_dict()
 
 
 def _final_metrics(run: TrainingRun, last_row: dict) -> dict:

@@ -1,8 +1,11 @@
 """Activation sources for the training loop: anything iterable over raw acts_BD batches that
-can start at batch n. `InMemorySource` mirrors the Parquet `ActivationReader` interface."""
+can start at batch n. `InMemorySource` mirrors the Parquet `ActivationReader` interface;
+`device_batches` brings a source's batches to the training device."""
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -38,9 +41,11 @@ class InMemorySource:
         self.batches_yielded = start_batch
 
     def _order(self, epoch: int) -> torch.Tensor:
+        # drawn on the CPU whatever the data's device, so a seed gives the same order everywhere
         if not self.shuffle:
-            return torch.arange(self.acts_ND.shape[0])
-        return torch.randperm(self.acts_ND.shape[0], generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            return torch.arange(self.acts_ND.shape[0], device=self.acts_ND.device)
+        order = torch.randperm(self.acts_ND.shape[0], generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+        return order.to(self.acts_ND.device)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         epoch, order = -1, None
@@ -60,3 +65,74 @@ class InMemorySource:
 def in_memory_factory(acts_ND: torch.Tensor, batch_size: int, seed: int = 0, **kwargs) -> SourceFactory:
     """A SourceFactory over an in-memory tensor."""
     return lambda start_batch: InMemorySource(acts_ND, batch_size, seed=seed, start_batch=start_batch, **kwargs)
+
+
+_END = object()  # end of the source
+
+
+class PinnedPrefetcher:
+    """Iterator of fp32 batches on a CUDA device. A worker thread reads the source up to
+    `depth` batches ahead and pins them; each batch's host-to-device copy is issued on a side
+    stream one step ahead, so it overlaps the step that is computing. A source error is
+    raised when the batch it replaced is asked for; `close()` stops the worker."""
+
+    def __init__(self, batches: Iterable[torch.Tensor], device: torch.device, depth: int = 2):
+        self.device, self._queue, self._stop = device, queue.Queue(maxsize=depth), threading.Event()
+        self._stream = torch.cuda.Stream(device)
+        self._worker = threading.Thread(target=self._read, args=(iter(batches),), daemon=True, name="batch-prefetch")
+        self._worker.start()
+        self._next = self._issue()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _read(self, it: Iterator[torch.Tensor]) -> None:
+        try:
+            for batch in it:
+                if not self._put(batch.pin_memory() if batch.device.type == "cpu" else batch):
+                    return
+            self._put(_END)
+        except BaseException as exc:  # handed to the consumer, raised in its thread
+            self._put(exc)
+
+    def _issue(self):
+        """The next item: a device batch whose copy is under way, _END, or an exception."""
+        item = self._queue.get()
+        if item is _END or isinstance(item, BaseException):
+            return item
+        with torch.cuda.stream(self._stream):
+            return item.to(self.device, non_blocking=True)
+
+    def __iter__(self) -> "PinnedPrefetcher":
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        item = self._next
+        if item is _END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        current = torch.cuda.current_stream(self.device)
+        current.wait_stream(self._stream)
+        item.record_stream(current)  # its memory is in use on the compute stream too
+        self._next = self._issue()
+        return item.float()
+
+    def close(self) -> None:
+        """Stop the worker (it exits at its next queue operation)."""
+        self._stop.set()
+
+
+def device_batches(batches: Iterable[torch.Tensor], device: torch.device) -> Iterator[torch.Tensor]:
+    """Iterator over `batches` for training on `device`. On the CPU, the source's own iterator
+    (no thread, no copy: nothing to overlap that the source does not already). On CUDA, a
+    PinnedPrefetcher."""
+    if device.type == "cuda":
+        return PinnedPrefetcher(batches, device)
+    return iter(batches)

@@ -30,20 +30,24 @@ def geometric_median(points_ND: torch.Tensor, max_iter: int = 200, tol: float = 
 
 class DeadTracker:
     """Tokens since each latent last fired, and firing counts for feature density (on the
-    batches whose firings were counted: the logging steps).
+    batches whose firings were counted: the logging steps). Counters live on `device`.
 
-    A latent is dead once it has gone `window_tokens` tokens without firing."""
+    A latent is dead once it has gone `window_tokens` tokens without firing. `any_dead()`
+    answers on the host from an upper bound on the longest silence, so it waits on the device
+    only when some latent may really be dead (not on every step of a healthy run)."""
 
-    def __init__(self, d_sae: int, window_tokens: int):
+    def __init__(self, d_sae: int, window_tokens: int, device: torch.device | str = "cpu"):
         self.window_tokens = window_tokens
-        self.since_fired_F = torch.zeros(d_sae, dtype=torch.int64)
-        self.fire_count_F = torch.zeros(d_sae, dtype=torch.float64)  # firings in the density window
+        self.since_fired_F = torch.zeros(d_sae, dtype=torch.int64, device=device)
+        self.fire_count_F = torch.zeros(d_sae, dtype=torch.float64, device=device)  # firings in the density window
         self.counted_tokens = 0  # tokens in the density window
+        self._silence_bound = 0  # host: >= since_fired_F.max()
 
     def update(self, fired_F: torch.Tensor, n_tokens: int) -> None:
         """Record one batch of n_tokens: fired_F[f] is True if latent f fired on any of them."""
         self.since_fired_F += n_tokens
         self.since_fired_F.masked_fill_(fired_F, 0)
+        self._silence_bound += n_tokens
 
     def add_counts(self, fire_count_F: torch.Tensor, n_tokens: int) -> None:
         """Add a batch to the density estimate: fire_count_F[f] = tokens on which f fired.
@@ -58,24 +62,32 @@ class DeadTracker:
         """Bool [F]: latents that have not fired for window_tokens tokens."""
         return self.since_fired_F >= self.window_tokens
 
+    def any_dead(self) -> bool:
+        """Whether some latent is dead (exact; reads the device only when the bound allows one)."""
+        if self._silence_bound < self.window_tokens:
+            return False
+        self._silence_bound = int(self.since_fired_F.max())
+        return self._silence_bound >= self.window_tokens
+
     def log10_density(self) -> torch.Tensor:
-        """log10 of each latent's firing frequency in the current window (−10 for never)."""
-        density_F = self.fire_count_F / max(self.counted_tokens, 1)
+        """log10 of each latent's firing frequency in the current window (−10 for never), on the CPU."""
+        density_F = self.fire_count_F.cpu() / max(self.counted_tokens, 1)
         return density_F.clamp_min(1e-10).log10().float()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Tensors to checkpoint."""
+        """Tensors to checkpoint (on the CPU)."""
         return {
-            "dead.since_fired": self.since_fired_F.clone(),
-            "dead.fire_count": self.fire_count_F.clone(),
+            "dead.since_fired": self.since_fired_F.cpu().clone(),
+            "dead.fire_count": self.fire_count_F.cpu().clone(),
             "dead.counted_tokens": torch.tensor(self.counted_tokens, dtype=torch.int64),
         }
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Restore from `state_tensors`."""
+        """Restore from `state_tensors` (written on any device)."""
         self.since_fired_F.copy_(tensors["dead.since_fired"])
         self.fire_count_F.copy_(tensors["dead.fire_count"])
         self.counted_tokens = int(tensors["dead.counted_tokens"])
+        self._silence_bound = int(tensors["dead.since_fired"].max()) if tensors["dead.since_fired"].numel() else 0
 
 
 def ghost_grad_loss(
@@ -89,10 +101,14 @@ def ghost_grad_loss(
     """Ghost-grad loss (Anthropic, Jan 2024 update), scalar: dead latents, activated with
     exp(pre-activation) — not exp(ReLU(pre)), the GPT-2-small post's erratum — try to model
     the residual x − x̂. Their output is rescaled to half the residual's norm, and the loss
-    is rescaled to equal `mse_loss`, so it only supplies a gradient direction."""
+    is rescaled to equal `mse_loss`, so it only supplies a gradient direction (0 when no
+    latent is dead)."""
     dead_idx = dead_F.nonzero().squeeze(-1)
+    if dead_idx.numel() == 0:
+        return x_BD.new_zeros(())
     residual_BD = (x_BD - x_hat_BD).detach()
-    ghost_out_BD = torch.exp(pre_BF.index_select(1, dead_idx)) @ W_dec_FD.index_select(0, dead_idx)
+    wide = torch.promote_types(pre_BF.dtype, W_dec_FD.dtype)  # bf16 pre-activations are widened
+    ghost_out_BD = torch.exp(pre_BF.index_select(1, dead_idx).to(wide)) @ W_dec_FD.index_select(0, dead_idx).to(wide)
     scale_B1 = residual_BD.norm(dim=-1, keepdim=True) / (2 * ghost_out_BD.norm(dim=-1, keepdim=True).clamp_min(1e-30))
     ghost_out_BD = ghost_out_BD * scale_B1.detach()
     ghost_mse = (ghost_out_BD - residual_BD).pow(2).sum(-1).mean()
@@ -116,11 +132,14 @@ def resample_dead_latents(
     if dead_idx.numel() == 0:
         return 0
     loss_N = (x_ND - sae(x_ND)).pow(2).sum(-1)
-    picked = torch.multinomial(loss_N.pow(2) + 1e-12, dead_idx.numel(), replacement=True, generator=generator)
+    # draw on the generator's device (the CPU's, so a seed gives the same picks on any device)
+    weights_N = loss_N.pow(2).to(generator.device) + 1e-12
+    picked = torch.multinomial(weights_N, dead_idx.numel(), replacement=True, generator=generator).to(x_ND.device)
     dirs_GD = torch.nn.functional.normalize(x_ND[picked], dim=-1)
     alive_F = ~dead_F
-    enc_norm = sae.W_enc[:, alive_F].norm(dim=0).mean() if alive_F.any() else torch.tensor(1.0)
-    dec_norm = sae.W_dec[alive_F].norm(dim=-1).mean() if alive_F.any() else torch.tensor(1.0)
+    one = torch.ones((), device=x_ND.device)
+    enc_norm = sae.W_enc[:, alive_F].norm(dim=0).mean() if alive_F.any() else one
+    dec_norm = sae.W_dec[alive_F].norm(dim=-1).mean() if alive_F.any() else one
     sae.W_dec[dead_idx] = dirs_GD * dec_norm
     sae.W_enc[:, dead_idx] = (dirs_GD * enc_norm * encoder_scale).T
     sae.b_enc[dead_idx] = 0.0

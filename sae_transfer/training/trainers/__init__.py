@@ -16,9 +16,10 @@ TRAINERS: dict[str, type[Trainer]] = {
 }
 
 
-def make_trainer(sae: SAE, cfg: TrainConfig) -> Trainer:
-    """The trainer for cfg.arch, wrapping `sae`."""
-    return TRAINERS[cfg.arch](sae, cfg)
+def make_trainer(sae: SAE, cfg: TrainConfig, sparse_kernels: str | None = None) -> Trainer:
+    """The trainer for cfg.arch, wrapping `sae` (sparse_kernels: "csr" or "dense"; None:
+    cfg.sparse_kernels, "auto" resolved for the SAE's device)."""
+    return TRAINERS[cfg.arch](sae, cfg, sparse_kernels)
 
 
 __all__ = ["Trainer", "StepLoss", "TRAINERS", "make_trainer"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -24,18 +25,38 @@ class StepLoss:
 
 
 class Trainer:
-    """Owns an SAE's initialisation, its training objective and post-step constraints."""
+    """Owns an SAE's initialisation, its training objective and post-step constraints.
 
-    def __init__(self, sae: SAE, cfg: TrainConfig):
+    Every tensor a trainer creates lives on the SAE's device (custom autograd backwards run
+    on a worker thread where no default device applies). Weights stay fp32; the large
+    matmuls run in `compute_dtype` (bf16 when cfg.dtype asks), like autocast does."""
+
+    def __init__(self, sae: SAE, cfg: TrainConfig, sparse_kernels: str | None = None):
         self.sae = sae
         self.cfg = cfg
+        self.compute_dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        if sparse_kernels is None:  # cfg's choice with "auto" resolved for the SAE's device
+            auto = "dense" if self.device.type == "cuda" else "csr"
+            sparse_kernels = auto if cfg.sparse_kernels == "auto" else cfg.sparse_kernels
+        self.sparse_kernels = sparse_kernels
+
+    @property
+    def device(self) -> torch.device:
+        """Where the SAE's parameters live."""
+        return self.sae.W_enc.device
+
+    def autocast(self):
+        """Autocast to compute_dtype on the SAE's device for autograd paths (a no-op in fp32)."""
+        if self.compute_dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator, b_dec_D: torch.Tensor) -> None:
         """Fresh weights (April-update init): random decoder rows of norm init_decoder_norm,
         W_enc = W_decᵀ, b_enc = 0, b_dec = the given initial value."""
         sae = self.sae
-        W_dec_FD = torch.randn(sae.d_sae, sae.d_in, generator=generator)
+        W_dec_FD = torch.randn(sae.d_sae, sae.d_in, generator=generator, device=generator.device)
         W_dec_FD = torch.nn.functional.normalize(W_dec_FD, dim=-1) * self.decoder_norm()
         sae.W_dec.copy_(W_dec_FD)
         sae.W_enc.copy_(W_dec_FD.T)
@@ -46,9 +67,11 @@ class Trainer:
         """Initial norm of decoder rows."""
         return self.cfg.init_decoder_norm
 
-    def loss(self, x_BD: torch.Tensor, step: int, dead_F: torch.Tensor, detail: bool = True) -> StepLoss:  # pragma: no cover
-        """The objective on one batch of scaled activations; dead_F marks dead latents;
-        detail=True also counts firings per latent (a full pass: only on logging steps)."""
+    def loss(self, x_BD: torch.Tensor, step: int, dead_F: torch.Tensor | None, detail: bool = True) -> StepLoss:  # pragma: no cover
+        """The objective on one batch of scaled activations (fp32, on the SAE's device);
+        dead_F marks dead latents, or is None when none is dead (the loop knows that on the
+        host, so no step waits on the device to ask); detail=True also counts firings per
+        latent (a full pass: only on logging steps)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -67,3 +90,11 @@ def mse_of(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of Σ_d (x − x̂)² (differentiable)."""
     err_BD = x_hat_BD - x_BD
     return torch.vdot(err_BD.flatten(), err_BD.flatten()) / x_BD.shape[0]
+
+
+def addmm_fp32(bias_D: torch.Tensor, a_BF: torch.Tensor, W_FD: torch.Tensor) -> torch.Tensor:
+    """fp32 bias + a @ W, the product taken in a's dtype (W cast to it): one addmm in fp32,
+    a low-precision GEMM then an fp32 bias add otherwise."""
+    if a_BF.dtype == torch.float32:
+        return torch.addmm(bias_D, a_BF, W_FD)
+    return torch.mm(a_BF, W_FD.to(a_BF.dtype)).float().add_(bias_D)

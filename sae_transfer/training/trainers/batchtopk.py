@@ -16,12 +16,10 @@ class BatchTopKTrainer(TopKTrainer):
         assert pre_BF.dim() == 2, f"batchtopk selects over [tokens, F], got shape {tuple(pre_BF.shape)}"
         return select_batch_topk(pre_BF, self.sae.cfg.k)
 
-    def after_selection(self, kept_vals_N: torch.Tensor) -> None:
-        if kept_vals_N.numel() == 0:
-            return
-        smallest = float(kept_vals_N.min())
+    def after_selection(self, vals_N: torch.Tensor, positive_N: torch.Tensor) -> None:
+        """Running mean of the smallest kept (positive) activation, updated on the device: the
+        first estimate replaces the -1 placeholder; a batch with none kept changes nothing."""
+        smallest = torch.where(positive_N, vals_N, torch.inf).min()
         thr = self.sae.threshold
-        if float(thr) < 0:
-            thr.fill_(smallest)
-        else:
-            thr.mul_(THRESHOLD_MOMENTUM).add_((1 - THRESHOLD_MOMENTUM) * smallest)
+        updated = torch.where(thr < 0, smallest, thr * THRESHOLD_MOMENTUM + (1 - THRESHOLD_MOMENTUM) * smallest)
+        thr.copy_(torch.where(torch.isfinite(smallest), updated, thr))

@@ -23,18 +23,19 @@ def _csr_BF(crow_B1: torch.Tensor, latent_N: torch.Tensor, vals_N: torch.Tensor,
 
 
 def select_topk(pre_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-token top-k of ReLU(pre): (vals [B·K], token [B·K], latent [B·K]) in CSR order."""
+    """Per-token top-k of ReLU(pre): (vals [B·K] fp32, token [B·K], latent [B·K]) in CSR order."""
     vals_BK, idx_BK = pre_BF.topk(k, dim=-1, sorted=False)
     idx_BK, order_BK = idx_BK.sort(dim=-1)
-    vals_BK = torch.relu(vals_BK.gather(1, order_BK))
-    return vals_BK.flatten(), token_index(*idx_BK.shape), idx_BK.flatten()
+    vals_BK = torch.relu(vals_BK.gather(1, order_BK)).float()
+    return vals_BK.flatten(), token_index(*idx_BK.shape, device=pre_BF.device), idx_BK.flatten()
 
 
 def select_batch_topk(pre_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The B·k largest ReLU(pre) of the whole batch, as (vals, token, latent) in CSR order.
+    """The B·k largest ReLU(pre) of the whole batch, as (vals fp32, token, latent) in CSR order.
 
     Exact but cheap: take each token's top 4k first and select among those; only if some
-    token's 4k-th candidate beats the batch cut-off (it might hold more) use the full batch."""
+    token's 4k-th candidate beats the batch cut-off (it might hold more) use the full batch.
+    That check is the one host sync per step BatchTopK needs."""
     B, F = pre_BF.shape
     n_keep = min(k * B, B * F)
     c = min(F, 4 * k)
@@ -46,19 +47,21 @@ def select_batch_topk(pre_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch
     else:
         flat_N = (pos_N // c) * F + cand_idx_BC.flatten()[pos_N]
     flat_N, order_N = flat_N.sort()
-    return vals_N[order_N], flat_N // F, flat_N % F
+    return vals_N[order_N].float(), flat_N // F, flat_N % F
 
 
 class _SparseEncode(torch.autograd.Function):
-    """(x [B,D], W_enc [D,F], bias [F], select) -> active (vals [N], token [N], latent [N]),
-    where select(pre_BF) picks them (TopK or BatchTopK) in CSR order.
+    """(x [B,D] fp32, W_enc [D,F], bias [F], select, compute dtype) -> active (vals [N] fp32,
+    token [N], latent [N]), where select(pre_BF) picks them (TopK or BatchTopK) in CSR order;
+    the encoder matmul runs in the compute dtype.
 
     Backward touches only the active latents: grad W_enc = (S x)ᵀ with S the [F, B] sparse
-    matrix of active-latent gradients (N·D multiply-adds instead of B·F·D)."""
+    matrix of active-latent gradients (N·D multiply-adds instead of B·F·D), in fp32."""
 
     @staticmethod
-    def forward(ctx, x_BD, W_enc_DF, bias_F, select):
-        vals_N, token_N, latent_N = select(torch.addmm(bias_F, x_BD, W_enc_DF))
+    def forward(ctx, x_BD, W_enc_DF, bias_F, select, cdt):
+        pre_BF = torch.addmm(bias_F.to(cdt), x_BD.to(cdt), W_enc_DF.to(cdt))
+        vals_N, token_N, latent_N = select(pre_BF)
         ctx.save_for_backward(x_BD, vals_N, token_N, latent_N)
         ctx.d_sae = W_enc_DF.shape[1]
         ctx.mark_non_differentiable(token_N, latent_N)
@@ -67,65 +70,68 @@ class _SparseEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_vals_N, _g_token, _g_latent):
         x_BD, vals_N, token_N, latent_N = ctx.saved_tensors
-        g_N = g_vals_N * (vals_N > 0)
-        g_bias_F = torch.zeros(ctx.d_sae, dtype=g_N.dtype).index_add_(0, latent_N, g_N)
+        g_N = (g_vals_N * (vals_N > 0)).to(x_BD.dtype)
+        g_bias_F = torch.zeros(ctx.d_sae, dtype=g_N.dtype, device=g_N.device).index_add_(0, latent_N, g_N)
         g_W_enc_FD = torch.sparse.mm(_sparse_FB(latent_N, token_N, g_N, ctx.d_sae, x_BD.shape[0]), x_BD)
-        return None, g_W_enc_FD.T, g_bias_F, None
+        return None, g_W_enc_FD.T, g_bias_F, None, None
 
 
 def sparse_encode(trainer, x_BD: torch.Tensor, select) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Active (vals, token, latent) of trainer.sae on x_BD, differentiable through vals."""
     sae = trainer.sae
     bias_F = sae.b_enc - sae.b_dec @ sae.W_enc if sae.cfg.apply_b_dec_to_input else sae.b_enc
-    return _SparseEncode.apply(x_BD, sae.W_enc, bias_F, select)
+    return _SparseEncode.apply(x_BD, sae.W_enc, bias_F, select, trainer.compute_dtype)
 
 
 def csr_rows(token_N: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """CSR row pointer [B+1] for sorted token ids."""
-    crow_B1 = torch.zeros(n_tokens + 1, dtype=torch.int64)
-    crow_B1[1:] = torch.bincount(token_N, minlength=n_tokens).cumsum(0)
-    return crow_B1
+    """CSR row pointer [B+1] for sorted token ids (binary searches: no host sync on CUDA,
+    unlike bincount, whose output size waits on the device)."""
+    return torch.searchsorted(token_N, torch.arange(n_tokens + 1, device=token_N.device, dtype=token_N.dtype))
 
 
-def token_index(B: int, K: int) -> torch.Tensor:
+def token_index(B: int, K: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """[B·K] token of each flattened (token, slot) pair: 0,0,..,1,1,.."""
-    return torch.arange(B).repeat_interleave(K)
+    return torch.arange(B, device=device).repeat_interleave(K)
 
 
 class _SparseDecode(torch.autograd.Function):
     """x̂ [B, D] = S W_dec for the sparse [B, F] activations S given as CSR (crow [B+1],
-    latent [N] ascending within a row, vals [N]). Forward and backward read only the active
-    rows of W_dec: the value gradient is a sampled dense-dense product (B·K·D work)."""
+    latent [N] ascending within a row, vals [N]; token [N] is the row of each entry). Forward
+    and backward read only the active rows of W_dec: the value gradient is a sampled
+    dense-dense product (B·K·D work)."""
 
     @staticmethod
-    def forward(ctx, vals_N, crow_B1, latent_N, W_dec_FD):
+    def forward(ctx, vals_N, crow_B1, latent_N, token_N, W_dec_FD):
         S_BF = _csr_BF(crow_B1, latent_N, vals_N, W_dec_FD.shape[0])
-        ctx.save_for_backward(vals_N, crow_B1, latent_N, W_dec_FD)
+        ctx.save_for_backward(vals_N, crow_B1, latent_N, token_N, W_dec_FD)
         return S_BF @ W_dec_FD
 
     @staticmethod
     def backward(ctx, g_BD):
-        vals_N, crow_B1, latent_N, W_dec_FD = ctx.saved_tensors
+        vals_N, crow_B1, latent_N, token_N, W_dec_FD = ctx.saved_tensors
         pattern_BF = _csr_BF(crow_B1, latent_N, torch.ones_like(vals_N), W_dec_FD.shape[0])
         g_vals_N = torch.sparse.sampled_addmm(pattern_BF, g_BD, W_dec_FD.T, beta=0.0).values()
-        token_N = torch.repeat_interleave(crow_B1.diff())
         g_W_dec_FD = torch.sparse.mm(_sparse_FB(latent_N, token_N, vals_N, W_dec_FD.shape[0], g_BD.shape[0]), g_BD)
-        return g_vals_N, None, None, g_W_dec_FD
+        return g_vals_N, None, None, None, g_W_dec_FD
 
 
-def sparse_decode(vals_N, crow_B1, latent_N, W_dec_FD) -> torch.Tensor:
-    """x̂ [B, D] (without b_dec) from CSR-ordered active latents (see _SparseDecode)."""
-    return _SparseDecode.apply(vals_N, crow_B1, latent_N, W_dec_FD)
+def sparse_decode(vals_N, crow_B1, latent_N, token_N, W_dec_FD) -> torch.Tensor:
+    """x̂ [B, D] (without b_dec) from CSR-ordered active latents (see _SparseDecode); fp32."""
+    return _SparseDecode.apply(vals_N, crow_B1, latent_N, token_N, W_dec_FD)
 
 
 def aux_k_loss(x_BD, x_hat_BD, pre_BF, W_dec_FD, dead_F, aux_k: int) -> torch.Tensor:
     """AuxK (Gao et al.): the top-`aux_k` dead latents model the residual x − x̂; returns their
-    squared error normalised by the residual's, so it is O(1) whatever the MSE scale."""
+    squared error normalised by the residual's, so it is O(1) whatever the MSE scale (0 when
+    no latent is dead)."""
     dead_idx = dead_F.nonzero().squeeze(-1)
+    if dead_idx.numel() == 0:
+        return x_BD.new_zeros(())
     residual_BD = (x_BD - x_hat_BD).detach()
     pre_dead_BG = pre_BF.index_select(1, dead_idx)
     vals_BK, idx_BK = pre_dead_BG.topk(min(aux_k, dead_idx.numel()), dim=-1, sorted=False)
-    e_hat_BD = F_nn.embedding_bag(dead_idx[idx_BK], W_dec_FD, per_sample_weights=torch.relu(vals_BK), mode="sum")
+    weights_BK = torch.relu(vals_BK).to(W_dec_FD.dtype)
+    e_hat_BD = F_nn.embedding_bag(dead_idx[idx_BK], W_dec_FD, per_sample_weights=weights_BK, mode="sum")
     return (e_hat_BD - residual_BD).pow(2).sum(-1).mean() / residual_BD.pow(2).sum(-1).mean().clamp_min(1e-12)
 
 
@@ -137,24 +143,43 @@ class TopKTrainer(Trainer):
         """Active latents of a batch of pre-activations (per-token top-k)."""
         return select_topk(pre_BF, self.sae.cfg.k)
 
-    def loss(self, x_BD: torch.Tensor, step: int, dead_F: torch.Tensor, detail: bool = True) -> StepLoss:
+    def loss(self, x_BD: torch.Tensor, step: int, dead_F: torch.Tensor | None, detail: bool = True) -> StepLoss:
         sae, cfg = self.sae, self.cfg
-        B = x_BD.shape[0]
-        vals_N, token_N, latent_N = sparse_encode(self, x_BD, self.select)
-        x_hat_BD = sparse_decode(vals_N, csr_rows(token_N, B), latent_N, sae.W_dec) + sae.b_dec
+        if self.sparse_kernels == "dense":
+            vals_N, latent_N, x_hat_BD, pre_BF = self.dense_forward(x_BD)
+        else:
+            vals_N, token_N, latent_N = sparse_encode(self, x_BD, self.select)
+            crow_B1 = csr_rows(token_N, x_BD.shape[0])
+            x_hat_BD = sparse_decode(vals_N, crow_B1, latent_N, token_N, sae.W_dec) + sae.b_dec
+            pre_BF = None
         mse = mse_of(x_BD, x_hat_BD)
         loss = mse
-        if cfg.aux_coefficient and bool(dead_F.any()):
+        if cfg.aux_coefficient and dead_F is not None:
             aux_k = cfg.aux_k or sae.d_in // 2
-            loss = loss + cfg.aux_coefficient * aux_k_loss(x_BD, x_hat_BD, self.encoder_pre(x_BD), sae.W_dec, dead_F, aux_k)
+            if pre_BF is None:
+                with self.autocast():
+                    pre_BF = self.encoder_pre(x_BD)
+            loss = loss + cfg.aux_coefficient * aux_k_loss(x_BD, x_hat_BD, pre_BF, sae.W_dec, dead_F, aux_k)
         with torch.no_grad():
             positive_N = vals_N > 0
-            fire_count_F = torch.bincount(latent_N[positive_N], minlength=sae.d_sae)
-            self.after_selection(vals_N[positive_N])
-        return StepLoss(loss, mse.detach(), torch.zeros(()), x_hat_BD.detach(), fire_count_F > 0, fire_count_F)
+            fire_count_F = torch.zeros(sae.d_sae, device=x_BD.device).index_add_(0, latent_N, positive_N.float())
+            self.after_selection(vals_N.detach(), positive_N)
+        return StepLoss(loss, mse.detach(), x_BD.new_zeros(()), x_hat_BD.detach(), fire_count_F > 0, fire_count_F)
 
-    def after_selection(self, kept_vals_N: torch.Tensor) -> None:
-        """Hook for statistics of the kept activations (BatchTopK's threshold)."""
+    def dense_forward(self, x_BD: torch.Tensor):
+        """The same objective through dense [B, F] matmuls (5 GEMMs, no sparse formats or host
+        syncs): (vals [N], latent [N], x̂ [B, D] fp32, pre [B, F] with grad)."""
+        sae = self.sae
+        with self.autocast():
+            pre_BF = self.encoder_pre(x_BD)
+            _, token_N, latent_N = self.select(pre_BF.detach())
+            vals_N = torch.relu(pre_BF[token_N, latent_N])
+            feats_BF = pre_BF.new_zeros(pre_BF.shape).index_put((token_N, latent_N), vals_N)
+            x_hat_BD = torch.addmm(sae.b_dec, feats_BF, sae.W_dec).float()
+        return vals_N.float(), latent_N, x_hat_BD, pre_BF
+
+    def after_selection(self, vals_N: torch.Tensor, positive_N: torch.Tensor) -> None:
+        """Hook for statistics of the kept activations (BatchTopK's threshold); device-side."""
 
     @torch.no_grad()
     def after_step(self) -> None:

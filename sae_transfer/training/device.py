@@ -1,0 +1,75 @@
+"""Where and in which precision a training run computes: the device, the matmul dtype, TF32,
+and which kernels the sparse architectures use. Resolved once per run and recorded in run.json.
+
+Plain torch: imports neither prefect nor duckdb."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sae_transfer.errors import UserError
+from sae_transfer.training.config import TrainConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """The resolved runtime settings of a run (what run.json's `numerics` records)."""
+
+    device: torch.device  # where weights, Adam state and batches live
+    compute_dtype: torch.dtype  # dtype of the large matmuls (fp32, or bf16 autocast-style)
+    tf32: bool  # CUDA fp32 matmuls allowed to use TF32 (always False on CPU)
+    sparse_kernels: str  # "csr" or "dense" (auto resolved)
+
+    def to_dict(self) -> dict:
+        """JSON-ready form for run.json."""
+        return {"device": str(self.device), "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+                "tf32": self.tf32, "sparse_kernels": self.sparse_kernels,
+                "float32_matmul_precision": torch.get_float32_matmul_precision()}
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """torch.device for `name` (None: CUDA when available, else CPU). UserError when the
+    device does not exist here, naming the fix."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"device={name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device={name!r} but this machine has no CUDA GPU (torch {torch.__version__}); use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"device={name!r} but only {torch.cuda.device_count()} CUDA device(s) exist; use cuda:0..")
+    elif device.type != "cpu":
+        raise UserError(f"device={name!r}: training runs on cpu or cuda")
+    return device
+
+
+def resolve_numerics(cfg: TrainConfig) -> Numerics:
+    """The run's Numerics; switches TF32 on or off for CUDA matmuls as cfg.tf32 asks
+    (a process-wide torch setting, so a TF32 choice never depends on what ran before)."""
+    device = resolve_device(cfg.device)
+    tf32 = cfg.tf32 and device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    kernels = cfg.sparse_kernels
+    if kernels == "auto":
+        # CPU: the torch.sparse products are fastest (bench_train.py). CUDA, by count: at
+        # 2048 x 32768, batch 4096, the csr step measured 16 ms on an H100 (256k tok/s, TF32),
+        # of which the one dense encoder GEMM is ~2 ms; the dense path is 5 such GEMMs (~9 ms
+        # at TF32, ~4 ms in bf16) with no format conversions or host syncs. Measure both with
+        # bench_train.py --device cuda --sparse-kernels csr,dense.
+        kernels = "dense" if device.type == "cuda" else "csr"
+    return Numerics(device, _DTYPES[cfg.dtype], tf32, kernels)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued work on `device` (a no-op on CPU); for honest timings."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
