@@ -11,6 +11,11 @@ import typer
 from sae_transfer.errors import UserError
 
 
+_DEVICE_HELP = "cpu, cuda or cuda:N (default: CUDA when available, else CPU); a checkpoint resumes on any device."
+_DTYPE_HELP = "Matmul precision: float32, or bfloat16 (autocast-style; weights and Adam state stay fp32)."
+_TF32_HELP = "On CUDA, let fp32 matmuls use TF32 tensor cores (recorded in run.json)."
+
+
 def register(app: typer.Typer) -> None:
     """Add this module's commands to `app`."""
     app.command("train")(train)
@@ -59,6 +64,10 @@ def train(
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(0, "--threads", help="torch threads (0: default)."),
     buffer_tokens: str = typer.Option("256k", "--buffer-tokens", help="Shuffle-buffer size in tokens."),
+    device: Optional[str] = typer.Option(None, "--device", help=_DEVICE_HELP),
+    dtype: str = typer.Option("float32", "--dtype", help=_DTYPE_HELP),
+    tf32: bool = typer.Option(True, "--tf32/--no-tf32", help=_TF32_HELP),
+    sparse_kernels: str = typer.Option("auto", "--sparse-kernels", help="topk/batchtopk/jumprelu kernels: csr | dense | auto (csr on CPU, dense on CUDA)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary; print only the SAE folder."),
 ) -> None:
     """Train an SAE from cached activations (resumes from the newest checkpoint in --out); print the SAE folder."""
@@ -70,7 +79,7 @@ def train(
         lr_warmup_frac=lr_warmup, lr_decay_frac=lr_decay, l1_warmup_frac=l1_warmup, jumprelu_l0_mode=jumprelu_l0,
         ghost_grads=ghost_grads, resample_every_steps=resample_every, init_b_dec=init_b_dec,
         dead_window_tokens=_tokens(dead_window), checkpoint_every_tokens=_tokens(checkpoint_every),
-        log_every_steps=log_every, num_threads=threads,
+        log_every_steps=log_every, num_threads=threads, device=device, dtype=dtype, tf32=tf32, sparse_kernels=sparse_kernels,
     )
     _report(result, quiet)
 
@@ -90,6 +99,9 @@ def finetune(
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(0, "--threads", help="torch threads (0: default)."),
     buffer_tokens: str = typer.Option("256k", "--buffer-tokens", help="Shuffle-buffer size in tokens."),
+    device: Optional[str] = typer.Option(None, "--device", help=_DEVICE_HELP),
+    dtype: str = typer.Option("float32", "--dtype", help=_DTYPE_HELP),
+    tf32: bool = typer.Option(True, "--tf32/--no-tf32", help=_TF32_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the SAE folder."),
 ) -> None:
     """Fine-tune an SAE on another model's activations (the seed study's recipe); print the SAE folder."""
@@ -99,5 +111,6 @@ def finetune(
         sae, acts, out, tokens=_tokens(tokens), batch_size=batch_size, seed=seed, lr=lr, l1_coefficient=l1,
         buffer_tokens=_tokens(buffer_tokens), progress=not quiet, lr_warmup_frac=lr_warmup, lr_decay_frac=lr_decay,
         checkpoint_every_tokens=_tokens(checkpoint_every), log_every_steps=log_every, num_threads=threads,
+        device=device, dtype=dtype, tf32=tf32,
     )
     _report(result, quiet)

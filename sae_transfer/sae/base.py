@@ -45,7 +45,9 @@ class SAE(nn.Module):
         return self.cfg.d_sae
 
     def pre_acts(self, x_BD: torch.Tensor) -> torch.Tensor:
-        """Encoder pre-activations [B, F]."""
+        """Encoder pre-activations [B, F], in the weights' dtype whatever x's (a bf16 batch
+        into an fp32 SAE, or the other way round, is cast instead of failing in the matmul)."""
+        x_BD = x_BD.to(self.W_enc.dtype)
         if self.cfg.apply_b_dec_to_input:
             x_BD = x_BD - self.b_dec
         return x_BD @ self.W_enc + self.b_enc
@@ -58,8 +60,8 @@ class SAE(nn.Module):
         return self.activation(self.pre_acts(x_BD))
 
     def decode(self, feats_BF: torch.Tensor) -> torch.Tensor:
-        """Reconstruction [B, D] from feature activations."""
-        return feats_BF @ self.W_dec + self.b_dec
+        """Reconstruction [B, D] from feature activations (in the weights' dtype)."""
+        return feats_BF.to(self.W_dec.dtype) @ self.W_dec + self.b_dec
 
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Reconstruction [B, D] of x_BD."""

@@ -24,7 +24,7 @@ class TopKSAE(SAE):
 
     def decode_sparse(self, vals_BK: torch.Tensor, idx_BK: torch.Tensor) -> torch.Tensor:
         """Reconstruction [B, D] from the active rows of W_dec only (embedding_bag, sum mode)."""
-        out_BD = F_nn.embedding_bag(idx_BK, self.W_dec, per_sample_weights=vals_BK, mode="sum")
+        out_BD = F_nn.embedding_bag(idx_BK, self.W_dec, per_sample_weights=vals_BK.to(self.W_dec.dtype), mode="sum")
         return out_BD + self.b_dec
 
     def activation(self, pre_BF: torch.Tensor) -> torch.Tensor:
