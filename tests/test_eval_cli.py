@@ -66,10 +66,13 @@ def test_evaluate_writes_full_matrix(setup):
     assert len(rows) == 2 * 2 * 2  # SAEs x models x outlier policies
     assert {(x["outlier_policy"], x["segment"]) for x in rows} == {("excluded", "text"), ("included", "text")}
     for x in rows:
-        assert x["n_tokens"] > 0 and x["scale_factor"] > 0 and x["model_revision"].startswith("sha256:")
+        assert x["n_tokens"] > 0 and x["scale_factor_eval"] > 0 and x["model_revision"].startswith("sha256:")
+        # one absolute threshold for the pair, estimated on the first model and recorded as such
+        assert x["outlier_threshold"] == rows[0]["outlier_threshold"] and s["base"] in x["threshold_source"]
         assert x["sae_id"].split(":")[0] in {"sae_lossless", "sae_noisy"} and x["hook"] == HOOK
         if x["sae_id"].startswith("sae_lossless"):
-            assert x["ce_loss_score"] == 1.0 and x["mse"] == 0.0 and x["ce_delta"] == 0.0
+            assert x["ce_loss_score"] == pytest.approx(1.0, abs=1e-9) and x["mse"] == pytest.approx(0.0, abs=1e-9)
+            assert x["ce_delta"] == pytest.approx(0.0, abs=1e-9)
             assert x["sae_model"] == s["base"] and x["sae_finetuned_from"] is None
         else:
             assert x["sae_finetuned_from"] == "sae_lossless" and x["ce_loss_score_lo"] <= x["ce_loss_score_hi"]
@@ -85,7 +88,9 @@ def test_outliers_and_positions(setup):
     per_token = read_table(s["out"], "outliers").to_pandas()
     assert len(per_token) == 256 and (per_token["role"].iloc[0], per_token["pos"].iloc[0]) == ("bos", 0)
     summary = read_table(s["out"], "outlier_summary").to_pylist()
-    assert [x["outlier_rule"] for x in summary] == ["median+10mad", "3xmedian"]
+    assert [x["outlier_rule"] for x in summary] == ["absolute", "k_median"]
+    assert summary[0]["excludes"] and "pair estimate" in summary[0]["threshold_source"]
+    assert summary[0]["outlier_threshold"] == pytest.approx(summary[0]["suggested_threshold"])
     assert summary[0]["n_outliers"] == int(per_token["is_outlier_abs"].sum())
     r = _run("positions", "--sae", s["saes"]["noisy"], "--model", s["chat"], "--hook", HOOK, "--tokens", 256,
              "--multiples", "1,2", "--corpus", s["corpus"], "--out", s["out"], "--device", "cpu")
@@ -98,7 +103,8 @@ def test_outliers_and_positions(setup):
 def test_segments_and_rollout_cache(setup):
     s = setup
     args = ["segments", "--sae", s["saes"]["lossless"], "--model", s["chat"], "--hook", HOOK, "--prompts",
-            s["prompts"], "--max-new-tokens", 6, "--out", s["out"], "--device", "cpu"]
+            s["prompts"], "--max-new-tokens", 6, "--out", s["out"], "--device", "cpu", "--corpus", s["corpus"],
+            "--tokens", 256]
     for _ in range(2):
         r = _run(*args)
         assert r.exit_code == 0, r.output + repr(r.exception)
@@ -106,6 +112,8 @@ def test_segments_and_rollout_cache(setup):
     seg = [x for x in read_table(s["out"], "metrics").to_pylist() if x["segment"] != "text"]
     assert {x["segment"] for x in seg} == {"user_prompt", "rollout", "template"}
     assert all(x["ce_sae"] == x["ce_clean"] for x in seg)
+    assert all(x["ce_zero_segment"] == x["ce_zero_segment"] and x["ce_loss_score_segment"] == 1.0 for x in seg)
+    assert all(not x["reliable"] for x in seg)  # a handful of tokens: flagged, not findings
 
 
 def test_weight_diff_command(setup):

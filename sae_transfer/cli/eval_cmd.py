@@ -21,7 +21,8 @@ TokensOpt = typer.Option(16384, "--tokens", help="held-out eval tokens per model
 CorpusOpt = typer.Option("stdlib", "--corpus", help="corpus: 'stdlib', a local file/folder, or a Hub dataset id")
 CtxOpt = typer.Option(None, "--context-size", help="tokens per sequence (default: the SAE's training context, else 128)")
 BatchOpt = typer.Option(4096, "--batch-tokens", help="tokens per forward batch")
-ThreshOpt = typer.Option(None, "--threshold", help="absolute outlier threshold on scaled norms (default: median + 10 MAD)")
+ThreshOpt = typer.Option(None, "--threshold", help="absolute outlier threshold on scaled norms, one for every model (default: median + 10 MAD on the first model, printed)")
+RuleOpt = typer.Option("absolute", "--outlier-rule", help="which tokens 'excluded' drops: absolute, k_median or either")
 MadOpt = typer.Option(10.0, "--mad-k", help="robust default threshold: median + k * 1.4826 * MAD")
 KMedOpt = typer.Option(3.0, "--k-median", help="second outlier rule: scaled norm > k * median")
 DeviceOpt = typer.Option(None, "--device", help="cuda, cpu, ... (default: CUDA when available)")
@@ -29,11 +30,22 @@ DtypeOpt = typer.Option("float32", "--dtype", help="model dtype: float32, bfloat
 SeedOpt = typer.Option(0, "--seed", help="bootstrap seed")
 
 
-def _eval_config(batch_tokens, threshold, mad_k, k_median, seed, device, n_bootstrap=1000, token_errors=True):
+def _eval_config(batch_tokens, threshold, mad_k, k_median, seed, device, n_bootstrap=1000, token_errors=True, rule="absolute"):
     from sae_transfer.evals.api import eval_config
 
     return eval_config(threshold=threshold, mad_k=mad_k, k_median=k_median, n_bootstrap=n_bootstrap, seed=seed,
-                       device=device, batch_tokens=batch_tokens, token_errors=token_errors)
+                       device=device, batch_tokens=batch_tokens, token_errors=token_errors, rule=rule)
+
+
+def _pair_threshold(cfg, model, info, toks, hook):
+    """Fix one absolute threshold for every model of this call (estimated on the first), and say so."""
+    from sae_transfer.evals.run import with_pair_threshold
+
+    if cfg.outliers.threshold is None:
+        cfg = with_pair_threshold(model, info, toks, hook, cfg)
+        typer.echo(f"outlier threshold {cfg.outliers.threshold:.4g} ({cfg.outliers.threshold_source}); "
+                   "pass --threshold to set one (the study used Qwen1.5 50, Gemma 300, Mistral 200)")
+    return cfg
 
 
 def _load(spec: str, device, dtype):
@@ -76,7 +88,8 @@ def evaluate(
     sae: list[str] = SaeOpt, model: list[str] = ModelOpt, hook: str = HookOpt, tokens: int = TokensOpt,
     out: Path = OutOpt, corpus: str = CorpusOpt, context_size: Optional[int] = CtxOpt,
     batch_tokens: int = BatchOpt, threshold: Optional[float] = ThreshOpt, mad_k: float = MadOpt,
-    k_median: float = KMedOpt, bootstrap: int = typer.Option(1000, "--bootstrap", help="bootstrap resamples for the CE score CI"),
+    k_median: float = KMedOpt, outlier_rule: str = RuleOpt,
+    bootstrap: int = typer.Option(1000, "--bootstrap", help="bootstrap resamples for the CE score CI"),
     seed: int = SeedOpt, device: Optional[str] = DeviceOpt, dtype: str = DtypeOpt,
     token_errors: bool = typer.Option(True, "--token-errors/--no-token-errors", help="write per-token errors (MSE vs norm)"),
 ) -> None:
@@ -86,12 +99,14 @@ def evaluate(
     from storage.tables import append_rows
 
     saes = _prepare(sae, model, hook)
-    cfg = _eval_config(batch_tokens, threshold, mad_k, k_median, seed, device, bootstrap, token_errors)
+    cfg = _eval_config(batch_tokens, threshold, mad_k, k_median, seed, device, bootstrap, token_errors, outlier_rule)
     ctx = _context(saes, context_size)
     rows = []
     for spec in model:
         m, info = _load(spec, device, dtype)
-        rec = transfer_records(m, info, saes, _plain_tokens(m, corpus, ctx, tokens), hook, cfg)
+        toks = _plain_tokens(m, corpus, ctx, tokens)
+        cfg = _pair_threshold(cfg, m, info, toks, hook)
+        rec = transfer_records(m, info, saes, toks, hook, cfg)
         append_rows(out, "metrics", rec.metrics)
         append_rows(out, "token_errors", rec.token_errors)
         rows += rec.metrics
@@ -103,17 +118,19 @@ def outliers(
     model: list[str] = ModelOpt, hook: str = HookOpt, tokens: int = TokensOpt, out: Path = OutOpt,
     corpus: str = CorpusOpt, context_size: int = typer.Option(128, "--context-size", help="tokens per sequence"),
     batch_tokens: int = BatchOpt, threshold: Optional[float] = ThreshOpt, mad_k: float = MadOpt,
-    k_median: float = KMedOpt, device: Optional[str] = DeviceOpt, dtype: str = DtypeOpt,
+    k_median: float = KMedOpt, outlier_rule: str = RuleOpt, device: Optional[str] = DeviceOpt, dtype: str = DtypeOpt,
 ) -> None:
     """Per-token norms and outlier flags -> OUT/outliers; the study's breakdown -> OUT/outlier_summary."""
     from sae_transfer.evals.run import outlier_records
     from storage.tables import append_rows
 
-    cfg = _eval_config(batch_tokens, threshold, mad_k, k_median, 0, device)
+    cfg = _eval_config(batch_tokens, threshold, mad_k, k_median, 0, device, rule=outlier_rule)
     summary = []
     for spec in model:
         m, info = _load(spec, device, dtype)
-        per_token, rows = outlier_records(m, info, _plain_tokens(m, corpus, context_size, tokens), hook, cfg)
+        toks = _plain_tokens(m, corpus, context_size, tokens)
+        cfg = _pair_threshold(cfg, m, info, toks, hook)
+        per_token, rows = outlier_records(m, info, toks, hook, cfg)
         append_rows(out, "outliers", per_token)
         append_rows(out, "outlier_summary", rows)
         summary += rows
@@ -127,24 +144,29 @@ def segments(
     max_prompts: int = typer.Option(50, "--max-prompts", help="prompts to use"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="greedy rollout length"),
     batch_tokens: int = BatchOpt, threshold: Optional[float] = ThreshOpt, mad_k: float = MadOpt,
-    k_median: float = KMedOpt, seed: int = SeedOpt, device: Optional[str] = DeviceOpt, dtype: str = DtypeOpt,
+    k_median: float = KMedOpt, outlier_rule: str = RuleOpt, seed: int = SeedOpt, device: Optional[str] = DeviceOpt,
+    dtype: str = DtypeOpt, corpus: str = CorpusOpt,
+    tokens: int = typer.Option(16384, "--tokens", help="main-corpus tokens for the scale factor and threshold"),
 ) -> None:
     """Greedy chat rollouts (cached in OUT/rollouts) -> user_prompt / rollout / template masks ->
-    metrics per segment, splicing only at that segment's positions -> OUT/metrics."""
+    metrics per segment, splicing only at that segment's positions, with the segment-only zero
+    ablation too -> OUT/metrics. Scale factor and threshold come from the main corpus (--corpus)."""
     from sae_transfer.evals.rollouts import load_prompts
-    from sae_transfer.evals.run import chat_transcripts, segment_records
+    from sae_transfer.evals.run import chat_transcripts, checked_norms, segment_records
     from storage.tables import append_rows
 
     saes = _prepare(sae, [model], hook)
-    cfg = _eval_config(batch_tokens, threshold, mad_k, k_median, seed, device, token_errors=False)
+    cfg = _eval_config(batch_tokens, threshold, mad_k, k_median, seed, device, token_errors=False, rule=outlier_rule)
     prompt_list = load_prompts(prompts, max_prompts)
     if not prompt_list:
         raise UserError(f"instruction set {prompts!r} has no prompts: pass a JSONL with one {{\"prompt\": ...}} per line")
     m, info = _load(model, device, dtype)
+    main = _plain_tokens(m, corpus, _context(saes, None), tokens)
+    cfg = _pair_threshold(cfg, m, info, main, hook)
     transcripts = chat_transcripts(m, info, prompt_list, max_new_tokens, out)
-    rows = segment_records(m, info, saes, transcripts, hook, cfg)
+    rows = segment_records(m, info, saes, transcripts, hook, cfg, checked_norms(m, saes, main, hook, cfg))
     append_rows(out, "metrics", rows)
-    _show(rows, ["sae_id", "segment", "outlier_policy", "l0", "ce_loss_score", "ce_clean", "ce_sae", "explained_variance_legacy", "n_tokens"])
+    _show(rows, ["sae_id", "segment", "outlier_policy", "l0", "ce_loss_score", "ce_loss_score_segment", "explained_variance_legacy", "n_tokens", "reliable"])
 
 
 def weight_diff(

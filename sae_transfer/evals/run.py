@@ -87,6 +87,16 @@ def segment_records(
     return rows
 
 
+def with_pair_threshold(model, model_info: dict, toks: TokenSet, hook: str, cfg: EvalConfig) -> EvalConfig:
+    """`cfg` with its absolute outlier threshold fixed for every model of the pair: the configured
+    value, else the robust estimate on `model` (pass the pair's base model first)."""
+    if cfg.outliers.threshold is not None:
+        return cfg
+    norms = transfer.norm_pass(model, toks, hook, cfg)
+    source = f"pair estimate: median+{cfg.outliers.mad_k:g}mad on {model_info['model_id']}"
+    return replace(cfg, outliers=replace(cfg.outliers, threshold=norms.suggested_threshold, threshold_source=source))
+
+
 def outlier_records(model, model_info: dict, toks: TokenSet, hook: str, cfg: EvalConfig) -> tuple[list[dict], list[dict]]:
     """(per-token `outliers` rows, `outlier_summary` rows) for one model."""
     from sae_transfer.models import check_hooks
