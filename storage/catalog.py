@@ -71,9 +71,9 @@ def view_sql(layout: StudyLayout, name: str, pattern: str, schema: pa.Schema | N
 
     run_column = RUN_FOLDER_COLUMN.get(name)
     if any(layout.root.glob(pattern)) and run_column:
-        files = _quote(str(layout.root.resolve() / pattern))
+        files, run_name = _quote(str(layout.root.resolve() / pattern)), _quote(StudyLayout.run_name_regex())
         return (
-            f'CREATE OR REPLACE VIEW "{name}" AS SELECT regexp_extract(filename, \'saes/([^/]+)/\', 1) AS "{run_column}", '
+            f'CREATE OR REPLACE VIEW "{name}" AS SELECT regexp_extract(filename, {run_name}, 1) AS "{run_column}", '
             f"* EXCLUDE (filename) FROM read_parquet({files}, union_by_name=true, filename=true)"
         )
     if any(layout.root.glob(pattern)):

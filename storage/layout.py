@@ -5,12 +5,51 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 
 def slug(text: str) -> str:
     """A file-name-safe short form of a model id or hook name."""
     text = text.rstrip("/").split("/")[-1] if "/" in text else text
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:60] or "x"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """One SAE training run folder, as `sae_transfer.training.run.train_sae` writes it."""
+
+    root: Path
+
+    SAE_DIR: ClassVar[str] = "sae"
+    MANIFEST_FILE: ClassVar[str] = "run.json"
+    CHECKPOINTS_DIR: ClassVar[str] = "checkpoints"
+    TRAINING_LOG_DIR: ClassVar[str] = "training_log"
+
+    @property
+    def sae(self) -> Path:
+        """The trained SAE: a SAELens 6 folder (cfg.json, sae_weights.safetensors, sparsity.safetensors)."""
+        return self.root / self.SAE_DIR
+
+    @property
+    def manifest(self) -> Path:
+        """JSON written last: config, tokens, timings, final metrics, parent SAE."""
+        return self.root / self.MANIFEST_FILE
+
+    @property
+    def checkpoints(self) -> Path:
+        """Trainer checkpoints, one folder per step (storage.checkpoints)."""
+        return self.root / self.CHECKPOINTS_DIR
+
+    @property
+    def training_log(self) -> Path:
+        """Parquet parts of the training log (storage.checkpoints.append_log_rows)."""
+        return self.root / self.TRAINING_LOG_DIR
+
+    @classmethod
+    def holding(cls, sae_dir: str | Path) -> "RunLayout | None":
+        """The run whose SAE folder is `sae_dir`, or None for an SAE folder outside a run."""
+        sae_dir = Path(sae_dir)
+        return cls(sae_dir.parent) if sae_dir.name == cls.SAE_DIR else None
 
 
 @dataclass(frozen=True)
@@ -24,13 +63,26 @@ class StudyLayout:
         """Parquet activation datasets, one content-addressed folder per (model, hook, corpus, budget)."""
         return self.root / "activations"
 
+    SAES_DIR: ClassVar[str] = "saes"
+
     @property
     def saes(self) -> Path:
-        """Trained and fine-tuned SAE run folders (SAELens layout inside)."""
-        return self.root / "saes"
+        """Trained and fine-tuned SAE run folders (each a RunLayout)."""
+        return self.root / self.SAES_DIR
 
     def sae_run(self, name: str) -> Path:
+        """The run folder of the SAE called `name` (see RunLayout for what is inside)."""
         return self.saes / name
+
+    @classmethod
+    def in_every_run(cls, *parts: str) -> str:
+        """Glob, relative to the root, of `parts` inside every SAE run folder (catalog views)."""
+        return "/".join([cls.SAES_DIR, "*", *parts])
+
+    @classmethod
+    def run_name_regex(cls) -> str:
+        """Regular expression whose group 1 is the run folder's name in a path below `saes/`."""
+        return f"{cls.SAES_DIR}/([^/]+)/"
 
     def table(self, name: str) -> Path:
         """Folder of Parquet part files of one result table (metrics, outliers, ...)."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from storage.layout import RunLayout, StudyLayout
+
 _STR, _F64, _I64, _TS = pa.string(), pa.float64(), pa.int64(), pa.timestamp("us", tz="UTC")
 
 RUNS = pa.schema(
@@ -43,7 +45,7 @@ TRAINING_LOG_STUB = pa.schema(
 # View name -> (glob relative to the results root, schema for an empty view).
 # (runs and checkpoints are plain tables in storage.tables.SCHEMAS.)
 SOURCES: dict[str, tuple[str, pa.Schema | None]] = {
-    "training_log": ("saes/*/training_log/part-*.parquet", TRAINING_LOG_STUB),
+    "training_log": (StudyLayout.in_every_run(RunLayout.TRAINING_LOG_DIR, "part-*.parquet"), TRAINING_LOG_STUB),
 }
 
 # Views whose rows get the SAE run folder name (saes/<name>/...) as column `sae_id`.

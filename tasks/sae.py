@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from prefect import get_run_logger, task
 
 from sae_transfer.study import FinetuneSection, SAESection
+from storage.layout import RunLayout
 from tasks._cache import cached, run_name
 from tasks.records import ActsRecord, SAERecord
 
@@ -19,7 +18,7 @@ _CODE = cached(*TRAINING_CODE)
 
 def _record(result, acts: ActsRecord, role: str, parent: str | None = None) -> SAERecord:
     return SAERecord(
-        path=str(result.sae_dir), run_dir=str(Path(result.sae_dir).parent), model=acts.model, hook=acts.hook,
+        path=str(result.sae_dir), run_dir=str(RunLayout.holding(result.sae_dir).root), model=acts.model, hook=acts.hook,
         role=role, finetuned_from=parent, tokens=int(result.metrics.get("tokens", 0)), final_metrics=result.metrics,
     )
 

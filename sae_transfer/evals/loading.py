@@ -33,6 +33,7 @@ def weights_hash(folder: Path) -> str:
 
 def load_saes(folders: list[str], hook: str) -> list[LoadedSAE]:
     """Load every SAE folder, checking it was trained on `hook` (UserError otherwise)."""
+    from storage.layout import RunLayout
     from storage.sae_format import load_sae
 
     out = []
@@ -40,8 +41,8 @@ def load_saes(folders: list[str], hook: str) -> list[LoadedSAE]:
         folder = Path(spec).expanduser()
         sae = load_sae(folder, expect_hook=hook)
         meta = sae.cfg.metadata
-        # trainer runs keep the SAE in <run>/sae: the run folder names it
-        name = folder.parent.name if folder.name == "sae" else folder.name
+        run = RunLayout.holding(folder)  # a trainer run's SAE is named by its run folder
+        name = run.root.name if run is not None else folder.name
         info = {
             "sae_id": f"{name}:{weights_hash(folder)}",
             "sae_model": meta.get("model_name"),

@@ -82,9 +82,11 @@ def finetune_on_dataset(
 
 def parent_config(sae_dir: Path) -> TrainConfig:
     """The TrainConfig of the run that produced `sae_dir` (its run.json), or the defaults."""
-    manifest = Path(sae_dir).parent / "run.json"
-    if manifest.is_file():
-        recorded = json.loads(manifest.read_text()).get("config") or {}
+    from storage.layout import RunLayout
+
+    run = RunLayout.holding(sae_dir)
+    if run is not None and run.manifest.is_file():
+        recorded = json.loads(run.manifest.read_text()).get("config") or {}
         known = {f.name for f in dataclasses.fields(TrainConfig)} - set(RUNTIME_FIELDS)  # the child picks its own device
         return TrainConfig.from_dict({k: v for k, v in recorded.items() if k in known})
     return TrainConfig()

@@ -1,9 +1,5 @@
-"""A training run in an output folder: resume from checkpoints, write the SAE and run.json.
-
-    <out>/sae/                 SAELens 6 folder (cfg.json, sae_weights.safetensors, sparsity.safetensors)
-    <out>/checkpoints/         trainer checkpoints (storage.checkpoints)
-    <out>/training_log/        Parquet parts of the training log
-    <out>/run.json             manifest, written last: config, tokens, timings, final metrics
+"""A training run in an output folder (storage.layout.RunLayout: the SAE, checkpoints, training
+log, and the run.json manifest written last): resume from checkpoints, write the SAE and run.json.
 
 A call on a folder with a complete run.json for the same config does nothing; a folder with
 checkpoints resumes from the newest one."""
@@ -25,6 +21,7 @@ from sae_transfer.training.loop import LoopState, TrainingRun, train_loop
 from sae_transfer.training.sources import SourceFactory
 from sae_transfer.training.tricks import geometric_median
 from storage import checkpoints as ckpt
+from storage.layout import RunLayout
 from storage.sae_format import load_sae, save_sae
 
 log = logging.getLogger(__name__)
@@ -118,29 +115,30 @@ def train_sae(
     `make_source(n)` yields raw acts_BD batches of cfg.batch_size from batch n of the stream.
     `metadata` goes into cfg.json's metadata (model_name, hook_name, context_size, ...)."""
     out = Path(out_dir)
-    manifest_path, sae_dir = out / "run.json", out / "sae"
+    folder = RunLayout(out)
+    manifest_path, sae_dir = folder.manifest, folder.sae
     done = _read_manifest(manifest_path)
     if done is not None:
         if not same_learning_config(done.get("config"), cfg):
             raise UserError(f"{out} holds a finished run with a different config; choose another --out or delete it")
         return RunResult(sae_dir, manifest_path, done["final_metrics"], None, True)
-    checkpoint = ckpt.latest_checkpoint(out / "checkpoints")
+    checkpoint = ckpt.latest_checkpoint(folder.checkpoints)
     if checkpoint is not None and not same_learning_config(checkpoint.state["config"], cfg):
         raise UserError(f"{out} holds checkpoints of a run with a different config; choose another --out or delete it")
     parent_sae = load_sae(parent.path, expect_d_in=d_in) if parent is not None else None
     if checkpoint is None:
         run = fresh_run(cfg, make_source, d_in, parent_sae)
-        ckpt.truncate_log(out / "training_log", -1)
+        ckpt.truncate_log(folder.training_log, -1)
     else:
         run = fresh_run_shell(cfg, d_in, parent_sae)
         restore(run, checkpoint)
-        ckpt.truncate_log(out / "training_log", run.state.step)
+        ckpt.truncate_log(folder.training_log, run.state.step)
         log.info("resuming %s from step %d", out, run.state.step)
     pending: list[dict] = []
 
     def on_checkpoint(r: TrainingRun) -> None:
         # log part first: after a crash, parts past the newest checkpoint are deleted on resume
-        ckpt.append_log_rows(out / "training_log", pending, r.state.step)
+        ckpt.append_log_rows(folder.training_log, pending, r.state.step)
         pending.clear()
         _write_checkpoint(out, r, reader_position=r.state.step)
 
@@ -152,7 +150,7 @@ def train_sae(
     ckpt.write_json_atomic(manifest_path, {
         "status": "complete",
         "config": cfg.to_dict(),
-        "sae_dir": "sae",
+        "sae_dir": RunLayout.SAE_DIR,
         "tokens": run.state.tokens,
         "steps": run.state.step,
         "scale_factor": run.state.scale_factor,
@@ -187,7 +185,7 @@ def _write_checkpoint(out: Path, run: TrainingRun, reader_position: int) -> None
         "optimizer_groups": groups,
     }
     sae_tensors = {k: v.detach().to("cpu", copy=True) for k, v in run.sae.state_dict().items()}
-    ckpt.save_checkpoint(out / "checkpoints", run.state.step, sae_tensors, opt_tensors, run.dead.state_tensors(), state, keep=run.cfg.keep_checkpoints)
+    ckpt.save_checkpoint(RunLayout(out).checkpoints, run.state.step, sae_tensors, opt_tensors, run.dead.state_tensors(), state, keep=run.cfg.keep_checkpoints)
 
 
 def same_learning_config(recorded: dict | None, cfg: TrainConfig) -> bool:
