@@ -9,9 +9,8 @@ complete shards, and writes in a background thread so encoding overlaps the next
 
 from __future__ import annotations
 
+import functools
 import logging
-import queue
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -19,6 +18,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from sae_transfer.attention import attention_of, check_choice
 from sae_transfer.corpus import CorpusConfig, corpus_fingerprint, tokenize_sequences
 from sae_transfer.errors import UserError
 from sae_transfer.models import DTYPES, check_hooks, load_model, model_identity
@@ -46,16 +46,16 @@ class HookBatch:
     norms: dict[str, torch.Tensor] = field(default_factory=dict)  # hook -> [b, S] float32 raw L2 norms, host
     ready: object | None = None  # torch.cuda.Event recorded after the batch's copies; None: already on the host
 
-    def wait(self) -> "HookBatch":
+    def wait(self, hooks=None) -> "HookBatch":
         """Block until the batch's device-to-host copies have landed; returns the batch.
 
-        Raises UserError when a float16 cast overflowed (a finite activation stored as inf)."""
+        Raises UserError when a float16 cast of one of `hooks` (default: all) overflowed, i.e. a
+        finite activation was stored as inf. Safe to call from several threads at once."""
         if self.ready is not None:
             self.ready.synchronize()
-            self.ready = None
-        for name, acts_BSD in self.acts.items():
-            if acts_BSD.dtype == torch.float16:
-                _check_float16(name, acts_BSD, self.norms[name])
+        for name in self.acts if hooks is None else hooks:
+            if self.acts[name].dtype == torch.float16:
+                _check_float16(name, self.acts[name], self.norms[name])
         return self
 
 
@@ -187,6 +187,8 @@ class CacheConfig:
     shard_bytes: int = 128 << 20  # bytes per Parquet shard
     row_group_rows: int | None = None  # rows per row group; None picks ~16 MiB groups
     checksum: bool = True  # sha256 of each shard in the manifest
+    attn_implementation: str = "auto"  # auto (SDPA on CUDA, eager on CPU), eager (bit-exact with HF eager) or sdpa
+    write_queue: int = 3  # batches waiting per hook for its writer thread (host memory ~ (write_queue + 2) batches)
 
 
 @dataclass(frozen=True)
@@ -208,6 +210,9 @@ def dataset_metas(cfg: CacheConfig) -> dict[str, dict]:
         raise UserError(f"need n_tokens >= 1 and context_size >= 2, got {cfg.n_tokens} and {cfg.context_size}")
     if len(set(cfg.hooks)) != len(cfg.hooks) or not cfg.hooks:
         raise UserError(f"pass each hook once (got {list(cfg.hooks)})")
+    check_choice(cfg.attn_implementation, cfg.hooks)
+    if cfg.write_queue < 1:
+        raise UserError(f"write_queue is {cfg.write_queue}: pass at least 1 batch")
     identity = model_identity(cfg.model, cfg.revision)
     local = identity["model_revision"].startswith("sha256:")
     base = {
@@ -246,7 +251,8 @@ def cache_activations(cfg: CacheConfig, out_dir: str | Path, progress: bool = Tr
     if not todo:
         return [CachedDataset(h, paths[h], read_manifest(paths[h])["n_tokens"], True, 0) for h in cfg.hooks]
     model = load_model(cfg.model, revision=cfg.revision, device=cfg.device, dtype=cfg.model_dtype,
-                       trust_remote_code=cfg.trust_remote_code)
+                       trust_remote_code=cfg.trust_remote_code,
+                       attn_implementation=check_choice(cfg.attn_implementation, cfg.hooks))
     check_hooks(model, todo)
     seqs = tokenize_sequences(cfg.corpus, model.tokenizer, context_size=cfg.context_size,
                               n_tokens=cfg.n_tokens, split=cfg.split, prepend_bos=cfg.prepend_bos)
@@ -255,32 +261,37 @@ def cache_activations(cfg: CacheConfig, out_dir: str | Path, progress: bool = Tr
 
 
 def _write_datasets(model, seqs, cfg: CacheConfig, metas: dict, paths: dict, progress: bool) -> dict[str, int]:
-    """Forward the sequences once, feeding every hook's writer; returns rows resumed per hook."""
+    """Forward the sequences once, feeding every hook's writer; returns rows resumed per hook.
+
+    Each hook's dataset is written by its own `BackgroundWriter` thread, which also waits for the
+    batch's device-to-host copies: the main thread only launches forward passes.
+    """
     from tqdm.auto import tqdm
 
-    from storage.activations_write import ActivationWriter, WriterConfig
+    from storage.activations_write import ActivationWriter, BackgroundWriter, WriterConfig
 
     hooks = list(metas)
     store_dtype = DTYPES[cfg.dtype]
     probe = next(iter_hook_batches(model, seqs.tokens_NS[:1, :2], hooks, batch_seqs=1, store_dtype=store_dtype))
     wcfg = WriterConfig(shard_bytes=cfg.shard_bytes, row_group_rows=cfg.row_group_rows, checksum=cfg.checksum)
+    run = {"attn_implementation": attention_of(model), "device": str(next(model.parameters()).device)}
     writers = {}
     for h in hooks:
-        meta = dict(metas[h], d_model=int(probe.acts[h].shape[-1]), tokens_fingerprint=seqs.fingerprint)
+        meta = dict(metas[h], d_model=int(probe.acts[h].shape[-1]), tokens_fingerprint=seqs.fingerprint, **run)
         writers[h] = ActivationWriter(paths[h], meta, wcfg)
     start_seq = min(w.next_seq for w in writers.values())
     resumed = {h: w.rows_done for h, w in writers.items()}
     S = cfg.context_size
     batch_seqs = max(1, cfg.batch_tokens // S)
-    sinks = {h: _WriterThread(writers[h]) for h in hooks}  # one thread per dataset
+    sinks = {h: BackgroundWriter(writers[h], cfg.write_queue) for h in hooks}
     bar = tqdm(total=cfg.n_tokens, initial=min(start_seq * S, cfg.n_tokens), unit="tok", disable=not progress,
                desc="caching", leave=False)
     try:
-        for batch in iter_hook_batches(model, seqs.tokens_NS, hooks, batch_seqs=batch_seqs,
-                                       store_dtype=store_dtype, start_seq=start_seq, stop_early=cfg.stop_early):
+        for batch in iter_hook_batches(model, seqs.tokens_NS, hooks, batch_seqs=batch_seqs, store_dtype=store_dtype,
+                                       start_seq=start_seq, stop_early=cfg.stop_early, pipelined=True):
             rows = _batch_rows(batch, seqs, cfg.n_tokens)
             for h in hooks:
-                sinks[h].put(rows, batch.acts[h], batch.norms[h])
+                sinks[h].put(functools.partial(_append_args, batch, h, rows))
             bar.update(len(rows["seq_id"]))
         for sink in sinks.values():
             sink.close()
@@ -297,6 +308,16 @@ def _write_datasets(model, seqs, cfg: CacheConfig, metas: dict, paths: dict, pro
     return resumed
 
 
+def _append_args(batch: HookBatch, hook: str, rows: dict[str, np.ndarray]) -> tuple:
+    """`ActivationWriter.append` arguments for `hook`'s rows of `batch` (runs on its writer thread)."""
+    batch.wait([hook])
+    n = len(rows["seq_id"])
+    acts_ND = batch.acts[hook].reshape(-1, batch.acts[hook].shape[-1])[:n]
+    acts_ND = acts_ND.view(torch.int16) if acts_ND.dtype == torch.bfloat16 else acts_ND  # numpy has no bf16
+    act_u8 = acts_ND.numpy().view(np.uint8)
+    return rows["seq_id"], rows["pos"], rows["token_id"], rows["role"], batch.norms[hook].reshape(-1)[:n].numpy(), act_u8
+
+
 def _batch_rows(batch: HookBatch, seqs, n_tokens: int) -> dict[str, np.ndarray]:
     """Row columns (seq_id, pos, token_id, role) of a batch, cut so the dataset ends at n_tokens."""
     some = next(iter(batch.acts.values()))
@@ -309,45 +330,3 @@ def _batch_rows(batch: HookBatch, seqs, n_tokens: int) -> dict[str, np.ndarray]:
         "token_id": seqs.tokens_NS[s0:s0 + b].reshape(-1)[:n].numpy().astype(np.int32),
         "role": seqs.roles_NS[s0:s0 + b].reshape(-1)[:n].numpy(),
     }
-
-
-class _WriterThread:
-    """Feeds one writer from a bounded queue on a background thread (Parquet encoding releases the GIL)."""
-
-    def __init__(self, writer, depth: int = 3):
-        self.writer = writer
-        self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="activation-writer", daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        while (item := self.queue.get()) is not None:
-            if self.error is not None:
-                continue
-            rows, acts_BSD, norms_BS = item
-            try:
-                n = len(rows["seq_id"])
-                act_u8 = acts_BSD.reshape(-1, acts_BSD.shape[-1])[:n].contiguous()
-                act_u8 = act_u8.view(torch.int16 if act_u8.dtype == torch.bfloat16 else act_u8.dtype)
-                act_np = act_u8.numpy().view(np.uint8)
-                self.writer.append(rows["seq_id"], rows["pos"], rows["token_id"], rows["role"],
-                                          norms_BS.reshape(-1)[:n].numpy(), act_np)
-            except BaseException as exc:  # surfaced on the main thread by put/close
-                self.error = exc
-
-    def put(self, rows: dict, acts_BSD: torch.Tensor, norms_BS: torch.Tensor) -> None:
-        """Queue one batch's rows (blocks while `depth` batches are waiting)."""
-        if self.error is not None:
-            raise self.error
-        self.queue.put((rows, acts_BSD, norms_BS))
-
-    def close(self, abandon: bool = False) -> None:
-        """Wait for queued rows to be written (or drop them with `abandon`); re-raise a writer error."""
-        if abandon:
-            while not self.queue.empty():
-                self.queue.get_nowait()
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None and not abandon:
-            raise self.error

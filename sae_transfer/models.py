@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 
+from sae_transfer.attention import apply_attention
 from sae_transfer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -78,9 +79,12 @@ def load_model(
     device: str | None = None,
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    attn_implementation: str = "auto",
 ):
     """Boot `spec` (a local Hugging Face checkpoint folder, a Hub id, or `org/name@revision`)
     as a TransformerBridge. `trust_remote_code` lets a Hub repo's own modelling code run.
+    `attn_implementation`: auto (SDPA on CUDA where the model allows, else eager), eager or sdpa
+    (see `sae_transfer.attention`; `attention_of(bridge)` says which one runs).
 
     Returns the bridge in eval mode. Nothing is downloaded unless `spec` is a Hub id that is
     not already in the local Hugging Face cache.
@@ -125,6 +129,7 @@ def load_model(
         ) from exc
     bridge.eval()
     check_family(bridge, spec)
+    apply_attention(bridge, attn_implementation, device or default_device())
     return bridge
 
 
@@ -183,6 +188,7 @@ def model_identity(spec: str, revision: str | None = None) -> dict[str, str]:
         return {"model_id": spec, "model_revision": "sha256:" + weights_fingerprint(Path(spec).expanduser())}
     ref = parse_model_spec(spec, revision)
     return {"model_id": ref.name, "model_revision": ref.revision or "main"}
+
 
 STUDY_FAMILIES = "llama, mistral, qwen2, gemma, gemma2, gpt2"  # tested end to end in tests/test_families.py
 

@@ -5,7 +5,11 @@ a hash of everything that determines its content. Inside:
 
     shard-00000.parquet ...   complete shards (written as `.shard-*.tmp`, then renamed)
     _progress.jsonl           one line per renamed shard while a run is in flight (resume)
-    manifest.json             written last; a reader trusts only the shards it lists
+    _manifest.json            written last; a reader trusts only the shards it lists
+
+Names starting with `_` or `.` are skipped by pyarrow (as Spark's `_SUCCESS`), so the folder
+opens as it is with `pyarrow.dataset.dataset(folder)` or `pandas.read_parquet(folder)`.
+Folders written before the manifest was renamed (`manifest.json`) still read here.
 
 One row per token: `seq_id, pos, token_id, role, norm, act`. `act` is a
 `fixed_size_binary(d_model * itemsize)` column holding the raw little-endian vector, so a row
@@ -34,7 +38,8 @@ from sae_transfer.errors import UserError
 from storage.fingerprint import sha256_file
 
 FORMAT_VERSION = 1  # bump when the row layout or metadata keys change; part of every dataset hash
-MANIFEST = "manifest.json"
+MANIFEST = "_manifest.json"
+LEGACY_MANIFEST = "manifest.json"  # the name before pyarrow-readable folders; read, never written
 PROGRESS = "_progress.jsonl"
 
 ELEMENT_DTYPES = {  # element dtype name -> (torch dtype, bytes per element)
@@ -106,6 +111,8 @@ def dataset_dir(root: str | Path, meta: dict) -> Path:
 def read_manifest(path: str | Path) -> dict | None:
     """The dataset's manifest, or None when the folder holds no complete dataset."""
     file = Path(path) / MANIFEST
+    if not file.is_file():
+        file = Path(path) / LEGACY_MANIFEST
     if not file.is_file():
         return None
     return json.loads(file.read_text())

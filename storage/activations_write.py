@@ -3,8 +3,9 @@
 Crash safety: a shard is written as `.shard-NNNNN.parquet.tmp`, fsynced, renamed to
 `shard-NNNNN.parquet`, and only then recorded in `_progress.jsonl`. Shards end on sequence
 boundaries, so a new writer on the same folder keeps the recorded shards, deletes anything else,
-and asks for sequences from `next_seq` on. `manifest.json` is written (atomically) after the
-last shard; readers trust nothing else.
+and asks for sequences from `next_seq` on. `_manifest.json` is written (atomically) after the
+last shard; readers trust nothing else. Every name but the shards' starts with `_` or `.`, so
+pyarrow and pandas open the folder as a plain Parquet dataset.
 """
 
 from __future__ import annotations
@@ -12,15 +13,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.activations import (
-    ELEMENT_DTYPES, FORMAT_VERSION, MANIFEST, PROGRESS, activation_schema, role_dictionary,
+    ELEMENT_DTYPES, FORMAT_VERSION, LEGACY_MANIFEST, MANIFEST, PROGRESS, activation_schema, role_dictionary,
 )
 from storage.fingerprint import sha256_file
 
@@ -99,7 +103,9 @@ class ActivationWriter:
                     break
                 kept.append(entry)
         keep_names = {e["file"] for e in kept}
-        for file in list(self.path.glob("shard-*.parquet")) + list(self.path.glob(".shard-*.tmp")):
+        for name in (MANIFEST, LEGACY_MANIFEST):  # describes shards about to be rewritten
+            (self.path / name).unlink(missing_ok=True)
+        for file in list(self.path.glob("shard-*.parquet")) + list(self.path.glob(".*.tmp")):
             if file.name not in keep_names:
                 file.unlink()
         self._rewrite_progress(kept)
@@ -108,7 +114,7 @@ class ActivationWriter:
         return kept
 
     def _rewrite_progress(self, entries: list[dict]) -> None:
-        tmp = self.path / (PROGRESS + ".tmp")
+        tmp = self.path / f".{PROGRESS}.tmp"
         tmp.write_text("".join(json.dumps(e) + "\n" for e in entries))
         os.replace(tmp, self.path / PROGRESS)
 
@@ -222,12 +228,13 @@ class ActivationWriter:
             "meta": self.meta,
             "shards": [{k: v for k, v in s.items() if k != "key"} for s in self.shards],
         }
-        tmp = self.path / (MANIFEST + ".tmp")
+        tmp = self.path / f".{MANIFEST}.tmp"
         with open(tmp, "w") as fh:
             json.dump(manifest, fh, indent=1)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, self.path / MANIFEST)
+        (self.path / LEGACY_MANIFEST).unlink(missing_ok=True)
         _fsync_dir(self.path)
         (self.path / PROGRESS).unlink(missing_ok=True)
         return manifest
@@ -238,3 +245,50 @@ class ActivationWriter:
             self._writer.close()
             self._writer = None
         self._tmp_name().unlink(missing_ok=True)
+
+
+class BackgroundWriter:
+    """Runs one `ActivationWriter` on a worker thread fed through a bounded queue.
+
+    Each queued job is a callable returning `append`'s arguments; it runs on the worker thread
+    (e.g. waiting for device-to-host copies, converting to numpy), and so does the Parquet
+    encoding, which releases the GIL: both overlap the caller's next forward pass. At most
+    `depth` jobs wait, so memory stays bounded. A failure on the worker is re-raised, as the
+    same exception, by the caller's next `put` or by `close`; later jobs are skipped, and shards
+    already completed stay on disk for a resume.
+    """
+
+    def __init__(self, writer: ActivationWriter, depth: int = 3):
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="activation-writer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (job := self.queue.get()) is not None:
+            if self.error is not None:
+                continue
+            try:
+                self.writer.append(*job())
+            except BaseException as exc:  # surfaced on the caller's thread by put/close
+                self.error = exc
+
+    def put(self, job: Callable[[], tuple]) -> None:
+        """Queue one job (blocks while `depth` jobs are waiting); re-raise an earlier failure."""
+        if self.error is not None:
+            raise self.error
+        self.queue.put(job)
+
+    def close(self, abandon: bool = False) -> None:
+        """Wait for queued jobs to be written (or drop them with `abandon`); re-raise a failure."""
+        if abandon:
+            while True:
+                try:
+                    self.queue.get_nowait()
+                except queue.Empty:
+                    break
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None and not abandon:
+            raise self.error

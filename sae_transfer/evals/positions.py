@@ -34,28 +34,32 @@ def position_curves(
     """Per (SAE, outlier policy, bucket): n_tokens, l0, mse (scaled units), explained_variance,
     mean scaled norm. Rows carry `sae_id`; the caller adds provenance and context sizes.
     """
-    device = device or next(model.parameters()).device
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     n, seq_len = tokens_NS.shape
     buckets = position_buckets(seq_len)
     bucket_of_S = torch.empty(seq_len, dtype=torch.long)
     for i, (lo, hi) in enumerate(buckets):
         bucket_of_S[lo : hi + 1] = i
+    bucket_of_S = bucket_of_S.to(device)
+    saes = {sid: sae.to(device) for sid, sae in saes.items()}
     accs: dict[tuple, ReconAccumulator] = {}
-    norm_sums: dict[tuple, float] = {}
+    # scaled-norm sums stay on the device (float64) until the end: no host sync per bucket
+    norm_sums: dict[tuple, torch.Tensor] = {}
     step = max(1, batch_tokens // seq_len)
     for start in range(0, n, step):
         x_BSD = splice.hook_activations(model, tokens_NS[start : start + step].to(device), hook)
         scaled_BS = x_BSD.float().norm(dim=-1) * scale
-        bucket_BS = bucket_of_S.to(device)[None, :].expand(scaled_BS.shape)
+        bucket_BS = bucket_of_S[None, :].expand(scaled_BS.shape)
+        policies = (("excluded", scaled_BS <= threshold), ("included", torch.ones_like(scaled_BS, dtype=torch.bool)))
         for sid, sae in saes.items():
-            x_hat_BSD, l0_BS = apply_sae(sae.to(device), x_BSD)
-            for policy, keep_BS in (("excluded", scaled_BS <= threshold), ("included", torch.ones_like(scaled_BS, dtype=torch.bool))):
+            x_hat_BSD, l0_BS = apply_sae(sae, x_BSD)
+            for policy, keep_BS in policies:
                 for b in range(len(buckets)):
                     m = keep_BS & (bucket_BS == b)
                     key = (sid, policy, b)
                     acc = accs.setdefault(key, ReconAccumulator(x_BSD.shape[-1]))
                     acc.add(x_BSD[m], x_hat_BSD[m], l0_BS[m])
-                    norm_sums[key] = norm_sums.get(key, 0.0) + float(scaled_BS[m].sum())
+                    norm_sums[key] = norm_sums.get(key, 0.0) + scaled_BS[m].double().sum()
     rows = []
     for (sid, policy, b), acc in accs.items():
         r = acc.result(scale)
@@ -63,6 +67,6 @@ def position_curves(
             "sae_id": sid, "outlier_policy": policy, "outlier_threshold": threshold,
             "context_size": seq_len, "bucket_lo": buckets[b][0], "bucket_hi": buckets[b][1], "n_tokens": r.n_tokens,
             "l0": r.l0, "mse": r.mse, "explained_variance": r.explained_variance,
-            "mean_scaled_norm": norm_sums[(sid, policy, b)] / r.n_tokens if r.n_tokens else float("nan"),
+            "mean_scaled_norm": float(norm_sums[(sid, policy, b)]) / r.n_tokens if r.n_tokens else float("nan"),
         })
     return rows
