@@ -198,8 +198,7 @@ def test_ce_eval_matches_the_plain_forward_and_the_lossless_sae_is_exact(family,
     assert lossless["explained_variance"] == pytest.approx(1.0, abs=1e-5)
     assert lossless["kl_sae"] == pytest.approx(0.0, abs=1e-5) and lossless["kl_div_score"] == pytest.approx(1.0, abs=1e-4)
     r = float(rand.get("scale_ratio") or 1.0)
-    x_hat = lambda h: _by_hand(saes[1].sae, h, r)  # noqa: E731
-    ce_sae_plain = float(_plain_forward(family, tokens, x_hat, labels=True).loss)
+    ce_sae_plain = float(_plain_forward(family, tokens, lambda h: _by_hand(saes[1].sae, h, r), labels=True).loss)
     assert abs(ce_sae_plain - ce_plain) > 1e-3  # the random SAE really changes the loss
     assert rand["ce_sae"] == pytest.approx(ce_sae_plain, abs=1e-5)
 
