@@ -24,7 +24,7 @@ _DICTIONARY = [
 _MODEL = [
     ("model", _STR),  # "base" or "chat": whose activations
     ("model_id", _STR),  # that model's Hub id or local folder
-    ("tokens_fingerprint", _STR),  # the activation dataset's content key
+    ("tokens_fingerprint", _STR),  # the cache's token-id hash (its dataset key when it records none)
 ]
 
 LATENT_STATS = pa.schema(
@@ -35,7 +35,7 @@ LATENT_STATS = pa.schema(
         ("scale_factor_train", _F64),  # s_train folded into the SAE (null: none recorded)
         ("scale_ratio", _F64),  # r = s_eval / s_train: the SAE is applied as SAE(r x) / r
         ("explained_variance", _F64),  # the whole SAE on these tokens (same on every row)
-        ("fire_count", _I64),  # tokens where the latent is non-zero
+        ("fire_count", _I64),  # tokens where the latent fires (see min_contribution)
         ("frequency", _F64),  # fire_count / n_tokens
         ("log10_density", _F64),  # log10(frequency + 1e-10)
         ("mean_act_firing", _F64),  # mean activation where it fires (feature units); null if never
@@ -45,6 +45,7 @@ LATENT_STATS = pa.schema(
         ("status", _STR),  # base -> chat: shared / dies / appears / dead (same on both rows)
         ("log10_density_shift", _F64),  # log10_density on chat - on base (same on both rows)
         ("silent_frequency", _F64),  # frequency at or below which a latent counts as silent
+        ("min_contribution", _F64),  # a firing needs f ||d|| > this x sqrt(d_model), scaled units (0: any f > 0)
         ("created_at", _TS),
     ]
 )

@@ -33,10 +33,12 @@ def cache_info(path: str | Path) -> dict:
     from storage.activations_scan import mean_norm
 
     ds = ActivationDataset(path)
-    try:
-        key = dataset_key(ds.meta)
-    except ValueError:
-        key = ds.path.name
+    key = ds.meta.get("tokens_fingerprint")  # hash of the token ids: equal for base and chat caches of one corpus
+    if not key:
+        try:
+            key = dataset_key(ds.meta)
+        except ValueError:
+            key = ds.path.name
     return {"model_id": ds.meta.get("model_id"), "hook": ds.hook, "d_model": ds.d_model, "n_tokens": ds.n_tokens,
             "tokens_fingerprint": key, "scale": ls.model_scale(mean_norm(path), ds.d_model), "meta": ds.meta}
 

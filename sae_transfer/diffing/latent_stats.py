@@ -11,7 +11,11 @@ when firing, largest activation, and its contribution to the reconstruction, mea
 - `act_share`: latent j's share of Σ_t Σ_i f_ti ‖d_i‖, the decoder-norm-weighted activation
   mass (the "f_j ‖d_j‖" attribution of Anthropic's Towards Monosemanticity / crosscoder work).
 
-Then a latent is `silent` on a model when it fires on at most `silent_frequency` of its tokens
+A token counts as a firing when the latent is non-zero, or, with `min_contribution` > 0, when
+its contribution f_j·‖d_j‖ in scaled units exceeds that share of the mean norm sqrt(D): ReLU
+SAEs leak tiny activations onto tokens unlike their training data (on the planted pair, a chat
+latent reads ≤ 1% of its chat activation on a few base tokens), which the bare count calls
+firing. A latent is `silent` on a model when it fires on at most `silent_frequency` of its tokens
 (1e-5 in the issue), and its status from base to chat is "dies" (fires on base, silent on
 chat), "appears" (silent on base, fires on chat), "shared" (fires on both) or "dead" (neither).
 The density-shift columns are log10 densities per model, log10(frequency + 1e-10) (SAELens's
@@ -24,6 +28,7 @@ An SAE on a model other than its own is applied as SAE(r·x)/r, r = s_eval / s_t
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -43,6 +48,10 @@ class LatentStatsConfig:
 
     batch_tokens: int = 8192  # rows encoded at once; holds ~3 × batch_tokens × d_sae floats
     silent_frequency: float = 1e-5  # at most this firing frequency = silent on a model (the issue's cut-off)
+    # A token counts as a firing when f_j·‖d_j‖ (in the model's scaled units) exceeds this share of
+    # the mean activation norm sqrt(D); 0 counts any non-zero activation (the usual density).
+    # ReLU SAEs leak tiny activations on tokens unlike their training data; 0.01 ignores those.
+    min_contribution: float = 0.0
     device: str | None = None  # None: CUDA when available, else CPU
 
 
@@ -51,8 +60,8 @@ class ModelLatentStats:
     """One SAE on one model's tokens; per-latent tensors [F] on the CPU."""
 
     n_tokens: int  # tokens seen
-    fire_count_F: torch.Tensor  # int64: tokens where the latent is non-zero
-    sum_act_F: torch.Tensor  # float64: Σ f over all tokens (feature units)
+    fire_count_F: torch.Tensor  # int64: tokens counted as firings (non-zero, or above the contribution floor)
+    sum_act_F: torch.Tensor  # float64: Σ f over the tokens counted as firings (feature units)
     max_act_F: torch.Tensor  # float32: largest activation (0 if never fires)
     ev_drop_F: torch.Tensor  # float64: drop in explained variance when the latent is removed
     act_mass_F: torch.Tensor  # float64: Σ_t f_tj ‖d_j‖ (model units)
@@ -110,17 +119,19 @@ class _Sums:
         f64 = dict(dtype=torch.float64, device=device)
         self.n = 0
         self.count_F = torch.zeros(F, dtype=torch.int64, device=device)
-        self.sum_f_F, self.sum_f2_F, self.cross_F = (torch.zeros(F, **f64) for _ in range(3))
+        self.sum_f_F, self.sum_fired_F, self.sum_f2_F, self.cross_F = (torch.zeros(F, **f64) for _ in range(4))
         self.max_F = torch.zeros(F, device=device)
         self.sum_x_D = torch.zeros(D, **f64)
         self.sum_x2 = torch.zeros((), **f64)
         self.sum_e2 = torch.zeros((), **f64)
 
-    def add(self, sae: SAE, x_BD: torch.Tensor) -> None:
+    def add(self, sae: SAE, x_BD: torch.Tensor, floor_F: torch.Tensor | None) -> None:
         feats_BF = sae.encode(x_BD)
         e_BD = x_BD - sae.decode(feats_BF)
         self.n += x_BD.shape[0]
-        self.count_F += (feats_BF != 0).sum(0)
+        fired_BF = feats_BF != 0 if floor_F is None else feats_BF > floor_F
+        self.count_F += fired_BF.sum(0)
+        self.sum_fired_F += (feats_BF * fired_BF).sum(0, dtype=torch.float64)
         self.sum_f_F += feats_BF.sum(0, dtype=torch.float64)
         self.sum_f2_F += feats_BF.pow(2).sum(0, dtype=torch.float64)
         # Σ_t f_tj <d_j, e_t> for every j: one [B, D] x [D, F] product
@@ -142,18 +153,22 @@ def model_latent_stats(
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     used, r = applied_sae(sae, s_eval, device)
     sums = _Sums(used, device)
+    dec_norm2_F = used.W_dec.double().pow(2).sum(-1)
+    floor_F = None
+    if cfg.min_contribution > 0:  # f·‖d‖·s_eval > min_contribution·sqrt(D)  (scaled units)
+        scaled_norm_F = dec_norm2_F.sqrt().float() * s_eval
+        floor_F = cfg.min_contribution * math.sqrt(used.d_in) / scaled_norm_F.clamp(min=1e-30)
     for x_BD in batches:
         for start in range(0, x_BD.shape[0], cfg.batch_tokens):
-            sums.add(used, x_BD[start:start + cfg.batch_tokens].to(device, torch.float32))
+            sums.add(used, x_BD[start:start + cfg.batch_tokens].to(device, torch.float32), floor_F)
     n = max(sums.n, 1)
     total_var = float(sums.sum_x2) - float(sums.sum_x_D.pow(2).sum()) / n  # Σ‖x − x̄‖²
-    dec_norm2_F = used.W_dec.double().pow(2).sum(-1)
     drop_F = 2 * sums.cross_F + sums.sum_f2_F * dec_norm2_F
     nan = float("nan")
     return ModelLatentStats(
         n_tokens=sums.n,
         fire_count_F=sums.count_F.cpu(),
-        sum_act_F=sums.sum_f_F.cpu(),
+        sum_act_F=sums.sum_fired_F.cpu(),
         max_act_F=sums.max_F.cpu(),
         ev_drop_F=(drop_F / total_var).cpu() if total_var > 0 else torch.full_like(drop_F, nan).cpu(),
         act_mass_F=(sums.sum_f_F * dec_norm2_F.sqrt()).cpu(),
@@ -192,6 +207,7 @@ def stats_columns(
             "log10_density": s.log10_density_F.numpy(), "mean_act_firing": s.mean_act_firing_F.numpy(),
             "max_act": s.max_act_F.double().numpy(), "ev_drop": s.ev_drop_F.numpy(), "act_share": s.act_share_F.numpy(),
             "status": status, "log10_density_shift": shift, "silent_frequency": np.full(F, cfg.silent_frequency),
+            "min_contribution": np.full(F, cfg.min_contribution),
         }
         for name, values in part.items():
             cols.setdefault(name, []).append(values)
