@@ -113,3 +113,31 @@ def test_latent_examples_answer_sql(cache_and_sae, tmp_path):
     assert df["rank"].tolist() == list(range(len(expected))) and (df["n"] > 0).all()
     total = query(tmp_path, "select sum(count) as c from latent_histograms where latent = ?", [2])["c"][0]
     assert total > 0
+
+
+def test_examples_cli_then_sql(cache_and_sae, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from sae_transfer.cli import main
+    from storage.sae_format import save_sae
+
+    path, acts, sae, S = cache_and_sae
+    save_sae(sae, tmp_path / "sae", metadata={"hook_name": "blocks.1.hook_resid_pre"})
+
+    def run(*args) -> int:
+        monkeypatch.setattr(sys, "argv", ["sae-transfer", *[str(a) for a in args]])
+        try:
+            main()
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        return 0
+
+    out = tmp_path / "results"
+    assert run("examples", "--sae", tmp_path / "sae", "--chat-acts", path, "--out", out, "--k", 2, "--device", "cpu") == 0
+    capsys.readouterr()
+    assert run("sql", "select latent, rank, model from latent_examples where latent = 3 and model = 'chat' order by rank",
+               "--results", out, "--format", "csv") == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[1:] == ["3,0,chat", "3,1,chat"]
+    assert run("examples", "--sae", tmp_path / "sae", "--out", out) == 2
+    assert "no activations" in capsys.readouterr().err

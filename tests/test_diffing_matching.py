@@ -116,3 +116,52 @@ def test_drift_is_measured_in_training_units():
     expected_cos[5] = -1.0
     assert np.allclose(d["enc_cos"], expected_cos) and np.allclose(d["dec_cos"], 1.0)
     assert d["b_enc_delta"][7] == pytest.approx(0.25) and np.count_nonzero(d["b_enc_delta"]) == 1
+
+
+def _run_main(monkeypatch, *args) -> int:
+    import sys
+
+    from sae_transfer.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["sae-transfer", *[str(a) for a in args]])
+    try:
+        main()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def test_diff_cli_writes_stats_matches_and_drift(tmp_path, monkeypatch, capsys):
+    from storage.sae_format import save_sae
+    from storage.tables import read_table
+
+    hook = "blocks.1.hook_resid_pre"
+    gen = torch.Generator().manual_seed(12)
+    base = write_acts_cache(tmp_path / "base", torch.randn(480, 8, generator=gen), hook=hook)
+    chat = write_acts_cache(tmp_path / "chat", torch.randn(480, 8, generator=gen) + 0.3, hook=hook, model_id="tiny-chat")
+    parent = _random_sae(8, 24, seed=13)
+    child = _permuted(parent, torch.arange(24))  # an unchanged "fine-tune": drift cosines are 1
+    save_sae(parent, tmp_path / "parent", metadata={"hook_name": hook, "model_name": "tiny-base"})
+    save_sae(child, tmp_path / "child", metadata={"hook_name": hook, "model_name": "tiny-base", "finetuned_from": "parent"})
+    out = tmp_path / "results"
+    code = _run_main(monkeypatch, "diff", "--sae", tmp_path / "parent", "--sae", tmp_path / "child", "--base-acts", base,
+                     "--chat-acts", chat, "--out", out, "--device", "cpu", "--batch-tokens", "100")
+    assert code == 0, capsys.readouterr()
+    stats = read_table(out, "latent_stats").to_pandas()
+    assert len(stats) == 2 * 2 * 24 and set(stats.model) == {"base", "chat"}
+    matches = read_table(out, "latent_matches").to_pandas()
+    assert (matches.latent_a == matches.latent_b).all() and len(matches) == 24 and np.allclose(matches.dec_cos, 1.0)
+    drift = read_table(out, "latent_drift").to_pandas()
+    assert len(drift) == 24 and np.allclose(drift.dec_cos, 1.0) and np.allclose(drift.enc_norm_ratio, 1.0)
+    assert "appears" in capsys.readouterr().out
+
+
+def test_diff_cli_errors_are_one_line(tmp_path, monkeypatch, capsys):
+    base = write_acts_cache(tmp_path / "base", torch.randn(64, 8))
+    code = _run_main(monkeypatch, "diff", "--sae", tmp_path / "nope", "--base-acts", base, "--out", tmp_path / "r")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: --base-acts and --chat-acts are both needed") and len(err.splitlines()) == 1
+    code = _run_main(monkeypatch, "diff", "--sae", tmp_path / "nope", "--base-acts", base, "--chat-acts", base,
+                     "--out", tmp_path / "r")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "--sae" in err and "no such folder" in err and len(err.splitlines()) == 1
