@@ -347,3 +347,24 @@ def test_cuda_prefetcher_keeps_order_and_raises_at_the_bad_batch():
     with pytest.raises(UserError, match="batch 3"):
         next(it)
     it.close()
+
+
+def test_jumprelu_dense_kernels_give_the_autograd_gradients():
+    # the dense threshold gradient (no nonzero(), so no host sync) against the STE autograd graph
+    cfg = _cfg("jumprelu", l1_coefficient=0.3, jumprelu_bandwidth=0.5, l1_warmup_frac=0.0, sparse_kernels="dense")
+    sae = make_sae(SAEConfig("jumprelu", D, 64))
+    trainer = make_trainer(sae, cfg)
+    assert trainer.sparse_kernels == "dense"
+    trainer.init_weights(torch.Generator().manual_seed(0), torch.randn(D) * 0.3)
+    with torch.no_grad():
+        sae.threshold.copy_(torch.rand(64) * 0.2 + 0.3)
+    x = torch.randn(64, D)
+    sae.zero_grad(set_to_none=True)
+    ref = trainer.autograd_loss(x, 3)
+    ref.loss.backward()
+    ref_grads = _grads(sae)
+    fused = trainer.fused_loss_and_grads(x, step=3)
+    assert fused.loss.item() == pytest.approx(ref.loss.item(), rel=1e-5)
+    assert sae.threshold.grad.abs().sum() > 0
+    for n, p in sae.named_parameters():
+        assert torch.allclose(ref_grads[n], p.grad, atol=1e-5, rtol=1e-4), n
