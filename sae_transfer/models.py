@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
 from sae_transfer.attention import apply_attention
@@ -27,6 +28,20 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def default_device() -> str:
     """CUDA when available, else CPU: every compute step takes this unless told otherwise."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str | None) -> str:
+    """`device` (None: the default) after checking it names a torch device this machine has;
+    UserError naming the fix otherwise, before any weights are read."""
+    if device is None:
+        return default_device()
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise UserError(f"device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device!r} but this machine has no CUDA GPU: use --device cpu")
+    return device
 
 
 def _looks_local(spec: str) -> bool:
@@ -94,7 +109,7 @@ def load_model(
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     ref = parse_model_spec(spec, revision)
-    name, revision = ref.name, ref.revision
+    name, revision, device = ref.name, ref.revision, check_device(device)
     if _looks_local(spec):
         path = Path(spec).expanduser()
         if not path.exists():
@@ -112,12 +127,12 @@ def load_model(
         with _LOAD_LOCK:
             bridge = TransformerBridge.boot_transformers(
                 name,
-                device=device or default_device(),
+                device=device,
                 dtype=DTYPES[dtype],
                 revision=revision,
                 trust_remote_code=trust_remote_code,
             )
-    except (OSError, ValueError, SafetensorError) as exc:
+    except (OSError, ValueError, SafetensorError, StrictDataclassError) as exc:  # StrictDataclassError: a bad config.json
         if "supported architecture" in str(exc):  # TransformerLens has no adapter for this family
             raise UserError(_unsupported_family(spec, str(exc))) from exc
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sae_transfer.errors import UserError
@@ -108,6 +109,14 @@ def _read_cfg(folder: Path) -> dict:
     return cfg
 
 
+def _read_weights(folder: Path) -> dict:
+    """The weights file's tensors; UserError naming the file when it is truncated or not safetensors."""
+    try:
+        return load_file(str(folder / WEIGHTS_FILE))
+    except SafetensorError as exc:
+        raise UserError(f"{folder / WEIGHTS_FILE} is damaged ({str(exc).splitlines()[0]}): re-copy or re-train the SAE") from None
+
+
 def _check_tensors(folder: Path, tensors: dict, cfg: dict) -> None:
     d, f = int(cfg["d_in"]), int(cfg["d_sae"])
     expected = {"W_enc": (d, f), "b_enc": (f,), "W_dec": (f, d), "b_dec": (d,)}
@@ -180,7 +189,7 @@ def load_sae(folder: str | Path, expect_d_in: int | None = None, expect_hook: st
     hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
     if expect_hook is not None and hook is not None and hook != expect_hook:
         raise UserError(f"{folder}: SAE was trained on hook {hook!r}, not {expect_hook!r}; pick the SAE for that hook")
-    tensors = load_file(str(folder / WEIGHTS_FILE))
+    tensors = _read_weights(folder)
     if cfg["architecture"] == "jumprelu" and "threshold" not in tensors and "log_threshold" in tensors:
         tensors["threshold"] = tensors.pop("log_threshold").exp()
     _check_tensors(folder, tensors, cfg)

@@ -40,10 +40,10 @@ def main() -> None:
     except typer.Abort:
         print("aborted", file=sys.stderr)
         sys.exit(130)
-    except Exception as exc:  # click usage errors come through here in non-standalone mode
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        raise
+    except typer.TyperException as exc:  # a bad, missing or mistyped option (typer's own click): one line
+        if not hasattr(exc, "format_message"):
+            raise
+        ctx = getattr(exc, "ctx", None)
+        command = ctx.command_path if ctx is not None else "sae-transfer"
+        print(f"error: {' '.join(exc.format_message().split())} (see `{command} --help`)", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 2))

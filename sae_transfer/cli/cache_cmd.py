@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from sae_transfer.errors import UserError
+from sae_transfer.cli._common import parse_count
 
 
 def register(app: typer.Typer) -> None:
@@ -15,29 +15,12 @@ def register(app: typer.Typer) -> None:
     app.command("cache")(cache)
 
 
-def _parse_size(text: str) -> int:
-    """'128MB', '64MiB', '1e6' or '4096' -> bytes/count as int."""
-    units = {"k": 10**3, "kb": 10**3, "kib": 1 << 10, "m": 10**6, "mb": 10**6, "mib": 1 << 20,
-             "g": 10**9, "gb": 10**9, "gib": 1 << 30}
-    low = text.strip().lower().replace("_", "")
-    for suffix in sorted(units, key=len, reverse=True):
-        if low.endswith(suffix):
-            number, scale = low[: -len(suffix)], units[suffix]
-            break
-    else:
-        number, scale = low, 1
-    try:
-        return int(float(number) * scale)
-    except ValueError:
-        raise UserError(f"cannot read {text!r} as a size: write e.g. 4096, 1e6, 2M or 128MiB") from None
-
-
 def cache(
     model: str = typer.Option(..., "--model", help="Hugging Face id or local checkpoint folder."),
     hook: list[str] = typer.Option(..., "--hook", help="Hook name (repeat for several; one forward pass serves all)."),
     corpus: str = typer.Option("stdlib", "--corpus", help="'stdlib', a .txt/.jsonl/.parquet file or folder, or a Hub dataset id."),
     tokens: str = typer.Option(..., "--tokens", help="Tokens (rows) per dataset, e.g. 2M; exact."),
-    context_size: int = typer.Option(128, "--context-size", help="Tokens per sequence, BOS included."),
+    context_size: int = typer.Option(128, "--context-size", min=2, help="Tokens per sequence, BOS included."),
     out: Path = typer.Option(..., "--out", help="Root folder; one dataset folder per hook is made under it."),
     dtype: str = typer.Option("float32", "--dtype", help="Stored element dtype: float32, float16 or bfloat16."),
     model_dtype: str = typer.Option("float32", "--model-dtype", help="Dtype the model runs in."),
@@ -48,9 +31,9 @@ def cache(
     device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA if available)."),
     attn_implementation: str = typer.Option("auto", "--attn-implementation", help="auto (SDPA on CUDA, eager on CPU), eager (bit-exact with HF eager) or sdpa."),
     text_column: str = typer.Option("text", "--text-column", help="Text column of .jsonl/.parquet/Hub corpora."),
-    max_docs: Optional[int] = typer.Option(None, "--max-docs", help="Read at most this many documents."),
+    max_docs: Optional[int] = typer.Option(None, "--max-docs", min=1, help="Read at most this many documents."),
     shard_size: str = typer.Option("128MiB", "--shard-size", help="Bytes per Parquet shard."),
-    row_group_rows: Optional[int] = typer.Option(None, "--row-group-rows", help="Rows per row group (default ~16 MiB groups)."),
+    row_group_rows: Optional[int] = typer.Option(None, "--row-group-rows", min=1, help="Rows per row group (default ~16 MiB groups)."),
     full_forward: bool = typer.Option(False, "--full-forward", help="Run every layer instead of stopping after the deepest hook."),
     no_checksum: bool = typer.Option(False, "--no-checksum", help="Skip the sha256 of each shard."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -68,18 +51,18 @@ def cache(
         model=model,
         hooks=tuple(hook),
         corpus=CorpusConfig(source=corpus, text_column=text_column, max_docs=max_docs),
-        n_tokens=_parse_size(tokens),
+        n_tokens=parse_count(tokens, "--tokens"),
         context_size=context_size,
         dtype=dtype,
         model_dtype=model_dtype,
-        batch_tokens=_parse_size(batch_tokens),
+        batch_tokens=parse_count(batch_tokens, "--batch-tokens"),
         split=split,
         prepend_bos=prepend_bos,
         revision=revision,
         device=device,
         attn_implementation=attn_implementation,
         stop_early=not full_forward,
-        shard_bytes=_parse_size(shard_size),
+        shard_bytes=parse_count(shard_size, "--shard-size"),
         row_group_rows=row_group_rows,
         checksum=not no_checksum,
     )

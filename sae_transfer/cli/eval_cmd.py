@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from sae_transfer.cli._common import parse_int_list, print_table, require
 from sae_transfer.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -17,10 +18,10 @@ SaeOpt = typer.Option(..., "--sae", help="SAE folder (SAELens layout); repeat fo
 ModelOpt = typer.Option(..., "--model", help="Hugging Face checkpoint folder or Hub id; repeat for several")
 HookOpt = typer.Option(..., "--hook", help="hook point, e.g. blocks.6.hook_resid_pre")
 OutOpt = typer.Option(..., "--out", help="results folder; tables go to OUT/<table>/part-*.parquet")
-TokensOpt = typer.Option(16384, "--tokens", help="held-out eval tokens per model")
+TokensOpt = typer.Option(16384, "--tokens", min=1, help="held-out eval tokens per model")
 CorpusOpt = typer.Option("stdlib", "--corpus", help="corpus: 'stdlib', a local file/folder, or a Hub dataset id")
-CtxOpt = typer.Option(None, "--context-size", help="tokens per sequence (default: the SAE's training context, else 128)")
-BatchOpt = typer.Option(4096, "--batch-tokens", help="tokens per forward batch")
+CtxOpt = typer.Option(None, "--context-size", min=2, help="tokens per sequence (default: the SAE's training context, else 128)")
+BatchOpt = typer.Option(4096, "--batch-tokens", min=1, help="tokens per forward batch")
 ThreshOpt = typer.Option(None, "--threshold", help="absolute outlier threshold on scaled norms, one for every model (default: median + 10 MAD on the first model, printed)")
 RuleOpt = typer.Option("absolute", "--outlier-rule", help="which tokens 'excluded' drops: absolute, k_median or either")
 MadOpt = typer.Option(10.0, "--mad-k", help="robust default threshold: median + k * 1.4826 * MAD")
@@ -32,6 +33,9 @@ SeedOpt = typer.Option(0, "--seed", help="bootstrap seed")
 
 def _eval_config(batch_tokens, threshold, mad_k, k_median, seed, device, n_bootstrap=1000, token_errors=True, rule="absolute"):
     from sae_transfer.evals.api import eval_config
+
+    require(mad_k > 0, "--mad-k", mad_k, "the robust threshold is median + k MAD: pass k > 0, e.g. 10")
+    require(k_median > 1, "--k-median", k_median, "the rule flags norms above k x median: pass k > 1, e.g. 3")
 
     return eval_config(threshold=threshold, mad_k=mad_k, k_median=k_median, n_bootstrap=n_bootstrap, seed=seed,
                        device=device, batch_tokens=batch_tokens, token_errors=token_errors, rule=rule)
@@ -74,22 +78,12 @@ def _prepare(saes_dirs: list[str], models: list[str], hook: str):
     return saes
 
 
-def _show(rows: list[dict], columns: list[str]) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(*columns)
-    for r in rows:
-        table.add_row(*[f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in columns])
-    Console(width=max(120, 16 * len(columns))).print(table)
-
-
 def evaluate(
     sae: list[str] = SaeOpt, model: list[str] = ModelOpt, hook: str = HookOpt, tokens: int = TokensOpt,
     out: Path = OutOpt, corpus: str = CorpusOpt, context_size: Optional[int] = CtxOpt,
     batch_tokens: int = BatchOpt, threshold: Optional[float] = ThreshOpt, mad_k: float = MadOpt,
     k_median: float = KMedOpt, outlier_rule: str = RuleOpt,
-    bootstrap: int = typer.Option(1000, "--bootstrap", help="bootstrap resamples for the CE score CI"),
+    bootstrap: int = typer.Option(1000, "--bootstrap", min=0, help="bootstrap resamples for the CE score CI"),
     seed: int = SeedOpt, device: Optional[str] = DeviceOpt, dtype: str = DtypeOpt,
     token_errors: bool = typer.Option(True, "--token-errors/--no-token-errors", help="write per-token errors (MSE vs norm)"),
 ) -> None:
@@ -111,12 +105,13 @@ def evaluate(
         append_rows(out, "token_errors", rec.token_errors)
         rows += rec.metrics
         del m
-    _show(rows, ["sae_id", "model_id", "outlier_policy", "l0", "ce_loss_score", "ce_delta", "explained_variance", "mse", "n_tokens"])
+    print_table(["sae_id", "model_id", "outlier_policy", "l0", "ce_loss_score", "ce_delta", "explained_variance", "mse",
+                 "n_tokens"], rows)
 
 
 def outliers(
     model: list[str] = ModelOpt, hook: str = HookOpt, tokens: int = TokensOpt, out: Path = OutOpt,
-    corpus: str = CorpusOpt, context_size: int = typer.Option(128, "--context-size", help="tokens per sequence"),
+    corpus: str = CorpusOpt, context_size: int = typer.Option(128, "--context-size", min=2, help="tokens per sequence"),
     batch_tokens: int = BatchOpt, threshold: Optional[float] = ThreshOpt, mad_k: float = MadOpt,
     k_median: float = KMedOpt, outlier_rule: str = RuleOpt, device: Optional[str] = DeviceOpt, dtype: str = DtypeOpt,
 ) -> None:
@@ -134,19 +129,20 @@ def outliers(
         append_rows(out, "outliers", per_token)
         append_rows(out, "outlier_summary", rows)
         summary += rows
-    _show(summary, ["model_id", "outlier_rule", "outlier_threshold", "frac_outliers", "frac_bos", "frac_first10", "frac_newline", "frac_other"])
+    print_table(["model_id", "outlier_rule", "outlier_threshold", "frac_outliers", "frac_bos", "frac_first10", "frac_newline",
+                 "frac_other"], summary)
 
 
 def segments(
     sae: list[str] = SaeOpt, model: str = typer.Option(..., "--model", help="the chat model (rollouts and evaluation)"),
     hook: str = HookOpt, out: Path = OutOpt,
     prompts: str = typer.Option("demo", "--prompts", help="JSONL of {\"prompt\": ...}, 'demo', or a Hub dataset id"),
-    max_prompts: int = typer.Option(50, "--max-prompts", help="prompts to use"),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="greedy rollout length"),
+    max_prompts: int = typer.Option(50, "--max-prompts", min=1, help="prompts to use"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="greedy rollout length"),
     batch_tokens: int = BatchOpt, threshold: Optional[float] = ThreshOpt, mad_k: float = MadOpt,
     k_median: float = KMedOpt, outlier_rule: str = RuleOpt, seed: int = SeedOpt, device: Optional[str] = DeviceOpt,
     dtype: str = DtypeOpt, corpus: str = CorpusOpt,
-    tokens: int = typer.Option(16384, "--tokens", help="main-corpus tokens for the scale factor and threshold"),
+    tokens: int = typer.Option(16384, "--tokens", min=1, help="main-corpus tokens for the scale factor and threshold"),
 ) -> None:
     """Greedy chat rollouts (cached in OUT/rollouts) -> user_prompt / rollout / template masks ->
     metrics per segment, splicing only at that segment's positions, with the segment-only zero
@@ -161,12 +157,16 @@ def segments(
     if not prompt_list:
         raise UserError(f"instruction set {prompts!r} has no prompts: pass a JSONL with one {{\"prompt\": ...}} per line")
     m, info = _load(model, device, dtype)
+    if not getattr(m.tokenizer, "chat_template", None):
+        raise UserError(f"model {model!r} has no chat template (tokenizer_config.json): segments need a chat model; "
+                        "pass the chat fine-tune, or add a template with tokenizer.chat_template")
     main = _plain_tokens(m, corpus, _context(saes, None), tokens)
     cfg = _pair_threshold(cfg, m, info, main, hook)
     transcripts = chat_transcripts(m, info, prompt_list, max_new_tokens, out)
     rows = segment_records(m, info, saes, transcripts, hook, cfg, checked_norms(m, saes, main, hook, cfg))
     append_rows(out, "metrics", rows)
-    _show(rows, ["sae_id", "segment", "outlier_policy", "l0", "ce_loss_score", "ce_loss_score_segment", "explained_variance_legacy", "n_tokens", "reliable"])
+    print_table(["sae_id", "segment", "outlier_policy", "l0", "ce_loss_score", "ce_loss_score_segment",
+                 "explained_variance_legacy", "n_tokens", "reliable"], rows)
 
 
 def weight_diff(
@@ -183,14 +183,14 @@ def weight_diff(
             raise UserError(f"{spec!r} is not a local checkpoint folder: weight-diff reads safetensors files directly")
     rows = weight_diff_rows(Path(base).expanduser(), Path(chat).expanduser())
     append_rows(out, "weight_diff", rows)
-    _show(sorted(rows, key=lambda r: -r["rel_diff"])[:12], ["param", "layer", "kind", "rel_diff"])
+    print_table(["param", "layer", "kind", "rel_diff"], sorted(rows, key=lambda r: -r["rel_diff"])[:12])
 
 
 def positions(
     sae: list[str] = SaeOpt, model: list[str] = ModelOpt, hook: str = HookOpt, tokens: int = TokensOpt,
     out: Path = OutOpt, corpus: str = CorpusOpt, context_size: Optional[int] = CtxOpt,
     multiples: str = typer.Option("1,2,4", "--multiples", help="context sizes to evaluate, as multiples of the SAE's"),
-    max_positions: Optional[int] = typer.Option(None, "--max-positions", help="longest sequence to try (default: the model config's max_position_embeddings; rotary models run past it)"),
+    max_positions: Optional[int] = typer.Option(None, "--max-positions", min=2, help="longest sequence to try (default: the model config's max_position_embeddings; rotary models run past it)"),
     batch_tokens: int = BatchOpt, threshold: Optional[float] = ThreshOpt, mad_k: float = MadOpt,
     device: Optional[str] = DeviceOpt, dtype: str = DtypeOpt,
 ) -> None:
@@ -201,6 +201,7 @@ def positions(
     from sae_transfer.evals.run import position_records
     from storage.tables import append_rows
 
+    factors = parse_int_list(multiples, "--multiples")
     saes = _prepare(sae, model, hook)
     cfg = _eval_config(batch_tokens, threshold, mad_k, 3.0, 0, device)
     ctx = _context(saes, context_size)
@@ -208,12 +209,12 @@ def positions(
     for spec in model:
         m, info = _load(spec, device, dtype)
         limit = max_positions or model_shape(spec)[2]
-        sizes = set(context_sizes(ctx, limit, tuple(int(x) for x in multiples.split(",")))) | {ctx}
+        sizes = set(context_sizes(ctx, limit, factors)) | {ctx}
         token_sets = {size: _plain_tokens(m, corpus, size, tokens) for size in sizes}
         rows += position_records(m, info, saes, token_sets, hook, cfg, ctx)
     append_rows(out, "positions", rows)
-    _show([r for r in rows if r["outlier_policy"] == "excluded"],
-          ["sae_id", "model_id", "context_size", "bucket_lo", "bucket_hi", "mse", "explained_variance", "n_tokens"])
+    print_table(["sae_id", "model_id", "context_size", "bucket_lo", "bucket_hi", "mse", "explained_variance", "n_tokens"],
+                [r for r in rows if r["outlier_policy"] == "excluded"])
 
 
 def register(app: typer.Typer) -> None:

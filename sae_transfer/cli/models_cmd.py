@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
 def demo_models(
     out: Path = typer.Option(Path("artifacts/demo-models"), "--out", help="Folder for base/, chat/ and chat-checkpoints/."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if a matching build is on disk."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: one per core)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: one per core)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Build the offline demo pair (base pretrained on stdlib sources, chat fine-tuned from it); cached."""

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
 
+from sae_transfer.cli._common import print_table
 from sae_transfer.errors import UserError
 
 RESULTS_HELP = "study results folder (default: results/<study name> of --config, else results/demo)"
@@ -35,6 +37,18 @@ def _pair_from_results(results: Path, config: Optional[Path]) -> tuple[str, str]
             return pair["base"], pair["chat"]
     cfg = _config(config)
     return cfg.pair.base, cfg.pair.chat
+
+
+@contextmanager
+def _readable_tables(folder: Path):
+    """Turn DuckDB's error on a damaged result file (a truncated part-*.parquet) into one line."""
+    import duckdb
+
+    try:
+        yield
+    except duckdb.Error as exc:
+        raise UserError(f"results in {str(folder)!r} are unreadable ({' '.join(str(exc).split())}): delete the damaged "
+                        "file and re-run the step that wrote it") from None
 
 
 def register(app: typer.Typer) -> None:
@@ -85,8 +99,9 @@ def register(app: typer.Typer) -> None:
         folder = _results(results, config)
         if not folder.is_dir():
             raise UserError(f"results folder {str(folder)!r} does not exist: run `sae-transfer demo` or pass --results")
-        base, chat = _pair_from_results(folder, config)
-        paths = build_report(folder, base, chat)
+        with _readable_tables(folder):
+            base, chat = _pair_from_results(folder, config)
+            paths = build_report(folder, base, chat)
         typer.echo(f"report: {paths.html}\nmarkdown: {paths.markdown}")
 
     @app.command()
@@ -95,7 +110,7 @@ def register(app: typer.Typer) -> None:
                                     "training_log, weight_diff, positions, rollouts, checkpoints, runs"),
         results: Optional[Path] = typer.Option(None, help=RESULTS_HELP),
         format: str = typer.Option("table", "--format", "-f", help="table, csv or json"),
-        limit: int = typer.Option(200, help="rows shown in table format"),
+        limit: int = typer.Option(200, min=0, help="rows shown in table format"),
     ) -> None:
         """Answer ad-hoc SQL over a study's results (read-only)."""
         import duckdb
@@ -107,7 +122,8 @@ def register(app: typer.Typer) -> None:
         folder = _results(results, None)
         if not folder.is_dir():
             raise UserError(f"results folder {str(folder)!r} does not exist: run `sae-transfer demo` or pass --results")
-        con = catalog.connect(folder)
+        with _readable_tables(folder):
+            con = catalog.connect(folder)
         try:
             df = con.execute(query).df()
         except duckdb.Error as exc:
@@ -119,19 +135,4 @@ def register(app: typer.Typer) -> None:
         elif format == "json":
             typer.echo(df.to_json(orient="records", date_format="iso"))
         else:
-            _print_table(df, limit)
-
-
-def _print_table(df, limit: int) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(show_lines=False)
-    for column in df.columns:
-        table.add_column(str(column))
-    for row in df.head(limit).itertuples(index=False):
-        table.add_row(*("" if v is None else f"{v:.6g}" if isinstance(v, float) else str(v) for v in row))
-    console = Console(width=max(120, 14 * len(df.columns)))
-    console.print(table)
-    if len(df) > limit:
-        console.print(f"... {len(df) - limit} more rows (use --format csv for all)")
+            print_table([str(c) for c in df.columns], df.head(limit).itertuples(index=False), total=len(df), digits=6)

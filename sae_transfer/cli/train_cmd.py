@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from sae_transfer.errors import UserError
+from sae_transfer.cli._common import parse_count, require
 
 
 _DEVICE_HELP = "cpu, cuda or cuda:N (default: CUDA when available, else CPU); a checkpoint resumes on any device."
@@ -20,16 +20,6 @@ def register(app: typer.Typer) -> None:
     """Add this module's commands to `app`."""
     app.command("train")(train)
     app.command("finetune")(finetune)
-
-
-def _tokens(text: str) -> int:
-    """'5M', '800k', '1e6', '4096' -> int."""
-    low = text.strip().lower().replace("_", "")
-    scale = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}.get(low[-1:], 1)
-    try:
-        return int(float(low[:-1] if scale > 1 else low) * scale)
-    except ValueError:
-        raise UserError(f"cannot read {text!r} as a token count: write e.g. 4096, 1e6, 5M") from None
 
 
 def _report(result, quiet: bool) -> None:
@@ -44,25 +34,25 @@ def _report(result, quiet: bool) -> None:
 def train(
     acts: Path = typer.Option(..., "--acts", help="Activation dataset folder (from `sae-transfer cache`) or a .safetensors file with 'acts'."),
     arch: str = typer.Option("relu", "--arch", help="relu | topk | batchtopk | jumprelu"),
-    d_sae: int = typer.Option(..., "--d-sae", help="Number of features."),
+    d_sae: int = typer.Option(..., "--d-sae", min=1, help="Number of features."),
     tokens: str = typer.Option(..., "--tokens", help="Training tokens, e.g. 50M."),
     out: Path = typer.Option(..., "--out", help="Run folder: sae/, checkpoints/, training_log/, run.json."),
-    l1: Optional[float] = typer.Option(None, "--l1", help="Sparsity coefficient (relu: L1·‖W_dec‖; jumprelu: L0)."),
-    k: Optional[int] = typer.Option(None, "--k", help="Active features per token (topk, batchtopk)."),
+    l1: Optional[float] = typer.Option(None, "--l1", min=0.0, help="Sparsity coefficient (relu: L1·‖W_dec‖; jumprelu: L0)."),
+    k: Optional[int] = typer.Option(None, "--k", min=1, help="Active features per token (topk, batchtopk)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate."),
-    batch_size: int = typer.Option(4096, "--batch-size", help="Tokens per step."),
-    lr_warmup: float = typer.Option(0.0, "--lr-warmup", help="Fraction of steps of linear LR warm-up."),
-    lr_decay: float = typer.Option(0.2, "--lr-decay", help="Fraction of steps of linear LR decay to zero at the end."),
-    l1_warmup: float = typer.Option(0.05, "--l1-warmup", help="Fraction of steps of sparsity-coefficient warm-up."),
+    batch_size: int = typer.Option(4096, "--batch-size", min=1, help="Tokens per step."),
+    lr_warmup: float = typer.Option(0.0, "--lr-warmup", min=0.0, max=1.0, help="Fraction of steps of linear LR warm-up."),
+    lr_decay: float = typer.Option(0.2, "--lr-decay", min=0.0, max=1.0, help="Fraction of steps of linear LR decay to zero at the end."),
+    l1_warmup: float = typer.Option(0.05, "--l1-warmup", min=0.0, max=1.0, help="Fraction of steps of sparsity-coefficient warm-up."),
     jumprelu_l0: str = typer.Option("step", "--jumprelu-l0", help="JumpReLU L0 penalty: step or tanh."),
     ghost_grads: bool = typer.Option(False, "--ghost-grads", help="relu: ghost grads for dead latents."),
-    resample_every: int = typer.Option(0, "--resample-every", help="relu: resample dead latents every N steps (0: off)."),
+    resample_every: int = typer.Option(0, "--resample-every", min=0, help="relu: resample dead latents every N steps (0: off)."),
     init_b_dec: str = typer.Option("geometric_median", "--init-b-dec", help="geometric_median | mean | zeros"),
     dead_window: str = typer.Option("1M", "--dead-window", help="Tokens without firing after which a latent is dead."),
-    checkpoint_every: str = typer.Option("10M", "--checkpoint-every", help="Checkpoint every N tokens."),
-    log_every: int = typer.Option(50, "--log-every", help="Training-log row every N steps."),
+    checkpoint_every: str = typer.Option("10M", "--checkpoint-every", help="Checkpoint every N tokens (0: only at the end)."),
+    log_every: int = typer.Option(50, "--log-every", min=1, help="Training-log row every N steps."),
     seed: int = typer.Option(0, "--seed"),
-    threads: int = typer.Option(0, "--threads", help="torch threads (0: default)."),
+    threads: int = typer.Option(0, "--threads", min=0, help="torch threads (0: default)."),
     buffer_tokens: str = typer.Option("256k", "--buffer-tokens", help="Shuffle-buffer size in tokens."),
     device: Optional[str] = typer.Option(None, "--device", help=_DEVICE_HELP),
     dtype: str = typer.Option("float32", "--dtype", help=_DTYPE_HELP),
@@ -73,12 +63,15 @@ def train(
     """Train an SAE from cached activations (resumes from the newest checkpoint in --out); print the SAE folder."""
     from sae_transfer.training.api import train_on_dataset
 
+    require(lr is None or lr > 0, "--lr", lr, "the learning rate must be > 0, e.g. 4e-4")
+    require(k is None or k <= d_sae, "--k", k, f"at most --d-sae ({d_sae}) features can be active")
     result = train_on_dataset(
-        acts, out, arch=arch, expansion=None, d_sae=d_sae, tokens=_tokens(tokens), l1_coefficient=l1, k=k, lr=lr,
-        batch_size=batch_size, seed=seed, buffer_tokens=_tokens(buffer_tokens), progress=not quiet,
+        acts, out, arch=arch, expansion=None, d_sae=d_sae, tokens=parse_count(tokens, "--tokens"), l1_coefficient=l1, k=k,
+        lr=lr, batch_size=batch_size, seed=seed, buffer_tokens=parse_count(buffer_tokens, "--buffer-tokens"), progress=not quiet,
         lr_warmup_frac=lr_warmup, lr_decay_frac=lr_decay, l1_warmup_frac=l1_warmup, jumprelu_l0_mode=jumprelu_l0,
         ghost_grads=ghost_grads, resample_every_steps=resample_every, init_b_dec=init_b_dec,
-        dead_window_tokens=_tokens(dead_window), checkpoint_every_tokens=_tokens(checkpoint_every),
+        dead_window_tokens=parse_count(dead_window, "--dead-window"),
+        checkpoint_every_tokens=parse_count(checkpoint_every, "--checkpoint-every", minimum=0),
         log_every_steps=log_every, num_threads=threads, device=device, dtype=dtype, tf32=tf32, sparse_kernels=sparse_kernels,
     )
     _report(result, quiet)
@@ -90,14 +83,14 @@ def finetune(
     out: Path = typer.Option(..., "--out", help="Run folder for the fine-tuned SAE."),
     tokens: str = typer.Option("5M", "--tokens", help="Fine-tuning token budget (the study: 5M)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Default: the parent run's LR (same as pre-training)."),
-    l1: Optional[float] = typer.Option(None, "--l1", help="Default: the parent run's sparsity coefficient."),
-    batch_size: int = typer.Option(256, "--batch-size", help="Tokens per step (the study: 256)."),
-    lr_warmup: float = typer.Option(0.05, "--lr-warmup", help="Linear warm-up over this fraction."),
-    lr_decay: float = typer.Option(0.2, "--lr-decay", help="Linear decay to zero over the last fraction."),
-    checkpoint_every: str = typer.Option("1M", "--checkpoint-every", help="Checkpoint every N tokens."),
-    log_every: int = typer.Option(50, "--log-every", help="Training-log row every N steps."),
+    l1: Optional[float] = typer.Option(None, "--l1", min=0.0, help="Default: the parent run's sparsity coefficient."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Tokens per step (the study: 256)."),
+    lr_warmup: float = typer.Option(0.05, "--lr-warmup", min=0.0, max=1.0, help="Linear warm-up over this fraction."),
+    lr_decay: float = typer.Option(0.2, "--lr-decay", min=0.0, max=1.0, help="Linear decay to zero over the last fraction."),
+    checkpoint_every: str = typer.Option("1M", "--checkpoint-every", help="Checkpoint every N tokens (0: only at the end)."),
+    log_every: int = typer.Option(50, "--log-every", min=1, help="Training-log row every N steps."),
     seed: int = typer.Option(0, "--seed"),
-    threads: int = typer.Option(0, "--threads", help="torch threads (0: default)."),
+    threads: int = typer.Option(0, "--threads", min=0, help="torch threads (0: default)."),
     buffer_tokens: str = typer.Option("256k", "--buffer-tokens", help="Shuffle-buffer size in tokens."),
     device: Optional[str] = typer.Option(None, "--device", help=_DEVICE_HELP),
     dtype: str = typer.Option("float32", "--dtype", help=_DTYPE_HELP),
@@ -107,10 +100,12 @@ def finetune(
     """Fine-tune an SAE on another model's activations (the seed study's recipe); print the SAE folder."""
     from sae_transfer.training.api import finetune_on_dataset
 
+    require(lr is None or lr > 0, "--lr", lr, "the learning rate must be > 0, e.g. 4e-4")
     result = finetune_on_dataset(
-        sae, acts, out, tokens=_tokens(tokens), batch_size=batch_size, seed=seed, lr=lr, l1_coefficient=l1,
-        buffer_tokens=_tokens(buffer_tokens), progress=not quiet, lr_warmup_frac=lr_warmup, lr_decay_frac=lr_decay,
-        checkpoint_every_tokens=_tokens(checkpoint_every), log_every_steps=log_every, num_threads=threads,
+        sae, acts, out, tokens=parse_count(tokens, "--tokens"), batch_size=batch_size, seed=seed, lr=lr, l1_coefficient=l1,
+        buffer_tokens=parse_count(buffer_tokens, "--buffer-tokens"), progress=not quiet, lr_warmup_frac=lr_warmup,
+        lr_decay_frac=lr_decay, checkpoint_every_tokens=parse_count(checkpoint_every, "--checkpoint-every", minimum=0),
+        log_every_steps=log_every, num_threads=threads,
         device=device, dtype=dtype, tf32=tf32,
     )
     _report(result, quiet)

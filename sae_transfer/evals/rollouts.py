@@ -71,7 +71,10 @@ def load_prompts(source: str, limit: int | None = None, column: str = "prompt") 
         path = Path(source).expanduser()
         if not path.is_file():
             raise UserError(f"instruction file {source!r} does not exist: pass a JSONL with one {{\"{column}\": ...}} per line")
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        try:
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: a line is not JSON ({exc.msg}): write one {{\"prompt\": ...}} object per line") from None
         if rows and column not in rows[0]:
             raise UserError(f"{source} rows have no {column!r} field; fields: {sorted(rows[0])}")
         prompts = [r[column] for r in rows]

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from sae_transfer.errors import UserError
 
@@ -27,8 +27,11 @@ def _tensor_files(folder: Path) -> dict[str, Path]:
         raise UserError(f"{folder} has no .safetensors files: pass a Hugging Face checkpoint folder saved with safetensors")
     out = {}
     for file in files:
-        with safe_open(file, framework="pt") as fh:
-            out.update({name: file for name in fh.keys()})
+        try:
+            with safe_open(file, framework="pt") as fh:
+                out.update({name: file for name in fh.keys()})
+        except SafetensorError as exc:
+            raise UserError(f"{file} is damaged ({str(exc).splitlines()[0]}): re-download or re-save the checkpoint") from None
     return out
 
 
