@@ -3,6 +3,9 @@ touching the chat model re-runs exactly what depends on it, the watcher never re
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -14,12 +17,27 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory, prefect_harness):
+def first_run(tmp_path_factory, prefect_harness):
+    """The study's first run (the slow part, done once), and a copy of its folder as it left it."""
     from flows.study import transfer_study
 
-    cfg = tiny_study(tmp_path_factory.mktemp("study"))
+    root = tmp_path_factory.mktemp("study")
+    cfg = tiny_study(root)
     first = transfer_study(cfg)
-    return cfg, first
+    snapshot = tmp_path_factory.mktemp("snapshot") / "study"
+    shutil.copytree(root, snapshot)
+    return root, snapshot, cfg, first
+
+
+@pytest.fixture
+def study(first_run):
+    """The study right after its first run. A test may change it (touch a model, add a
+    checkpoint, append rows): the folder is put back afterwards, so no test sees another's
+    changes and the order the tests run in does not matter."""
+    root, snapshot, cfg, first = first_run
+    yield cfg, first
+    shutil.rmtree(root)
+    shutil.copytree(snapshot, root)
 
 
 def _count(cfg, sql):
@@ -29,6 +47,7 @@ def _count(cfg, sql):
 def test_first_run_fills_every_table(study):
     cfg, first = study
     assert first["cached_steps"] < first["steps"]
+    assert _count(cfg, "select count(distinct run_id) from runs") == 1  # the first run's tables, nobody else's
     # 3 SAEs x 2 models x 2 outlier policies on plain text
     assert _count(cfg, "select count(*) from metrics where segment = 'text' and model_revision not like 'step-%'") >= 12
     assert _count(cfg, "select count(distinct segment) from metrics where segment <> 'text'") == 3
@@ -73,12 +92,10 @@ def test_touching_the_chat_model_reruns_only_its_dependents(study):
 
 
 def test_watcher_evaluates_a_new_checkpoint_exactly_once(study):
-    import shutil
-
     from flows.watch import watch_checkpoints
 
     cfg, _ = study
-    checkpoints = sorted(p for p in __import__("pathlib").Path(cfg.pair.checkpoints).iterdir())
+    checkpoints = sorted(p for p in Path(cfg.pair.checkpoints).iterdir())
     new = checkpoints[0].parent / "step-999999"
     shutil.copytree(checkpoints[0], new)
     tensors = load_file(new / "model.safetensors")
