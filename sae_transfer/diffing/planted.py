@@ -2,9 +2,12 @@
 
 The base model is a random-weight Llama-style model (no training: the methods only need
 activations with structure, not a good language model) with the project's chat tokenizer
-(role tokens, chat template). Three pairs share it:
+(role tokens, chat template). Its embedding rows are sparse sums of a few of `n_features`
+random directions (superposition: more features than d_model), so the residual stream has
+the sparse structure dictionaries are built for; with dense random rows every dictionary is
+a dense approximation and nothing, planted or not, is identifiable. Three pairs share it:
 
-- "added":   chat = base with `added_scale` × (mean embedding-row norm) × v added to the
+- "added":   chat = base with `added_scale` × (mean embedding-row norm) · v added to the
              embedding rows of the chat template's framing tokens (<|user|>, <|assistant|>,
              <|end|>). A residual-stream hook sees +α·v at exactly those positions in
              blocks.0.hook_resid_pre (Llama adds no positional embedding), and the pushed
@@ -12,6 +15,12 @@ activations with structure, not a good language model) with the project's chat t
 - "removed": base = base with β·u added to the same rows; chat = the plain base model. A
              direction the base model has and the chat model lost.
 - "control": chat = a byte-identical copy of the base model (nothing changed).
+
+The base model's framing-token embedding rows are shrunk (`framing_row_scale`), as the rows
+of special tokens a base model never trained on are in real checkpoints (near their small
+init). Otherwise each framing token's own large random row dominates its activation and the
+cheapest dictionary is one latent per token with both decoders (base row, base row + α·v),
+not a chat-only latent for v: the planted concept would be unidentifiable, not missed.
 
 v and u are random unit vectors (u orthogonal to v) drawn from the seed. The corpus is chat
 transcripts (docstring as user turn, function as assistant turn) rendered with the chat
@@ -32,7 +41,7 @@ from pathlib import Path
 import torch
 
 PLANTED_RECORD = "planted.json"
-BUILD_VERSION = 1  # bump when a change here changes the built models or corpus
+BUILD_VERSION = 4  # bump when a change here changes the built models or corpus
 
 # A few stdlib modules with docstring'd functions: a few hundred short chat transcripts.
 SOURCE_FILES = ("textwrap.py", "bisect.py", "heapq.py", "colorsys.py", "shlex.py", "fnmatch.py",
@@ -48,8 +57,11 @@ class PlantedConfig:
     n_heads: int = 4  # attention heads (2 key/value heads)
     vocab_size: int = 512  # BPE vocabulary incl. the chat special tokens
     seed: int = 0  # weights, v, u
-    added_scale: float = 2.0  # ‖α·v‖ / mean embedding-row norm, for the "added" pair
-    removed_scale: float = 2.0  # ‖β·u‖ / mean embedding-row norm, for the "removed" pair
+    added_scale: float = 1.0  # ‖α·v‖ / mean embedding-row norm, for the "added" pair
+    removed_scale: float = 1.0  # ‖β·u‖ / mean embedding-row norm, for the "removed" pair
+    framing_row_scale: float = 0.1  # base's framing-token embedding rows × this (see module doc)
+    n_features: int = 64  # embedding rows are sparse sums of this many unit "feature" directions
+    features_per_token: int = 3  # features summed into each embedding row (weights ±U(0.5, 1.5))
     max_docstring_chars: int = 400  # user turns longer than this are dropped
     max_response_chars: int = 800  # assistant turns longer than this are dropped
 
@@ -88,6 +100,7 @@ class PlantedSet:
     pairs: dict[str, PlantedPair] = field(default_factory=dict)  # by name
     mean_embedding_norm: float = 0.0  # mean ‖embedding row‖ of the base model (model units)
     n_transcripts: int = 0  # lines in the corpus
+    config_hash: str = ""  # PlantedConfig.hash() recorded at build time (with its BUILD_VERSION)
 
 
 def planted_mask(token_ids_N: torch.Tensor, pair: PlantedPair) -> torch.Tensor:
@@ -99,7 +112,7 @@ def build_planted(out: str | Path, cfg: PlantedConfig = PlantedConfig()) -> Plan
     """Build (or find already built, same config) the planted pairs under `out`; returns them."""
     out = Path(out)
     found = load_planted(out)
-    if found is not None and found.config == cfg:
+    if found is not None and found.config_hash == cfg.hash():
         return found
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -110,6 +123,10 @@ def build_planted(out: str | Path, cfg: PlantedConfig = PlantedConfig()) -> Plan
             fh.write(json.dumps({"text": text}) + "\n")
     model = _random_llama(cfg, tokenizer)
     framing = _framing_ids(tokenizer)
+    with torch.no_grad():
+        emb_VD = model.get_input_embeddings().weight
+        emb_VD.copy_(_sparse_feature_rows(cfg, emb_VD.shape[0], float(emb_VD.norm(dim=-1).mean())))
+        emb_VD[list(framing)] *= cfg.framing_row_scale
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     v_D = torch.nn.functional.normalize(torch.randn(cfg.d_model, generator=gen), dim=0)
     u_D = torch.randn(cfg.d_model, generator=gen)
@@ -143,6 +160,7 @@ def load_planted(out: str | Path) -> PlantedSet | None:
     if not path.is_file():
         return None
     rec = json.loads(path.read_text())
+    known = {f for f in PlantedConfig.__dataclass_fields__}
     pairs = {
         name: PlantedPair(
             name=name, base=out / p["base"], chat=out / p["chat"], side=p["side"],
@@ -151,8 +169,9 @@ def load_planted(out: str | Path) -> PlantedSet | None:
         )
         for name, p in rec["pairs"].items()
     }
-    return PlantedSet(out, out / rec["corpus"], PlantedConfig(**rec["config"]), pairs,
-                      float(rec["mean_embedding_norm"]), int(rec["n_transcripts"]))
+    cfg = PlantedConfig(**{k: v for k, v in rec["config"].items() if k in known})
+    return PlantedSet(out, out / rec["corpus"], cfg, pairs, float(rec["mean_embedding_norm"]),
+                      int(rec["n_transcripts"]), rec["config_hash"])
 
 
 def _pair_json(base: str, chat: str, side, direction_D, magnitude: float, token_ids) -> dict:
@@ -210,6 +229,19 @@ def _random_llama(cfg: PlantedConfig, tokenizer):
     )
     torch.manual_seed(cfg.seed)
     return LlamaForCausalLM(config).eval()
+
+
+def _sparse_feature_rows(cfg: PlantedConfig, n_rows: int, mean_norm: float) -> torch.Tensor:
+    """[V, D] embedding rows, each a sum of `features_per_token` of `n_features` random unit
+    directions with weights ±U(0.5, 1.5) (random signs keep the mean activation, hence b_dec,
+    near 0), rescaled to the random init's mean row norm."""
+    gen = torch.Generator().manual_seed(cfg.seed + 2)
+    feats_GD = torch.nn.functional.normalize(torch.randn(cfg.n_features, cfg.d_model, generator=gen), dim=-1)
+    picks_VK = torch.rand(n_rows, cfg.n_features, generator=gen).argsort(dim=-1)[:, :cfg.features_per_token]
+    signs_VK = torch.randint(0, 2, (n_rows, cfg.features_per_token), generator=gen) * 2 - 1
+    weights_VK = (0.5 + torch.rand(n_rows, cfg.features_per_token, generator=gen)) * signs_VK
+    rows_VD = (weights_VK[..., None] * feats_GD[picks_VK]).sum(1)
+    return rows_VD * (mean_norm / float(rows_VD.norm(dim=-1).mean()))
 
 
 def _with_planted(model, token_ids: tuple[int, ...], vector_D: torch.Tensor):

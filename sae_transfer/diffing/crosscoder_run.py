@@ -1,0 +1,175 @@
+"""Train a BatchTopK crosscoder on paired caches into a run folder, resumably.
+
+    <out>/crosscoder/      storage.crosscoder_format folder (both decoders, both scale factors)
+    <out>/checkpoints/     trainer checkpoints (storage.checkpoints; the shared SAE machinery)
+    <out>/training_log/    Parquet parts of the training log
+    <out>/run.json         manifest, written last: config, pairing, timings, metrics, class counts
+
+It reuses the SAE training loop as is: the crosscoder is an SAE over [x_base, x_chat] and the
+paired stream already scales each model by its own factor, so the loop's own scale is 1.
+A folder with a complete run.json for the same config is returned untouched; a folder with
+checkpoints resumes from the newest one (the stream restarts at the batch it had reached).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sae_transfer.diffing.crosscoder import CrossCoder, Taxonomy, class_counts, latent_table
+from sae_transfer.diffing.paired import PairedCaches, paired_factory, read_paired
+from sae_transfer.errors import UserError
+from sae_transfer.sae import metrics
+from sae_transfer.training.config import TrainConfig
+from sae_transfer.training.loop import TrainingRun, train_loop
+from sae_transfer.training.run import _write_checkpoint, restore
+from sae_transfer.training.trainers.crosscoder import CrosscoderTrainer
+from sae_transfer.training.tricks import geometric_median
+from storage import checkpoints as ckpt
+from storage.crosscoder_format import save_crosscoder
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CrosscoderConfig:
+    """Everything that determines a crosscoder run besides the paired data."""
+
+    train: TrainConfig = TrainConfig(arch="batchtopk", d_sae=256, k=8, lr=1e-3, total_tokens=200_000, batch_size=1024)
+    # the shared training settings; arch must be "batchtopk" (k = mean active latents per token)
+    taxonomy: Taxonomy = Taxonomy()  # ρ cut-offs recorded with the run
+    buffer_tokens: int = 65_536  # rows held in the paired shuffle buffer (memory: rows × 2D × 4 bytes)
+    eval_tokens: int = 16_384  # rows (from the start of the caches) for the final per-model metrics
+
+    def __post_init__(self) -> None:
+        if self.train.arch != "batchtopk":
+            raise ValueError(f"train.arch={self.train.arch!r}: a crosscoder trains with arch='batchtopk'")
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (run.json, checkpoint check)."""
+        return {"train": self.train.to_dict(), "taxonomy": dataclasses.asdict(self.taxonomy),
+                "buffer_tokens": self.buffer_tokens, "eval_tokens": self.eval_tokens}
+
+
+@dataclass(frozen=True)
+class CrosscoderResult:
+    """What a finished (or already complete) crosscoder run left on disk."""
+
+    crosscoder_dir: Path  # the storage.crosscoder_format folder
+    run_json: Path  # the manifest
+    metrics: dict  # final metrics: per-model explained variance, l0, dead fraction, class counts
+    resumed_from_step: int | None  # checkpoint step the run resumed from, if any
+    skipped: bool  # True when a complete run was already there
+
+
+def new_run(cfg: CrosscoderConfig, pair: PairedCaches, cc: CrossCoder | None = None) -> TrainingRun:
+    """A TrainingRun wrapping a crosscoder (a fresh zero one unless given) for the shared loop:
+    the loop's own scale is 1 (the paired stream scales each model) and its trainer is
+    swapped for the crosscoder's."""
+    t = cfg.train
+    cc = cc or CrossCoder.create(pair.d_model, t.d_sae, t.k, metadata=dict(pair.meta))
+    run = TrainingRun.create(t, cc, 1.0)
+    run.trainer = CrosscoderTrainer(cc, t, run.trainer.sparse_kernels)
+    return run
+
+
+def fresh_run(cfg: CrosscoderConfig, pair: PairedCaches) -> TrainingRun:
+    """A new run: record the scale factors, initialise weights, b_dec per model from a sample."""
+    run = new_run(cfg, pair)
+    cc = run.sae
+    with torch.no_grad():
+        cc.scales_M.copy_(torch.tensor([pair.scale_base, pair.scale_chat]))
+    x_NMD = read_paired(pair, 0, min(pair.n_tokens, cfg.train.scale_estimate_tokens)).x_BMD
+    t = cfg.train
+    if t.init_b_dec == "geometric_median":
+        b_dec = torch.cat([geometric_median(x_NMD[:16_384, m]) for m in range(2)])
+    elif t.init_b_dec == "mean":
+        b_dec = x_NMD.mean(0).flatten()
+    else:
+        b_dec = torch.zeros(2 * pair.d_model)
+    run.trainer.init_weights(torch.Generator().manual_seed(t.seed), b_dec)
+    return run
+
+
+def train_crosscoder(cfg: CrosscoderConfig, pair: PairedCaches, out_dir: str | Path, progress: bool = False) -> CrosscoderResult:
+    """Train (or resume, or find finished) a crosscoder on `pair` into out_dir."""
+    out = Path(out_dir)
+    manifest_path, cc_dir = out / "run.json", out / "crosscoder"
+    done = _read_manifest(manifest_path)
+    if done is not None:
+        if done.get("config") != cfg.to_dict():
+            raise UserError(f"{out} holds a finished crosscoder run with a different config; choose another --out or delete it")
+        return CrosscoderResult(cc_dir, manifest_path, done["final_metrics"], None, True)
+    checkpoint = ckpt.latest_checkpoint(out / "checkpoints")
+    if checkpoint is not None and checkpoint.state["config"] != cfg.train.to_dict():
+        raise UserError(f"{out} holds checkpoints of a run with a different config; choose another --out or delete it")
+    if checkpoint is None:
+        run = fresh_run(cfg, pair)
+        ckpt.truncate_log(out / "training_log", -1)
+    else:
+        run = new_run(cfg, pair)
+        restore(run, checkpoint)
+        ckpt.truncate_log(out / "training_log", run.state.step)
+        log.info("resuming %s from step %d", out, run.state.step)
+    pending: list[dict] = []
+
+    def on_checkpoint(r: TrainingRun) -> None:
+        ckpt.append_log_rows(out / "training_log", pending, r.state.step)
+        pending.clear()
+        _write_checkpoint(out, r, reader_position=r.state.step)
+
+    t0 = time.perf_counter()
+    source = paired_factory(pair, cfg.train.batch_size, seed=cfg.train.seed, buffer_tokens=cfg.buffer_tokens)
+    last = train_loop(run, source(run.state.step), pending.append, on_checkpoint, progress=progress)
+    final = {**last, **evaluate_crosscoder(run.sae, pair, cfg.eval_tokens), **_dead(run)}
+    table = latent_table(run.sae, cfg.taxonomy)
+    final["class_counts"] = class_counts(table)
+    save_crosscoder(run.sae, cc_dir, metadata={"taxonomy": dataclasses.asdict(cfg.taxonomy)})
+    ckpt.write_json_atomic(manifest_path, {
+        "status": "complete", "config": cfg.to_dict(), "crosscoder_dir": "crosscoder", "pairing": pair.meta,
+        "scale_factors": {"base": pair.scale_base, "chat": pair.scale_chat},
+        "tokens": run.state.tokens, "steps": run.state.step,
+        "timings": {"train_s": run.state.elapsed_s, "wall_s_this_call": time.perf_counter() - t0,
+                    "tokens_per_s": run.state.tokens / max(run.state.elapsed_s, 1e-9)},
+        "final_metrics": final,
+    })
+    return CrosscoderResult(cc_dir, manifest_path, final, None if checkpoint is None else checkpoint.state["loop"]["step"], False)
+
+
+@torch.no_grad()
+def evaluate_crosscoder(cc: CrossCoder, pair: PairedCaches, max_rows: int, batch_size: int = 4096) -> dict:
+    """Per-model explained variance and MSE (training units) and L0 on the first max_rows rows,
+    with the inference threshold."""
+    sums = {"n": 0, "l0": 0.0}
+    xs, xhats = [], []
+    for start in range(0, min(max_rows, pair.n_tokens), batch_size):
+        x_BMD = read_paired(pair, start, min(start + batch_size, max_rows, pair.n_tokens)).x_BMD
+        f_BF = cc.encode(x_BMD.flatten(1))
+        xs.append(x_BMD)
+        xhats.append(cc.split(cc.decode(f_BF)))
+        sums["n"] += x_BMD.shape[0]
+        sums["l0"] += float((f_BF > 0).sum())
+    x_NMD, x_hat_NMD = torch.cat(xs), torch.cat(xhats)
+    out = {"eval_tokens": sums["n"], "eval_l0": sums["l0"] / max(sums["n"], 1)}
+    for m, name in enumerate(("base", "chat")):
+        out[f"explained_variance_{name}"] = float(metrics.explained_variance(x_NMD[:, m], x_hat_NMD[:, m]))
+        out[f"mse_{name}"] = float((x_NMD[:, m] - x_hat_NMD[:, m]).pow(2).sum(-1).mean())
+    return out
+
+
+def _dead(run: TrainingRun) -> dict:
+    window = min(run.cfg.dead_window_tokens, run.state.tokens)
+    return {"dead_fraction_final": float((run.dead.since_fired_F >= window).float().mean()), "dead_window_tokens": window}
+
+
+def _read_manifest(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return data if data.get("status") == "complete" else None

@@ -1,0 +1,61 @@
+"""BatchTopK crosscoder trainer (Minder et al. 2025): MSE on both models + AuxK, no decoder-norm
+constraint (ρ lives in the decoder norms), selection by f·(‖d^base‖ + ‖d^chat‖).
+
+The crosscoder is an SAE over the concatenation [x_base, x_chat] (d_in = 2D), so the shared
+loop, optimiser and checkpoints apply; the MSE over 2D is the sum of the two models' MSEs.
+Encoder backward and decoder touch only the B·k kept entries (topk.py's sparse kernels)."""
+
+from __future__ import annotations
+
+import torch
+
+from sae_transfer.training.trainers.batchtopk import THRESHOLD_MOMENTUM
+from sae_transfer.training.trainers.topk import TopKTrainer, select_batch_topk
+
+
+class CrosscoderTrainer(TopKTrainer):
+    """Trains a `sae_transfer.diffing.crosscoder.CrossCoder` (decoder rows [F, 2D])."""
+
+    _min_score: torch.Tensor | None = None  # smallest kept score of the last selection (0-d)
+
+    def decoder_norm(self) -> float:
+        """Initial ‖d_j^m‖ of each model's decoder row (their sum is 1, like a unit-norm SAE row)."""
+        return 0.5
+
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator, b_dec_D: torch.Tensor) -> None:
+        """Each model's decoder row a random direction of norm decoder_norm(), drawn independently;
+        W_enc = W_decᵀ; b_enc = 0; b_dec = the given [2D] value."""
+        cc = self.sae
+        F, D = cc.d_sae, cc.d_in // 2
+        dec_FMD = torch.nn.functional.normalize(torch.randn(F, 2, D, generator=generator, device=generator.device), dim=-1) * self.decoder_norm()
+        cc.W_dec.copy_(dec_FMD.reshape(F, 2 * D))
+        cc.W_enc.copy_(cc.W_dec.T)
+        cc.b_enc.zero_()
+        cc.b_dec.copy_(b_dec_D)
+
+    def select(self, pre_BF: torch.Tensor):
+        """The B·k largest scores ReLU(pre)·(‖d^base‖+‖d^chat‖) of the batch, returning the
+        kept entries' ReLU(pre) (vals, token, latent) in CSR order; the smallest kept score
+        is kept (on the device) for the threshold."""
+        norm_F = self.sae.decoder_norms_MF().sum(0).detach()
+        score_vals_N, token_N, latent_N = select_batch_topk(pre_BF * norm_F.to(pre_BF.dtype), self.sae.cfg.k)
+        kept_N = score_vals_N > 0
+        self._min_score = torch.where(kept_N, score_vals_N.float(), torch.inf).min()
+        return torch.relu(pre_BF[token_N, latent_N]) * kept_N, token_N, latent_N
+
+    def after_selection(self, *_ignored) -> None:
+        """Running mean of the smallest kept score (not activation: the crosscoder thresholds
+        scores), updated on the device; a batch with nothing kept changes nothing."""
+        smallest = self._min_score
+        if smallest is None:
+            return
+        thr = self.sae.threshold
+        updated = torch.where(thr < 0, smallest, thr * THRESHOLD_MOMENTUM + (1 - THRESHOLD_MOMENTUM) * smallest)
+        thr.copy_(torch.where(torch.isfinite(smallest), updated, thr))
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Nothing: decoder norms are free (the taxonomy reads them); the score makes the loss
+        invariant to trading code size for decoder norm."""
+
