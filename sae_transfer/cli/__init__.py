@@ -45,5 +45,7 @@ def main() -> None:
             raise
         ctx = getattr(exc, "ctx", None)
         command = ctx.command_path if ctx is not None else "sae-transfer"
-        print(f"error: {' '.join(exc.format_message().split())} (see `{command} --help`)", file=sys.stderr)
+        message = " ".join(exc.format_message().split())
+        if message:  # empty when the help was just printed (no arguments)
+            print(f"error: {message} (see `{command} --help`)", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 2))
