@@ -1,0 +1,246 @@
+"""Crosscoder maths, pairing, format and resume; Latent Scaling against hand-set answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from sae_transfer.diffing import crosscoder_run
+from sae_transfer.diffing.crosscoder import CLASSES, CrossCoder, Taxonomy, classify, latent_table
+from sae_transfer.diffing.crosscoder_run import CrosscoderConfig, train_crosscoder
+from sae_transfer.diffing.latent_scaling import LatentScaler, sae_scaling
+from sae_transfer.diffing.paired import PairedSource, iter_paired, open_pair
+from sae_transfer.errors import UserError
+from sae_transfer.sae import SAEConfig, make_sae
+from sae_transfer.training.config import TrainConfig
+from sae_transfer.training.trainers.crosscoder import CrosscoderTrainer
+from storage.crosscoder_format import load_crosscoder, save_crosscoder
+
+D = 8
+
+
+def _write(path, acts_ND, tokens_N, hook="blocks.0.hook_resid_pre", seq_len=32, corpus="c0"):
+    from storage.activations_write import ActivationWriter, WriterConfig
+
+    n = acts_ND.shape[0]
+    meta = {"model_id": path.name, "hook": hook, "d_model": acts_ND.shape[1], "dtype": "float32", "n_tokens": n,
+            "context_size": seq_len, "corpus_fingerprint": corpus, "split": "train", "prepend_bos": True}
+    writer = ActivationWriter(path, meta, WriterConfig(row_group_rows=256))
+    rows = np.arange(n)
+    writer.append(rows // seq_len, (rows % seq_len).astype(np.int32), tokens_N.astype(np.int32),
+                  np.ones(n, dtype=np.uint8), acts_ND.norm(dim=-1).numpy(), acts_ND.numpy().view(np.uint8))
+    writer.finish()
+    return path
+
+
+def _pair_data(n=2048, seed=0):
+    """Sparse base activations; chat = base + 3·v on tokens 7 (a chat-only direction)."""
+    gen = torch.Generator().manual_seed(seed)
+    W_GD = torch.nn.functional.normalize(torch.randn(16, D, generator=gen), dim=-1)
+    base = ((torch.rand(n, 16, generator=gen) < 0.15) * torch.rand(n, 16, generator=gen)) @ W_GD
+    tokens = torch.randint(0, 50, (n,), generator=gen).numpy()
+    v = torch.nn.functional.normalize(torch.randn(D, generator=gen), dim=0)
+    chat = base + 3.0 * torch.from_numpy(tokens == 7)[:, None].float() * v
+    return base, chat, tokens
+
+
+@pytest.fixture
+def caches(tmp_path):
+    base, chat, tokens = _pair_data()
+    return _write(tmp_path / "base", base, tokens), _write(tmp_path / "chat", chat, tokens), tmp_path
+
+
+def test_pairing_scales_each_model_by_its_own_factor(caches):
+    b, c, _ = caches
+    pair = open_pair(b, c)
+    base, chat, tokens = _pair_data()
+    rows = next(iter_paired(pair, 100))
+    assert torch.allclose(rows.x_BMD[:, 0], base[:100] * (D ** 0.5 / base.norm(dim=-1).double().mean()).float(), atol=1e-5)
+    assert torch.allclose(rows.x_BMD[:, 1], chat[:100] * (D ** 0.5 / chat.norm(dim=-1).double().mean()).float(), atol=1e-5)
+    assert rows.token_id_B.tolist() == tokens[:100].tolist()
+
+
+@pytest.mark.parametrize("change, message", [
+    ("tokens", "differ at row 5"), ("rows", "rows"), ("hook", "different hooks"), ("corpus", "different corpora"),
+])
+def test_misaligned_caches_are_one_clear_error(tmp_path, change, message):
+    base, chat, tokens = _pair_data(n=1024)
+    b = _write(tmp_path / "base", base, tokens)
+    other_tokens = tokens.copy()
+    if change == "tokens":
+        other_tokens[5] += 1
+    kwargs = {"hook": "blocks.1.hook_resid_pre"} if change == "hook" else {"corpus": "c1"} if change == "corpus" else {}
+    n = 992 if change == "rows" else 1024
+    c = _write(tmp_path / "chat", chat[:n], other_tokens[:n], **kwargs)
+    with pytest.raises(UserError, match=message) as err:
+        open_pair(b, c)
+    assert "\n" not in str(err.value)
+
+
+def test_paired_stream_resumes_exactly_and_covers_each_row_once_per_epoch(tmp_path):
+    acts = torch.randn(2048, D)
+    acts[:, 0] = torch.arange(2048.0)  # the row id, to see which rows a batch holds
+    tokens = np.zeros(2048, dtype=np.int64)
+    pair = open_pair(_write(tmp_path / "b", acts, tokens), _write(tmp_path / "c", acts * 2, tokens))
+    whole = list(PairedSource(pair, 100, seed=3, buffer_tokens=512, epochs=2))
+    resumed = list(PairedSource(pair, 100, seed=3, buffer_tokens=512, epochs=2, start_batch=7))
+    assert len(resumed) == len(whole) - 7 and all(torch.equal(x, y) for x, y in zip(whole[7:], resumed))
+    rows = torch.cat(whole[: len(whole) // 2])[:, 0] / pair.scale_base
+    assert torch.allclose(rows, torch.cat(whole[: len(whole) // 2])[:, D] / pair.scale_chat / 2, atol=1e-2)  # halves pair up
+    ids = rows.round().long()
+    assert len(set(ids.tolist())) == ids.numel() and ids.numel() > 1800  # each row at most once per epoch
+
+
+def test_batchtopk_scores_weigh_codes_by_both_decoder_norms():
+    cc = CrossCoder.create(2, 2, k=1)
+    with torch.no_grad():
+        cc.W_enc.copy_(torch.eye(4)[:, :2])  # latent 0 reads base[0], latent 1 reads base[1]
+        cc.W_dec.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 3.0, 0, 4.0]]))  # norm sums 1 and 3 + 4
+    x_B4 = torch.tensor([[2.0, 1.0, 0, 0]])  # code 2 for latent 0, 1 for latent 1
+    f_BF = cc.encode(x_B4)  # scores 2·1 = 2 < 1·7 = 7: latent 1 wins although its code is smaller
+    assert f_BF.tolist() == [[0.0, 1.0]]
+    trainer = CrosscoderTrainer(cc, TrainConfig(arch="batchtopk", k=1, d_sae=2, total_tokens=1, batch_size=1))
+    vals, token, latent = trainer.select((x_B4 @ cc.W_enc).detach())
+    assert latent.tolist() == [1] and vals.tolist() == [1.0] and float(trainer._min_score) == 7.0  # the threshold tracks scores
+
+
+def test_crosscoder_loss_gradient_matches_autograd_of_the_dense_objective():
+    torch.manual_seed(0)
+    cc = CrossCoder.create(D, 32, k=3)
+    cfg = TrainConfig(arch="batchtopk", k=3, d_sae=32, total_tokens=64, batch_size=64, aux_coefficient=0.0)
+    trainer = CrosscoderTrainer(cc, cfg, "csr")
+    trainer.init_weights(torch.Generator().manual_seed(1), torch.randn(2 * D) * 0.1)
+    with torch.no_grad():
+        cc.W_dec.mul_(torch.rand(32, 1) + 0.5)  # unequal decoder norms: the score matters
+    x_B2D = torch.randn(64, 2 * D)
+    out = trainer.loss(x_B2D, 0, None)
+    out.loss.backward()
+    got = {n: p.grad.clone() for n, p in cc.named_parameters()}
+    cc.zero_grad()
+    # independent: dense pre-activations, mask of the B·k largest scores, plain autograd
+    pre = x_B2D @ cc.W_enc + cc.b_enc
+    score = torch.relu(pre) * cc.decoder_norms_MF().sum(0).detach()
+    mask = torch.zeros(score.numel(), dtype=torch.bool)
+    mask[score.flatten().topk(64 * 3).indices] = True
+    f = torch.relu(pre) * mask.view_as(pre)
+    x_hat = f @ cc.W_dec + cc.b_dec
+    ((x_hat - x_B2D) ** 2).sum(-1).mean().backward()
+    for name, p in cc.named_parameters():
+        assert torch.allclose(got[name], p.grad, atol=1e-5), name
+
+
+def test_taxonomy_uses_the_papers_cutoffs_on_rho():
+    rho = torch.tensor([0.0, 0.1, 0.16, 0.3, 0.45, 0.5, 0.55, 0.7, 0.84, 1.0, float("nan")])
+    assert [CLASSES[i] for i in classify(rho, Taxonomy())] == [
+        "base_only", "base_only", "base_only", "other", "shared", "shared", "shared", "other", "chat_only", "chat_only", "other"]
+    cc = CrossCoder.create(2, 3, k=1)
+    with torch.no_grad():  # latent 0: chat only; 1: base only; 2: same direction, equal norms
+        cc.W_dec.copy_(torch.tensor([[0.0, 0, 3, 4], [1.0, 0, 0, 0], [0.6, 0.8, 0.6, 0.8]]))
+    t = latent_table(cc)
+    assert torch.allclose(t.rho_F, torch.tensor([1.0, 0.0, 0.5])) and torch.allclose(t.delta_norm_F, torch.tensor([1.0, 0.0, 0.5]))
+    assert float(t.cosine_F[2]) == pytest.approx(1.0) and torch.isnan(t.cosine_F[:2]).all()
+
+
+def test_format_round_trip_and_raw_reconstruction(tmp_path):
+    torch.manual_seed(0)
+    cc = CrossCoder.create(D, 16, k=2, metadata={"hook_name": "h"})
+    with torch.no_grad():
+        for p in cc.parameters():
+            p.copy_(torch.randn_like(p))
+        cc.threshold.fill_(0.7)
+        cc.scales_M.copy_(torch.tensor([2.0, 0.5]))
+    back = load_crosscoder(save_crosscoder(cc, tmp_path / "cc"))
+    for name, t in cc.state_dict().items():
+        assert torch.equal(t, back.state_dict()[name]), name
+    base, chat = torch.randn(5, D), torch.randn(5, D)
+    x_hat = back.reconstruct_raw(base, chat)
+    f = torch.relu(torch.cat([2 * base, 0.5 * chat], -1) @ cc.W_enc + cc.b_enc)
+    f = f * (f * cc.decoder_norms_MF().sum(0) > 0.7)
+    expect = (f @ cc.W_dec + cc.b_dec).view(5, 2, D) / torch.tensor([2.0, 0.5]).view(1, 2, 1)
+    assert torch.allclose(x_hat, expect, atol=1e-5)
+    (tmp_path / "cc" / "cfg.json").write_text("{")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_crosscoder(tmp_path / "cc")
+
+
+def _cfg(**kw):
+    train = TrainConfig(arch="batchtopk", d_sae=32, k=2, lr=3e-3, total_tokens=128 * 40, batch_size=128, log_every_steps=5,
+                        checkpoint_every_tokens=128 * 10, dead_window_tokens=1024, num_threads=1, **kw)
+    return CrosscoderConfig(train=train, buffer_tokens=512, eval_tokens=512)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(caches, monkeypatch):
+    b, c, tmp = caches
+    pair = open_pair(b, c)
+    whole = train_crosscoder(_cfg(), pair, tmp / "whole")
+    real = crosscoder_run.paired_factory
+
+    def crashing(*args, **kwargs):
+        make = real(*args, **kwargs)
+
+        def source(start):
+            for i, x in enumerate(make(start)):
+                if i == 25:
+                    raise _Crash
+                yield x
+        return source
+
+    monkeypatch.setattr(crosscoder_run, "paired_factory", crashing)
+    with pytest.raises(_Crash):
+        train_crosscoder(_cfg(), pair, tmp / "killed")
+    monkeypatch.setattr(crosscoder_run, "paired_factory", real)
+    resumed = train_crosscoder(_cfg(), pair, tmp / "killed")
+    assert resumed.resumed_from_step == 20
+    a, b2 = load_crosscoder(whole.crosscoder_dir), load_crosscoder(resumed.crosscoder_dir)
+    for name, t in a.state_dict().items():
+        assert torch.allclose(t, b2.state_dict()[name], atol=1e-5), name
+    assert train_crosscoder(_cfg(), pair, tmp / "killed").skipped
+    with pytest.raises(UserError, match="different config"):
+        train_crosscoder(_cfg(seed=1), pair, tmp / "killed")
+
+
+def test_latent_scaling_recovers_a_hand_set_beta():
+    gen = torch.Generator().manual_seed(0)
+    q_DL, _ = torch.linalg.qr(torch.randn(D, 3, generator=gen, dtype=torch.float64))
+    d_LD = q_DL.T * torch.tensor([[0.5], [2.0], [1.0]], dtype=torch.float64)  # orthogonal, unequal norms
+    f_NL = torch.rand(1000, 3, generator=gen, dtype=torch.float64) * (torch.rand(1000, 3, generator=gen) < 0.3)
+    noise_ND = torch.randn(1000, D, generator=gen, dtype=torch.float64)
+    noise_ND = noise_ND - noise_ND @ q_DL @ q_DL.T  # orthogonal to every direction
+    y_ND = 2.0 * f_NL[:, :1] * d_LD[0] - 0.5 * f_NL[:, 1:2] * d_LD[1] + 0.3 * f_NL[:, 2:3] * d_LD[2] + noise_ND
+    scaler = LatentScaler(d_LD)
+    for i in range(0, 1000, 128):  # streamed in uneven batches
+        scaler.update(f_NL[i:i + 128], y_ND[i:i + 128])
+    beta = scaler.beta()
+    assert beta[0] == pytest.approx(2.0, abs=1e-9) and beta[1] == pytest.approx(-0.5, abs=1e-9)
+    assert beta[2] == pytest.approx(0.3, abs=1e-9)
+    # with a non-orthogonal target, β is the one-column least-squares fit (independent solver)
+    y2_ND = y_ND + torch.randn(1000, D, generator=gen, dtype=torch.float64)
+    s2 = LatentScaler(d_LD)
+    s2.update(f_NL, y2_ND)
+    lstsq = torch.linalg.lstsq((f_NL[:, 2:3, None] * d_LD[2]).reshape(-1, 1), y2_ND.reshape(-1, 1)).solution
+    assert float(s2.beta()[2]) == pytest.approx(float(lstsq), rel=1e-9)
+    # the "own contribution added back" term equals materialising y_j = y + f_j·own_j per latent
+    own_LD = torch.randn(3, D, generator=gen, dtype=torch.float64)
+    with_own = LatentScaler(d_LD)
+    with_own.update(f_NL, y_ND, own_LD=own_LD)
+    for j in range(3):
+        one = LatentScaler(d_LD[j:j + 1])
+        one.update(f_NL[:, j:j + 1], y_ND + f_NL[:, j:j + 1] * own_LD[j])
+        assert float(with_own.beta()[j]) == pytest.approx(float(one.beta()[0]), rel=1e-9)
+
+
+def test_sae_latent_scaling_is_one_for_its_own_exact_reconstruction():
+    sae = make_sae(SAEConfig("standard", D, 4, apply_b_dec_to_input=False))
+    with torch.no_grad():
+        sae.W_dec.copy_(torch.eye(D)[:4] * 2)
+        sae.W_enc.copy_(torch.eye(D)[:, :4] / 2)
+    x_ND = torch.zeros(64, D)
+    x_ND[:, :4] = torch.rand(64, 4)  # exactly reconstructed: error 0, so ε_j = f_j d_j
+    out = sae_scaling(sae, [x_ND[:32], x_ND[32:]], torch.arange(4))
+    assert torch.allclose(out.beta_error_L, torch.ones(4, dtype=torch.float64))
+    assert torch.allclose(out.beta_activation_L, torch.ones(4, dtype=torch.float64))
