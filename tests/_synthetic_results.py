@@ -37,7 +37,7 @@ def fill(root: Path) -> None:
         rows.append(_metric(BASE, CHAT, "excluded", 0.9, segment=segment))
         rows.append(_metric(CHAT, CHAT, "excluded", 0.95, segment=segment))
     for step, score in ((30, 0.95), (60, 0.94)):
-        rows.append(_metric(BASE, f"models/ckpt/step-{step:06d}", "excluded", score))
+        rows.append(_metric(BASE, f"models/ckpt/step-{step:06d}", "excluded", score, revision=f"step-{step}"))
     tables.append_rows(root, "metrics", rows)
     tables.append_rows(root, "outlier_summary", [dict(
         model_id=m, model_revision="r", hook=HOOK, outlier_rule="absolute", outlier_threshold=10.0, n_tokens=1000,
