@@ -69,8 +69,25 @@ def cache_and_sae(tmp_path_factory):
     return path, acts, relu_sae(W), S
 
 
-def test_examples_tables_match_brute_force(cache_and_sae, tmp_path):
+def _as_arch(sae, arch: str):
+    """The same weights as a ReLU, JumpReLU (threshold 0.3) or TopK (k = 3) SAE."""
+    from sae_transfer.sae import SAEConfig, make_sae
+
+    if arch == "relu":
+        return sae
+    out = make_sae(SAEConfig(arch, sae.d_in, sae.d_sae, apply_b_dec_to_input=False, k=3 if arch == "topk" else None))
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(out, name).copy_(getattr(sae, name))
+        if arch == "jumprelu":
+            out.threshold.fill_(0.3)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["relu", "jumprelu", "topk"])
+def test_examples_tables_match_brute_force(cache_and_sae, tmp_path, arch):
     path, acts, sae, S = cache_and_sae
+    sae = _as_arch(sae, arch)
     cfg = ExamplesConfig(k=4, window_before=3, window_after=2, batch_tokens=300)
     examples, hist = api.examples_tables(loaded(sae, "sae:1"), path, "chat", cfg, tokenizer=None)
     keep = torch.arange(len(acts)) % S != 0  # BOS skipped

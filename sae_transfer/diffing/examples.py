@@ -85,8 +85,10 @@ class MaxActTracker:
 
     def add(self, feats_BF: torch.Tensor, seq_B: torch.Tensor, pos_B: torch.Tensor) -> None:
         """Fold in a batch of feature activations of the tokens (seq_B, pos_B)."""
-        b_N, f_N = (feats_BF > 0).nonzero(as_tuple=True)  # token-major order
-        self.add_sparse(feats_BF[b_N, f_N], b_N, f_N, seq_B.to(self.device), pos_B.to(self.device))
+        F = feats_BF.shape[1]
+        flat_N = (feats_BF > 0).view(-1).nonzero().squeeze(1)  # token-major order
+        v_N = feats_BF.view(-1).index_select(0, flat_N)
+        self.add_sparse(v_N, flat_N // F, flat_N % F, seq_B.to(self.device), pos_B.to(self.device))
         self.n_tokens += feats_BF.shape[0]
 
     def add_sparse(self, v_N: torch.Tensor, b_N: torch.Tensor, f_N: torch.Tensor, seq_B: torch.Tensor, pos_B: torch.Tensor) -> None:
@@ -153,9 +155,10 @@ def window_activations(sae: SAE, rows, winners: dict[str, np.ndarray], cfg: Exam
     """Pass 2 for the winners whose sequences are in `rows` (whole sequences, sorted by
     (seq_id, pos), with seq_id_B, pos_B, token_id_B, acts_BD).
 
-    `sae` as for `collect_max_acts`. Returns the winners' columns plus `window_start` (first position shown) and the windows as
-    flat lists with offsets: `token_ids` / `acts` values and `window_offsets` [n + 1]; `acts` is
-    the winner's latent at each window token (feature units)."""
+    `sae` as for `collect_max_acts`. Returns the winners' columns plus `window_start` (first
+    position shown) and the windows as flat lists with offsets: `token_ids` / `acts` values and
+    `window_offsets` [n + 1]; `acts` is the winner's latent at each window token (feature units).
+    For ReLU and JumpReLU SAEs only the winner's latent is computed at each window token."""
     device = _device(cfg)
     seq_R = rows.seq_id_B.to(device)
     here = torch.isin(torch.from_numpy(winners["seq_id"]).to(device), seq_R)
@@ -170,19 +173,60 @@ def window_activations(sae: SAE, rows, winners: dict[str, np.ndarray], cfg: Exam
     offs_WX = lo_W[:, None] + torch.arange(width, device=device)[None, :]
     valid_WX = offs_WX <= hi_W[:, None]
     rows_WX = torch.where(valid_WX, first_W[:, None] + offs_WX, torch.zeros_like(offs_WX))
-    needed_U, inverse_WX = torch.unique(rows_WX[valid_WX], return_inverse=True)
-    acts_WX = torch.zeros(valid_WX.shape, device=device)
-    lat_W = torch.from_numpy(w["latent"]).to(device)
-    lat_WX = lat_W[:, None].expand_as(valid_WX)[valid_WX]
-    x_UD = rows.acts_BD.to(device)[needed_U]
-    vals = torch.empty(lat_WX.shape[0], device=device)
-    for s in range(0, len(needed_U), cfg.batch_tokens):
-        feats_UF = sae.encode(x_UD[s:s + cfg.batch_tokens].float())
-        in_chunk = (inverse_WX >= s) & (inverse_WX < s + cfg.batch_tokens)
-        vals[in_chunk] = feats_UF[inverse_WX[in_chunk] - s, lat_WX[in_chunk]]
-    acts_WX[valid_WX] = vals
+    lat_W, acts_RD = torch.from_numpy(w["latent"]).to(device), rows.acts_BD.to(device)
+    if _elementwise(sae):
+        acts_WX = _window_pre_acts(sae, acts_RD, rows_WX, lat_W, cfg.batch_tokens)
+    else:  # TopK-style activations depend on the other latents: encode the window rows whole
+        acts_WX = _window_encoded(sae, acts_RD, rows_WX, valid_WX, lat_W, cfg.batch_tokens)
+    acts_WX = acts_WX * valid_WX
     tokens_WX = rows.token_id_B.to(device)[rows_WX]
     lengths = valid_WX.sum(1).cpu().numpy()
     return {**w, "window_start": lo_W.cpu().numpy(),
             "window_offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32),
             "token_ids": tokens_WX[valid_WX].cpu().numpy(), "acts": acts_WX[valid_WX].cpu().numpy()}
+
+
+def _elementwise(sae: SAE) -> bool:
+    """True when a latent's activation depends on its own pre-activation only (ReLU, JumpReLU)."""
+    from sae_transfer.sae.jumprelu import JumpReluSAE
+    from sae_transfer.sae.relu import ReluSAE
+
+    return type(sae) in (ReluSAE, JumpReluSAE)
+
+
+def _window_pre_acts(sae: SAE, acts_RD: torch.Tensor, rows_WX: torch.Tensor, lat_W: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Each winner's latent over its window rows, for ReLU/JumpReLU SAEs: one dot product of D
+    per window token with that latent's encoder column (pass 2 costs W·X·D, not rows·F·D)."""
+    from sae_transfer.sae.jumprelu import JumpReluSAE
+
+    out = torch.empty(rows_WX.shape, device=rows_WX.device)
+    step = max(1, chunk * 4 // rows_WX.shape[1])  # winners per chunk: ~4 batches of rows gathered
+    for s in range(0, rows_WX.shape[0], step):
+        r_wx, j_w = rows_WX[s:s + step], lat_W[s:s + step]
+        x_wxd = acts_RD[r_wx].float()
+        if sae.cfg.apply_b_dec_to_input:
+            x_wxd = x_wxd - sae.b_dec
+        w_wd = sae.W_enc.index_select(1, j_w).T
+        pre_wx = torch.einsum("wxd,wd->wx", x_wxd, w_wd) + sae.b_enc.index_select(0, j_w)[:, None]
+        if isinstance(sae, JumpReluSAE):
+            out[s:s + step] = pre_wx * (pre_wx > sae.threshold.index_select(0, j_w)[:, None])
+        else:
+            out[s:s + step] = torch.relu(pre_wx)
+    return out
+
+
+def _window_encoded(sae: SAE, acts_RD: torch.Tensor, rows_WX: torch.Tensor, valid_WX: torch.Tensor, lat_W: torch.Tensor,
+                    chunk: int) -> torch.Tensor:
+    """Each winner's latent over its window rows, encoding each distinct window row once."""
+    device = rows_WX.device
+    needed_U, inverse = torch.unique(rows_WX[valid_WX], return_inverse=True)
+    lat = lat_W[:, None].expand_as(valid_WX)[valid_WX]
+    x_UD = acts_RD[needed_U]
+    vals = torch.empty(lat.shape[0], device=device)
+    for s in range(0, len(needed_U), chunk):
+        feats_UF = sae.encode(x_UD[s:s + chunk].float())
+        in_chunk = (inverse >= s) & (inverse < s + chunk)
+        vals[in_chunk] = feats_UF[inverse[in_chunk] - s, lat[in_chunk]]
+    out = torch.zeros(valid_WX.shape, device=device)
+    out[valid_WX] = vals
+    return out
