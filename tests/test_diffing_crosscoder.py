@@ -244,3 +244,21 @@ def test_sae_latent_scaling_is_one_for_its_own_exact_reconstruction():
     out = sae_scaling(sae, [x_ND[:32], x_ND[32:]], torch.arange(4))
     assert torch.allclose(out.beta_error_L, torch.ones(4, dtype=torch.float64))
     assert torch.allclose(out.beta_activation_L, torch.ones(4, dtype=torch.float64))
+
+
+def test_cli_trains_from_two_caches_and_errors_in_one_line(caches, capsys):
+    import subprocess
+    import sys
+
+    from typer.testing import CliRunner
+
+    from sae_transfer.cli import app
+
+    b, c, tmp = caches
+    result = CliRunner().invoke(app, ["crosscoder", "--base-acts", str(b), "--chat-acts", str(c), "--out", str(tmp / "cli"),
+                                      "--d-sae", "32", "--k", "2", "--tokens", "2048", "--batch-size", "256", "--device", "cpu", "-q"])
+    assert result.exit_code == 0, result.output
+    assert load_crosscoder(result.output.strip().splitlines()[-1]).d_sae == 32
+    proc = subprocess.run([sys.executable, "-c", "import sys; from sae_transfer.cli import main; sys.argv[0] = 'sae-transfer'; main()", "crosscoder", "--out", str(tmp / "x"), "--d-sae", "8",
+                           "--tokens", "1k", "--base-acts", str(b)], capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--chat-acts" in proc.stderr, proc.stderr

@@ -146,7 +146,7 @@ def latent_table(cc: CrossCoder, taxonomy: Taxonomy = Taxonomy()) -> LatentTable
 def classify(rho_F: torch.Tensor, taxonomy: Taxonomy = Taxonomy()) -> torch.Tensor:
     """Class index [F] (CLASSES order) of each ρ; NaN (a latent with no decoder) is "other"."""
     t = taxonomy
-    out_F = torch.full(rho_F.shape, CLASSES.index("other"), dtype=torch.int64)
+    out_F = torch.full(rho_F.shape, CLASSES.index("other"), dtype=torch.int64, device=rho_F.device)
     out_F[rho_F <= t.base_only_max] = CLASSES.index("base_only")
     out_F[(rho_F >= t.shared_min) & (rho_F <= t.shared_max)] = CLASSES.index("shared")
     out_F[rho_F >= t.chat_only_min] = CLASSES.index("chat_only")

@@ -128,7 +128,7 @@ def train_crosscoder(cfg: CrosscoderConfig, pair: PairedCaches, out_dir: str | P
     source = paired_factory(pair, cfg.train.batch_size, seed=cfg.train.seed, buffer_tokens=cfg.buffer_tokens)
     last = train_loop(run, source(run.state.step), pending.append, on_checkpoint, progress=progress)
     final = {**last, **evaluate_crosscoder(run.sae, pair, cfg.eval_tokens), **_dead(run)}
-    table = latent_table(run.sae, cfg.taxonomy)
+    table = latent_table(run.sae.cpu(), cfg.taxonomy)
     final["class_counts"] = class_counts(table)
     save_crosscoder(run.sae, cc_dir, metadata={"taxonomy": dataclasses.asdict(cfg.taxonomy)})
     ckpt.write_json_atomic(manifest_path, {
@@ -149,7 +149,7 @@ def evaluate_crosscoder(cc: CrossCoder, pair: PairedCaches, max_rows: int, batch
     sums = {"n": 0, "l0": 0.0}
     xs, xhats = [], []
     for start in range(0, min(max_rows, pair.n_tokens), batch_size):
-        x_BMD = read_paired(pair, start, min(start + batch_size, max_rows, pair.n_tokens)).x_BMD
+        x_BMD = read_paired(pair, start, min(start + batch_size, max_rows, pair.n_tokens)).x_BMD.to(cc.W_enc.device)
         f_BF = cc.encode(x_BMD.flatten(1))
         xs.append(x_BMD)
         xhats.append(cc.split(cc.decode(f_BF)))
