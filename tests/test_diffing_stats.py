@@ -15,6 +15,7 @@ from tests._diffing import loaded, relu_sae, write_acts_cache
 
 D = 6
 D_PLANTED = 32  # PlantedConfig().d_model
+MIN_CONTRIBUTION = 0.1  # planted-pair tests: firing floor as a share of the mean activation norm
 
 
 def _indicator_sae():
@@ -143,7 +144,7 @@ def planted(tmp_path_factory):
         cfg = CacheConfig(model=str(model), hooks=(hook,), corpus=CorpusConfig(source=str(ps.corpus), eval_fraction=0.0),
                           n_tokens=16384, context_size=64, device="cpu")
         caches[name] = cache_activations(cfg, shared / "cache", progress=False)[0].path
-    run = train_on_dataset(caches["chat"], root / "chat-sae", arch="relu", expansion=None, d_sae=32, tokens=65536,
+    run = train_on_dataset(caches["chat"], root / "chat-sae", arch="relu", expansion=None, d_sae=64, tokens=262_144,
                            l1_coefficient=5.0, lr=1e-2, batch_size=256, buffer_tokens=4096)
     return ps, caches, load_saes([str(run.sae_dir)], hook)[0]
 
@@ -154,7 +155,10 @@ def test_planted_direction_appears_on_chat(planted):
 
     ps, caches, chat_sae = planted
     pair = ps.pairs["added"]
-    cfg = LatentStatsConfig(min_contribution=0.01)
+    # Firings below 10% of the mean activation norm are not counted: depending on the training
+    # seed, the v latent of this small ReLU SAE reads up to ~8% of the mean norm on a few
+    # ordinary tokens (on both models); the planted positions carry ~50%.
+    cfg = LatentStatsConfig(min_contribution=MIN_CONTRIBUTION)
     table = api.latent_stats_table(chat_sae, {"base": caches["base"], "chat": caches["chat"]}, cfg).to_pandas()
     chat_rows = table[table.model == "chat"].set_index("latent")
     cos_F = (torch.nn.functional.normalize(chat_sae.sae.W_dec.detach(), dim=-1) @ pair.direction_D()).numpy()
@@ -165,7 +169,7 @@ def test_planted_direction_appears_on_chat(planted):
     # firing (the same contribution floor) on the chat cache vs the planted positions
     info = api.cache_info(caches["chat"])
     sae, _ = applied_sae(chat_sae.sae, info["scale"])
-    floor = 0.01 * D_PLANTED**0.5 / (float(sae.W_dec[j].detach().norm()) * info["scale"])
+    floor = MIN_CONTRIBUTION * D_PLANTED**0.5 / (float(sae.W_dec[j].detach().norm()) * info["scale"])
     fired, truth = [], []
     with torch.no_grad():
         for b in api.row_stream(caches["chat"], 4096):
@@ -182,6 +186,6 @@ def test_planted_direction_appears_on_chat(planted):
 def test_control_pair_has_no_appearing_or_dying_latent(planted):
     ps, caches, chat_sae = planted
     table = api.latent_stats_table(chat_sae, {"base": caches["base"], "chat": caches["control"]},
-                                   LatentStatsConfig(min_contribution=0.01)).to_pandas()
+                                   LatentStatsConfig(min_contribution=MIN_CONTRIBUTION)).to_pandas()
     assert set(table.status) <= {"shared", "dead"}
     assert (table.log10_density_shift == 0).all()

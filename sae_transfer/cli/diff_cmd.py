@@ -45,11 +45,17 @@ def _load_saes(sae: list[str], hook: str):
     return load_saes(sae, hook)
 
 
+def _tail(path: str) -> tuple[str, ...]:
+    """What names an SAE folder: its name, with the run folder's for trainer runs (<run>/sae)."""
+    p = Path(str(path).rstrip("/"))
+    return p.parts[-2:] if p.name == "sae" else p.parts[-1:]
+
+
 def _child_and_parent(a, b):
     """(child, parent) when one SAE records the other as its fine-tuning parent, else None."""
     for child, parent in ((b, a), (a, b)):
         origin = child.sae.cfg.metadata.get("finetuned_from")
-        if origin and Path(str(origin)).name in {Path(parent.folder).name, Path(parent.folder).parent.name}:
+        if origin and _tail(origin) == _tail(parent.folder):
             return child, parent
     return None
 

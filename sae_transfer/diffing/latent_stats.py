@@ -13,9 +13,9 @@ when firing, largest activation, and its contribution to the reconstruction, mea
 
 A token counts as a firing when the latent is non-zero, or, with `min_contribution` > 0, when
 its contribution f_j·‖d_j‖ in scaled units exceeds that share of the mean norm sqrt(D): ReLU
-SAEs leak tiny activations onto tokens unlike their training data (on the planted pair, a chat
-latent reads ≤ 1% of its chat activation on a few base tokens), which the bare count calls
-firing. A latent is `silent` on a model when it fires on at most `silent_frequency` of its tokens
+SAEs leak small activations onto tokens they were not trained for (on the planted pair, the
+chat SAE's v latent reads up to ~8% of the mean norm on a few ordinary tokens, against ~50% at
+the planted positions), which the bare count calls firing. A latent is `silent` on a model when it fires on at most `silent_frequency` of its tokens
 (1e-5 in the issue), and its status from base to chat is "dies" (fires on base, silent on
 chat), "appears" (silent on base, fires on chat), "shared" (fires on both) or "dead" (neither).
 The density-shift columns are log10 densities per model, log10(frequency + 1e-10) (SAELens's
@@ -50,7 +50,7 @@ class LatentStatsConfig:
     silent_frequency: float = 1e-5  # at most this firing frequency = silent on a model (the issue's cut-off)
     # A token counts as a firing when f_j·‖d_j‖ (in the model's scaled units) exceeds this share of
     # the mean activation norm sqrt(D); 0 counts any non-zero activation (the usual density).
-    # ReLU SAEs leak tiny activations on tokens unlike their training data; 0.01 ignores those.
+    # ReLU SAEs leak small activations onto tokens they were not trained for (see module doc).
     min_contribution: float = 0.0
     device: str | None = None  # None: CUDA when available, else CPU
 
