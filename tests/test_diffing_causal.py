@@ -87,3 +87,16 @@ def test_random_set_is_a_seeded_draw_from_firing_latents(model, toks):
     res = ablation_kl(model, sae, toks, HOOK, {"given": chosen, "random": draw}, s, CausalConfig(batch_tokens=60))
     assert res["given"].segments[ALL].kl_mean > 0 and res["random"].segments[ALL].kl_mean > 0
     assert res["random"].latents == draw
+
+
+def test_ablation_table_has_both_sets_on_every_segment(model, toks):
+    from sae_transfer.diffing import api
+    from tests._diffing import loaded
+
+    sae = _identity_sae(model.cfg.d_model)
+    table = api.ablation_table(model, "tiny", loaded(sae, "id:1"), toks, HOOK, [0, 1, 2], s_eval=_s_eval(model, toks)).to_pandas()
+    assert len(table) == 2 * 4 and set(table.latent_set) == {"given", "random"}
+    assert set(table.segment) == {"user_prompt", "rollout", "template", ALL}
+    given = table[table.latent_set == "given"]
+    assert all(list(x) == [0, 1, 2] for x in given.latents) and (table.set_size == 3).all()
+    assert (table.kl_mean > 0).all() and (table.n_tokens > 0).all()

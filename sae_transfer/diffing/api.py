@@ -204,3 +204,34 @@ def drift_table(loaded_child, loaded_parent):
     const = {"dictionary": loaded_child.info["sae_id"], "parent": loaded_parent.info["sae_id"],
              "hook": loaded_child.sae.cfg.metadata.get("hook_name")}
     return columns_table("latent_drift", cols, const)
+
+
+def ablation_table(model, model_id: str, loaded, toks, hook: str, latents: list[int], cfg=None, s_eval: float | None = None):
+    """`latent_ablation` rows: KL(clean || ablated) per segment for `latents` and for a random
+    set of the same size (seeded, among latents that fire on these transcripts) on the chat
+    model's transcripts `toks` (evals TokenSet). `s_eval` defaults to the transcripts' own."""
+    from sae_transfer.diffing import causal
+    from storage.diffing_tables import columns_table
+
+    cfg = cfg or causal.CausalConfig()
+    s_eval = s_eval or causal.transcript_scale(model, toks, hook, cfg)
+    counts = causal.firing_counts(model, loaded.sae, toks, hook, s_eval, cfg)
+    sets = {"given": sorted(int(j) for j in latents),
+            "random": causal.random_latents(counts, len(latents), list(latents), cfg.seed)}
+    results = causal.ablation_kl(model, loaded.sae, toks, hook, sets, s_eval, cfg)
+    rows = [(res, seg, acc) for res in results.values() for seg, acc in res.segments.items()]
+    cols = {
+        "latent_set": np.array([r.name for r, _, _ in rows], dtype=object),
+        "segment": np.array([seg for _, seg, _ in rows], dtype=object),
+        "set_size": np.array([len(r.latents) for r, _, _ in rows], dtype=np.int64),
+        "n_tokens": np.array([a.n_tokens for _, _, a in rows], dtype=np.int64),
+        "kl_mean": np.array([a.kl_mean for _, _, a in rows]),
+        "kl_max": np.array([a.kl_max for _, _, a in rows]),
+        "ablated_norm_frac": np.array([a.ablated_norm_frac for _, _, a in rows]),
+        "scale_ratio": np.array([r.ratio for r, _, _ in rows]),
+        "latents": (np.array([j for r, _, _ in rows for j in r.latents], dtype=np.int64),
+                    np.concatenate([[0], np.cumsum([len(r.latents) for r, _, _ in rows])])),
+    }
+    const = {**_dictionary(loaded, hook), "model_id": model_id, "seed": cfg.seed,
+             "tokens_fingerprint": getattr(toks, "fingerprint", None)}
+    return columns_table("latent_ablation", cols, const)

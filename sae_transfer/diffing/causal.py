@@ -22,6 +22,7 @@ from sae_transfer.diffing.latent_stats import applied_sae
 from sae_transfer.evals import splice
 from sae_transfer.evals.segments import SEGMENTS, segment_mask
 from sae_transfer.sae.base import SAE
+from sae_transfer.sae.scaling import scale_factor_of
 
 ALL = "all"
 
@@ -83,6 +84,17 @@ def _batches(n_seqs: int, seq_len: int, batch_tokens: int):
 
 def _device(model, cfg: CausalConfig) -> torch.device:
     return torch.device(cfg.device) if cfg.device else next(model.parameters()).device
+
+
+@torch.inference_mode()
+def transcript_scale(model, toks, hook: str, cfg: CausalConfig = CausalConfig()) -> float:
+    """s = sqrt(D) / E‖x‖ of the model at `hook` over the transcripts' real positions."""
+    device = _device(model, cfg)
+    norms = []
+    for sl in _batches(*toks.tokens_NS.shape, cfg.batch_tokens):
+        x_BSD = splice.hook_activations(model, toks.tokens_NS[sl].to(device), hook)
+        norms.append(x_BSD.float().norm(dim=-1)[toks.valid_NS[sl].to(device)].cpu())
+    return scale_factor_of(torch.cat(norms), x_BSD.shape[-1])
 
 
 @torch.inference_mode()
