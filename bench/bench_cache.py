@@ -3,15 +3,19 @@
 Prints:
   1. `act` layout: fixed_size_binary vs fixed-size list, write and read MB/s on the same data.
   2. writer MB/s and bytes per token on disk (synthetic d_model 512, float16 and float32).
-  3. ActivationReader throughput through the shuffle buffer into float32 torch batches, from a
-     warm page cache (MB/s of stored bytes and tokens/s).
+  3. ActivationReader throughput through the shuffle buffer into float32 torch batches on
+     --device, from a warm page cache (MB/s of stored bytes and tokens/s).
   4. reader peak RSS for a dataset 1x vs 10x as large (subprocesses, ru_maxrss).
-  5. caching tokens/s divided by bare forward tokens/s on the same model and tokens, with the
-     full forward pass and with the pass stopped after the deepest hook.
+  5. caching tokens/s divided by bare forward tokens/s on the same model, tokens, device, dtype
+     and attention implementation, with the full forward pass and with the pass stopped after
+     the deepest hook, for one and for several hooks.
 
     python bench/bench_cache.py [--model DIR] [--threads 1] [--quick]
+    python bench/bench_cache.py --device cuda --dtype bfloat16 --d-model 2048 --layers 16 \
+        --context 2048 --tokens 131072 --batch-tokens 16384 --sections 3,5
 
-Without --model a small Llama (d_model 256, 4 layers) is built in a temp folder.
+Without --model a Llama of --d-model / --layers (default 256 x 4, random weights) is built in a
+temp folder. `make bench` runs the CPU defaults.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -102,8 +107,8 @@ def bench_layouts(tmp: Path, n: int, d: int) -> None:
               f"file {path.stat().st_size / n:.0f} B/token")
 
 
-def bench_reader(tmp: Path, n_rows: int, d: int) -> None:
-    print(f"\n[2] writer and [3] reader, synthetic d_model {d}; batches of 4096 float32 rows on CPU")
+def bench_reader(tmp: Path, n_rows: int, d: int, device: str = "cpu") -> None:
+    print(f"\n[2] writer and [3] reader, synthetic d_model {d}; batches of 4096 float32 rows on {device}")
     for dtype, itemsize in (("float16", 2), ("float32", 4)):
         rows = n_rows if dtype == "float16" else n_rows // 2
         path = tmp / f"ds_{dtype}"
@@ -117,8 +122,9 @@ def bench_reader(tmp: Path, n_rows: int, d: int) -> None:
         print(f"      reference, bare pq.read_table of the act column: {mb / t_pq:7.0f} MB/s")
         for buffer_tokens in (65536, 262144):
             def read_epoch():
-                for _ in ActivationReader(path, batch_size=4096, buffer_tokens=buffer_tokens, epochs=1):
+                for _ in ActivationReader(path, batch_size=4096, buffer_tokens=buffer_tokens, epochs=1, device=device):
                     pass
+                sync(device)
             t_r = best_of(read_epoch, 3)
             used = (rows // 4096) * 4096
             print(f"      reader buffer {buffer_tokens:6d}: {used * d * itemsize / 1e6 / t_r:7.0f} MB/s stored, "
@@ -158,44 +164,65 @@ def bench_rss(tmp: Path, n_small: int, d: int) -> None:
     print(f"    ratio 10x/1x: {out[10]['maxrss_mb'] / out[1]['maxrss_mb']:.3f} (goal <= 1.2)")
 
 
-def bench_caching(tmp: Path, model_dir: str | None, n_tokens: int) -> None:
+def sync(device: str) -> None:
+    """Wait for queued GPU work, so wall times are honest (no-op on CPU)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_caching(tmp: Path, args) -> None:
     from sae_transfer import activations as A
+    from sae_transfer.attention import attention_of
     from sae_transfer.corpus import CorpusConfig, tokenize_sequences
     from sae_transfer.models import load_model
 
+    model_dir = args.model
     if model_dir is None:
         from tests._tiny import tiny_model_dir
 
-        model_dir = str(tiny_model_dir(tmp, d_model=256, n_layers=4, vocab=4096, name="bench-llama"))
-    model = load_model(model_dir, device="cpu")
-    n_layers, context = model.cfg.n_layers, 128
-    corpus = CorpusConfig(max_docs=2000)
-    seqs = tokenize_sequences(corpus, model.tokenizer, context_size=context, n_tokens=n_tokens)
-    batch_seqs = 4096 // context
-    print(f"\n[5] caching vs bare forward: {Path(model_dir).name}, d_model {model.cfg.d_model}, {n_layers} layers, "
+        model_dir = str(tiny_model_dir(tmp, d_model=args.d_model, n_layers=args.layers, vocab=4096, name="bench-llama"))
+    device, context = args.device, args.context
+    model = load_model(model_dir, device=device, dtype=args.dtype, attn_implementation=args.attn_implementation)
+    n_layers = model.cfg.n_layers
+    corpus = CorpusConfig(max_docs=2000 if args.tokens <= 65536 else None)
+    seqs = tokenize_sequences(corpus, model.tokenizer, context_size=context, n_tokens=args.tokens)
+    batch_seqs = max(1, args.batch_tokens // context)
+    print(f"\n[5] caching vs bare forward on {device} ({_device_name(device)}), model dtype {args.dtype}, "
+          f"{attention_of(model)} attention: {Path(model_dir).name}, d_model {model.cfg.d_model}, {n_layers} layers, "
           f"vocab {model.cfg.d_vocab}, {seqs.n_tokens} tokens, context {context}, {batch_seqs * context} tokens/pass")
 
     def bare():
         with torch.inference_mode():
             for s0 in range(0, seqs.tokens_NS.shape[0], batch_seqs):
-                model(seqs.tokens_NS[s0:s0 + batch_seqs], return_type=None)
+                model(seqs.tokens_NS[s0:s0 + batch_seqs].to(device), return_type=None)
+        sync(device)
 
+    def hf_forward():
+        with torch.inference_mode():
+            for s0 in range(0, seqs.tokens_NS.shape[0], batch_seqs):
+                model.original_model(seqs.tokens_NS[s0:s0 + batch_seqs].to(device))
+        sync(device)
+
+    bare()  # warm-up (kernels, allocator)
     t_bare = best_of(bare, 2)
-    t_hf = best_of(lambda: _hf_forward(model, seqs.tokens_NS, batch_seqs), 2)
+    t_hf = best_of(hf_forward, 2)
     print(f"    bare forward, bridge, no hooks : {seqs.n_tokens / t_bare:9.0f} tokens/s")
     print(f"    bare forward, HF model directly: {seqs.n_tokens / t_hf:9.0f} tokens/s")
     deep = f"blocks.{n_layers - 1}.hook_resid_post"
     mid = f"blocks.{n_layers // 2}.hook_resid_pre"
+    store = "bfloat16" if args.dtype == "bfloat16" else "float32"
     cases = [
-        ("mid + last block, full pass", (mid, deep), False, "float32"),
-        ("mid + last block, stop early", (mid, deep), True, "float32"),
+        ("last block, full pass", (deep,), False, store),
+        ("mid + last block, full pass", (mid, deep), False, store),
+        ("mid + last block, stop early", (mid, deep), True, store),
         ("mid + last block, bf16 storage", (mid, deep), True, "bfloat16"),
-        ("two mid hooks, full pass", ("blocks.1.hook_resid_pre", mid), False, "float32"),
-        ("two mid hooks, stop early", ("blocks.1.hook_resid_pre", mid), True, "float32"),
+        ("two mid hooks, full pass", ("blocks.1.hook_resid_pre", mid), False, store),
+        ("two mid hooks, stop early", ("blocks.1.hook_resid_pre", mid), True, store),
     ]
     for i, (label, hooks, stop, dtype) in enumerate(cases):
-        cfg = A.CacheConfig(model=model_dir, hooks=hooks, corpus=corpus, n_tokens=seqs.n_tokens,
-                            context_size=context, dtype=dtype, batch_tokens=batch_seqs * context, stop_early=stop)
+        cfg = A.CacheConfig(model=model_dir, hooks=hooks, corpus=corpus, n_tokens=seqs.n_tokens, context_size=context,
+                            dtype=dtype, model_dtype=args.dtype, batch_tokens=batch_seqs * context, stop_early=stop,
+                            device=device, attn_implementation=args.attn_implementation)
         metas = A.dataset_metas(cfg)
         counter = iter(range(100))
 
@@ -203,35 +230,59 @@ def bench_caching(tmp: Path, model_dir: str | None, n_tokens: int) -> None:
             out = tmp / f"cache_{i}_{next(counter)}"
             A._write_datasets(model, seqs, cfg, metas, {h: out / h for h in hooks}, progress=False)
 
+        def pair() -> tuple[float, float]:
+            times = best_of(bare, 1), best_of(run, 1)
+            for out in tmp.glob("cache_*"):  # untimed: keep the disk from filling over the runs
+                shutil.rmtree(out)
+            return times
+
         # pairs of (bare, cache) runs back to back; the median pair ratio resists load spikes
-        pairs = [(best_of(bare, 1), best_of(run, 1)) for _ in range(3)]
+        pairs = [pair() for _ in range(3)]
         ratios = sorted(tb / tc for tb, tc in pairs)
         t_case = min(tc for _, tc in pairs)
         print(f"    {label:31s}: {seqs.n_tokens / t_case:9.0f} tokens/s, ratio to bare forward "
               f"{ratios[1]:5.2f} (median of 3 paired runs; goal >= 0.90)")
 
 
-def _hf_forward(model, tokens_NS: torch.Tensor, batch_seqs: int) -> None:
-    with torch.inference_mode():
-        for s0 in range(0, tokens_NS.shape[0], batch_seqs):
-            model.original_model(tokens_NS[s0:s0 + batch_seqs])
+def _device_name(device: str) -> str:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{torch.get_num_threads()} torch threads"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="local HF checkpoint folder (default: build a small Llama)")
+    parser.add_argument("--model", default=None, help="local HF checkpoint folder (default: build a random Llama)")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is stable on a shared box)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (model forward and reader batches)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    parser.add_argument("--attn-implementation", default="auto", choices=["auto", "eager", "sdpa"],
+                        help="attention kernel of the model (auto: SDPA on CUDA, eager on CPU)")
+    parser.add_argument("--d-model", type=int, default=256, help="width of the built Llama")
+    parser.add_argument("--layers", type=int, default=4, help="layers of the built Llama")
+    parser.add_argument("--context", type=int, default=128, help="tokens per sequence in [5]")
+    parser.add_argument("--tokens", type=int, default=16_384, help="tokens cached per run in [5]")
+    parser.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward pass in [5]")
+    parser.add_argument("--sections", default="1,2,3,4,5", help="which sections to run, e.g. 5 or 3,5 ([2] runs with [3])")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     scale = 0.25 if args.quick else 1.0
-    print(f"torch {torch.__version__}, pyarrow {pa.__version__}, torch threads {torch.get_num_threads()}")
+    if args.quick:
+        args.tokens = int(args.tokens * scale)
+    sections = {int(x) for x in args.sections.split(",")}
+    print(f"torch {torch.__version__}, pyarrow {pa.__version__}, torch threads {torch.get_num_threads()}, "
+          f"device {args.device} ({_device_name(args.device)})")
     with tempfile.TemporaryDirectory() as tmp_str:
         tmp = Path(tmp_str)
-        bench_layouts(tmp, int(300_000 * scale), 256)
-        bench_reader(tmp, int(300_000 * scale), 512)
-        bench_rss(tmp, int(100_000 * scale), 256)
-        bench_caching(tmp, args.model, int(16_384 * scale))
+        if 1 in sections:
+            bench_layouts(tmp, int(300_000 * scale), 256)
+        if sections & {2, 3}:
+            bench_reader(tmp, int(300_000 * scale), 512, args.device)
+        if 4 in sections:
+            bench_rss(tmp, int(100_000 * scale), 256)
+        if 5 in sections:
+            bench_caching(tmp, args)
     print(f"\nbench peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
 
 

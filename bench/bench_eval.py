@@ -1,10 +1,13 @@
 """Cost of a CE evaluation (clean + SAE-spliced + zero-ablated passes, losses, KL, bootstrap)
 relative to one bare forward pass over the same tokens. Target: <= 3.3x.
 
-    python bench/bench_eval.py [--d-model 256] [--layers 8] [--vocab 8192] [--tokens 8192] [--hook H] [--device cpu]
+    python bench/bench_eval.py [--d-model 256] [--layers 8] [--vocab 8192] [--tokens 8192] [--hook H]
+    python bench/bench_eval.py --device cuda --dtype bfloat16 --d-model 4096 --layers 32 --context 1024 --tokens 16384
 
 Builds a random Llama of the given size in a temporary folder (or pass --model DIR), evaluates
 one random ReLU SAE at the middle layer's resid_pre, and prints the ratios measured in this run.
+The bare forward runs on the same model object (same device, dtype and attention kernel).
+`make bench` runs it on the CPU; --device cuda prints the same ratios on a GPU.
 """
 
 from __future__ import annotations
@@ -35,11 +38,11 @@ def build_model(folder: Path, d_model: int, layers: int, vocab: int) -> Path:
 
 def timed(fn) -> float:
     """Wall time of one call (seconds), synchronising CUDA around it."""
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():
         torch.cuda.synchronize()
     start = time.perf_counter()
     fn()
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():
         torch.cuda.synchronize()
     return time.perf_counter() - start
 
@@ -58,7 +61,8 @@ def median(values: list[float]) -> float:
 
 def main() -> None:
     from sae_transfer.evals.transfer import EvalConfig, TokenSet, evaluate_saes, norm_pass
-    from sae_transfer.models import default_device, load_model
+    from sae_transfer.attention import attention_of
+    from sae_transfer.models import load_model
     from sae_transfer.sae import ReluSAE, SAEConfig
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -70,19 +74,22 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=256)
     ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--device", default=default_device())
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ...")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    ap.add_argument("--attn-implementation", default="auto", choices=["auto", "eager", "sdpa"],
+                    help="attention kernel (auto: SDPA on CUDA, eager on CPU)")
     ap.add_argument("--hook", default=None, help="default: the middle block's resid_pre")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.model or build_model(Path(tmp) / "bench-llama", args.d_model, args.layers, args.vocab)
-        model = load_model(str(folder), device=args.device)
+        model = load_model(str(folder), device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation)
         d, n_layers, vocab = model.cfg.d_model, model.cfg.n_layers, model.cfg.d_vocab
         hook = args.hook or f"blocks.{n_layers // 2}.hook_resid_pre"
         gen = torch.Generator().manual_seed(0)
         tokens = torch.randint(0, vocab, (args.tokens // args.context, args.context), generator=gen)
         toks = TokenSet.plain(tokens, torch.ones_like(tokens, dtype=torch.uint8))
-        sae = ReluSAE(SAEConfig("standard", d, 8 * d))
+        sae = ReluSAE(SAEConfig("standard", d, 8 * d)).to(args.device)
         torch.nn.init.normal_(sae.W_enc, std=d**-0.5)
         sae.W_dec.data = sae.W_enc.data.T.clone()
         step = max(1, args.batch_tokens // args.context)
@@ -92,8 +99,8 @@ def main() -> None:
                 for i in range(0, tokens.shape[0], step):
                     model(tokens[i : i + step].to(args.device), return_type="logits")
 
-        one = EvalConfig(batch_tokens=args.batch_tokens, keep_token_errors=False, policies=("included",))
-        both = EvalConfig(batch_tokens=args.batch_tokens, keep_token_errors=False)
+        one = EvalConfig(batch_tokens=args.batch_tokens, keep_token_errors=False, policies=("included",), device=args.device)
+        both = EvalConfig(batch_tokens=args.batch_tokens, keep_token_errors=False, device=args.device)
         norms = norm_pass(model, toks, hook, one)
         rounds = interleaved({
             "bare": bare,
@@ -102,7 +109,9 @@ def main() -> None:
             "both": lambda: evaluate_saes(model, {"s": sae}, toks, hook, norms, both),
         }, args.repeats)
 
-    print(f"model d_model={d} layers={n_layers} vocab={vocab}, {tokens.numel()} tokens, hook {hook}, device {args.device}")
+    where = torch.cuda.get_device_name(torch.device(args.device)) if torch.device(args.device).type == "cuda" else "cpu"
+    print(f"model d_model={d} layers={n_layers} vocab={vocab} {args.dtype}, {tokens.numel()} tokens, hook {hook}, "
+          f"device {args.device} ({where}), {attention_of(model)} attention")
     print(f"bare forward: median {median([r['bare'] for r in rounds]):.3f} s over {args.repeats} rounds")
     for name, label in [("one", "CE eval, one policy (clean + SAE + zero)"), ("both", "CE eval, both policies"),
                         ("norm", "norm pass (stops at the hook; once per model)")]:

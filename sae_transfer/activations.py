@@ -5,6 +5,11 @@ then write each hook's activations to its own content-addressed Parquet dataset.
 and to `storage.activations_write`: it computes each dataset's folder from what determines it
 (so a finished dataset is found without loading the model), resumes a killed run from its
 complete shards, and writes in a background thread so encoding overlaps the next forward pass.
+
+On a GPU the hook only launches work: norms and the cast to the storage dtype run on the device,
+and non-blocking copies on a side stream fill pinned host buffers, with one CUDA event per
+batch. The writer threads wait for that event, so the main thread never synchronises with the
+device and the next forward pass overlaps the copies, the Parquet encoding and the disk.
 """
 
 from __future__ import annotations

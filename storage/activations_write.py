@@ -1,7 +1,9 @@
 """Write one activation dataset: bounded shards, atomic renames, a progress log, manifest last.
 
 Crash safety: a shard is written as `.shard-NNNNN.parquet.tmp`, fsynced, renamed to
-`shard-NNNNN.parquet`, and only then recorded in `_progress.jsonl`. Shards end on sequence
+`shard-NNNNN.parquet`, and only then recorded in `_progress.jsonl`. The fsync, rename, sha256
+and progress line of a closed shard run on the writer's finalising thread (in shard order)
+while the next shard is encoded; `finish` waits for them before the manifest. Shards end on sequence
 boundaries, so a new writer on the same folder keeps the recorded shards, deletes anything else,
 and asks for sequences from `next_seq` on. `_manifest.json` is written (atomically) after the
 last shard; readers trust nothing else. Every name but the shards' starts with `_` or `.`, so
@@ -12,9 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import queue
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -26,6 +30,7 @@ import pyarrow.parquet as pq
 from storage.activations import (
     ELEMENT_DTYPES, FORMAT_VERSION, LEGACY_MANIFEST, MANIFEST, PROGRESS, activation_schema, role_dictionary,
 )
+from sae_transfer.sae.scaling import scale_factor
 from storage.fingerprint import sha256_file
 
 log = logging.getLogger(__name__)
@@ -85,6 +90,9 @@ class ActivationWriter:
         self._shard_norm_sum = 0.0  # float64 sum of `norm` over the open shard's rows
         self._shard_first_seq = self.next_seq
         self._last_seq = self.next_seq - 1
+        self._shard_index = len(self.shards)  # number of the open shard
+        self._finalizer: ThreadPoolExecutor | None = None  # one thread: shards finalise in order
+        self._finalizing: list[Future] = []
 
     # -- resume -------------------------------------------------------------------------
     def _recover(self) -> list[dict]:
@@ -155,7 +163,7 @@ class ActivationWriter:
             self._close_shard()
 
     def _tmp_name(self) -> Path:
-        return self.path / f".shard-{len(self.shards):05d}.parquet.tmp"
+        return self.path / f".shard-{self._shard_index:05d}.parquet.tmp"
 
     def _flush(self, whole_groups_only: bool) -> None:
         """Write pending rows as row groups of `rg_rows` (all of them unless `whole_groups_only`)."""
@@ -179,40 +187,60 @@ class ActivationWriter:
         self._pending_rows = rest.num_rows
 
     def _close_shard(self) -> None:
-        """Finish the current shard file: flush, fsync, rename, then record it in the progress log."""
+        """Close the current shard file and hand it to the finalising thread (fsync, rename,
+        checksum, progress line); at most two shards wait there, so a crash loses little."""
         self._flush(whole_groups_only=False)
         if self._writer is None:
             return
         self._writer.close()
         self._writer = None
-        tmp = self._tmp_name()
+        entry = {
+            "file": f"shard-{self._shard_index:05d}.parquet", "rows": self._shard_rows,
+            "first_seq": self._shard_first_seq, "end_seq": self._last_seq + 1,
+            "norm_sum": self._shard_norm_sum, "key": self.meta.get("dataset_key"),
+        }
+        if self._finalizer is None:
+            self._finalizer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-finalize")
+        self._finalizing.append(self._finalizer.submit(self._finalize, self._tmp_name(), entry))
+        self._shard_index += 1
+        self._shard_first_seq = entry["end_seq"]
+        self._shard_rows = 0
+        self._shard_norm_sum = 0.0
+        while len(self._finalizing) > 2 or (self._finalizing and self._finalizing[0].done()):
+            self._finalizing.pop(0).result()  # re-raises a failed finalisation here
+
+    def _finalize(self, tmp: Path, entry: dict) -> None:
+        """Make a closed shard durable and recorded: fsync, rename, sha256, progress line."""
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        final = self.path / f"shard-{len(self.shards):05d}.parquet"
+        final = self.path / entry["file"]
         os.replace(tmp, final)
         _fsync_dir(self.path)
-        entry = {
-            "file": final.name, "rows": self._shard_rows, "bytes": final.stat().st_size,
-            "sha256": sha256_file(final) if self.cfg.checksum else None,
-            "first_seq": self._shard_first_seq, "end_seq": self._last_seq + 1,
-            "norm_sum": self._shard_norm_sum,
-            "key": self.meta.get("dataset_key"),
-        }
+        entry = dict(entry, bytes=final.stat().st_size, sha256=sha256_file(final) if self.cfg.checksum else None)
         with open(self.path / PROGRESS, "a") as fh:
             fh.write(json.dumps(entry) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
         self.shards.append(entry)
-        self.rows_done += self._shard_rows
+        self.rows_done += entry["rows"]
         self.next_seq = entry["end_seq"]
-        self._shard_first_seq = self.next_seq
-        self._shard_rows = 0
-        self._shard_norm_sum = 0.0
         log.debug("wrote %s (%d rows)", final, entry["rows"])
+
+    def _drain(self) -> None:
+        """Wait for every closed shard to be finalised; re-raise the first failure."""
+        try:
+            for future in self._finalizing:
+                future.result()
+        finally:
+            self._finalizing = []
+            if self._finalizer is not None:
+                self._finalizer.shutdown(wait=True)
+                self._finalizer = None
 
     def finish(self) -> dict:
         """Close the last shard and write the manifest; returns the manifest dict."""
         self._close_shard()
+        self._drain()
         want = int(self.meta["n_tokens"])
         if self.rows_done != want:
             raise RuntimeError(f"{self.path}: wrote {self.rows_done} rows, metadata says n_tokens={want}")
@@ -222,7 +250,7 @@ class ActivationWriter:
             "n_tokens": self.rows_done,
             # E||x|| over all rows and the scale s = sqrt(d_model) / E||x|| (see DESIGN: scaling)
             "norm_mean": norm_mean,
-            "scale_factor": (self.d_model ** 0.5) / norm_mean if norm_mean > 0 else None,
+            "scale_factor": scale_factor(norm_mean, self.d_model) if math.isfinite(norm_mean) and norm_mean > 0 else None,
             "row_bytes": self.row_bytes,
             "row_group_rows": self.rg_rows,
             "meta": self.meta,
@@ -240,11 +268,16 @@ class ActivationWriter:
         return manifest
 
     def abort(self) -> None:
-        """Drop the open temp shard (completed shards stay for a later resume)."""
+        """Drop the open temp shard; shards already closed are still finalised, so they stay
+        for a later resume."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
         self._tmp_name().unlink(missing_ok=True)
+        try:
+            self._drain()
+        except Exception as exc:  # the caller is already handling the error that made it abort
+            log.warning("finalising a shard of %s failed while aborting: %s", self.path, exc)
 
 
 class BackgroundWriter:

@@ -96,6 +96,25 @@ def test_greedy_generation_agrees_across_attention(tiny):
     assert torch.equal(got, want)
 
 
+def test_resumed_patched_pass_under_sdpa_matches_eager(tiny):
+    # the CE eval's patched passes run the model's own forward from block L on (evals.splice)
+    from sae_transfer.evals import splice
+
+    ids = torch.randint(3, 300, (2, 20), generator=torch.Generator().manual_seed(4))
+    logits = {}
+    for impl in ("eager", "sdpa"):
+        model = load_model(str(tiny), device="cpu", attn_implementation=impl)
+        with torch.inference_mode():
+            x_BSD, clean = splice.clean_pass(model, ids, "blocks.1.hook_resid_pre")
+            resumed = splice.resume_from_layer(model, x_BSD * 0.5, 1, ids)
+            hooked = model.run_with_hooks(ids, return_type="logits",
+                                          fwd_hooks=[("blocks.1.hook_resid_pre", lambda a, hook=None: a * 0.5)])
+        assert resumed is not None and torch.allclose(resumed, hooked, atol=1e-5, rtol=0)
+        logits[impl] = (clean, resumed)
+    for a, b in zip(logits["eager"], logits["sdpa"]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+
+
 def test_attention_choice_rules(tiny):
     assert check_choice("auto", HOOKS) == "auto"
     assert check_choice("auto", ["blocks.0.attn.hook_pattern"]) == "eager"
@@ -246,3 +265,26 @@ def test_cuda_float16_overflow_still_detected(tmp_path, tiny, corpus):
     big = _scaled_embeddings(tiny, tmp_path / "big", 7e4)
     with pytest.raises(UserError, match="exceed the float16 range"):
         _cache(big, corpus, tmp_path / "out", hooks=("blocks.0.hook_resid_pre",), dtype="float16", device="cuda")
+
+
+@pytest.mark.cuda
+def test_cuda_position_curves_equal_cpu(tiny):
+    from sae_transfer.evals.positions import position_curves
+    from sae_transfer.sae import ReluSAE, SAEConfig
+
+    torch.manual_seed(0)
+    sae = ReluSAE(SAEConfig("standard", 32, 128))
+    torch.nn.init.normal_(sae.W_enc, std=32**-0.5)
+    tokens = torch.randint(3, 300, (6, 32), generator=torch.Generator().manual_seed(5))
+    rows = {}
+    for device in ("cpu", "cuda"):
+        model = load_model(str(tiny), device=device, attn_implementation="eager")
+        rows[device] = position_curves(model, {"s": sae}, tokens, "blocks.1.hook_resid_pre", scale=1.0,
+                                       threshold=5.0, batch_tokens=64, device=device)
+    assert len(rows["cpu"]) == len(rows["cuda"]) > 0
+    for a, b in zip(rows["cpu"], rows["cuda"]):
+        assert {k: v for k, v in a.items() if not isinstance(v, float)} == \
+            {k: v for k, v in b.items() if not isinstance(v, float)}
+        for k, v in a.items():
+            if isinstance(v, float) and v == v:
+                assert b[k] == pytest.approx(v, rel=1e-4, abs=1e-6), k

@@ -87,3 +87,33 @@ def test_rewriting_a_legacy_folder_leaves_one_manifest(tmp_path):
     writer.finish()
     assert (path / MANIFEST).is_file() and not (path / LEGACY_MANIFEST).exists()
     assert len(pd.read_parquet(path)) == 300
+
+
+def test_manifest_scale_factor_is_sqrt_d_over_mean_norm(cached):
+    manifest = read_manifest(cached)
+    norms = pd.read_parquet(cached, columns=["norm"])["norm"].to_numpy().astype(np.float64)
+    assert manifest["norm_mean"] == pytest.approx(norms.mean(), rel=1e-9)
+    assert manifest["scale_factor"] == pytest.approx(32**0.5 / norms.mean(), rel=1e-9)
+
+
+def test_failed_shard_finalisation_surfaces_and_resumes(tmp_path, monkeypatch):
+    import storage.activations_write as write_mod
+
+    real, calls = write_mod.sha256_file, {"n": 0}
+
+    def flaky(path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("read error on shard-00001 (test)")
+        return real(path)
+
+    monkeypatch.setattr(write_mod, "sha256_file", flaky)
+    with pytest.raises(OSError, match=r"read error on shard-00001 \(test\)"):
+        write_synthetic_dataset(tmp_path / "ds", n_rows=4096, d_model=16, shard_bytes=20_000)
+    assert not is_complete(tmp_path / "ds")
+    monkeypatch.setattr(write_mod, "sha256_file", real)
+    recorded = [json.loads(line) for line in (tmp_path / "ds" / "_progress.jsonl").read_text().splitlines()]
+    assert [e["file"] for e in recorded] == ["shard-00000.parquet"]
+    path = write_synthetic_dataset(tmp_path / "ds", n_rows=4096, d_model=16, shard_bytes=20_000)
+    fresh = write_synthetic_dataset(tmp_path / "fresh", n_rows=4096, d_model=16, shard_bytes=20_000)
+    assert ActivationDataset(path).read_table().equals(ActivationDataset(fresh).read_table())
