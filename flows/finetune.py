@@ -23,5 +23,5 @@ def finetune_sae(config: StudyConfig, sae: str, model: str, hook: str) -> dict:
     parent = SAERecord(path=sae, run_dir=sae, model="", hook=hook, role="parent")
     key = hash_payload(code_version(*TRAINING_CODE), acts.path, sae, config.finetune.model_dump(), config.seed)
     out = str(layout.sae_run(f"finetuned-{slug(hook)}-{key}"))
-    record = finetune_task(parent, acts, config.finetune, out, config.seed)
+    record = finetune_task(parent, acts, config.finetune, out, config.seed, device=config.device)
     return record.model_dump()

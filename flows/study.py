@@ -55,12 +55,14 @@ def transfer_study(config: StudyConfig) -> dict:
     trained: dict[str, list[str]] = {}
     for hook in config.hooks:
         saes = {
-            role: train_sae.submit(acts[role][hook], config.sae, role, _sae_dir(layout, role, hook, acts[role][hook].path, config.sae.model_dump(), config.seed), config.seed)
+            role: train_sae.submit(acts[role][hook], config.sae, role, _sae_dir(layout, role, hook, acts[role][hook].path, config.sae.model_dump(), config.seed), config.seed,
+                                  device=config.device)
             for role in ("base", "chat")
         }
         if config.finetune.enabled:
             ft_dir = _sae_dir(layout, "finetuned", hook, acts["chat"][hook].path, config.sae.model_dump(), config.finetune.model_dump(), config.seed)
-            saes["finetuned"] = finetune_sae.submit(saes["base"], acts["chat"][hook], config.finetune, ft_dir, config.seed)
+            saes["finetuned"] = finetune_sae.submit(saes["base"], acts["chat"][hook], config.finetune, ft_dir, config.seed,
+                                                    device=config.device)
         paths = trained[hook] = sae_paths([fut.result() for fut in saes.values()])
         thr = thresholds[hook]
         write_json_atomic(layout.study_state, {"saes": trained, "thresholds": {h: t.result() for h, t in thresholds.items() if h in trained}})
