@@ -72,7 +72,7 @@ def diff(
 ) -> None:
     """Per-latent transfer of every SAE on base and chat -> OUT/latent_stats; with two SAEs, their
     decoder-cosine matching and activation correlation -> OUT/latent_matches, and the drift of a
-    fine-tuned SAE from its parent -> OUT/latent_drift."""
+    fine-tuned SAE from its parent (any two given SAEs) -> OUT/latent_drift."""
     from sae_transfer.diffing import api
     from sae_transfer.diffing.latent_stats import LatentStatsConfig
     from sae_transfer.diffing.matching import MatchConfig
@@ -104,10 +104,12 @@ def diff(
         cos = matches.column("dec_cos").to_numpy()
         typer.echo(f"matched {matches.num_rows} of {a.sae.d_sae} x {b.sae.d_sae} latents ({matches.column('method')[0]}), "
                    f"median decoder cosine {float(_median(cos)):.3f}" if matches.num_rows else "no pairs above --min-cosine")
-        pair = _child_and_parent(a, b)
-        if pair:
-            append_rows(out, "latent_drift", api.drift_table(*pair))
-            typer.echo(f"drift of {pair[0].info['sae_id']} from its parent {pair[1].info['sae_id']} -> latent_drift")
+    for i, a in enumerate(saes):
+        for b in saes[i + 1:]:
+            pair = _child_and_parent(a, b)
+            if pair:
+                append_rows(out, "latent_drift", api.drift_table(*pair))
+                typer.echo(f"drift of {pair[0].info['sae_id']} from its parent {pair[1].info['sae_id']} -> latent_drift")
 
 
 def _median(values) -> float:
