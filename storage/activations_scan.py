@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from sae_transfer.errors import UserError
-from storage.activations import ActivationDataset, decode_acts
+from storage.activations import ActivationDataset
 
 _SMALL = ("seq_id", "pos", "token_id", "role")
 

@@ -20,6 +20,10 @@ tokens first among equals), which is what the tests compare against.
 Histogram bins are fixed and log-spaced (`bins_per_decade` from `hist_min` to `hist_max`,
 feature-activation units), plus an underflow bin (0 < f < hist_min) and an overflow bin
 (f >= hist_max); bin i >= 1 holds [edge[i-1], edge[i]).
+
+Shape letters besides the package legend: here K is the k contexts kept per latent; H histogram
+bins, N non-zero activations of a batch, C merge candidates, W winners, X window positions,
+R cached rows.
 """
 
 from __future__ import annotations

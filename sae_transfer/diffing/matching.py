@@ -22,6 +22,9 @@ SAE vs its fine-tuned child.
 3. Drift of a fine-tuned SAE from its parent, latent by latent (same index): cosine and norm
    ratio of each encoder column and decoder row, in each SAE's training (scaled) units, and the
    change of the encoder bias (the study's stage-wise view).
+
+Shape letters besides the package legend: G latents of the second SAE, R rows of one chunk of
+the cosine matrix, C candidates kept per latent, P matched pairs.
 """
 
 from __future__ import annotations
