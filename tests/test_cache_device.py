@@ -21,6 +21,16 @@ from tests._tiny import tiny_corpus_dir, tiny_model_dir
 HOOKS = ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre")  # HF hidden_states[0] and [1]
 
 
+@pytest.fixture(autouse=True)
+def _full_fp32_matmuls():
+    """CUDA comparisons below are at fp32 tolerances: TF32 (a process-wide switch that training
+    turns on) must be off while they run."""
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return tiny_model_dir(tmp_path_factory.mktemp("model"), d_model=32, n_layers=2)
