@@ -32,15 +32,19 @@ def default_device() -> str:
 
 def check_device(device: str | None) -> str:
     """`device` (None: the default) after checking it names a torch device this machine has;
-    UserError naming the fix otherwise, before any weights are read."""
+    UserError naming the fix otherwise, before any weights are read. The one device check:
+    training (`training.device`) and every evaluation command go through it."""
     if device is None:
         return default_device()
     try:
-        kind = torch.device(device).type
+        dev = torch.device(device)
     except RuntimeError:
         raise UserError(f"device {device!r} is not a torch device: use cpu, cuda or cuda:N") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device!r} but this machine has no CUDA GPU: use --device cpu")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device!r} but this machine has no CUDA GPU (torch {torch.__version__}): use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"device {device!r} but only {torch.cuda.device_count()} CUDA device(s) exist: use cuda:0..")
     return device
 
 

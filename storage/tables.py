@@ -32,6 +32,7 @@ _PROVENANCE = [
     ("model_id", _STR),  # evaluated model: Hub id or local folder
     ("model_revision", _STR),  # Hub revision, "sha256:<weights hash>" or checkpoint step
     ("hook", _STR),  # hook point, e.g. blocks.6.hook_resid_pre
+    ("attn_implementation", _STR),  # attention kernel the evaluated model ran ("eager" or "sdpa")
 ]
 
 METRICS = pa.schema(

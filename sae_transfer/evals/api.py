@@ -41,16 +41,20 @@ def _corpus(corpus) -> CorpusConfig:
 
 
 def load_eval_model(spec: str, *, device=None, dtype="float32", revision_label: str | None = None,
-                    trust_remote_code: bool = False):
+                    trust_remote_code: bool = False, attn_implementation: str = "auto"):
     """(model, provenance dict) for `spec` (a folder, a Hub id, or `org/name@revision`: the
     revision is loaded and recorded); `revision_label` (e.g. `step-50`, a watched checkpoint) is
     recorded as the revision, with `spec` as given as the model id; `trust_remote_code` lets a
-    Hub model's own code run (the pair config's flag)."""
-    model = load_model(spec, device=device or default_device(), dtype=dtype, trust_remote_code=trust_remote_code)
+    Hub model's own code run (the pair config's flag). `attn_implementation` ("auto": SDPA on
+    CUDA, eager on CPU) is recorded in the provenance as the kernel that actually runs."""
+    from sae_transfer.attention import attention_of
+
+    model = load_model(spec, device=device or default_device(), dtype=dtype, trust_remote_code=trust_remote_code,
+                       attn_implementation=attn_implementation)
     info = model_identity(spec)
     if revision_label:  # a watched checkpoint: its rows name it as the checkpoints table does (spec as given)
         info = {"model_id": spec, "model_revision": revision_label}
-    return model, info
+    return model, {**info, "attn_implementation": attention_of(model)}
 
 
 def plain_tokens(model, corpus, context_size: int, n_tokens: int, prepend_bos: bool = True) -> TokenSet:

@@ -36,41 +36,47 @@ class ReconAccumulator:
 
     def __init__(self, d_in: int):
         self.n = 0
-        self.sum_l0 = 0.0
-        self.sum_sq_err = 0.0  # raw units
-        self.sum_sq_norm = 0.0
-        self.sum_x_D = torch.zeros(d_in, dtype=torch.float64)
-        self.sum_legacy = 0.0
+        # float64 sums on the tokens' device: no host sync per `add` (read once in `result`)
+        self.sums: dict[str, torch.Tensor] | None = None
+        self.d_in = d_in
 
     def add(self, x_ND: torch.Tensor, x_hat_ND: torch.Tensor, l0_N: torch.Tensor) -> torch.Tensor:
         """Add tokens (rows); returns their per-token squared error [N] in raw units (float64)."""
         x = x_ND.detach().double()
         sq_err_N = (x - x_hat_ND.detach().double()).pow(2).sum(-1)
+        if self.sums is None:
+            zero = torch.zeros((), dtype=torch.float64, device=x.device)
+            self.sums = {"l0": zero, "sq_err": zero, "sq_norm": zero, "legacy": zero,
+                         "x_D": torch.zeros(self.d_in, dtype=torch.float64, device=x.device)}
         self.n += x.shape[0]
-        self.sum_l0 += float(l0_N.detach().double().sum())
-        self.sum_sq_err += float(sq_err_N.sum())
-        self.sum_sq_norm += float(x.pow(2).sum())
-        self.sum_x_D += x.sum(0).cpu()
+        s = self.sums
+        s["l0"] = s["l0"] + l0_N.detach().double().sum()
+        s["sq_err"] = s["sq_err"] + sq_err_N.sum()  # raw units
+        s["sq_norm"] = s["sq_norm"] + x.pow(2).sum()
+        s["x_D"] = s["x_D"] + x.sum(0)
         if x.shape[0]:
-            self.sum_legacy += float(legacy_terms(x, sq_err_N).sum())
+            s["legacy"] = s["legacy"] + legacy_terms(x, sq_err_N).sum()
         return sq_err_N
 
     def result(self, scale: float) -> ReconMetrics:
         """Metrics over everything added; `scale` is s (mse is multiplied by s^2)."""
-        n = max(self.n, 1)
-        mean_sq_norm = self.sum_sq_norm / n
-        total_var = mean_sq_norm - float((self.sum_x_D / n).pow(2).sum())
+        nan = float("nan")
+        if not self.n:
+            return ReconMetrics(0, nan, nan, nan, nan, nan)
+        s = {k: v.cpu() for k, v in self.sums.items()}
+        n = self.n
+        sum_sq_err, mean_sq_norm, mean_D = float(s["sq_err"]), float(s["sq_norm"]) / n, s["x_D"] / n
+        total_var = mean_sq_norm - float(mean_D.pow(2).sum())
         if total_var <= 1e-9 * mean_sq_norm:  # identical tokens (e.g. only BOS): undefined
             total_var = 0.0
-        nan = float("nan")
-        ev = variance_explained_from_moments(self.sum_sq_err / n, mean_sq_norm, self.sum_x_D / n)
+        ev = variance_explained_from_moments(sum_sq_err / n, mean_sq_norm, mean_D)
         return ReconMetrics(
-            n_tokens=self.n,
-            l0=self.sum_l0 / n if self.n else nan,
-            mse=scale**2 * self.sum_sq_err / n if self.n else nan,
-            explained_variance=float(ev) if self.n and total_var > 0 else nan,
-            explained_variance_legacy=self.sum_legacy / n if self.n else nan,
-            variance_share=total_var / mean_sq_norm if self.n and mean_sq_norm > 0 else nan,
+            n_tokens=n,
+            l0=float(s["l0"]) / n,
+            mse=scale**2 * sum_sq_err / n,
+            explained_variance=float(ev) if total_var > 0 else nan,
+            explained_variance_legacy=float(s["legacy"]) / n,
+            variance_share=total_var / mean_sq_norm if mean_sq_norm > 0 else nan,
         )
 
 

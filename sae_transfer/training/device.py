@@ -33,19 +33,11 @@ class Numerics:
 
 def resolve_device(name: str | None) -> torch.device:
     """torch.device for `name` (None: CUDA when available, else CPU). UserError when the
-    device does not exist here, naming the fix."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device={name!r} is not a torch device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device={name!r} but this machine has no CUDA GPU (torch {torch.__version__}); use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"device={name!r} but only {torch.cuda.device_count()} CUDA device(s) exist; use cuda:0..")
-    elif device.type != "cpu":
+    device does not exist here (`models.check_device`) or is neither a CPU nor a CUDA GPU."""
+    from sae_transfer.models import check_device
+
+    device = torch.device(check_device(name))
+    if device.type not in ("cpu", "cuda"):
         raise UserError(f"device={name!r}: training runs on cpu or cuda")
     return device
 
