@@ -7,8 +7,9 @@ whose keys are the columns of `storage.tables`.
 Shape suffixes: N sequences (or tokens, when flattened), B batch of sequences, S positions,
 D d_model (hook width), F SAE features, V vocabulary, R bootstrap resamples.
 
-Units: SAEs saved by the trainer work on raw activations (the training-time norm scaling is
-folded into their weights), so x_hat is computed from raw x; reported `mse` is then in scaled
-units, i.e. both x and x_hat multiplied by s = sqrt(d_model) / E||x|| of the evaluated model
-(DESIGN.md, "Metric definitions"). Explained variance and CE metrics do not depend on s.
+Units: SAEs saved by the trainer read raw activations of their own model (the training scale
+s_train is folded into their weights). On a model with scale s_eval = sqrt(d_model) / E||x||
+they reconstruct x_hat = SAE(r x) / r with r = s_eval / s_train (`sae.scaling`, DESIGN.md
+"Scaling"); reported `mse` is in scaled units (x and x_hat times s_eval). Explained variance and
+CE metrics do not depend on s.
 """
