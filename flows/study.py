@@ -19,6 +19,7 @@ from storage.checkpoints import write_json_atomic
 from storage.fingerprint import hash_payload
 from storage.layout import StudyLayout, slug
 from tasks.activations import cache_activations
+from tasks.diffing import causal_check, diff_crosscoder, diff_saes, train_crosscoder
 from tasks.evaluate import (evaluate_segments, evaluate_transfer, pair_threshold, position_curves, sae_paths, tag_outliers,
                             weight_diff)
 from tasks.models import prepare_pair
@@ -31,6 +32,30 @@ def _sae_dir(layout: StudyLayout, role: str, hook: str, *key) -> str:
     """Run folder named by what determines the SAE (inputs, settings, trainer code), so a changed
     input or a trainer fix never reuses a stale run."""
     return str(layout.sae_run(f"{role}-{slug(hook)}-{hash_payload(code_version(*TRAINING_CODE), *key)}"))
+
+
+def _diffing_caches(config: StudyConfig, layout: StudyLayout, pair, opts: dict, after: dict) -> dict:
+    """Both models cached on the diffing corpus (when it is not the study's): role -> hook -> record."""
+    corpus = config.corpus.model_copy(update={"source": config.diffing.corpus, "train_tokens": config.diffing.tokens})
+    futures = {role: cache_activations.submit(model, config.hooks, corpus, str(layout.activations), revision=rev,
+                                              wait_for=[after[role]], **opts)
+               for role, model, rev in (("base", pair.base, config.pair.base_revision), ("chat", pair.chat, config.pair.chat_revision))}
+    return {role: {a.hook: a for a in fut.result()} for role, fut in futures.items()}
+
+
+def _diffing(config: StudyConfig, layout: StudyLayout, chat: str, saes: list, base_acts, chat_acts, segments: list) -> list:
+    """Submit the diffing stage of one hook: SAE latents, the crosscoder, the causal check."""
+    hook = base_acts.hook
+    diff = diff_saes.submit(saes, base_acts, chat_acts, config)
+    out = [diff]
+    if config.diffing.crosscoder:
+        cc_dir = _sae_dir(layout, "crosscoder", hook, base_acts.path, chat_acts.path, config.diffing.model_dump(),
+                          config.sae.batch_size, config.seed, code_version("sae_transfer.diffing"))
+        crosscoder = train_crosscoder.submit(base_acts, chat_acts, config, cc_dir)
+        out.append(diff_crosscoder.submit(crosscoder, base_acts, chat_acts, config))
+    if config.diffing.causal and config.instructions.enabled:
+        out.append(causal_check.submit(saes, chat, config, hook, [diff], wait_for=segments))
+    return out
 
 
 @flow(name="transfer_study", log_prints=True)
@@ -53,6 +78,7 @@ def transfer_study(config: StudyConfig) -> dict:
     acts = {role: {a.hook: a for a in fut.result()} for role, fut in caches.items()}
     update_progress_artifact(progress, 20.0, description=f"study {config.name}: training SAEs")
     trained: dict[str, list[str]] = {}
+    diff_caches = _diffing_caches(config, layout, pair, opts, caches) if config.diffing.enabled and config.diffing.corpus else {}
     for hook in config.hooks:
         saes = {
             role: train_sae.submit(acts[role][hook], config.sae, role, _sae_dir(layout, role, hook, acts[role][hook].path, config.sae.model_dump(), config.seed), config.seed,
@@ -68,8 +94,12 @@ def transfer_study(config: StudyConfig) -> dict:
         write_json_atomic(layout.study_state, {"saes": trained, "thresholds": {h: t.result() for h, t in thresholds.items() if h in trained}})
         pending += [evaluate_transfer.submit(paths, m, config, hook, threshold=thr) for m in (pair.base, pair.chat)]
         pending += [position_curves.submit(paths, m, config, hook, threshold=thr) for m in (pair.base, pair.chat)]
-        if config.instructions.enabled:
-            pending.append(evaluate_segments.submit(paths[:2], pair.chat, config, hook, threshold=thr))
+        segments = [evaluate_segments.submit(paths[:2], pair.chat, config, hook, threshold=thr)] if config.instructions.enabled else []
+        pending += segments
+        if config.diffing.enabled:
+            diff_acts = {role: diff_caches[role][hook] for role in ("base", "chat")} if diff_caches else {r: acts[r][hook] for r in acts}
+            pending += _diffing(config, layout, pair.chat, [fut.result() for fut in saes.values()],
+                                diff_acts["base"], diff_acts["chat"], segments)
     update_progress_artifact(progress, 50.0, description=f"study {config.name}: evaluating transfer")
     wait(pending)
     for fut in pending:

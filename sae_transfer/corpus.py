@@ -106,10 +106,13 @@ def iter_documents(cfg: CorpusConfig) -> Iterator[Document]:
 
 
 def _iter_source(cfg: CorpusConfig) -> Iterator[Document]:
-    if cfg.source == "stdlib":
+    if cfg.source in ("stdlib", "demo-mixed"):
         root = stdlib_root()
         for path in stdlib_files():
-            yield Document(str(path.relative_to(root)), _read_text(path))
+            doc = Document(str(path.relative_to(root)), _read_text(path))
+            yield doc
+            if cfg.source == "demo-mixed":
+                yield from _chat_documents(doc)
         return
     path = Path(cfg.source).expanduser()
     if path.is_dir():
@@ -127,6 +130,18 @@ def _iter_source(cfg: CorpusConfig) -> Iterator[Document]:
         raise UserError(f"corpus file {cfg.source!r} does not exist: pass an existing .txt/.jsonl/.parquet path, a folder, 'stdlib' or a Hub dataset id")
     else:
         yield from _iter_hub(cfg)
+
+
+def _chat_documents(doc: Document) -> Iterator[Document]:
+    """The demo chat format of a stdlib file's (docstring -> function) pairs, one document per
+    pair: `<|user|>prompt<|end|><|assistant|>answer<|end|>`, as the demo chat model saw them in
+    fine-tuning. "demo-mixed" interleaves them with the plain files (as model-diffing work mixes
+    web text and chat data), so role and template tokens reach the activation caches."""
+    from sae_transfer.demo.chat import _function_pairs
+    from sae_transfer.demo.config import ASSISTANT, END, USER, DemoPairConfig
+
+    for i, pair in enumerate(_function_pairs(doc.doc_id, doc.text, DemoPairConfig())):
+        yield Document(f"{doc.doc_id}#chat{i}", f"{USER}{pair.prompt}{END}{ASSISTANT}{pair.response}{END}")
 
 
 def _iter_jsonl(path: Path, column: str) -> Iterator[Document]:

@@ -100,6 +100,27 @@ class InstructionSection(_Section):
     max_new_tokens: int = Field(96, ge=1, description="rollout length cap, in tokens")
 
 
+class DiffingSection(_Section):
+    """Feature-level diffing: which latents changed between base and chat (issue "what changed inside")."""
+
+    enabled: bool = Field(True, description="run the diffing stage (latent stats, matching, crosscoder, examples, causal check)")
+    corpus: str | None = Field(
+        None, description="text both models are cached on for diffing (chat-formatted data shows chat-only latents; "
+        "'demo-mixed': stdlib files interleaved with demo chat transcripts); empty: the study corpus")
+    tokens: int = Field(200_000, gt=0, description="tokens cached per model on the diffing corpus (when it is not the study corpus)")
+    crosscoder: bool = Field(True, description="train a BatchTopK crosscoder on the paired base/chat caches (Minder et al. 2025)")
+    crosscoder_expansion: int = Field(8, ge=1, description="crosscoder latents = expansion x d_model")
+    crosscoder_k: int = Field(32, ge=1, description="mean active crosscoder latents per token (BatchTopK)")
+    crosscoder_tokens: int = Field(300_000, gt=0, description="crosscoder training tokens (epochs over the caches if larger)")
+    crosscoder_lr: float = Field(1e-3, gt=0, description="crosscoder Adam learning rate")
+    stats_tokens: int = Field(131_072, gt=0, description="cache rows per model streamed for latent stats, matching, scaling and examples")
+    examples_k: int = Field(8, ge=1, description="max-activating contexts kept per latent and model")
+    top_latents: int = Field(6, ge=1, description="chat-only latents shown as cards (and ablated in the causal check)")
+    causal: bool = Field(True, description="ablate the chat-only latents on chat transcripts and measure KL per segment (needs instructions)")
+    checkpoint_finetune_tokens: int = Field(
+        0, ge=0, description="per checkpoint: briefly fine-tune the base SAE on it and record latent drift (0: off)")
+
+
 class StudyConfig(_Section):
     """One base-vs-chat transfer study."""
 
@@ -115,6 +136,7 @@ class StudyConfig(_Section):
     eval: EvalSection = Field(EvalSection(), description="held-out evaluation budget")
     instructions: InstructionSection = Field(
         InstructionSection(), description="instruction-formatted data and segment metrics")
+    diffing: DiffingSection = Field(DiffingSection(), description="feature-level diffing of base vs chat")
     device: str | None = Field(None, description="cuda, cuda:1, cpu ...; empty = CUDA when available, else CPU")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="model dtype (bf16 on GPUs for 7B models)")

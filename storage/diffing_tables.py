@@ -129,6 +129,47 @@ LATENT_ABLATION = pa.schema(
     ]
 )
 
+CROSSCODER_LATENTS = pa.schema(
+    _DICTIONARY + [
+        ("latent", _I64),
+        ("norm_base", _F64),  # ||d_j^base|| (training units)
+        ("norm_chat", _F64),  # ||d_j^chat||
+        ("rho", _F64),  # ||d^chat|| / (||d^base|| + ||d^chat||): ~1 chat-only, ~0 base-only, ~1/2 shared
+        ("delta_norm", _F64),  # Minder et al.'s relative norm difference (1/2 ((c - b) / max + 1))
+        ("dec_cos", _F64),  # cosine of the base and chat decoder directions
+        ("latent_class", _STR),  # base_only / chat_only / shared / other (cut-offs below)
+        ("chat_only_min", _F64),  # rho cut-offs used
+        ("base_only_max", _F64),
+        ("shared_min", _F64),
+        ("shared_max", _F64),
+        ("fire_count", _I64),  # paired tokens where the latent fires
+        ("frequency", _F64),  # fire_count / n_tokens
+        ("mean_act_firing", _F64),  # mean activation where it fires (training units)
+        ("n_tokens", _I64),  # paired tokens scanned
+        ("created_at", _TS),
+    ]
+)
+
+LATENT_SCALING = pa.schema(
+    _DICTIONARY + [
+        ("kind", _STR),  # "crosscoder" (chat-only latents) or "sae" (an SAE's latents on `model`)
+        ("model", _STR),  # for kind = sae: whose activations ("chat"); null for the crosscoder
+        ("latent", _I64),
+        ("beta_error_base", _F64),  # crosscoder: beta against the base error (latent's own part added back)
+        ("beta_error_chat", _F64),
+        ("beta_recon_base", _F64),  # crosscoder: beta against the base reconstruction
+        ("beta_recon_chat", _F64),
+        ("nu_error", _F64),  # beta_error_base / beta_error_chat (Complete Shrinkage when large)
+        ("nu_recon", _F64),  # beta_recon_base / beta_recon_chat (Latent Decoupling when large)
+        ("verdict", _STR),  # specific / complete_shrinkage / latent_decoupling / inactive
+        ("beta_activation", _F64),  # sae: beta against x - b_dec on `model`
+        ("beta_error", _F64),  # sae: beta against the error with the latent's own part added back
+        ("fire_count", _I64),
+        ("n_tokens", _I64),
+        ("created_at", _TS),
+    ]
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
     "latent_stats": LATENT_STATS,
     "latent_examples": LATENT_EXAMPLES,
@@ -136,6 +177,8 @@ SCHEMAS: dict[str, pa.Schema] = {
     "latent_matches": LATENT_MATCHES,
     "latent_drift": LATENT_DRIFT,
     "latent_ablation": LATENT_ABLATION,
+    "crosscoder_latents": CROSSCODER_LATENTS,
+    "latent_scaling": LATENT_SCALING,
 }
 
 

@@ -27,6 +27,7 @@ def _metric(sae_model, model_id, policy, score, finetuned=None, segment="text", 
 
 def fill(root: Path) -> None:
     """Write one part per table under `root`."""
+    fill_diffing(root)
     rows = []
     for policy in ("excluded", "included"):
         for sae_model in (BASE, CHAT):
@@ -67,3 +68,33 @@ def fill(root: Path) -> None:
         "dead_fraction": [0.0, 0.0, 0.01],
     }), log_dir / "part-0.parquet")
 
+
+
+def fill_diffing(root: Path) -> None:
+    """Hand-made rows of the feature-level diffing tables (a crosscoder with one chat-only latent)."""
+    cc = dict(dictionary="crosscoder-x:abc", dictionary_model=f"{BASE} + {CHAT}", hook=HOOK)
+    classes = ["shared", "shared", "chat_only", "base_only"]
+    tables.append_rows(root, "crosscoder_latents", [dict(
+        cc, latent=j, norm_base=0.1 if c == "chat_only" else 1.0, norm_chat=1.0, rho=0.9 if c == "chat_only" else 0.5,
+        delta_norm=0.5, dec_cos=0.9, latent_class=c, chat_only_min=0.833, base_only_max=0.167, shared_min=0.444,
+        shared_max=0.556, fire_count=10, frequency=0.01, mean_act_firing=1.0, n_tokens=1000,
+    ) for j, c in enumerate(classes)])
+    tables.append_rows(root, "latent_scaling", [dict(
+        cc, kind="crosscoder", latent=2, nu_error=0.05, nu_recon=0.1, verdict="specific", fire_count=10, n_tokens=1000)])
+    tables.append_rows(root, "latent_examples", [dict(
+        cc, model="paired", model_id=CHAT, latent=2, rank=r, activation=2.0 - r, seq_id=r, pos=3, window_start=0,
+        token_ids=[1, 2, 3, 4], tokens=["<|user|>", "def", " f", "\n"], acts=[2.0 - r, 0.0, 0.1, 0.0], n_tokens=1000,
+    ) for r in range(3)])
+    for sae, model in (("base-sae:abc", BASE), ("chat-sae:abc", CHAT)):
+        tables.append_rows(root, "latent_stats", [dict(
+            dictionary=sae, dictionary_model=model, hook=HOOK, model=m, model_id=m, latent=j, n_tokens=1000,
+            explained_variance=0.8, fire_count=5, frequency=0.005, log10_density=-2.3 - (j == 1 and m == "models/base") * 7,
+            status="appears" if j == 1 else "shared", log10_density_shift=0.0, ev_drop=0.01,
+        ) for j in range(3) for m in ("base", "chat")])
+    tables.append_rows(root, "latent_matches", [dict(
+        dictionary_a="base-sae:abc", dictionary_b="chat-sae:abc", hook=HOOK, latent_a=j, latent_b=j, dec_cos=0.95,
+        act_corr=0.8, method="dense") for j in range(3)])
+    tables.append_rows(root, "latent_ablation", [dict(
+        dictionary="chat-sae:abc", dictionary_model=CHAT, hook=HOOK, model_id=CHAT, latent_set=s, latents=[1], set_size=1,
+        segment=seg, n_tokens=100, kl_mean=0.1 if s == "given" else 0.01, kl_max=1.0, ablated_norm_frac=0.1)
+        for s in ("given", "random") for seg in ("user_prompt", "rollout", "template", "all")])

@@ -43,19 +43,33 @@ def cache_info(path: str | Path) -> dict:
             "tokens_fingerprint": key, "scale": ls.model_scale(mean_norm(path), ds.d_model), "meta": ds.meta}
 
 
-def row_stream(path: str | Path, batch_tokens: int, skip_roles: tuple[str, ...] = DEFAULT_SKIP_ROLES) -> Iterator:
-    """RowBatches of a cache in token order, without rows of the `skip_roles` roles."""
+def row_stream(path: str | Path, batch_tokens: int, skip_roles: tuple[str, ...] = DEFAULT_SKIP_ROLES,
+               max_tokens: int | None = None) -> Iterator:
+    """RowBatches of a cache in token order, without rows of the `skip_roles` roles; only the
+    first `max_tokens` cache rows (None: all)."""
     from sae_transfer.corpus import ROLE_CODE
     from storage.activations_scan import scan_batches
 
     codes = torch.tensor([ROLE_CODE[r] for r in skip_roles], dtype=torch.uint8)
-    for batch in scan_batches(path, batch_tokens):
+    for batch in _first_rows(scan_batches(path, batch_tokens), max_tokens):
         if len(codes):
             keep = ~torch.isin(batch.role_B, codes)
             if not bool(keep.all()):
                 idx = keep.nonzero().squeeze(1)
                 batch = type(batch)(*(t.index_select(0, idx) for t in
                                       (batch.seq_id_B, batch.pos_B, batch.token_id_B, batch.role_B, batch.acts_BD)))
+        yield batch
+
+
+def _first_rows(batches, max_tokens: int | None):
+    """The batches up to `max_tokens` rows in all (the last one cut)."""
+    seen = 0
+    for batch in batches:
+        if max_tokens is not None and seen + len(batch) > max_tokens:
+            if max_tokens > seen:
+                yield batch.slice(0, max_tokens - seen)
+            return
+        seen += len(batch)
         yield batch
 
 
@@ -76,7 +90,7 @@ def _dictionary(loaded, hook: str) -> dict:
 
 
 def latent_stats_table(loaded, caches: dict[str, str | Path], cfg: ls.LatentStatsConfig = ls.LatentStatsConfig(),
-                       skip_roles: tuple[str, ...] = DEFAULT_SKIP_ROLES):
+                       skip_roles: tuple[str, ...] = DEFAULT_SKIP_ROLES, max_tokens: int | None = None):
     """`latent_stats` rows of one SAE on the caches labelled "base" and "chat"."""
     from storage.diffing_tables import columns_table
 
@@ -84,7 +98,7 @@ def latent_stats_table(loaded, caches: dict[str, str | Path], cfg: ls.LatentStat
     for label, path in caches.items():
         infos[label] = info = cache_info(path)
         check_pairing(loaded, info, label)
-        stream = (b.acts_BD for b in row_stream(path, cfg.batch_tokens, skip_roles))
+        stream = (b.acts_BD for b in row_stream(path, cfg.batch_tokens, skip_roles, max_tokens))
         stats[label] = ls.model_latent_stats(loaded.sae, stream, info["scale"], cfg)
     cols = ls.stats_columns(stats, ("base", "chat"), cfg)
     labels = cols["model"]
@@ -115,7 +129,7 @@ def load_tokenizer(model_id: str | None):
 
 
 def examples_tables(loaded, cache: str | Path, label: str, cfg: ex.ExamplesConfig = ex.ExamplesConfig(),
-                    skip_roles: tuple[str, ...] = DEFAULT_SKIP_ROLES, tokenizer="auto"):
+                    skip_roles: tuple[str, ...] = DEFAULT_SKIP_ROLES, tokenizer="auto", max_tokens: int | None = None):
     """(`latent_examples`, `latent_histograms`) tables of one SAE on one model's cache."""
     from storage.activations_scan import read_sequences
     from storage.diffing_tables import columns_table
@@ -124,7 +138,7 @@ def examples_tables(loaded, cache: str | Path, label: str, cfg: ex.ExamplesConfi
     check_pairing(loaded, info, label)
     device = device_of(cfg.device)
     sae, _ = ls.applied_sae(loaded.sae, info["scale"], device)
-    acts = ex.collect_max_acts(sae, row_stream(cache, cfg.batch_tokens, skip_roles), cfg)
+    acts = ex.collect_max_acts(sae, row_stream(cache, cfg.batch_tokens, skip_roles, max_tokens), cfg)
     winners = acts.winners()
     seqs = np.unique(winners["seq_id"])
     per_chunk = max(1, cfg.batch_tokens // max(1, int(info["meta"].get("context_size") or 128)))
@@ -171,7 +185,8 @@ def histogram_columns(acts: ex.MaxActs) -> dict[str, np.ndarray]:
 
 
 def match_table(loaded_a, loaded_b, corr_cache: str | Path | None, corr_label: str | None,
-                cfg: mt.MatchConfig = mt.MatchConfig(), skip_roles: tuple[str, ...] = DEFAULT_SKIP_ROLES):
+                cfg: mt.MatchConfig = mt.MatchConfig(), skip_roles: tuple[str, ...] = DEFAULT_SKIP_ROLES,
+                max_tokens: int | None = None):
     """`latent_matches` rows: decoder-cosine assignment of A's and B's latents, with the
     activation correlation of each pair on `corr_cache` (both SAEs on the same tokens)."""
     from storage.diffing_tables import columns_table
@@ -187,7 +202,7 @@ def match_table(loaded_a, loaded_b, corr_cache: str | Path | None, corr_label: s
         device = device_of(cfg.device)
         sae_a, _ = ls.applied_sae(loaded_a.sae, info["scale"], device)
         sae_b, _ = ls.applied_sae(loaded_b.sae, info["scale"], device)
-        pairs = ((b.acts_BD, b.acts_BD) for b in row_stream(corr_cache, cfg.batch_tokens, skip_roles))
+        pairs = ((b.acts_BD, b.acts_BD) for b in row_stream(corr_cache, cfg.batch_tokens, skip_roles, max_tokens))
         cols["act_corr"], n = mt.activation_correlation(sae_a, sae_b, matching, pairs, cfg)
         const.update(corr_model=corr_label, n_tokens=n, hook=info["hook"])
     return columns_table("latent_matches", cols, const)

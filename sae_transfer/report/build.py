@@ -28,6 +28,9 @@ ul.findings li{margin:.35rem 0;line-height:1.4}
 td:first-child,th:first-child{text-align:left}.note{color:#555;font-size:.9rem}
 img{max-width:100%;border:1px solid #eee}.empty{color:#a00}
 tr.unreliable td{color:#999;background:#fafafa}td.why{text-align:left;font-size:.8rem}
+.card{border:1px solid #ddd;border-radius:4px;padding:.5rem .7rem;margin:.6rem 0;font-size:.85rem}
+.ctx{font-family:ui-monospace,monospace;font-size:.78rem;margin:.25rem 0;white-space:pre-wrap;overflow-wrap:anywhere}
+.ctx .act{color:#555;margin-right:.4rem}
 """
 
 
@@ -41,6 +44,7 @@ class Section:
     tables: list[tuple[str, pd.DataFrame]] = field(default_factory=list)
     figures: list[tuple[str, bytes]] = field(default_factory=list)
     bullets: list[str] = field(default_factory=list)  # sentences shown before the tables
+    html_blocks: list[str] = field(default_factory=list)  # ready HTML (latent cards), after the figures
 
 
 @dataclass(frozen=True)
@@ -103,9 +107,55 @@ def collect_sections(results_dir: str | Path, base: str, chat: str, *, scatter_r
         sections.append(Section("drift", "Drift across fine-tuning checkpoints",
                                 "Each SAE on each chat fine-tuning checkpoint as the watcher evaluated it (step 0 = base model).",
                                 [("drift", drift)], [("drift", plots.drift(drift[drift["outlier_policy"] == "excluded"]))] if not drift.empty else []))
+        sections.append(_diffing_section(con, pair))
         return sections
     finally:
         con.close()
+
+
+def _diffing_section(con, pair: list[str], n_cards: int = 6) -> Section:
+    """What changed inside: latent classes, density shift, decoder cosines, Latent Scaling, cards."""
+    classes, status = _q(con, "diff_class_counts", pair), _q(con, "latent_status_counts", pair)
+    density, cosines = _q(con, "density_shift", pair), _q(con, "decoder_cosines", pair)
+    scaling, ablation = _q(con, "latent_scaling_ratios", pair), _q(con, "latent_ablation_table", pair)
+    cards = _q(con, "chat_only_cards", pair + [n_cards])
+    figures = [(title, draw(df)) for title, draw, df in (
+        ("firing density of every SAE latent on base vs chat", plots.density_shift, density),
+        ("decoder cosines", plots.decoder_cosines, cosines),
+        ("Latent Scaling of chat-only crosscoder latents", plots.scaling_ratios, scaling)) if not df.empty]
+    return Section(
+        "diffing", "What changed inside",
+        "Per-latent diffing (Minder et al. 2025, arXiv 2504.02922): a BatchTopK crosscoder over paired base/chat "
+        "activations classes each latent by its relative decoder norm rho; Latent Scaling separates truly chat-only "
+        "latents from Complete Shrinkage and Latent Decoupling; each study SAE's latents are followed from base to chat "
+        "(dies / appears); ablating the chat-appearing latents measures what they do.",
+        [("crosscoder latents by class", classes), ("SAE latents from base to chat", status),
+         ("causal check: KL(clean || ablated) on chat transcripts", ablation)],
+        figures, html_blocks=[latent_cards(cards)])
+
+
+def latent_cards(cards: pd.DataFrame) -> str:
+    """One card per chat-only crosscoder latent: its rho, decoder norms, and max-activating
+    contexts with every token shaded by the latent's activation there."""
+    if cards.empty:
+        return '<p class="empty">no chat-only crosscoder latents yet</p>'
+    out = []
+    for latent, rows in cards.groupby("latent", sort=False):
+        head = rows.iloc[0]
+        lines = []
+        for _, r in rows.iterrows():
+            tokens, acts = list(r["tokens"] if r["tokens"] is not None else []), list(r["acts"])
+            top = max(acts) if acts else 1.0
+            spans = "".join(
+                f'<span style="background:rgba(214,39,40,{min(a / top, 1.0) if top > 0 else 0:.2f})" title="{a:.3g}">'
+                f"{html.escape(t).replace(chr(10), '&#8629;')}</span>" for t, a in zip(tokens, acts))
+            lines.append(f"<div class='ctx'><span class='act'>{r['activation']:.3g}</span> {spans}</div>")
+        out.append(f"<div class='card'><b>latent {latent}</b> rho {head['rho']:.3f} (||d chat|| {head['norm_chat']:.2f}, "
+                   f"||d base|| {head['norm_base']:.2f}), decoder cosine {head['dec_cos']:.2f}, fires on "
+                   f"{head['frequency']:.3%} of paired tokens; the same tokens feed both models, so its write is "
+                   f"{head['norm_chat']:.2f} x activation into chat and {head['norm_base']:.2f} x into base"
+                   f"{''.join(lines)}</div>")
+    return "".join(out)
 
 
 def _cell(v) -> str:
@@ -171,6 +221,8 @@ def render(sections: list[Section], title: str, out_dir: str | Path) -> ReportPa
             data = base64.b64encode(png).decode()
             parts.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(caption)}</figcaption></figure>')
             md.append(f"\n![{caption}](figures/{path.name})\n")
+        for block in sec.html_blocks:
+            parts.append(block)
     page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>{''.join(parts)}</body></html>"
     html_path, md_path = out / "report.html", out / "report.md"
     for path, text in ((html_path, page), (md_path, "".join(md))):

@@ -113,3 +113,48 @@ def transfer_heatmap(df: pd.DataFrame, policy: str = "excluded") -> bytes:
         ax.set_title(f"CE loss recovered (%), {hook}", fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046)
     return _png(fig)
+
+
+def density_shift(df: pd.DataFrame) -> bytes:
+    """log10 firing density on base vs chat of every SAE latent, coloured by status."""
+    saes = sorted(df["sae"].unique())
+    fig, axes = plt.subplots(1, max(len(saes), 1), figsize=(4.2 * max(len(saes), 1), 3.8), squeeze=False)
+    colors = {"shared": "#999999", "appears": "#d62728", "dies": "#1f77b4", "dead": "#cccccc"}
+    for ax, sae in zip(axes[0], saes):
+        part = df[df["sae"] == sae]
+        for status, rows in part.groupby("status"):
+            ax.scatter(rows["log10_density_base"], rows["log10_density_chat"], s=5, alpha=0.6,
+                       color=colors.get(status), label=f"{status} ({len(rows)})")
+        lo = float(min(part["log10_density_base"].min(), part["log10_density_chat"].min()))
+        ax.plot([lo, 0], [lo, 0], lw=0.8, color="black")
+        ax.set_xlabel("log10 density on base")
+        ax.set_ylabel("log10 density on chat")
+        ax.set_title(f"{sae} SAE", fontsize=9)
+        ax.legend(fontsize=7, markerscale=2)
+    return _png(fig)
+
+
+def decoder_cosines(df: pd.DataFrame) -> bytes:
+    """Histograms of decoder cosines: crosscoder base vs chat decoders by class; SAE matches."""
+    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    for source, part in df.groupby("source"):
+        ax.hist(part["dec_cos"].dropna(), bins=40, range=(-1, 1), histtype="step", lw=1.4, label=f"{source} ({len(part)})")
+    ax.set_xlabel("decoder cosine")
+    ax.set_ylabel("latents")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def scaling_ratios(df: pd.DataFrame) -> bytes:
+    """Latent Scaling: nu_error vs nu_recon of the crosscoder's chat-only latents."""
+    fig, ax = plt.subplots(figsize=(5, 4))
+    colors = {"specific": "#d62728", "complete_shrinkage": "#1f77b4", "latent_decoupling": "#2ca02c", "inactive": "#999999"}
+    for verdict, part in df.groupby("verdict"):
+        ax.scatter(part["nu_recon"], part["nu_error"], s=18, color=colors.get(verdict), label=f"{verdict} ({len(part)})")
+    ax.set_xlabel("nu_r = beta(recon base) / beta(recon chat)")
+    ax.set_ylabel("nu_eps = beta(error base) / beta(error chat)")
+    ax.axhline(0.3, lw=0.6, ls="--", color="black")
+    ax.axvline(0.5, lw=0.6, ls="--", color="black")
+    ax.legend(fontsize=7)
+    return _png(fig)

@@ -1,0 +1,204 @@
+"""The diffing stage of a study: from cache, SAE and crosscoder folders to table rows.
+
+What the `tasks/diffing.py` tasks run between loading inputs and appending Arrow tables through
+`storage.tables`. Every analysis streams at most `DiffingPlan.stats_tokens` rows of each cache.
+Shape suffixes as in the package docstring (B batch, D d_model, F latents, L selected latents).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from sae_transfer.diffing import api
+from sae_transfer.diffing import examples as ex
+from sae_transfer.diffing import latent_stats as ls
+from sae_transfer.diffing import matching as mt
+
+Tables = dict[str, list[pa.Table]]
+
+
+@dataclass(frozen=True)
+class DiffingPlan:
+    """How much of each cache the analyses read, and on which device."""
+
+    stats_tokens: int = 131_072  # cache rows per model streamed by every analysis
+    examples_k: int = 8  # max-activating contexts kept per latent and model
+    top_latents: int = 6  # chat-only latents ablated in the causal check (and shown as cards)
+    batch_tokens: int = 8192  # rows encoded at once
+    device: str | None = None  # None: CUDA when available, else CPU
+
+
+def _add(out: Tables, name: str, table: pa.Table) -> None:
+    out.setdefault(name, []).append(table)
+
+
+def sae_tables(saes: dict[str, object], caches: dict[str, str], plan: DiffingPlan, models: dict[str, str]) -> Tables:
+    """Per-latent stats of every SAE on both models, examples, matching and drift.
+
+    `saes` maps a role ("base", "chat", "finetuned") to a LoadedSAE; `caches` maps "base" and
+    "chat" to the two models' activation caches (the same corpus and hook) and `models` to the
+    model specs (their tokenizers turn example token ids into text)."""
+    out: Tables = {}
+    stats_cfg = ls.LatentStatsConfig(batch_tokens=plan.batch_tokens, device=plan.device)
+    ex_cfg = ex.ExamplesConfig(k=plan.examples_k, batch_tokens=plan.batch_tokens, device=plan.device)
+    tokenizers = {label: api.load_tokenizer(models.get(label)) for label in caches}
+    for loaded in saes.values():
+        _add(out, "latent_stats", api.latent_stats_table(loaded, caches, stats_cfg, max_tokens=plan.stats_tokens))
+        for label, path in caches.items():
+            examples, hist = api.examples_tables(loaded, path, label, ex_cfg, tokenizer=tokenizers[label],
+                                                 max_tokens=plan.stats_tokens)
+            _add(out, "latent_examples", examples)
+            _add(out, "latent_histograms", hist)
+    match_cfg = mt.MatchConfig(batch_tokens=plan.batch_tokens, device=plan.device)
+    pairs = [("base", "chat"), ("base", "finetuned")]
+    for a, b in pairs:
+        if a in saes and b in saes:
+            _add(out, "latent_matches", api.match_table(saes[a], saes[b], caches["chat"], "chat", match_cfg,
+                                                        max_tokens=plan.stats_tokens))
+    if "finetuned" in saes and "base" in saes:
+        _add(out, "latent_drift", api.drift_table(saes["finetuned"], saes["base"]))
+    _add(out, "latent_scaling", sae_scaling_table(saes["base"], caches["chat"], "chat", plan))
+    return out
+
+
+def sae_scaling_table(loaded, cache: str, label: str, plan: DiffingPlan) -> pa.Table:
+    """Latent Scaling of every latent of an SAE on another model's activations (`latent_scaling`)."""
+    from sae_transfer.diffing.latent_scaling import sae_scaling
+    from storage.diffing_tables import columns_table
+
+    info = api.cache_info(cache)
+    api.check_pairing(loaded, info, label)
+    device = api.device_of(plan.device)
+    sae, _ = ls.applied_sae(loaded.sae, info["scale"], device)
+    batches = (b.acts_BD.to(device, torch.float32) for b in api.row_stream(cache, plan.batch_tokens, max_tokens=plan.stats_tokens))
+    res = sae_scaling(sae, batches, torch.arange(sae.d_sae))
+    cols = {"latent": res.latents_L.numpy(), "beta_activation": res.beta_activation_L.numpy(),
+            "beta_error": res.beta_error_L.numpy(), "fire_count": res.count_L.numpy()}
+    const = {"dictionary": loaded.info["sae_id"], "dictionary_model": loaded.info.get("sae_model"), "hook": info["hook"],
+             "kind": "sae", "model": label, "n_tokens": res.n_tokens}
+    return columns_table("latent_scaling", cols, const)
+
+
+def _paired_batches(pair, plan: DiffingPlan):
+    """RowBatch-like paired rows: acts_BD = [x_base, x_chat] in the crosscoder's training units."""
+    from sae_transfer.diffing.paired import iter_paired
+    from storage.activations_scan import RowBatch
+
+    for rows in iter_paired(pair, plan.batch_tokens, max_rows=plan.stats_tokens):
+        role = torch.zeros_like(rows.seq_id_B, dtype=torch.uint8)
+        yield RowBatch(rows.seq_id_B, rows.pos_B, rows.token_id_B, role, rows.x_BMD.flatten(1))
+
+
+def _paired_sequences(pair, seq_ids) -> object:
+    """Whole paired sequences (sorted by seq_id, pos) for the examples' windows."""
+    from storage.activations_scan import RowBatch, read_sequences
+
+    b, c = read_sequences(pair.base, seq_ids), read_sequences(pair.chat, seq_ids)
+    acts = torch.cat([b.acts_BD.float() * pair.scale_base, c.acts_BD.float() * pair.scale_chat], dim=1)
+    return RowBatch(b.seq_id_B, b.pos_B, b.token_id_B, b.role_B, acts)
+
+
+def crosscoder_tables(cc_dir: str | Path, pair, plan: DiffingPlan, sae_id: str, chat_model: str | None = None) -> Tables:
+    """`crosscoder_latents` (ρ, class, decoder cosine, firing), `latent_scaling` of the chat-only
+    latents, and `latent_examples` of every latent on the paired tokens (model = "paired")."""
+    from sae_transfer.diffing.crosscoder import CLASSES, latent_table
+    from sae_transfer.diffing.latent_scaling import crosscoder_scaling
+    from storage.crosscoder_format import load_crosscoder
+    from storage.diffing_tables import columns_table
+
+    device = api.device_of(plan.device)
+    cc = load_crosscoder(cc_dir).to(device)
+    table = latent_table(cc)
+    ex_cfg = ex.ExamplesConfig(k=plan.examples_k, batch_tokens=plan.batch_tokens, device=plan.device)
+    acts = ex.collect_max_acts(cc, _paired_batches(pair, plan), ex_cfg)
+    counts_F = acts.hist_FH.sum(1)
+    sums_F = _firing_sums(cc, pair, plan, device)
+    t = table.taxonomy
+    dictionary = {"dictionary": sae_id, "dictionary_model": f"{pair.meta.get('base_model')} + {pair.meta.get('chat_model')}",
+                  "hook": pair.hook}
+    latents = columns_table("crosscoder_latents", {
+        "latent": np.arange(cc.d_sae), "norm_base": table.norm_base_F.numpy(), "norm_chat": table.norm_chat_F.numpy(),
+        "rho": table.rho_F.numpy(), "delta_norm": table.delta_norm_F.numpy(), "dec_cos": table.cosine_F.numpy(),
+        "latent_class": np.array([CLASSES[i] for i in table.class_F.tolist()], dtype=object),
+        "fire_count": counts_F.numpy(), "frequency": (counts_F / max(acts.n_tokens, 1)).numpy(),
+        "mean_act_firing": np.where(counts_F.numpy() > 0, sums_F.numpy() / np.maximum(counts_F.numpy(), 1), np.nan),
+    }, {**dictionary, "chat_only_min": t.chat_only_min, "base_only_max": t.base_only_max,
+        "shared_min": t.shared_min, "shared_max": t.shared_max, "n_tokens": acts.n_tokens})
+    chat_only = (table.class_F == CLASSES.index("chat_only")) & (counts_F > 0)
+    latents_L = chat_only.nonzero().squeeze(1)
+    x_batches = (b.acts_BD.to(device).view(-1, 2, cc.d_model) for b in _paired_batches(pair, plan))
+    sc = crosscoder_scaling(cc, x_batches, latents_L)
+    scaling = columns_table("latent_scaling", {
+        "latent": sc.latents_L.numpy(), "beta_error_base": sc.beta_error_base_L.numpy(),
+        "beta_error_chat": sc.beta_error_chat_L.numpy(), "beta_recon_base": sc.beta_recon_base_L.numpy(),
+        "beta_recon_chat": sc.beta_recon_chat_L.numpy(), "nu_error": sc.nu_error_L.numpy(),
+        "nu_recon": sc.nu_recon_L.numpy(), "verdict": np.array(sc.verdicts(), dtype=object),
+        "fire_count": sc.count_L.numpy(),
+    }, {**dictionary, "kind": "crosscoder", "n_tokens": sc.n_tokens})
+    examples = _paired_examples(cc, pair, acts, ex_cfg, dictionary, chat_model)
+    return {"crosscoder_latents": [latents], "latent_scaling": [scaling], "latent_examples": [examples]}
+
+
+@torch.inference_mode()
+def _firing_sums(cc, pair, plan: DiffingPlan, device) -> torch.Tensor:
+    """Σ f_j over the paired tokens [F] (float64, CPU), for the mean activation when firing."""
+    total_F = torch.zeros(cc.d_sae, dtype=torch.float64, device=device)
+    for b in _paired_batches(pair, plan):
+        total_F += cc.encode(b.acts_BD.to(device, torch.float32)).sum(0).double()
+    return total_F.cpu()
+
+
+def _paired_examples(cc, pair, acts, cfg: ex.ExamplesConfig, dictionary: dict, chat_model: str | None) -> pa.Table:
+    """The crosscoder's max-activating contexts on the paired tokens, with token texts."""
+    from storage.diffing_tables import columns_table
+
+    winners = acts.winners()
+    seqs = np.unique(winners["seq_id"])
+    context = int(pair.meta.get("context_size") or 128)
+    per_chunk = max(1, cfg.batch_tokens // context)
+    parts = [ex.window_activations(cc, _paired_sequences(pair, seqs[i:i + per_chunk]), winners, cfg)
+             for i in range(0, len(seqs), per_chunk)]
+    cols = api._concat_windows(parts)
+    texts = api._token_texts(cols["token_ids"], api.load_tokenizer(chat_model))
+    offsets = cols.pop("window_offsets")
+    cols["token_ids"], cols["acts"] = (cols["token_ids"], offsets), (cols["acts"], offsets)
+    if texts is not None:
+        cols["tokens"] = (texts, offsets)
+    const = {**dictionary, "model": "paired", "model_id": chat_model or pair.meta.get("chat_model"),
+             "tokens_fingerprint": pair.meta.get("tokens_fingerprint"), "n_tokens": acts.n_tokens}
+    return columns_table("latent_examples", cols, const)
+
+
+def chosen_latents(stats: pa.Table, sae_id: str, n: int) -> list[int]:
+    """Up to n latents of `sae_id` that appear on chat (fire on chat, silent on base), most
+    frequent first; when fewer appear, the rest by the largest chat-minus-base density shift."""
+    df = stats.to_pandas()
+    df = df[(df["dictionary"] == sae_id) & (df["model"] == "chat")]
+    appears = df[df["status"] == "appears"].sort_values("frequency", ascending=False)["latent"].tolist()
+    shifted = df[df["status"] != "appears"].sort_values("log10_density_shift", ascending=False)["latent"].tolist()
+    return [int(j) for j in (appears + shifted)[:n]]
+
+
+def causal_tables(sae_path: str, chat: str, hook: str, instructions, plan: DiffingPlan, results_dir: str,
+                  dtype: str = "float32") -> Tables:
+    """`latent_ablation` rows: the chat SAE's chat-appearing latents (see `chosen_latents`) and a
+    random set of the same size ablated on greedy chat transcripts (the segments' rollouts)."""
+    from sae_transfer.evals.api import load_eval_model
+    from sae_transfer.evals.loading import load_saes
+    from sae_transfer.evals.rollouts import load_prompts
+    from sae_transfer.evals.run import chat_transcripts
+    from storage.tables import read_table
+
+    loaded = load_saes([sae_path], hook)[0]
+    latents = chosen_latents(read_table(results_dir, "latent_stats"), loaded.info["sae_id"], plan.top_latents)
+    if not latents:
+        return {}
+    model, info = load_eval_model(chat, device=plan.device, dtype=dtype)
+    prompts = load_prompts(instructions.source, instructions.n_prompts)
+    toks = chat_transcripts(model, info, prompts, instructions.max_new_tokens, results_dir)
+    return {"latent_ablation": [api.ablation_table(model, info["model_id"], loaded, toks, hook, latents)]}

@@ -1,0 +1,31 @@
+-- The top chat-only crosscoder latents (most frequent first) with their max-activating
+-- contexts on the paired tokens. Parameters: ?1 base model id, ?2 chat model id (the pair the
+-- crosscoder was trained on), ?3 number of latents.
+with cc as (
+    select *
+    from crosscoder_latents
+    where latent_class = 'chat_only' and fire_count > 0 and contains(dictionary_model, ?1) and contains(dictionary_model, ?2)
+    qualify row_number() over (partition by dictionary, latent order by created_at desc) = 1
+),
+
+top as (
+    select dictionary, latent, rho, dec_cos, frequency, norm_base, norm_chat
+    from cc
+    order by frequency desc
+    limit ?3
+),
+
+examples as (
+    select *
+    from latent_examples
+    where model = 'paired'
+    qualify row_number() over (partition by dictionary, latent, rank order by created_at desc) = 1
+)
+
+select
+    t.latent, t.rho, t.dec_cos, t.frequency, t.norm_base, t.norm_chat,
+    e.rank, e.activation, e.pos, e.window_start, e.tokens, e.acts
+from top as t
+join examples as e using (dictionary, latent)
+where e.rank < 4
+order by t.frequency desc, t.latent, e.rank

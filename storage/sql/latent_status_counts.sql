@@ -1,0 +1,24 @@
+-- How many latents of each study SAE die, appear, stay shared or are dead between base and chat.
+-- Parameters: ?1 base model id, ?2 chat model id.
+with latest as (
+    select *
+    from latent_stats
+    where model = 'chat'
+    qualify row_number() over (partition by dictionary, latent order by created_at desc) = 1
+)
+
+select
+    case
+        when same_model(dictionary_model, ?1) and dictionary like 'finetuned%' then 'fine-tuned base'
+        when same_model(dictionary_model, ?1) then 'base'
+        when same_model(dictionary_model, ?2) then 'chat'
+        else dictionary
+    end as sae,
+    count(*) filter (where status = 'shared') as shared,
+    count(*) filter (where status = 'appears') as appears_on_chat,
+    count(*) filter (where status = 'dies') as dies_on_chat,
+    count(*) filter (where status = 'dead') as dead,
+    round(any_value(explained_variance), 3) as ev_on_chat
+from latest
+group by all
+order by sae
