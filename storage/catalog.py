@@ -42,6 +42,11 @@ CREATE OR REPLACE MACRO sae_label(sae_model, finetuned_from, base, chat) AS CASE
     WHEN same_model(sae_model, base) THEN 'base'
     WHEN same_model(sae_model, chat) THEN 'chat'
     ELSE sae_model END;
+CREATE OR REPLACE MACRO dictionary_label(dictionary, dictionary_model, base, chat) AS CASE
+    WHEN same_model(dictionary_model, base) AND dictionary LIKE 'finetuned%' THEN 'fine-tuned base'
+    WHEN same_model(dictionary_model, base) THEN 'base'
+    WHEN same_model(dictionary_model, chat) THEN 'chat'
+    ELSE dictionary END;
 CREATE OR REPLACE MACRO model_label(model_id, base, chat) AS CASE
     WHEN same_model(model_id, base) THEN 'base'
     WHEN same_model(model_id, chat) THEN 'chat'

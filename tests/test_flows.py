@@ -51,11 +51,13 @@ def test_first_run_fills_every_table(study):
     # 3 SAEs x 2 models x 2 outlier policies on plain text
     assert _count(cfg, "select count(*) from metrics where segment = 'text' and model_revision not like 'step-%'") >= 12
     assert _count(cfg, "select count(distinct segment) from metrics where segment <> 'text'") == 3
-    for table in ("outliers", "outlier_summary", "token_errors", "weight_diff", "positions", "rollouts", "training_log", "runs"):
+    for table in ("outliers", "outlier_summary", "token_errors", "weight_diff", "positions", "rollouts", "training_log", "runs",
+                  "latent_stats", "latent_matches", "latent_drift", "latent_examples", "crosscoder_latents", "latent_scaling",
+                  "latent_ablation"):
         assert _count(cfg, f"select count(*) from {table}") > 0, table
     assert _count(cfg, "select count(*) from checkpoints where status = 'evaluated'") >= 2
     html = (cfg.results_dir / "report" / "report.html").read_text()
-    assert html.count("<table") >= 6
+    assert html.count("<table") >= 6 and 'id="diffing"' in html
 
 
 def test_unchanged_rerun_is_fully_cached(study):

@@ -23,7 +23,7 @@ def test_report_has_every_section_with_tables_and_figures(tmp_path):
     assert "no rows yet" not in page
     assert page.count("data:image/png;base64,") >= 9  # the transfer heatmap and the three diffing figures among them
     # a chat-only latent card with its context, tokens shaded by activation
-    assert "latent 2</b> rho 0.900" in page and "&lt;|user|&gt;</span>" in page and "rgba(214,39,40,1.00)" in page
+    assert "latent 2</b> (chat-only) rho 0.900" in page and "&lt;|user|&gt;</span>" in page and "rgba(214,39,40,1.00)" in page
     # one sentence per research question, numbers and intervals from the synthetic rows
     assert "On the chat model the base SAE recovers 93.0 % [92.0, 94.0] of CE loss vs 97.0 % [96.0, 98.0] for the chat SAE" in page
     assert "the base SAE fine-tuned" not in page and "recovers 96.0 % [95.0, 97.0] on the chat model" in page

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from sae_transfer.evals.transfer import run_device, sequence_batches
 from sae_transfer.diffing.latent_stats import applied_sae
 from sae_transfer.evals import splice
 from sae_transfer.evals.segments import SEGMENTS, segment_mask
@@ -76,14 +77,8 @@ def ablation_patch(sae: SAE, latents: list[int]):
     return patch
 
 
-def _batches(n_seqs: int, seq_len: int, batch_tokens: int):
-    step = max(1, batch_tokens // max(seq_len, 1))
-    for start in range(0, n_seqs, step):
-        yield slice(start, min(start + step, n_seqs))
-
-
 def _device(model, cfg: CausalConfig) -> torch.device:
-    return torch.device(cfg.device) if cfg.device else next(model.parameters()).device
+    return run_device(model, cfg.device)
 
 
 @torch.inference_mode()
@@ -91,7 +86,7 @@ def transcript_scale(model, toks, hook: str, cfg: CausalConfig = CausalConfig())
     """s = sqrt(D) / E‖x‖ of the model at `hook` over the transcripts' real positions."""
     device = _device(model, cfg)
     norms = []
-    for sl in _batches(*toks.tokens_NS.shape, cfg.batch_tokens):
+    for sl in sequence_batches(*toks.tokens_NS.shape, cfg.batch_tokens):
         x_BSD = splice.hook_activations(model, toks.tokens_NS[sl].to(device), hook)
         norms.append(x_BSD.float().norm(dim=-1)[toks.valid_NS[sl].to(device)].cpu())
     return scale_factor_of(torch.cat(norms), x_BSD.shape[-1])
@@ -103,7 +98,7 @@ def firing_counts(model, sae: SAE, toks, hook: str, s_eval: float, cfg: CausalCo
     device = _device(model, cfg)
     used, _ = applied_sae(sae, s_eval, device)
     count_F = torch.zeros(sae.d_sae, dtype=torch.int64, device=device)
-    for sl in _batches(*toks.tokens_NS.shape, cfg.batch_tokens):
+    for sl in sequence_batches(*toks.tokens_NS.shape, cfg.batch_tokens):
         x_BSD = splice.hook_activations(model, toks.tokens_NS[sl].to(device), hook)
         feats = used.encode(x_BSD.float())[toks.valid_NS[sl].to(device)]
         count_F += (feats != 0).sum(0)
@@ -130,7 +125,7 @@ def ablation_kl(
     for res in results.values():
         res.segments = {seg: SegmentKL() for seg in (*SEGMENTS, ALL)}
     patches = {name: ablation_patch(used, res.latents) for name, res in results.items()}
-    for sl in _batches(*toks.tokens_NS.shape, cfg.batch_tokens):
+    for sl in sequence_batches(*toks.tokens_NS.shape, cfg.batch_tokens):
         tok_BS = toks.tokens_NS[sl].to(device)
         valid_BS = toks.valid_NS[sl].to(device)
         masks = {seg: segment_mask(toks.roles_NS[sl], toks.valid_NS[sl], seg).to(device) for seg in SEGMENTS}

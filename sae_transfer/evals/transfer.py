@@ -103,14 +103,21 @@ class PairResult:
     token_errors: dict[str, torch.Tensor] | None  # seq_id, pos, scaled_norm, sq_error, l0, is_outlier (counted tokens)
 
 
-def _batches(n_seqs: int, seq_len: int, batch_tokens: int):
+def sequence_batches(n_seqs: int, seq_len: int, batch_tokens: int):
+    """Slices of whole sequences holding about `batch_tokens` tokens each (at least one sequence)."""
     step = max(1, batch_tokens // max(seq_len, 1))
     for start in range(0, n_seqs, step):
         yield slice(start, min(start + step, n_seqs))
 
 
-def _device(model, cfg: EvalConfig) -> torch.device:
-    return torch.device(cfg.device) if cfg.device else next(model.parameters()).device
+def run_device(model, device: str | None) -> torch.device:
+    """`device` when given, else the device the model's weights are on."""
+    return torch.device(device) if device else next(model.parameters()).device
+
+
+
+def _device(model, cfg) -> torch.device:
+    return run_device(model, cfg.device)
 
 
 @torch.inference_mode()
@@ -125,7 +132,7 @@ def norm_pass(
     device = _device(model, cfg)
     norms = torch.zeros(toks.tokens_NS.shape, dtype=torch.float32)
     d_in = 0
-    for sl in _batches(*toks.tokens_NS.shape, cfg.batch_tokens):
+    for sl in sequence_batches(*toks.tokens_NS.shape, cfg.batch_tokens):
         x_BSD = splice.hook_activations(model, toks.tokens_NS[sl].to(device), hook)
         norms[sl] = x_BSD.float().norm(dim=-1).cpu()
         d_in = x_BSD.shape[-1]
@@ -188,7 +195,7 @@ def evaluate_saes(model, saes: dict, toks: TokenSet, hook: str, norms: NormStats
         sae.to(device)
     sums = {(sid, p): _Sums(norms.d_in) for sid in saes for p in cfg.policies}
     errors: dict[str, list[dict]] = {sid: [] for sid in saes}
-    for sl in _batches(*toks.tokens_NS.shape, cfg.batch_tokens):
+    for sl in sequence_batches(*toks.tokens_NS.shape, cfg.batch_tokens):
         tok_BS = toks.tokens_NS[sl].to(device)
         valid_BS = toks.valid_NS[sl].to(device)
         counted_BS = toks.counted_NS[sl].to(device) & valid_BS

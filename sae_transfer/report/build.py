@@ -118,7 +118,7 @@ def _diffing_section(con, pair: list[str], n_cards: int = 6) -> Section:
     classes, status = _q(con, "diff_class_counts", pair), _q(con, "latent_status_counts", pair)
     density, cosines = _q(con, "density_shift", pair), _q(con, "decoder_cosines", pair)
     scaling, ablation = _q(con, "latent_scaling_ratios", pair), _q(con, "latent_ablation_table", pair)
-    cards = _q(con, "chat_only_cards", pair + [n_cards])
+    cards = _q(con, "top_chat_latents", pair + [n_cards])
     figures = [(title, draw(df)) for title, draw, df in (
         ("firing density of every SAE latent on base vs chat", plots.density_shift, density),
         ("decoder cosines", plots.decoder_cosines, cosines),
@@ -135,10 +135,10 @@ def _diffing_section(con, pair: list[str], n_cards: int = 6) -> Section:
 
 
 def latent_cards(cards: pd.DataFrame) -> str:
-    """One card per chat-only crosscoder latent: its rho, decoder norms, and max-activating
-    contexts with every token shaded by the latent's activation there."""
+    """One card per top chat-leaning crosscoder latent (chat-only ones first): its class, rho,
+    decoder norms, and max-activating contexts with every token shaded by its activation there."""
     if cards.empty:
-        return '<p class="empty">no chat-only crosscoder latents yet</p>'
+        return '<p class="empty">no crosscoder latents yet</p>'
     out = []
     for latent, rows in cards.groupby("latent", sort=False):
         head = rows.iloc[0]
@@ -150,7 +150,7 @@ def latent_cards(cards: pd.DataFrame) -> str:
                 f'<span style="background:rgba(214,39,40,{min(a / top, 1.0) if top > 0 else 0:.2f})" title="{a:.3g}">'
                 f"{html.escape(t).replace(chr(10), '&#8629;')}</span>" for t, a in zip(tokens, acts))
             lines.append(f"<div class='ctx'><span class='act'>{r['activation']:.3g}</span> {spans}</div>")
-        out.append(f"<div class='card'><b>latent {latent}</b> rho {head['rho']:.3f} (||d chat|| {head['norm_chat']:.2f}, "
+        out.append(f"<div class='card'><b>latent {latent}</b> ({head['latent_class'].replace('_', '-')}) rho {head['rho']:.3f} (||d chat|| {head['norm_chat']:.2f}, "
                    f"||d base|| {head['norm_base']:.2f}), decoder cosine {head['dec_cos']:.2f}, fires on "
                    f"{head['frequency']:.3%} of paired tokens; the same tokens feed both models, so its write is "
                    f"{head['norm_chat']:.2f} x activation into chat and {head['norm_base']:.2f} x into base"

@@ -20,12 +20,7 @@ wide as (
 )
 
 select
-    case
-        when same_model(dictionary_model, ?1) and dictionary like 'finetuned%' then 'fine-tuned base'
-        when same_model(dictionary_model, ?1) then 'base'
-        when same_model(dictionary_model, ?2) then 'chat'
-        else dictionary
-    end as sae,
+    dictionary_label(dictionary, dictionary_model, ?1, ?2) as sae,
     latent,
     status,
     log10_density_base,

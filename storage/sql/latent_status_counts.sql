@@ -8,12 +8,7 @@ with latest as (
 )
 
 select
-    case
-        when same_model(dictionary_model, ?1) and dictionary like 'finetuned%' then 'fine-tuned base'
-        when same_model(dictionary_model, ?1) then 'base'
-        when same_model(dictionary_model, ?2) then 'chat'
-        else dictionary
-    end as sae,
+    dictionary_label(dictionary, dictionary_model, ?1, ?2) as sae,
     count(*) filter (where status = 'shared') as shared,
     count(*) filter (where status = 'appears') as appears_on_chat,
     count(*) filter (where status = 'dies') as dies_on_chat,

@@ -1,17 +1,17 @@
--- The top chat-only crosscoder latents (most frequent first) with their max-activating
--- contexts on the paired tokens. Parameters: ?1 base model id, ?2 chat model id (the pair the
+-- The most chat-leaning live crosscoder latents (highest rho first: chat-only ones when there
+-- are any) with their max-activating contexts on the paired tokens. Parameters: ?1 base model id, ?2 chat model id (the pair the
 -- crosscoder was trained on), ?3 number of latents.
 with cc as (
     select *
     from crosscoder_latents
-    where latent_class = 'chat_only' and fire_count > 0 and contains(dictionary_model, ?1) and contains(dictionary_model, ?2)
+    where fire_count > 0 and contains(dictionary_model, ?1) and contains(dictionary_model, ?2)
     qualify row_number() over (partition by dictionary, latent order by created_at desc) = 1
 ),
 
 top as (
-    select dictionary, latent, rho, dec_cos, frequency, norm_base, norm_chat
+    select dictionary, latent, latent_class, rho, dec_cos, frequency, norm_base, norm_chat
     from cc
-    order by frequency desc
+    order by rho desc
     limit ?3
 ),
 
@@ -23,9 +23,9 @@ examples as (
 )
 
 select
-    t.latent, t.rho, t.dec_cos, t.frequency, t.norm_base, t.norm_chat,
+    t.latent, t.latent_class, t.rho, t.dec_cos, t.frequency, t.norm_base, t.norm_chat,
     e.rank, e.activation, e.pos, e.window_start, e.tokens, e.acts
 from top as t
 join examples as e using (dictionary, latent)
 where e.rank < 4
-order by t.frequency desc, t.latent, e.rank
+order by t.rho desc, t.latent, e.rank
