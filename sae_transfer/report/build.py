@@ -67,8 +67,10 @@ def collect_sections(results_dir: str | Path, base: str, chat: str, *, scatter_r
     try:
         pair = [base, chat]
         transfer = _q(con, "transfer_table", pair)
-        named = {name: _q(con, name, pair) for name in ("outlier_table", "segments_table", "finetune_table", "drift")}
-        sentences = findings(transfer, named["outlier_table"], named["segments_table"], named["finetune_table"], named["drift"])
+        named = {name: _q(con, name, pair) for name in ("outlier_table", "segments_table", "finetune_table", "drift",
+                                                        "diff_class_counts", "latent_status_counts", "latent_ablation_table")}
+        sentences = findings(transfer, named["outlier_table"], named["segments_table"], named["finetune_table"], named["drift"],
+                             (named["diff_class_counts"], named["latent_status_counts"], named["latent_ablation_table"]))
         sections = [
             Section("findings", "Findings", "One sentence per research question, from the tables below "
                     "(CE loss recovered with its bootstrap 95 % interval over sequences).", bullets=sentences or ["no results yet"]),

@@ -101,9 +101,29 @@ def drift_sentence(drift: pd.DataFrame, policy: str = "excluded") -> str | None:
             f"recovered goes from {100 * first['ce_loss_score']:.1f} % to {100 * last['ce_loss_score']:.1f} %.")
 
 
-def findings(transfer, outliers, segments, finetune, drift) -> list[str]:
-    """Every sentence the results support, in the order of DESIGN.md's research questions."""
+def diffing_sentence(classes: pd.DataFrame, status: pd.DataFrame, ablation: pd.DataFrame) -> str | None:
+    """What changed inside: crosscoder classes, SAE latents that appear or die, the causal check."""
+    parts = []
+    if not classes.empty:
+        n = {r["latent_class"]: int(r["n_latents"]) for _, r in classes.iterrows()}
+        parts.append(f"the crosscoder calls {n.get('chat_only', 0)} of {sum(n.values())} live latents chat-only, "
+                     f"{n.get('base_only', 0)} base-only and {n.get('shared', 0)} shared")
+    base = status[status["sae"] == "base"] if not status.empty else status
+    if len(base):
+        r = base.iloc[0]
+        parts.append(f"{int(r['appears_on_chat'])} base-SAE latents appear and {int(r['dies_on_chat'])} die on chat")
+    given = ablation[(ablation["segment"] == "all") & (ablation["latent_set"] == "given")] if not ablation.empty else ablation
+    rand = ablation[(ablation["segment"] == "all") & (ablation["latent_set"] == "random")] if not ablation.empty else ablation
+    if len(given) and len(rand):
+        parts.append(f"ablating the chat SAE's {int(given.iloc[0]['set_size'])} chat-appearing latents costs KL "
+                     f"{given.iloc[0]['kl_mean']:.4f} nats/token vs {rand.iloc[0]['kl_mean']:.4f} for a random set")
+    return ("What changed inside: " + "; ".join(parts) + ".") if parts else None
+
+
+def findings(transfer, outliers, segments, finetune, drift, diffing=None) -> list[str]:
+    """Every sentence the results support, in the order of DESIGN.md's research questions;
+    `diffing` is (class counts, SAE latent status counts, causal-check table) when present."""
     out = [transfer_sentence(transfer, "chat"), transfer_sentence(transfer, "base"),
            outlier_sentence(outliers, transfer), finetune_sentence(transfer, finetune),
-           segment_sentence(segments), drift_sentence(drift)]
+           segment_sentence(segments), drift_sentence(drift), diffing_sentence(*diffing) if diffing else None]
     return [s for s in out if s]
