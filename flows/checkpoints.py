@@ -12,8 +12,13 @@ from flows._runs import share_cpu_threads
 from sae_transfer.errors import UserError
 from sae_transfer.models import is_local
 from sae_transfer.study import StudyConfig
-from storage.layout import StudyLayout
+from storage.fingerprint import hash_payload
+from storage.layout import StudyLayout, slug
+from tasks._cache import code_version
+from tasks.activations import cache_activations
 from tasks.checkpoints import publish_drift, record_checkpoint
+from tasks.diffing import checkpoint_drift
+from tasks.sae import TRAINING_CODE
 from tasks.evaluate import evaluate_transfer
 
 
@@ -24,6 +29,21 @@ def study_state(config: StudyConfig) -> dict:
     if not state.is_file():
         raise UserError(f"{state} not found: run the study first (sae-transfer run CONFIG) so there are SAEs to evaluate")
     return json.loads(state.read_text())
+
+
+def _checkpoint_drift(config: StudyConfig, checkpoint: str, step: int, saes: dict[str, list[str]]) -> list:
+    """Cache the checkpoint's activations and briefly fine-tune the base SAE on them, per hook."""
+    layout = StudyLayout(config.results_dir)
+    corpus = config.corpus.model_copy(update={"train_tokens": config.diffing.checkpoint_finetune_tokens})
+    acts = cache_activations(checkpoint, list(saes), corpus, str(layout.activations), act_dtype=config.act_dtype,
+                             model_dtype=config.dtype, device=config.device, trust_remote_code=config.pair.trust_remote_code)
+    out = []
+    for a in acts:
+        key = hash_payload(code_version(*TRAINING_CODE), a.path, saes[a.hook][0], config.finetune.model_dump(),
+                           config.diffing.checkpoint_finetune_tokens, config.seed)
+        run_dir = str(layout.sae_run(f"checkpoint-ft-{slug(a.hook)}-{key}"))
+        out.append(checkpoint_drift.submit(saes[a.hook][0], a, config, run_dir, step))
+    return out
 
 
 @flow(name="evaluate_checkpoint", log_prints=True)
@@ -39,6 +59,8 @@ def evaluate_checkpoint(config: StudyConfig, checkpoint: str, step: int = -1) ->
     thresholds = state.get("thresholds", {})
     futures = [evaluate_transfer.submit(paths, checkpoint, config, hook, revision_label=label, threshold=thresholds.get(hook))
                for hook, paths in state["saes"].items()]
+    if config.diffing.enabled and config.diffing.checkpoint_finetune_tokens:
+        futures += _checkpoint_drift(config, checkpoint, step, state["saes"])
     wait(futures)
     rows = sum(f.result().rows.get("metrics", 0) for f in futures)
     ckpt_id = record_checkpoint(config, checkpoint, step, "evaluated")

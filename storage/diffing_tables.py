@@ -107,6 +107,8 @@ LATENT_DRIFT = pa.schema(
         ("dec_cos", _F64),  # cosine of the decoder rows
         ("dec_norm_ratio", _F64),  # ||child row|| / ||parent row|| (training units)
         ("b_enc_delta", _F64),  # child - parent encoder bias
+        ("checkpoint", _STR),  # the fine-tuning checkpoint the child was briefly fine-tuned on (null: the study's fine-tune)
+        ("step", _I64),  # that checkpoint's step
         ("created_at", _TS),
     ]
 )

@@ -91,3 +91,24 @@ def causal_check(saes: list[SAERecord], chat: str, config: StudyConfig, hook: st
     produced = causal_tables(chat_sae.path, chat, hook, config.instructions, _plan(config), str(config.results_dir),
                              dtype=config.dtype)
     return _append(str(config.results_dir), f"causal check at {hook}", produced)
+
+
+@task(name="checkpoint-drift", **_CODE)
+def checkpoint_drift(base_sae: str, acts: ActsRecord, config: StudyConfig, out_dir: str, step: int) -> RowsRecord:
+    """Briefly fine-tune the study's base SAE on one checkpoint's activations (the study's recipe,
+    `diffing.checkpoint_finetune_tokens` tokens) and record each latent's drift from it."""
+    from sae_transfer.diffing.api import drift_table
+    from sae_transfer.evals.loading import load_saes
+    from sae_transfer.training.api import finetune_on_dataset
+
+    ft = config.finetune
+    result = finetune_on_dataset(base_sae, acts.path, out_dir, tokens=config.diffing.checkpoint_finetune_tokens,
+                                 batch_size=ft.batch_size, seed=config.seed, device=config.device)
+    child, parent = load_saes([str(result.sae_dir), base_sae], acts.hook)
+    table = drift_table(child, parent)
+    n = table.num_rows
+    import pyarrow as pa
+
+    table = table.set_column(table.schema.get_field_index("checkpoint"), "checkpoint", pa.array([acts.model] * n, pa.string()))
+    table = table.set_column(table.schema.get_field_index("step"), "step", pa.array([step] * n, pa.int64()))
+    return _append(str(config.results_dir), f"checkpoint drift at step {step}", {"latent_drift": [table]})

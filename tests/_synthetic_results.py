@@ -94,6 +94,9 @@ def fill_diffing(root: Path) -> None:
     tables.append_rows(root, "latent_matches", [dict(
         dictionary_a="base-sae:abc", dictionary_b="chat-sae:abc", hook=HOOK, latent_a=j, latent_b=j, dec_cos=0.95,
         act_corr=0.8, method="dense") for j in range(3)])
+    tables.append_rows(root, "latent_drift", [dict(
+        dictionary=f"ft{step}:abc", parent="base-sae:abc", hook=HOOK, latent=j, enc_cos=0.9, dec_cos=0.95 - 0.1 * j,
+        dec_norm_ratio=1.1, step=step) for j in range(3) for step in (None, 30)])
     tables.append_rows(root, "latent_ablation", [dict(
         dictionary="chat-sae:abc", dictionary_model=CHAT, hook=HOOK, model_id=CHAT, latent_set=s, latents=[1], set_size=1,
         segment=seg, n_tokens=100, kl_mean=0.1 if s == "given" else 0.01, kl_max=1.0, ablated_norm_frac=0.1)

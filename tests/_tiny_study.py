@@ -24,5 +24,5 @@ def tiny_study(root: Path, name: str = "tiny") -> "StudyConfig":  # noqa: F821
         "eval": {"tokens": 512, "bootstrap": 50, "position_multiples": [1, 2]},
         "instructions": {"n_prompts": 2, "max_new_tokens": 6},
         "diffing": {"crosscoder_expansion": 2, "crosscoder_k": 4, "crosscoder_tokens": 2048, "stats_tokens": 2048,
-                    "examples_k": 2, "top_latents": 2},
+                    "examples_k": 2, "top_latents": 2, "checkpoint_finetune_tokens": 512},
     })

@@ -56,6 +56,8 @@ def test_first_run_fills_every_table(study):
                   "latent_ablation"):
         assert _count(cfg, f"select count(*) from {table}") > 0, table
     assert _count(cfg, "select count(*) from checkpoints where status = 'evaluated'") >= 2
+    # each checkpoint also briefly fine-tuned the base SAE: per-latent drift rows per step
+    assert _count(cfg, "select count(distinct step) from latent_drift where step is not null") >= 2
     html = (cfg.results_dir / "report" / "report.html").read_text()
     assert html.count("<table") >= 6 and 'id="diffing"' in html
 

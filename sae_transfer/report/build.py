@@ -120,6 +120,7 @@ def _diffing_section(con, pair: list[str], n_cards: int = 6) -> Section:
     classes, status = _q(con, "diff_class_counts", pair), _q(con, "latent_status_counts", pair)
     density, cosines = _q(con, "density_shift", pair), _q(con, "decoder_cosines", pair)
     scaling, ablation = _q(con, "latent_scaling_ratios", pair), _q(con, "latent_ablation_table", pair)
+    drift = _q(con, "latent_drift_summary", pair)
     cards = _q(con, "top_chat_latents", pair + [n_cards])
     figures = [(title, draw(df)) for title, draw, df in (
         ("firing density of every SAE latent on base vs chat", plots.density_shift, density),
@@ -132,7 +133,8 @@ def _diffing_section(con, pair: list[str], n_cards: int = 6) -> Section:
         "latents from Complete Shrinkage and Latent Decoupling; each study SAE's latents are followed from base to chat "
         "(dies / appears); ablating the chat-appearing latents measures what they do.",
         [("crosscoder latents by class", classes), ("SAE latents from base to chat", status),
-         ("causal check: KL(clean || ablated) on chat transcripts", ablation)],
+         ("causal check: KL(clean || ablated) on chat transcripts", ablation),
+         ("latent drift of fine-tuned base SAEs (study fine-tune; brief fine-tunes per checkpoint)", drift)],
         figures, html_blocks=[latent_cards(cards)])
 
 
