@@ -45,8 +45,21 @@ def current_run_id() -> str:
     return str(get_run_context().flow_run.id)
 
 
+def preload_model_libraries() -> None:
+    """Import transformers' and TransformerLens's lazy modules once, in the flow's thread.
+
+    Tasks run in threads; transformers resolves `from transformers import AutoTokenizer` through
+    a lazy module, and two threads doing that for the first time at once can see a half-built
+    module ("cannot import name 'AutoTokenizer'"). Importing up front makes every later import a
+    dictionary lookup."""
+    from transformer_lens.model_bridge import TransformerBridge  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+
 def share_cpu_threads(config) -> None:
     """Tasks run concurrently in threads of one process; on CPU each gets its share of the cores
-    (torch's default of one thread per core per task oversubscribes and runs several times slower)."""
+    (torch's default of one thread per core per task oversubscribes and runs several times slower).
+    Also preloads the model libraries (see `preload_model_libraries`), as every flow calls this first."""
+    preload_model_libraries()
     if (config.device or default_device()) == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
