@@ -83,12 +83,12 @@ def diff_crosscoder(crosscoder: SAERecord, base_acts: ActsRecord, chat_acts: Act
 
 @task(name="causal-check", **_CODE)
 def causal_check(saes: list[SAERecord], chat: str, config: StudyConfig, hook: str, upstream: list[RowsRecord]) -> RowsRecord:
-    """Ablate the chat SAE's latents that appear on chat (fire on chat, silent on base) on chat
+    """Ablate the study SAEs' latents that appear on chat (fire on chat, silent on base) on chat
     transcripts, and a random set of the same size: KL to the clean chat model per segment."""
     from sae_transfer.diffing.stage import causal_tables
 
-    chat_sae = next(s for s in saes if s.role == "chat")
-    produced = causal_tables(chat_sae.path, chat, hook, config.instructions, _plan(config), str(config.results_dir),
+    paths = [s.path for s in saes if s.role == "base"] + [s.path for s in saes if s.role == "chat"]
+    produced = causal_tables(paths, chat, hook, config.instructions, _plan(config), str(config.results_dir),
                              dtype=config.dtype)
     return _append(str(config.results_dir), f"causal check at {hook}", produced)
 

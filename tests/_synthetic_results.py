@@ -99,5 +99,5 @@ def fill_diffing(root: Path) -> None:
         dec_norm_ratio=1.1, step=step) for j in range(3) for step in (None, 30)])
     tables.append_rows(root, "latent_ablation", [dict(
         dictionary="chat-sae:abc", dictionary_model=CHAT, hook=HOOK, model_id=CHAT, latent_set=s, latents=[1], set_size=1,
-        segment=seg, n_tokens=100, kl_mean=0.1 if s == "given" else 0.01, kl_max=1.0, ablated_norm_frac=0.1)
-        for s in ("given", "random") for seg in ("user_prompt", "rollout", "template", "all")])
+        segment=seg, n_tokens=100, kl_mean=0.1 if s != "random" else 0.01, kl_max=1.0, ablated_norm_frac=0.1)
+        for s in ("appears_on_chat", "random") for seg in ("user_prompt", "rollout", "template", "all")])

@@ -27,7 +27,7 @@ def test_report_has_every_section_with_tables_and_figures(tmp_path):
     # one sentence per research question, numbers and intervals from the synthetic rows
     assert "On the chat model the base SAE recovers 93.0 % [92.0, 94.0] of CE loss vs 97.0 % [96.0, 98.0] for the chat SAE" in page
     assert "What changed inside: the crosscoder calls 1 of 4 live latents chat-only, 1 base-only and 2 shared" in page
-    assert "ablating the chat SAE&#x27;s 1 chat-appearing latents costs KL 0.1000 nats/token vs 0.0100 for a random set" in page
+    assert "ablating 1 latents that appear on chat costs KL 0.1 nats/token vs 0.01 for a random set" in page
     assert "the base SAE fine-tuned" not in page and "recovers 96.0 % [95.0, 97.0] on the chat model" in page
     md = paths.markdown.read_text()
     assert "| hook | sae | model | l0 |" in md and "**outlier summary**" in md

@@ -221,17 +221,19 @@ def drift_table(loaded_child, loaded_parent):
     return columns_table("latent_drift", cols, const)
 
 
-def ablation_table(model, model_id: str, loaded, toks, hook: str, latents: list[int], cfg=None, s_eval: float | None = None):
-    """`latent_ablation` rows: KL(clean || ablated) per segment for `latents` and for a random
-    set of the same size (seeded, among latents that fire on these transcripts) on the chat
-    model's transcripts `toks` (evals TokenSet). `s_eval` defaults to the transcripts' own."""
+def ablation_table(model, model_id: str, loaded, toks, hook: str, latents: list[int], cfg=None, s_eval: float | None = None,
+                   set_name: str = "given"):
+    """`latent_ablation` rows: KL(clean || ablated) per segment for `latents` (rows named
+    `set_name`) and for a random set of the same size (seeded, among latents that fire on these
+    transcripts) on the chat model's transcripts `toks` (evals TokenSet). `s_eval` defaults to
+    the transcripts' own."""
     from sae_transfer.diffing import causal
     from storage.diffing_tables import columns_table
 
     cfg = cfg or causal.CausalConfig()
     s_eval = s_eval or causal.transcript_scale(model, toks, hook, cfg)
     counts = causal.firing_counts(model, loaded.sae, toks, hook, s_eval, cfg)
-    sets = {"given": sorted(int(j) for j in latents),
+    sets = {set_name: sorted(int(j) for j in latents),
             "random": causal.random_latents(counts, len(latents), list(latents), cfg.seed)}
     results = causal.ablation_kl(model, loaded.sae, toks, hook, sets, s_eval, cfg)
     rows = [(res, seg, acc) for res in results.values() for seg, acc in res.segments.items()]

@@ -174,31 +174,39 @@ def _paired_examples(cc, pair, acts, cfg: ex.ExamplesConfig, dictionary: dict, c
     return columns_table("latent_examples", cols, const)
 
 
-def chosen_latents(stats: pa.Table, sae_id: str, n: int) -> list[int]:
-    """Up to n latents of `sae_id` that appear on chat (fire on chat, silent on base), most
-    frequent first; when fewer appear, the rest by the largest chat-minus-base density shift."""
+def chosen_latents(stats: pa.Table, sae_ids: list[str], n: int) -> tuple[str, str, list[int]]:
+    """(SAE id, set name, latents) to ablate: up to n latents that appear on chat (fire on chat,
+    silent on base), from whichever of `sae_ids` has the most, most frequent first; when no SAE
+    has any, the chat SAE's (the last id's) n latents with the largest chat-minus-base density
+    shift, named "density_shift" so the report never calls them chat-only."""
     df = stats.to_pandas()
-    df = df[(df["dictionary"] == sae_id) & (df["model"] == "chat")]
-    appears = df[df["status"] == "appears"].sort_values("frequency", ascending=False)["latent"].tolist()
-    shifted = df[df["status"] != "appears"].sort_values("log10_density_shift", ascending=False)["latent"].tolist()
-    return [int(j) for j in (appears + shifted)[:n]]
+    df = df[df["dictionary"].isin(sae_ids) & (df["model"] == "chat")]
+    appears = df[df["status"] == "appears"]
+    if len(appears):
+        sae_id = appears["dictionary"].value_counts().index[0]
+        rows = appears[appears["dictionary"] == sae_id].sort_values("frequency", ascending=False)
+        return sae_id, "appears_on_chat", [int(j) for j in rows["latent"].head(n)]
+    rows = df[df["dictionary"] == sae_ids[-1]].sort_values("log10_density_shift", ascending=False)
+    return sae_ids[-1], "density_shift", [int(j) for j in rows["latent"].head(n)]
 
 
-def causal_tables(sae_path: str, chat: str, hook: str, instructions, plan: DiffingPlan, results_dir: str,
+def causal_tables(sae_paths: list[str], chat: str, hook: str, instructions, plan: DiffingPlan, results_dir: str,
                   dtype: str = "float32") -> Tables:
-    """`latent_ablation` rows: the chat SAE's chat-appearing latents (see `chosen_latents`) and a
-    random set of the same size ablated on greedy chat transcripts (the segments' rollouts)."""
+    """`latent_ablation` rows: latents of the study's SAEs that appear on chat (see
+    `chosen_latents`; base SAE first, chat SAE last in `sae_paths`) and a random set of the same
+    size, ablated on greedy chat transcripts (the segments' rollouts)."""
     from sae_transfer.evals.api import load_eval_model
     from sae_transfer.evals.loading import load_saes
     from sae_transfer.evals.rollouts import load_prompts
     from sae_transfer.evals.run import chat_transcripts
     from storage.tables import read_table
 
-    loaded = load_saes([sae_path], hook)[0]
-    latents = chosen_latents(read_table(results_dir, "latent_stats"), loaded.info["sae_id"], plan.top_latents)
+    loaded = {s.info["sae_id"]: s for s in load_saes(sae_paths, hook)}
+    sae_id, name, latents = chosen_latents(read_table(results_dir, "latent_stats"), list(loaded), plan.top_latents)
     if not latents:
         return {}
     model, info = load_eval_model(chat, device=plan.device, dtype=dtype)
     prompts = load_prompts(instructions.source, instructions.n_prompts)
     toks = chat_transcripts(model, info, prompts, instructions.max_new_tokens, results_dir)
-    return {"latent_ablation": [api.ablation_table(model, info["model_id"], loaded, toks, hook, latents)]}
+    return {"latent_ablation": [api.ablation_table(model, info["model_id"], loaded[sae_id], toks, hook, latents,
+                                                   set_name=name)]}

@@ -112,11 +112,13 @@ def diffing_sentence(classes: pd.DataFrame, status: pd.DataFrame, ablation: pd.D
     if len(base):
         r = base.iloc[0]
         parts.append(f"{int(r['appears_on_chat'])} base-SAE latents appear and {int(r['dies_on_chat'])} die on chat")
-    given = ablation[(ablation["segment"] == "all") & (ablation["latent_set"] == "given")] if not ablation.empty else ablation
-    rand = ablation[(ablation["segment"] == "all") & (ablation["latent_set"] == "random")] if not ablation.empty else ablation
+    every = ablation[ablation["segment"] == "all"] if not ablation.empty else ablation
+    given, rand = every[every["latent_set"] != "random"], every[every["latent_set"] == "random"]
     if len(given) and len(rand):
-        parts.append(f"ablating the chat SAE's {int(given.iloc[0]['set_size'])} chat-appearing latents costs KL "
-                     f"{given.iloc[0]['kl_mean']:.4f} nats/token vs {rand.iloc[0]['kl_mean']:.4f} for a random set")
+        what = {"appears_on_chat": "latents that appear on chat", "density_shift": "latents with the largest density shift "
+                "(none appears on chat)"}.get(given.iloc[0]["latent_set"], given.iloc[0]["latent_set"])
+        parts.append(f"ablating {int(given.iloc[0]['set_size'])} {what} costs KL "
+                     f"{given.iloc[0]['kl_mean']:.2g} nats/token vs {rand.iloc[0]['kl_mean']:.2g} for a random set")
     return ("What changed inside: " + "; ".join(parts) + ".") if parts else None
 
 

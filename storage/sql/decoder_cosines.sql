@@ -3,21 +3,22 @@
 with cc as (
     select *
     from crosscoder_latents
-    where fire_count > 0
-    qualify row_number() over (partition by dictionary, latent order by created_at desc) = 1
+    qualify created_at = max(created_at) over (partition by hook)
 ),
 
 matches as (
-    select *
+    -- the newest matching per kind of pair
+    select *, dictionary_b like 'finetuned%' as to_child
     from latent_matches
-    qualify row_number() over (partition by dictionary_a, dictionary_b, latent_a order by created_at desc) = 1
+    qualify created_at = max(created_at) over (partition by hook, dictionary_b like 'finetuned%')
 )
 
 select 'crosscoder ' || latent_class as source, dec_cos, rho
 from cc
+where fire_count > 0
 union all
 select
-    case when dictionary_b like 'finetuned%' then 'base SAE vs fine-tuned' else 'base SAE vs chat SAE' end as source,
+    case when to_child then 'base SAE vs fine-tuned' else 'base SAE vs chat SAE' end as source,
     dec_cos,
     null as rho
 from matches

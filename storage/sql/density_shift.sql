@@ -3,7 +3,8 @@
 with latest as (
     select *
     from latent_stats
-    qualify row_number() over (partition by dictionary, latent, model order by created_at desc) = 1
+    -- the newest dictionary per study SAE label (a retrained SAE appends a new one)
+    qualify created_at = max(created_at) over (partition by hook, dictionary_label(dictionary, dictionary_model, ?1, ?2))
 ),
 
 wide as (

@@ -1,9 +1,10 @@
 -- Crosscoder latents by class (relative decoder norm rho; cut-offs recorded per row), counting
 -- only latents that fired on the paired tokens. Parameters: none.
 with latest as (
+    -- the newest crosscoder per hook (re-runs with other settings append new dictionaries)
     select *
     from crosscoder_latents
-    qualify row_number() over (partition by dictionary, latent order by created_at desc) = 1
+    qualify created_at = max(created_at) over (partition by hook)
 )
 
 select

@@ -3,7 +3,7 @@
 with latest as (
     select *
     from latent_ablation
-    qualify row_number() over (partition by dictionary, latent_set, segment order by created_at desc) = 1
+    qualify created_at = max(created_at) over (partition by hook)
 )
 
 select

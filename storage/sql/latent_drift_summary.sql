@@ -3,7 +3,7 @@
 with latest as (
     select *
     from latent_drift
-    qualify row_number() over (partition by dictionary, latent order by created_at desc) = 1
+    qualify created_at = max(created_at) over (partition by hook, step)
 )
 
 select

@@ -5,7 +5,7 @@ with latest as (
     select *
     from latent_scaling
     where kind = 'crosscoder'
-    qualify row_number() over (partition by dictionary, latent order by created_at desc) = 1
+    qualify created_at = max(created_at) over (partition by hook)
 )
 
 select hook, latent, round(nu_error, 3) as nu_error, round(nu_recon, 3) as nu_recon, verdict, fire_count

@@ -4,7 +4,8 @@ with latest as (
     select *
     from latent_stats
     where model = 'chat'
-    qualify row_number() over (partition by dictionary, latent order by created_at desc) = 1
+    -- the newest dictionary per study SAE label (a retrained SAE appends a new one)
+    qualify created_at = max(created_at) over (partition by hook, dictionary_label(dictionary, dictionary_model, ?1, ?2))
 )
 
 select

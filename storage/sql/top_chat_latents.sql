@@ -4,13 +4,14 @@
 with cc as (
     select *
     from crosscoder_latents
-    where fire_count > 0 and contains(dictionary_model, ?1) and contains(dictionary_model, ?2)
-    qualify row_number() over (partition by dictionary, latent order by created_at desc) = 1
+    where contains(dictionary_model, ?1) and contains(dictionary_model, ?2)
+    qualify created_at = max(created_at) over (partition by hook)
 ),
 
 top as (
     select dictionary, latent, latent_class, rho, dec_cos, frequency, norm_base, norm_chat
     from cc
+    where fire_count > 0
     order by rho desc
     limit ?3
 ),
