@@ -56,10 +56,35 @@ def preload_model_libraries() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
 
+def serialise_ast_parsing() -> None:
+    """Make every `ast.parse` in this process take one lock (idempotent).
+
+    CPython 3.11 keeps the AST constructor's recursion bookkeeping per interpreter, not per
+    thread: two threads building ASTs at once fail with "AST constructor recursion depth
+    mismatch". Our own parses (the demo's instruction pairs) hold a lock, but tasks run beside
+    library code that parses too (traceback's caret anchors, TorchScript sources), so flows route
+    the module-level `ast.parse` through the same lock."""
+    import ast
+
+    from sae_transfer.demo.chat import _AST_LOCK
+
+    if getattr(ast.parse, "_serialised", False):
+        return
+    original = ast.parse
+
+    def parse(*args, **kwargs):
+        with _AST_LOCK:
+            return original(*args, **kwargs)
+
+    parse._serialised = True
+    ast.parse = parse
+
+
 def share_cpu_threads(config) -> None:
     """Tasks run concurrently in threads of one process; on CPU each gets its share of the cores
     (torch's default of one thread per core per task oversubscribes and runs several times slower).
     Also preloads the model libraries (see `preload_model_libraries`), as every flow calls this first."""
     preload_model_libraries()
+    serialise_ast_parsing()
     if (config.device or default_device()) == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
