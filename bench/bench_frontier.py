@@ -161,6 +161,26 @@ def report(points: list[Point]) -> list[dict]:
     return matched
 
 
+def plot(points: list[Point], path: Path, tokens: int) -> None:
+    """Both frontiers, EV against L0, one panel per architecture, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    archs = sorted({p.arch for p in points})
+    fig, axes = plt.subplots(1, len(archs), figsize=(5 * len(archs), 4), squeeze=False)
+    for ax, arch in zip(axes[0], archs):
+        for trainer, style in (("ours", "o-"), ("saelens", "s--")):
+            pts = sorted((p for p in points if p.arch == arch and p.trainer == trainer), key=lambda p: p.l0)
+            if pts:
+                ax.plot([p.l0 for p in pts], [p.ev for p in pts], style, label="sae-transfer" if trainer == "ours" else "SAELens")
+        ax.set(title=f"{arch}, {tokens / 1e6:g}M tokens", xlabel="L0 (held-out)", ylabel="explained variance")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--acts", type=Path, default=Path(DEMO_ACTS), help="cached activation dataset folder")
@@ -182,6 +202,7 @@ def main() -> None:
     p.add_argument("--skip-ours", action="store_true", help="train only the SAELens side")
     p.add_argument("--work", type=Path, default=None, help="keep exported rows and SAEs here (default: a temp folder)")
     p.add_argument("--json", type=Path, default=None, help="write every point and the matched-L0 rows here")
+    p.add_argument("--plot", type=Path, default=None, help="write both frontiers as a PNG here")
     args = p.parse_args()
     args.overrides = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     torch.set_num_threads(args.threads)
@@ -208,6 +229,8 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                                          "points": [p.__dict__ for p in points], "matched": matched}, indent=1))
+    if args.plot:
+        plot(points, args.plot, args.tokens)
     if tmp is not None:
         tmp.cleanup()
 
