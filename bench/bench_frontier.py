@@ -1,7 +1,7 @@
 """Sparsity–fidelity frontier of our SAE trainer, optionally beside SAELens's, on one activation cache.
 
 Trains ReLU SAEs at several L1 coefficients and TopK SAEs at several k (16× expansion, batch
-4096, lr 4e-4, 5 % L1 warm-up, 20 % linear LR decay; the issue's setting) on the first rows of a
+4096, lr 4e-4, 5 % L1 warm-up, 20 % linear LR decay, the study's recipe) on the first rows of a
 cached activation dataset, and measures L0 and explained variance on its last `--eval-tokens`
 rows, which no SAE trains on (the cache is in sequence order, so they are whole held-out
 sequences). Both trainers get the same scaled rows: the bench scales them once to mean norm
@@ -185,7 +185,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--acts", type=Path, default=Path(DEMO_ACTS), help="cached activation dataset folder")
     p.add_argument("--eval-tokens", type=int, default=65_536, help="held-out rows taken from the end of the cache")
-    p.add_argument("--tokens", type=int, default=1_200_000, help="training tokens per SAE (the issue: 1.2M)")
+    p.add_argument("--tokens", type=int, default=1_200_000, help="training tokens per SAE (reference figures: 1.2M)")
     p.add_argument("--archs", default="relu,topk")
     p.add_argument("--l1", default="2,5,12", help="ReLU L1 coefficients")
     p.add_argument("--ks", default="16,32,64", help="TopK k values")
