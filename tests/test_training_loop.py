@@ -53,7 +53,9 @@ def cache(tmp_path_factory):
 
 
 @pytest.mark.parametrize("arch,extra", [
-    ("relu", {"l1_coefficient": 0.3}),
+    # sparse_acts sits at a constant offset of 2 per dim, ~2× its spread: from a zero b_dec (relu's
+    # default) 40 steps do not learn it, so start b_dec at the geometric median here
+    ("relu", {"l1_coefficient": 0.3, "init_b_dec": "geometric_median"}),
     ("topk", {"k": 4}),
     ("batchtopk", {"k": 4}),
     ("jumprelu", {"l1_coefficient": 0.02, "jumprelu_init_threshold": 0.05, "jumprelu_bandwidth": 0.05}),

@@ -209,11 +209,15 @@ def test_batchtopk_sparse_decoder_equals_dense_and_learns_threshold():
     trainer = make_trainer(sae, cfg)
     trainer.init_weights(torch.Generator().manual_seed(0), torch.zeros(16))
     x = torch.randn(32, 16)
+    with torch.no_grad():  # rows of different norms: selection is by relu(pre)·‖row‖
+        sae.W_dec.mul_(torch.rand(64, 1, generator=torch.Generator().manual_seed(1)) * 3 + 0.05)
     out = trainer.loss(x, 0, torch.zeros(64, dtype=torch.bool))
-    assert torch.allclose(out.x_hat_BD, sae(x), atol=1e-5)
+    saved = trainer.inference_sae()  # norms folded in: its pre-activations are the scores
+    assert torch.allclose(out.x_hat_BD, saved(x), atol=1e-5)
     assert out.fire_count_F.sum().item() == 96
-    feats = sae.encode(x)
-    assert sae.threshold.item() == pytest.approx(feats[feats > 0].min().item())
+    feats = saved.encode(x)
+    # the threshold is the smallest kept score, i.e. in the saved SAE's units
+    assert sae.threshold.item() == pytest.approx(feats[feats > 0].min().item(), rel=1e-5)
 
 
 def test_jumprelu_threshold_gets_straight_through_gradient():
@@ -336,3 +340,53 @@ def test_ghost_grads_in_loop_reach_dead_latents():
     before = run.sae.W_enc[:, :5].clone()
     train_step(run, next(batches))
     assert not torch.equal(run.sae.W_enc[:, :5], before)  # only the ghost term can move them
+
+
+def test_topk_selects_by_decoder_norm_and_saves_the_same_function_with_unit_rows():
+    cfg = TrainConfig(arch="topk", d_sae=64, k=5, total_tokens=64, batch_size=32, aux_coefficient=0.0)
+    sae = make_sae(SAEConfig("topk", 16, 64, k=5))
+    trainer = make_trainer(sae, cfg)
+    trainer.init_weights(torch.Generator().manual_seed(0), torch.randn(16) * 0.1)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # rows of very different norms, as training leaves them
+        sae.W_dec.mul_(torch.rand(64, 1, generator=gen) * 3 + 0.05)
+        sae.b_enc.copy_(torch.randn(64, generator=gen) * 0.01)
+    x = torch.randn(32, 16, generator=gen) * 3
+    x_hat = trainer.loss(x, 0, None).x_hat_BD
+    # by hand: keep each token's 5 largest relu(pre)·‖row‖, add relu(pre)·row for those
+    pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    norms = sae.W_dec.norm(dim=-1)
+    idx = (pre * norms).topk(5, dim=-1).indices
+    feats = torch.zeros_like(pre).scatter(-1, idx, torch.relu(pre.gather(-1, idx)))
+    assert torch.allclose(x_hat, feats @ sae.W_dec + sae.b_dec, atol=1e-5)
+    saved = trainer.inference_sae()
+    assert torch.allclose(saved.W_dec.norm(dim=-1), torch.ones(64), atol=1e-5)
+    assert torch.allclose(saved(x), x_hat, atol=1e-4)
+    assert torch.allclose(norms, sae.W_dec.norm(dim=-1))  # the trained module is left as it was
+
+
+@pytest.mark.parametrize("arch,sae_arch", [("relu", "standard"), ("topk", "topk"), ("batchtopk", "batchtopk"), ("jumprelu", "jumprelu")])
+def test_first_reconstruction_is_no_worse_than_the_decoder_bias_alone(arch, sae_arch):
+    # inputs of mean norm √d, as training sees them: an untrained SAE should add little to b_dec
+    # (with W_enc = W_decᵀ at norm 1, TopK added k random rows of weight ≈ 3 and started far worse)
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(1))
+    cfg = TrainConfig(arch=arch, d_sae=128, k=8, total_tokens=256, batch_size=256)
+    sae = make_sae(SAEConfig(sae_arch, 16, 128, k=8 if arch in ("topk", "batchtopk") else None))
+    trainer = make_trainer(sae, cfg)
+    b_dec = torch.full((16,), 0.5)
+    trainer.init_weights(torch.Generator().manual_seed(0), b_dec)
+    out = trainer.loss(x, 0, None)
+    mse_bias_only = (x - b_dec).pow(2).sum(-1).mean()  # by hand: reconstruct every token as b_dec
+    assert out.mse.item() < 1.1 * mse_bias_only.item()
+
+
+@pytest.mark.parametrize("arch,expect_zero", [("relu", True), ("topk", False), ("batchtopk", False), ("jumprelu", False)])
+def test_b_dec_auto_init_is_zeros_for_relu_and_the_geometric_median_otherwise(arch, expect_zero):
+    acts = torch.randn(1024, 8, generator=torch.Generator().manual_seed(0)) + 3.0
+    cfg = TrainConfig(arch=arch, d_sae=32, k=4, total_tokens=256, batch_size=256, scale_estimate_tokens=1024,
+                      normalize_activations=False)
+    run = fresh_run(cfg, in_memory_factory(acts, 256, shuffle=False), 8, None)
+    expected = torch.zeros(8) if expect_zero else _scipy_geometric_median(acts)
+    assert torch.allclose(run.sae.b_dec, expected, atol=1e-3)
+    explicit = fresh_run(dataclasses.replace(cfg, init_b_dec="geometric_median"), in_memory_factory(acts, 256, shuffle=False), 8, None)
+    assert torch.allclose(explicit.sae.b_dec, _scipy_geometric_median(acts), atol=1e-3)

@@ -47,7 +47,7 @@ def train(
     jumprelu_l0: str = typer.Option("step", "--jumprelu-l0", help="JumpReLU L0 penalty: step or tanh."),
     ghost_grads: bool = typer.Option(False, "--ghost-grads", help="relu: ghost grads for dead latents."),
     resample_every: int = typer.Option(0, "--resample-every", min=0, help="relu: resample dead latents every N steps (0: off)."),
-    init_b_dec: str = typer.Option("geometric_median", "--init-b-dec", help="geometric_median | mean | zeros"),
+    init_b_dec: str = typer.Option("auto", "--init-b-dec", help="auto (relu: zeros; others: geometric_median) | geometric_median | mean | zeros"),
     dead_window: str = typer.Option("1M", "--dead-window", help="Tokens without firing after which a latent is dead."),
     checkpoint_every: str = typer.Option("10M", "--checkpoint-every", help="Checkpoint every N tokens (0: only at the end)."),
     log_every: int = typer.Option(50, "--log-every", min=1, help="Training-log row every N steps."),

@@ -87,9 +87,9 @@ def fresh_run(cfg: CrosscoderConfig, pair: PairedCaches) -> TrainingRun:
         cc.scales_M.copy_(torch.tensor([pair.scale_base, pair.scale_chat]))
     x_NMD = read_paired(pair, 0, min(pair.n_tokens, cfg.train.scale_estimate_tokens)).x_BMD
     t = cfg.train
-    if t.init_b_dec == "geometric_median":
+    if t.b_dec_init == "geometric_median":
         b_dec = torch.cat([geometric_median(x_NMD[:16_384, m]) for m in range(2)])
-    elif t.init_b_dec == "mean":
+    elif t.b_dec_init == "mean":
         b_dec = x_NMD.mean(0).flatten()
     else:
         b_dec = torch.zeros(2 * pair.d_model)

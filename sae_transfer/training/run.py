@@ -65,17 +65,17 @@ def estimate_scale(raw_ND: torch.Tensor) -> float:
 
 
 def init_b_dec(cfg: TrainConfig, x_ND: torch.Tensor) -> torch.Tensor:
-    """Initial decoder bias [D] in scaled units: geometric median, mean or zeros."""
-    if cfg.init_b_dec == "geometric_median":
+    """Initial decoder bias [D] in scaled units: geometric median, mean or zeros (cfg.b_dec_init)."""
+    if cfg.b_dec_init == "geometric_median":
         return geometric_median(x_ND[:16_384])
-    if cfg.init_b_dec == "mean":
+    if cfg.b_dec_init == "mean":
         return x_ND.mean(0)
     return torch.zeros(x_ND.shape[1])
 
 
 def fresh_run(cfg: TrainConfig, make_source: SourceFactory, d_in: int, parent_sae: SAE | None) -> TrainingRun:
     """A new run: estimate the scale, build and initialise the SAE (or adapt the parent's)."""
-    raw_ND = sample_tokens(make_source, cfg.scale_estimate_tokens if cfg.normalize_activations or cfg.init_b_dec != "zeros" else 1)
+    raw_ND = sample_tokens(make_source, cfg.scale_estimate_tokens if cfg.normalize_activations or cfg.b_dec_init != "zeros" else 1)
     scale = estimate_scale(raw_ND) if cfg.normalize_activations else 1.0
     if parent_sae is not None:
         # The parent reads raw activations of its own model (its s_train folded in): fold its own
@@ -146,7 +146,7 @@ def train_sae(
     last = train_loop(run, make_source(run.state.step), pending.append, on_checkpoint, progress=progress)
     final = _final_metrics(run, last)
     meta = {**(metadata or {}), **({"finetuned_from": str(parent.path)} if parent else {})}
-    save_sae(run.sae, sae_dir, scale_factor=run.state.scale_factor, metadata=meta, log10_density_F=run.dead.log10_density())
+    save_sae(run.trainer.inference_sae(), sae_dir, scale_factor=run.state.scale_factor, metadata=meta, log10_density_F=run.dead.log10_density())
     ckpt.write_json_atomic(manifest_path, {
         "status": "complete",
         "config": cfg.to_dict(),

@@ -78,6 +78,11 @@ class Trainer:
     def after_step(self) -> None:
         """Constraints applied after each optimiser step (decoder norms, thresholds)."""
 
+    def inference_sae(self) -> SAE:
+        """The SAE as it is saved and used after training (the trained module itself here;
+        trainers whose parametrisation differs return a converted copy)."""
+        return self.sae
+
     def encoder_pre(self, x_BD: torch.Tensor) -> torch.Tensor:
         """Pre-activations [B, F] as one addmm: (x − b_dec) W_enc + b_enc is rewritten as
         x W_enc + (b_enc − b_dec W_enc), so autograd never forms the useless grad of x."""

@@ -54,6 +54,10 @@ class CrosscoderTrainer(TopKTrainer):
         updated = torch.where(thr < 0, smallest, thr * THRESHOLD_MOMENTUM + (1 - THRESHOLD_MOMENTUM) * smallest)
         thr.copy_(torch.where(torch.isfinite(smallest), updated, thr))
 
+    def inference_sae(self):
+        """The crosscoder as trained: its scores use both models' norms, nothing is folded."""
+        return self.sae
+
     @torch.no_grad()
     def after_step(self) -> None:
         """Nothing: decoder norms are free (the taxonomy reads them); the score makes the loss
