@@ -29,10 +29,12 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 # Benchmarks print ratios measured within one run (see README "Benchmarks").
-bench: setup
+bench: setup  # CPU by default; each script also takes --device cuda
 	$(BIN)/python bench/bench_cache.py
 	$(BIN)/python bench/bench_train.py --threads 1
 	$(BIN)/python bench/bench_eval.py --repeats 5
+	$(BIN)/python bench/bench_examples.py
+	$(BIN)/python bench/bench_crosscoder.py --threads 1
 
 clean:
 	rm -rf $(VENV) results artifacts
