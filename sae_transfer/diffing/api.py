@@ -30,6 +30,7 @@ def device_of(device: str | None) -> torch.device:
 def cache_info(path: str | Path) -> dict:
     """model_id, hook, d_model, content key and scale factor s = sqrt(d_model) / E||x|| of a cache."""
     from storage.activations import ActivationDataset, dataset_key
+    from sae_transfer.sae.scaling import scale_factor
     from storage.activations_scan import mean_norm
 
     ds = ActivationDataset(path)
@@ -40,7 +41,7 @@ def cache_info(path: str | Path) -> dict:
         except ValueError:
             key = ds.path.name
     return {"model_id": ds.meta.get("model_id"), "hook": ds.hook, "d_model": ds.d_model, "n_tokens": ds.n_tokens,
-            "tokens_fingerprint": key, "scale": ls.model_scale(mean_norm(path), ds.d_model), "meta": ds.meta}
+            "tokens_fingerprint": key, "scale": scale_factor(mean_norm(path), ds.d_model), "meta": ds.meta}
 
 
 def row_stream(path: str | Path, batch_tokens: int, skip_roles: tuple[str, ...] = DEFAULT_SKIP_ROLES,

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from sae_transfer.sae.base import SAE
-from sae_transfer.sae.scaling import cross_model_ratio, rescaled, scale_factor, training_scale
+from sae_transfer.sae.scaling import cross_model_ratio, rescaled, training_scale
 
 DENSITY_EPS = 1e-10  # added before log10 so silent latents get a finite density (SAELens)
 STATUSES = ("shared", "dies", "appears", "dead")
@@ -91,11 +91,6 @@ class ModelLatentStats:
         """Share of the decoder-norm-weighted activation mass (sums to 1 over latents)."""
         total = float(self.act_mass_F.sum())
         return self.act_mass_F / total if total > 0 else torch.zeros_like(self.act_mass_F)
-
-
-def model_scale(mean_norm: float, d_model: int) -> float:
-    """s_eval of a model from its mean activation norm E‖x‖ (raw units)."""
-    return scale_factor(mean_norm, d_model)
 
 
 def applied_sae(sae: SAE, s_eval: float, device: torch.device | str = "cpu") -> tuple[SAE, float]:

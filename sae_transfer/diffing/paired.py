@@ -95,10 +95,10 @@ def open_pair(base: str | Path, chat: str | Path, verify_tokens: bool = True) ->
 
 
 def _scale(ds: ActivationDataset) -> float:
-    norm_mean = ds.manifest.get("norm_mean")
-    if norm_mean is None:
-        raise UserError(f"{ds.path}/manifest.json has no norm_mean: re-create the cache with `sae-transfer cache`")
-    return scale_factor(norm_mean, ds.d_model)
+    """s = sqrt(D) / E||x|| of a cache (E||x|| from `activations_scan.mean_norm`, its one reader)."""
+    from storage.activations_scan import mean_norm
+
+    return scale_factor(mean_norm(ds.path), ds.d_model)
 
 
 def _check_rows(b: ActivationDataset, c: ActivationDataset) -> None:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from sae_transfer.training.trainers.batchtopk import THRESHOLD_MOMENTUM
-from sae_transfer.training.trainers.topk import TopKTrainer, select_batch_topk
+from sae_transfer.training.trainers.batchtopk import BatchTopKTrainer
+from sae_transfer.training.trainers.topk import select_batch_topk
 
 
-class CrosscoderTrainer(TopKTrainer):
-    """Trains a `sae_transfer.diffing.crosscoder.CrossCoder` (decoder rows [F, 2D])."""
-
-    _min_score: torch.Tensor | None = None  # smallest kept score of the last selection (0-d)
+class CrosscoderTrainer(BatchTopKTrainer):
+    """Trains a `sae_transfer.diffing.crosscoder.CrossCoder` (decoder rows [F, 2D]); the
+    threshold is BatchTopK's running mean of the smallest kept score (`after_selection`)."""
 
     def decoder_norm(self) -> float:
         """Initial ‖d_j^m‖ of each model's decoder row (their sum is 1, like a unit-norm SAE row)."""
@@ -43,16 +42,6 @@ class CrosscoderTrainer(TopKTrainer):
         kept_N = score_vals_N > 0
         self._min_score = torch.where(kept_N, score_vals_N.float(), torch.inf).min()
         return torch.relu(pre_BF[token_N, latent_N]) * kept_N, token_N, latent_N
-
-    def after_selection(self, *_ignored) -> None:
-        """Running mean of the smallest kept score (not activation: the crosscoder thresholds
-        scores), updated on the device; a batch with nothing kept changes nothing."""
-        smallest = self._min_score
-        if smallest is None:
-            return
-        thr = self.sae.threshold
-        updated = torch.where(thr < 0, smallest, thr * THRESHOLD_MOMENTUM + (1 - THRESHOLD_MOMENTUM) * smallest)
-        thr.copy_(torch.where(torch.isfinite(smallest), updated, thr))
 
     def inference_sae(self):
         """The crosscoder as trained: its scores use both models' norms, nothing is folded."""
