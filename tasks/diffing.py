@@ -105,10 +105,5 @@ def checkpoint_drift(base_sae: str, acts: ActsRecord, config: StudyConfig, out_d
     result = finetune_on_dataset(base_sae, acts.path, out_dir, tokens=config.diffing.checkpoint_finetune_tokens,
                                  batch_size=ft.batch_size, seed=config.seed, device=config.device)
     child, parent = load_saes([str(result.sae_dir), base_sae], acts.hook)
-    table = drift_table(child, parent)
-    n = table.num_rows
-    import pyarrow as pa
-
-    table = table.set_column(table.schema.get_field_index("checkpoint"), "checkpoint", pa.array([acts.model] * n, pa.string()))
-    table = table.set_column(table.schema.get_field_index("step"), "step", pa.array([step] * n, pa.int64()))
+    table = drift_table(child, parent, checkpoint=acts.model, step=step)
     return _append(str(config.results_dir), f"checkpoint drift at step {step}", {"latent_drift": [table]})

@@ -209,8 +209,9 @@ def match_table(loaded_a, loaded_b, corr_cache: str | Path | None, corr_label: s
     return columns_table("latent_matches", cols, const)
 
 
-def drift_table(loaded_child, loaded_parent):
-    """`latent_drift` rows of a fine-tuned SAE against its parent."""
+def drift_table(loaded_child, loaded_parent, checkpoint: str | None = None, step: int | None = None):
+    """`latent_drift` rows of a fine-tuned SAE against its parent (`checkpoint`/`step`: the
+    fine-tuning checkpoint the child was briefly fine-tuned on, if any)."""
     from storage.diffing_tables import columns_table
 
     try:
@@ -218,7 +219,7 @@ def drift_table(loaded_child, loaded_parent):
     except ValueError as exc:
         raise UserError(f"{loaded_child.folder} vs {loaded_parent.folder}: {exc}") from None
     const = {"dictionary": loaded_child.info["sae_id"], "parent": loaded_parent.info["sae_id"],
-             "hook": loaded_child.sae.cfg.metadata.get("hook_name")}
+             "hook": loaded_child.sae.cfg.metadata.get("hook_name"), "checkpoint": checkpoint, "step": step}
     return columns_table("latent_drift", cols, const)
 
 
