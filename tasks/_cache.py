@@ -25,6 +25,10 @@ from storage.fingerprint import fingerprint, hash_payload
 # Output folders (out_dir, results_dir, run_dir) are deliberately not: their content is what
 # the task writes, and hashing it would make every key stale the moment the task ran.
 _INPUT_PATH_NAMES = {"path", "model", "sae", "acts", "base", "chat", "checkpoint", "prompts"}
+# Output folders enter the key as absolute paths: the results a cached record points to live
+# under them, so a second checkout of the project (its own `results/`) never reuses a record
+# whose files are in another checkout.
+_OUTPUT_PATH_NAMES = {"out_dir", "results_dir", "run_dir"}
 
 
 def _looks_like_path(name: str, value: object) -> bool:
@@ -50,6 +54,8 @@ def _jsonable(name: str, value: object, paths: bool = True) -> object:
         return [_jsonable(name, v, paths) for v in value]
     if paths and _looks_like_path(name, value):
         return {"path": str(value), "content": fingerprint(value)}
+    if name in _OUTPUT_PATH_NAMES and isinstance(value, (str, Path)):
+        return str(Path(value).expanduser().resolve())
     return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
 
 
@@ -76,6 +82,9 @@ def cached(*code: str) -> dict:
 
     def content_key(context, parameters: dict) -> str:
         payload = {name: _jsonable(name, value) for name, value in sorted(parameters.items())}
+        for name, value in parameters.items():  # a study config's results land under its results_dir
+            if hasattr(value, "results_dir"):
+                payload[f"{name}.results_dir"] = str(Path(value.results_dir).expanduser().resolve())
         return f"{context.task.name}-{hash_payload(code_version(context.task.fn.__module__, *code), payload)}"
 
     return dict(cache_key_fn=content_key, persist_result=True, result_serializer="json",

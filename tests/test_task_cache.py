@@ -34,3 +34,16 @@ def test_records_are_fingerprinted_but_configs_are_not(tmp_path):
 def test_code_version_follows_the_named_sources():
     assert code_version("sae_transfer.evals") == code_version("sae_transfer.evals")
     assert code_version("sae_transfer.evals") != code_version("sae_transfer.training")
+
+
+def test_output_folders_key_by_absolute_path(tmp_path, monkeypatch):
+    # Two checkouts of the project both write `results/...`: a record cached in one must not be
+    # reused by the other, whose results folder does not hold the files it points to.
+    from tasks._cache import _jsonable
+
+    keys = []
+    for checkout in ("a", "b"):
+        (tmp_path / checkout).mkdir()
+        monkeypatch.chdir(tmp_path / checkout)
+        keys.append(_jsonable("out_dir", "results/demo/activations"))
+    assert keys[0] != keys[1] and keys[0].endswith("a/results/demo/activations")
