@@ -187,7 +187,9 @@ ROLLOUTS = pa.schema(
         ("model_revision", _STR),
         ("prompt_idx", _I64),
         ("prompt", _STR),
-        ("completion", _STR),  # greedy continuation, special tokens stripped
+        ("completion", _STR),  # the reply decoded for reading, special tokens stripped
+        ("prompt_ids", pa.list_(pa.int64())),  # user turn through the chat template, as generated from
+        ("completion_ids", pa.list_(pa.int64())),  # the generated ids, through the stop token: what is scored
         ("max_new_tokens", _I64),
         ("created_at", _TS),
     ]

@@ -95,14 +95,18 @@ def test_sdpa_runs_sdpa_and_matches_eager(tiny, monkeypatch):
 
 
 def test_greedy_generation_agrees_across_attention(tiny):
-    # rollouts (evals.rollouts) call this same `generate`, through the bridge's attention components
+    # rollouts (evals.rollouts) generate with the bridge's components unwrapped (plain_model); the
+    # attention choice (use_attention) must not change the greedy tokens
+    from sae_transfer.evals.rollouts import plain_model
+
     model = load_model(str(tiny), device="cpu", attn_implementation="eager")
     ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(1))
-    hf = model.original_model
     with torch.inference_mode():
-        want = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        with plain_model(model) as hf:
+            want = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
         use_attention(model, "sdpa")
-        got = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        with plain_model(model) as hf:
+            got = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(got, want)
 
 

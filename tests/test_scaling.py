@@ -128,6 +128,20 @@ def test_rescaled_sae_is_sae_of_r_x_over_r():
     assert cross_model_ratio(2.0, None) == 1.0 and cross_model_ratio(2.0, 4.0) == 0.5
 
 
+def test_rescaled_lossless_sae_rounds_once():
+    # The lossless SAE (relu(x) - relu(-x) = x) applied at a ratio r reconstructs x exactly when r
+    # is a power of two and within one float32 rounding otherwise: what the CLI tests' tolerance
+    # on its CE (a saved SAE records s_train = 1, so r = s_eval there) allows, and no more.
+    from sae_transfer.evals.transfer import apply_sae
+    from tests.test_evals_metrics import lossless_sae
+
+    x = torch.randn(4, 50, 32, generator=torch.Generator().manual_seed(0)) * 0.12
+    for r, exact in ((1.0, True), (2.0, True), (0.25, True), (47.3165231249403, False), (0.839, False)):
+        x_hat, _ = apply_sae(rescaled(lossless_sae(32), r), x)
+        rel = ((x_hat - x).abs() / x.abs()).max().item()
+        assert (rel == 0.0) if exact else (0.0 < rel <= torch.finfo(torch.float32).eps), (r, rel)
+
+
 def test_scale_factor_of_gives_mean_norm_sqrt_d():
     x = torch.randn(1000, 64) * 7
     s = scale_factor_of(x.norm(dim=-1), 64)

@@ -84,7 +84,19 @@ def segment_records(
         mask = segment_mask(transcripts.roles_NS, transcripts.valid_NS, seg)
         toks = TokenSet(transcripts.tokens_NS, transcripts.roles_NS, transcripts.valid_NS, mask, seg, transcripts.fingerprint)
         rows += transfer_records(model, model_info, saes, toks, hook, seg_cfg, norms).metrics
+    _check_rollout_rows(rows, model, model_info)
     return rows
+
+
+def _check_rollout_rows(rows: list[dict], model, model_info: dict) -> None:
+    """Fail (UserError) when the clean CE on the rollout segment is above ln(vocab): the scored
+    tokens are then not the model's own greedy tokens (`rollouts.check_rollout_ce`)."""
+    from sae_transfer.evals.rollouts import check_rollout_ce
+
+    vocab = int(getattr(model.cfg, "d_vocab", 0) or model.tokenizer.vocab_size)
+    for row in rows:
+        if row["segment"] == "rollout" and row["n_tokens"] > 0:
+            check_rollout_ce(row["ce_clean"], vocab, model_info["model_id"])
 
 
 def with_pair_threshold(model, model_info: dict, toks: TokenSet, hook: str, cfg: EvalConfig) -> EvalConfig:
@@ -133,27 +145,33 @@ def position_records(
 
 def chat_transcripts(model, model_info: dict, prompts: list[str], max_new_tokens: int, results_dir: str | Path) -> TokenSet:
     """Greedy rollouts of the chat model (cached in the `rollouts` table under `results_dir`,
-    keyed by model identity + prompts + max_new_tokens) as right-padded transcripts with roles."""
+    keyed by model identity + prompts + max_new_tokens) as right-padded transcripts with roles:
+    the prompt's ids followed by the generated ids, exactly as generated. Prompts whose reply
+    could run past the model's context are left out (`rollouts.prompts_that_fit`)."""
     from sae_transfer.evals import rollouts
-    from sae_transfer.evals.segments import pad_transcripts, transcript_roles
+    from sae_transfer.evals.segments import pad_transcripts, prompt_roles, rollout_transcript
     from storage.tables import append_rows, read_table
 
+    tok = model.tokenizer
+    prompts = rollouts.prompts_that_fit(tok, prompts, max_new_tokens, getattr(model.cfg, "n_ctx", None), model_info["model_id"])
     key = rollouts.rollout_cache_key(model_info, prompts, max_new_tokens)
     cached = read_table(results_dir, "rollouts").to_pandas()
     cached = cached[cached["cache_key"] == key].drop_duplicates("prompt_idx").sort_values("prompt_idx")
+    stops = rollouts.stop_ids(model.original_model, tok)
     if len(cached) == len(prompts):
-        replies = cached["completion"].tolist()
+        made = [rollouts.Rollout(list(p), list(c), t) for p, c, t in
+                zip(cached["prompt_ids"], cached["completion_ids"], cached["completion"])]
     else:
-        replies = rollouts.greedy_rollouts(model, prompts, max_new_tokens)
+        made = rollouts.greedy_rollouts(model, prompts, max_new_tokens)
+        rollouts.check_rollouts(made, stops, model_info["model_id"])
         append_rows(results_dir, "rollouts", [
-            {"cache_key": key, **model_info, "prompt_idx": i, "prompt": p, "completion": c, "max_new_tokens": max_new_tokens}
-            for i, (p, c) in enumerate(zip(prompts, replies))
+            {"cache_key": key, **model_info, "prompt_idx": i, "prompt": p, "completion": r.text,
+             "prompt_ids": r.prompt_ids, "completion_ids": r.reply_ids, "max_new_tokens": max_new_tokens}
+            for i, (p, r) in enumerate(zip(prompts, made))
         ])
-    tok = model.tokenizer
-    transcripts = [transcript_roles(tok, [{"role": "user", "content": p}, {"role": "assistant", "content": c}])
-                   for p, c in zip(prompts, replies)]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    tokens_NS, roles_NS, valid_NS = pad_transcripts(transcripts, pad, max_len=getattr(model.cfg, "n_ctx", None))
+    special = set(tok.all_special_ids) | set(stops)
+    transcripts = [rollout_transcript(r.prompt_ids, prompt_roles(tok, p)[1], r.reply_ids, special)
+                   for p, r in zip(prompts, made)]
+    tokens_NS, roles_NS, valid_NS = pad_transcripts(transcripts, rollouts.pad_id(tok), max_len=getattr(model.cfg, "n_ctx", None))
     fingerprint = hashlib.sha256(tokens_NS.numpy().tobytes()).hexdigest()[:16]
     return TokenSet(tokens_NS, roles_NS, valid_NS, valid_NS.clone(), "all", fingerprint)
-

@@ -41,7 +41,28 @@ def transcript_roles(tokenizer, messages: list[dict]) -> tuple[list[int], list[i
     control tokens, and tokens straddling a content boundary). A BOS is prepended when the
     tokenizer has one and the rendered text does not already start with it.
     """
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    return _rendered_roles(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False), messages)
+
+
+def prompt_roles(tokenizer, prompt: str) -> tuple[list[int], list[int]]:
+    """(token ids, ROLE codes) of one user turn rendered with the generation prompt: the ids a
+    rollout is generated from, and the first part of its transcript."""
+    messages = [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return _rendered_roles(tokenizer, text, messages)
+
+
+def rollout_transcript(prompt_ids: list[int], prompt_role_codes: list[int], reply_ids: list[int],
+                       special: set[int]) -> tuple[list[int], list[int]]:
+    """(token ids, ROLE codes) of a prompt followed by the model's generated reply ids, as
+    generated: reply tokens are `assistant`, special tokens among them (the stop token) `template`."""
+    assert len(prompt_ids) == len(prompt_role_codes), "prompt ids and roles differ in length"
+    reply_roles = [ROLE_CODE["template"] if t in special else ROLE_CODE["assistant"] for t in reply_ids]
+    return list(prompt_ids) + list(reply_ids), list(prompt_role_codes) + reply_roles
+
+
+def _rendered_roles(tokenizer, text: str, messages: list[dict]) -> tuple[list[int], list[int]]:
+    """Token ids of rendered `text` and each token's ROLE code (see `transcript_roles`)."""
     spans = _content_spans(text, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, roles = list(enc["input_ids"]), []

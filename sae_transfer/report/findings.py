@@ -9,19 +9,50 @@ from __future__ import annotations
 import pandas as pd
 
 
-def _pick(df: pd.DataFrame, **where) -> pd.Series | None:
-    """The first row matching every column == value (None when there is none)."""
-    if df.empty:
-        return None
+def _rows(df: pd.DataFrame, **where) -> pd.DataFrame:
+    """The rows matching every column == value (none when a column is missing)."""
+    if df.empty or not set(where) <= set(df.columns):
+        return df.iloc[0:0]
     mask = pd.Series(True, index=df.index)
     for col, value in where.items():
-        if col not in df.columns:
-            return None
         mask &= df[col] == value
-    rows = df[mask]
-    if "reliable" in rows.columns:
-        rows = rows[rows["reliable"].fillna(True).astype(bool)]
-    return rows.iloc[0] if len(rows) else None
+    return df[mask]
+
+
+def _reliable(row: pd.Series) -> bool:
+    return bool(row["reliable"]) if "reliable" in row and pd.notna(row["reliable"]) else True
+
+
+def _why(row: pd.Series, label: str) -> str:
+    reason = row.get("unreliable_reason")
+    return f"the {label} SAE's row is not a finding ({reason})" if pd.notna(reason) and reason else \
+        f"the {label} SAE's row is not a finding"
+
+
+def _hooks(df: pd.DataFrame) -> list:
+    """Hooks present, in order; [None] for a table without a hook column."""
+    return sorted(df["hook"].dropna().unique()) if "hook" in df.columns and not df.empty else [None]
+
+
+def _pair(df: pd.DataFrame, hook, a: dict, b: dict) -> tuple[pd.Series, pd.Series] | str | None:
+    """Rows a and b at the same hook (and whatever else `a` and `b` share), or a reason neither
+    is quoted (one is not reliable), or None when either is missing."""
+    at = {"hook": hook} if hook is not None else {}
+    ra, rb = _rows(df, **at, **a), _rows(df, **at, **b)
+    if ra.empty or rb.empty:
+        return None
+    ra, rb = ra.iloc[0], rb.iloc[0]
+    bad = [_why(r, r["sae"]) for r in (ra, rb) if not _reliable(r)]
+    return "; ".join(bad) if bad else (ra, rb)
+
+
+def _at(hook, hooks: list) -> str:
+    """"At blocks.2.hook_resid_pre, " when the study has several hooks, else nothing."""
+    return f"At {hook}, " if hook is not None and len(hooks) > 1 else ""
+
+
+def _cap(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _score(row: pd.Series) -> str:
@@ -32,16 +63,24 @@ def _score(row: pd.Series) -> str:
     return f"{row['ce_loss_rec_pct']:.1f} %{ci}"
 
 
-def transfer_sentence(transfer: pd.DataFrame, on: str, policy: str = "excluded") -> str | None:
-    """Does the other model's SAE work on `on` ("chat" or "base") as well as its own?"""
+def transfer_sentences(transfer: pd.DataFrame, on: str, policy: str = "excluded") -> list[str]:
+    """Does the other model's SAE work on `on` ("chat" or "base") as well as its own? Both rows:
+    the same model, hook, plain text and outlier policy."""
     other = "base" if on == "chat" else "chat"
-    foreign = _pick(transfer, outlier_policy=policy, sae=other, model=on)
-    own = _pick(transfer, outlier_policy=policy, sae=on, model=on)
-    if foreign is None or own is None:
-        return None
-    gap = foreign["ce_loss_rec_pct"] - own["ce_loss_rec_pct"]
-    return (f"On the {on} model the {other} SAE recovers {_score(foreign)} of CE loss vs {_score(own)} for the "
-            f"{on} SAE ({gap:+.1f} points; L0 {foreign['l0']:.0f} vs {own['l0']:.0f}; outliers {policy}).")
+    hooks, out = _hooks(transfer), []
+    for hook in hooks:
+        pair = _pair(transfer, hook, {"outlier_policy": policy, "sae": other, "model": on},
+                     {"outlier_policy": policy, "sae": on, "model": on})
+        what = f"on the {on} model (plain text, outliers {policy})"
+        if isinstance(pair, str):
+            out.append(_cap(f"{_at(hook, hooks)}{what} the {other}-vs-{on} SAE comparison is not a finding: {pair}."))
+        elif pair is not None:
+            foreign, own = pair
+            gap = foreign["ce_loss_rec_pct"] - own["ce_loss_rec_pct"]
+            out.append(_cap(f"{_at(hook, hooks)}{what} the {other} SAE recovers {_score(foreign)} of CE loss vs "
+                            f"{_score(own)} for the {on} SAE ({gap:+.1f} points; L0 {foreign['l0']:.0f} vs "
+                            f"{own['l0']:.0f})."))
+    return out
 
 
 def outlier_sentence(outliers: pd.DataFrame, transfer: pd.DataFrame) -> str | None:
@@ -56,49 +95,78 @@ def outlier_sentence(outliers: pd.DataFrame, transfer: pd.DataFrame) -> str | No
     mostly = f"; on {top['model']} they are mostly {max(kinds, key=kinds.get)} tokens" if kinds else ""
     text = f"Outlier-norm tokens (scaled norm > {top['threshold']:g}) are {', '.join(parts)}{mostly}."
     if not transfer.empty and {"outlier_policy", "ce_loss_rec_pct"} <= set(transfer.columns):
-        wide = transfer.pivot_table(index=["sae", "model"], columns="outlier_policy", values="ce_loss_rec_pct")
+        index = [c for c in ("hook", "sae", "model") if c in transfer.columns]
+        wide = transfer.pivot_table(index=index, columns="outlier_policy", values="ce_loss_rec_pct")
         if {"excluded", "included"} <= set(wide.columns):
-            text += f" Excluding them changes CE recovered by at most {(wide['excluded'] - wide['included']).abs().max():.2f} points."
+            text += (" Excluding them changes CE recovered (same SAE, model and hook) by at most "
+                     f"{(wide['excluded'] - wide['included']).abs().max():.2f} points.")
     return text
 
 
-def finetune_sentence(transfer: pd.DataFrame, finetune: pd.DataFrame, policy: str = "excluded") -> str | None:
-    """How close does the cheaply fine-tuned base SAE get to the chat SAE on the chat model?"""
-    ft = _pick(transfer, outlier_policy=policy, sae="fine-tuned base", model="chat")
-    own = _pick(transfer, outlier_policy=policy, sae="chat", model="chat")
-    if ft is None or own is None:
-        return None
+def finetune_sentences(transfer: pd.DataFrame, finetune: pd.DataFrame, policy: str = "excluded") -> list[str]:
+    """How close does the cheaply fine-tuned base SAE get to the chat SAE on the chat model
+    (same hook, plain text, outlier policy)?"""
     tokens = {r["sae"]: r.get("train_tokens") for _, r in finetune.iterrows()} if not finetune.empty else {}
     n_ft, n_chat = tokens.get("fine-tuned base"), tokens.get("chat")
     budget = f" after {n_ft:,.0f} chat tokens ({n_ft / n_chat:.0%} of the chat SAE's budget)" if pd.notna(n_ft) and n_chat else ""
-    return (f"Fine-tuned{budget}, the base SAE recovers {_score(ft)} on the chat model vs {_score(own)} for the chat "
-            f"SAE trained from scratch.")
+    hooks, out = _hooks(transfer), []
+    for hook in hooks:
+        pair = _pair(transfer, hook, {"outlier_policy": policy, "sae": "fine-tuned base", "model": "chat"},
+                     {"outlier_policy": policy, "sae": "chat", "model": "chat"})
+        if isinstance(pair, str):
+            out.append(f"{_at(hook, hooks)}the fine-tuned-vs-chat SAE comparison on the chat model (plain text, outliers "
+                       f"{policy}) is not a finding: {pair}.")
+        elif pair is not None:
+            ft, own = pair
+            out.append(f"{_at(hook, hooks)}fine-tuned{budget}, the base SAE recovers {_score(ft)} on the chat model "
+                       f"vs {_score(own)} for the chat SAE trained from scratch (plain text, outliers {policy}).")
+    return [_cap(s) for s in out]
 
 
-def segment_sentence(segments: pd.DataFrame, policy: str = "excluded") -> str | None:
-    """Transfer on instruction data: rollout (assistant) and user-prompt tokens."""
-    parts = []
-    for seg, name in (("rollout", "rollout"), ("user_prompt", "user-prompt")):
-        base = _pick(segments, segment=seg, outlier_policy=policy, sae="base")
-        chat = _pick(segments, segment=seg, outlier_policy=policy, sae="chat")
-        if base is not None and chat is not None:
-            parts.append(f"{base['ce_loss_rec_pct']:.1f} % vs {chat['ce_loss_rec_pct']:.1f} % on {name} tokens")
-    if not parts:
-        return None
-    skipped = segments[~segments["reliable"].fillna(True).astype(bool)]["segment"].unique() if "reliable" in segments else []
-    note = f" ({', '.join(skipped)} rows are not findings: ill-conditioned denominators)" if len(skipped) else ""
-    return f"On chat transcripts the base SAE recovers {'; '.join(parts)} for the chat SAE{note}."
+SEGMENT_NAMES = {"rollout": "rollout", "user_prompt": "user-prompt"}
 
 
-def drift_sentence(drift: pd.DataFrame, policy: str = "excluded") -> str | None:
-    """How the base SAE's transfer drifts across fine-tuning checkpoints."""
-    rows = drift[(drift["outlier_policy"] == policy) & (drift["sae"] == "base")] if not drift.empty else drift
-    if rows is None or len(rows) < 2:
-        return None
-    rows = rows.sort_values("step")
-    first, last = rows.iloc[0], rows.iloc[-1]
-    return (f"Across {len(rows)} checkpoints (steps {first['step']:.0f}–{last['step']:.0f}) the base SAE's CE loss "
-            f"recovered goes from {100 * first['ce_loss_score']:.1f} % to {100 * last['ce_loss_score']:.1f} %.")
+def segment_sentences(segments: pd.DataFrame, policy: str = "excluded") -> list[str]:
+    """Transfer on instruction data: per segment (rollout, user prompt), the base SAE against
+    the chat SAE on the same segment, hook and outlier policy of the chat model's transcripts."""
+    hooks, out = _hooks(segments), []
+    for hook in hooks:
+        found, skipped = [], []
+        for seg, name in SEGMENT_NAMES.items():
+            pair = _pair(segments, hook, {"segment": seg, "outlier_policy": policy, "sae": "base"},
+                         {"segment": seg, "outlier_policy": policy, "sae": "chat"})
+            if isinstance(pair, str):
+                skipped.append(f"{name} tokens: {pair}")
+            elif pair is not None:
+                base, chat = pair
+                found.append(f"on {name} tokens the base SAE recovers {base['ce_loss_rec_pct']:.1f} % of CE loss vs "
+                             f"{chat['ce_loss_rec_pct']:.1f} % for the chat SAE")
+        if not found and not skipped:
+            continue
+        what = f"{_at(hook, hooks)}on the chat model's greedy transcripts (outliers {policy})"
+        if found:
+            text = f"{what}, {'; '.join(found)}"
+            text += f" (not findings: {'; '.join(skipped)})." if skipped else "."
+        else:
+            text = f"{what} no segment comparison is a finding: {'; '.join(skipped)}."
+        out.append(_cap(text))
+    return out
+
+
+def drift_sentences(drift: pd.DataFrame, policy: str = "excluded") -> list[str]:
+    """How the base SAE's transfer (plain text, one hook, one policy) drifts across checkpoints."""
+    hooks, out = _hooks(drift), []
+    for hook in hooks:
+        at = {"hook": hook} if hook is not None else {}
+        rows = _rows(drift, **at, outlier_policy=policy, sae="base")
+        if len(rows) < 2:
+            continue
+        rows = rows.sort_values("step")
+        first, last = rows.iloc[0], rows.iloc[-1]
+        out.append(_cap(f"{_at(hook, hooks)}across {len(rows)} checkpoints (steps {first['step']:.0f}–{last['step']:.0f}) "
+                        f"the base SAE's CE loss recovered goes from {100 * first['ce_loss_score']:.1f} % to "
+                        f"{100 * last['ce_loss_score']:.1f} % (plain text, outliers {policy})."))
+    return out
 
 
 def diffing_sentence(classes: pd.DataFrame, status: pd.DataFrame, ablation: pd.DataFrame) -> str | None:
@@ -123,9 +191,11 @@ def diffing_sentence(classes: pd.DataFrame, status: pd.DataFrame, ablation: pd.D
 
 
 def findings(transfer, outliers, segments, finetune, drift, diffing=None) -> list[str]:
-    """Every sentence the results support, in the order of DESIGN.md's research questions;
-    `diffing` is (class counts, SAE latent status counts, causal-check table) when present."""
-    out = [transfer_sentence(transfer, "chat"), transfer_sentence(transfer, "base"),
-           outlier_sentence(outliers, transfer), finetune_sentence(transfer, finetune),
-           segment_sentence(segments), drift_sentence(drift), diffing_sentence(*diffing) if diffing else None]
+    """Every sentence the results support, in the order of the research questions (transfer each
+    way, outliers, fine-tuning, instruction data, drift, what changed inside); `diffing` is
+    (class counts, SAE latent status counts, causal-check table) when present. Each sentence
+    compares rows of one segment, hook and outlier policy, and says which."""
+    out = [*transfer_sentences(transfer, "chat"), *transfer_sentences(transfer, "base"),
+           outlier_sentence(outliers, transfer), *finetune_sentences(transfer, finetune),
+           *segment_sentences(segments), *drift_sentences(drift), diffing_sentence(*diffing) if diffing else None]
     return [s for s in out if s]
