@@ -5,7 +5,8 @@ BPE tokenizer) and checked end to end: loading through TransformerBridge, hook n
 activations against `output_hidden_states`, patched-pass logits (resumed and hooked) against a
 plain forward with the residual replaced by a forward pre-hook, a CE evaluation against the
 plain forward's loss, and the lossless SAE (W_enc = [I, -I], W_dec = [I; -I]: relu(x) - relu(-x)
-= x exactly), which must give ce_sae == ce_clean, EV 1 and KL 0. Family quirks are switched on:
+= x exactly), which must give ce_sae == ce_clean, EV 1 and KL 0, and the study's greedy rollouts,
+which must equal a plain `transformers` greedy decode token for token. Family quirks are switched on:
 sliding windows shorter than the sequence (mistral, qwen2, gemma2), Gemma's embedding
 normaliser, Gemma-2's post-norms, attention and final-logit soft-capping, GPT-2's absolute
 positions.
@@ -201,6 +202,22 @@ def test_ce_eval_matches_the_plain_forward_and_the_lossless_sae_is_exact(family,
     ce_sae_plain = float(_plain_forward(family, tokens, lambda h: _by_hand(saes[1].sae, h, r), labels=True).loss)
     assert abs(ce_sae_plain - ce_plain) > 1e-3  # the random SAE really changes the loss
     assert rand["ce_sae"] == pytest.approx(ce_sae_plain, abs=1e-5)
+
+
+def test_rollouts_equal_a_plain_greedy_decode(family, tmp_path):
+    # generated without the bridge, kept as ids: token for token what plain transformers decodes
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from tests.test_evals_rollouts import CHAT_TEMPLATE, assert_rollouts_are_plain_greedy
+
+    folder = tmp_path / family.name
+    shutil.copytree(family.folder, folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(folder)
+    assert_rollouts_are_plain_greedy(folder, tmp_path / "results", max_new_tokens=12)
 
 
 def test_a_family_the_study_cannot_use_fails_in_one_line(tokenizer, tmp_path):

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # Bump when what a cached rollout holds changes: rows written under another format are not reused.
 # 2: token ids of prompt and reply, generated without the bridge (1 held decoded text only).
 ROLLOUT_FORMAT = 2
+MIN_PROMPTS_CHECKED = 4  # fewer rollouts than this are too few to call a repeated token a broken model
 
 
 @dataclass(frozen=True)
@@ -148,10 +149,11 @@ def greedy_rollouts(model, prompts: list[str], max_new_tokens: int, batch_size: 
 
 def check_rollouts(rollouts: list[Rollout], stops: list[int], model_id: str) -> None:
     """UserError when a rollout set is one token repeated: every generated token of every reply
-    (stop tokens aside) is the same id, which no working chat model answers to every prompt.
-    (A broken generation path that still varies a little is caught by `check_rollout_ce`.)"""
+    (stop tokens aside) is the same id, which no working chat model answers to MIN_PROMPTS_CHECKED
+    or more prompts (a barely trained smoke-test model may well do it on one or two). A broken
+    generation path that still varies a little is caught by `check_rollout_ce`."""
     tokens = [t for r in rollouts for t in r.reply_ids if t not in stops]
-    if len(rollouts) > 0 and len(tokens) >= 2 * len(rollouts) and len(set(tokens)) == 1:
+    if len(rollouts) >= MIN_PROMPTS_CHECKED and len(tokens) >= 2 * len(rollouts) and len(set(tokens)) == 1:
         raise UserError(
             f"rollouts of {model_id} are one token (id {tokens[0]}) repeated over {len(rollouts)} prompts: check the "
             "model's chat template and generation config (eos ids), and that it answers a prompt with `generate`")
