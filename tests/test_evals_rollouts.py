@@ -205,3 +205,17 @@ def test_reply_stops_at_first_stop_token():
     assert rollouts.reply_until_stop([5, 6, 2, 0, 0], [2]) == [5, 6, 2]
     assert rollouts.reply_until_stop([5, 6, 7], [2]) == [5, 6, 7]
     assert ROLE_CODE["assistant"] != ROLE_CODE["template"]
+
+
+def test_prompts_past_the_context_are_left_out(tiny_chat, caplog):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_chat)
+    lengths = [len(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
+                                           return_dict=False)) + 1 for p in PROMPTS]  # + BOS, which this template leaves out
+    n_ctx = sorted(lengths)[2] + 6  # the three shortest prompts fit with 6 new tokens
+    kept = rollouts.prompts_that_fit(tok, PROMPTS, 6, n_ctx, "m")
+    assert kept == [p for p, n in zip(PROMPTS, lengths) if n + 6 <= n_ctx] and len(kept) == 3
+    assert "2 of 5 prompts left out" in caplog.text
+    with pytest.raises(UserError, match="no prompt fits m's context of 4 tokens with max_new_tokens=6"):
+        rollouts.prompts_that_fit(tok, PROMPTS, 6, 4, "m")
