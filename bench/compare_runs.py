@@ -25,9 +25,11 @@ VOLATILE = {"created_at", "run_id", "flow_run_id", "started_at", "finished_at", 
 def _normalised(df: pd.DataFrame, root: Path) -> pd.DataFrame:
     """`df` without volatile columns, with the checkout's folder replaced by `<root>`."""
     df = df.drop(columns=[c for c in df.columns if c in VOLATILE or c.endswith("_at")])
+    if "step" in df.columns and pd.api.types.is_string_dtype(df["step"]):  # `runs`: Prefect task-run names,
+        df = df.drop(columns=["step"])  # some with a random suffix (`prepare-pair-5db`)
     prefixes = sorted({str(root.resolve()), str(root.resolve().parent.parent), str(root.resolve().parent)}, key=len, reverse=True)
     for col in df.columns:
-        if df[col].dtype == object:
+        if df[col].dtype == object or pd.api.types.is_string_dtype(df[col]):
             df[col] = df[col].map(lambda v: _strip(v, prefixes))
     keys = [c for c in df.columns if df[c].map(lambda v: isinstance(v, (str, int, float, bool, np.number)) or v is None).all()]
     return df.sort_values(keys).reset_index(drop=True) if keys and len(df) else df
