@@ -33,13 +33,13 @@ PROMPTS = ["Add two numbers.", "Sort a list of items by their key, newest first.
 INFO = {"model_id": "chat-under-test", "model_revision": "sha256:test"}
 
 
-def plain_greedy(folder, prompts: list[str], max_new_tokens: int) -> list[tuple[list[int], list[int]]]:
+def plain_greedy(folder, prompts: list[str], max_new_tokens: int, device: str = "cpu") -> list[tuple[list[int], list[int]]]:
     """(prompt ids, reply ids through the first stop token) per prompt, from plain transformers:
     one left-padded batch, as `chat_transcripts` generates up to 16 prompts."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(folder)
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval().to(device)
     encoded = []
     for p in prompts:
         ids = list(tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
@@ -54,20 +54,20 @@ def plain_greedy(folder, prompts: list[str], max_new_tokens: int) -> list[tuple[
     ids_BS = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
     mask_BS = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
     with torch.no_grad():
-        out = hf.generate(ids_BS, attention_mask=mask_BS, max_new_tokens=max_new_tokens, do_sample=False,
+        out = hf.generate(ids_BS.to(device), attention_mask=mask_BS.to(device), max_new_tokens=max_new_tokens, do_sample=False,
                           eos_token_id=sorted(stops), pad_token_id=pad)
     rows = []
-    for e, gen in zip(encoded, out[:, width:].tolist()):
+    for e, gen in zip(encoded, out[:, width:].cpu().tolist()):
         cut = next((i + 1 for i, t in enumerate(gen) if t in stops), len(gen))
         rows.append((e, gen[:cut]))
     return rows
 
 
-def assert_rollouts_are_plain_greedy(folder, results_dir, prompts=PROMPTS, max_new_tokens: int = 10) -> None:
+def assert_rollouts_are_plain_greedy(folder, results_dir, prompts=PROMPTS, max_new_tokens: int = 10, device: str = "cpu") -> None:
     """The study's transcripts of `folder` (booted through the bridge) hold exactly the plain
     greedy ids, and the rollout segment covers the generated tokens."""
-    want = plain_greedy(folder, prompts, max_new_tokens)
-    model = load_model(str(folder), device="cpu")
+    want = plain_greedy(folder, prompts, max_new_tokens, device)
+    model = load_model(str(folder), device=device)
     toks = chat_transcripts(model, INFO, prompts, max_new_tokens, results_dir)
     got = [row[valid].tolist() for row, valid in zip(toks.tokens_NS, toks.valid_NS)]
     assert got == [prompt + reply for prompt, reply in want]
@@ -94,6 +94,12 @@ def tiny_chat(tmp_path_factory):
 
 def test_rollouts_equal_plain_greedy_decode(tiny_chat, tmp_path):
     assert_rollouts_are_plain_greedy(tiny_chat, tmp_path / "results")
+
+
+@pytest.mark.cuda
+def test_rollouts_on_cuda_equal_plain_greedy_decode_on_cuda(tiny_chat, tmp_path):
+    # generation runs on the device the bridge was loaded on; ids come back to the host for the table
+    assert_rollouts_are_plain_greedy(tiny_chat, tmp_path / "results", device="cuda")
 
 
 def test_cached_rollouts_are_the_generated_ids(tiny_chat, tmp_path, monkeypatch):
