@@ -58,7 +58,7 @@ def make_sae(d_model: int, d_sae: int, l0: int, seed: int = 0):
 
 def write_cache(path: Path, n_tokens: int, d_model: int, seq_len: int = 128, seed: int = 1) -> Path:
     """A float16 activation cache of Gaussian rows, written in chunks (bounded memory)."""
-    from storage.activations_write import ActivationWriter, WriterConfig
+    from sae_transfer.storage.activations_write import ActivationWriter, WriterConfig
 
     meta = {"model_id": "bench", "hook": HOOK, "d_model": d_model, "dtype": "float16", "n_tokens": n_tokens,
             "context_size": seq_len, "prepend_bos": True}

@@ -61,7 +61,7 @@ def export_rows(acts: Path, eval_tokens: int, work: Path) -> tuple[Path, Path]:
     train_path, eval_path = work / "train.safetensors", work / "eval.safetensors"
     if train_path.is_file() and eval_path.is_file():
         return train_path, eval_path
-    from storage.activations import ActivationDataset
+    from sae_transfer.storage.activations import ActivationDataset
 
     ds = ActivationDataset(acts)
     raw_ND = ds.acts(ds.read_table(columns=["act"])).float()
@@ -82,7 +82,7 @@ def measure(x_ND: torch.Tensor, x_hat_ND: torch.Tensor, l0_N: torch.Tensor) -> t
 @torch.no_grad()
 def reconstruct_ours(sae_dir: Path, x_ND: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
     """(x̂ [N, D], active latents per row [N]) of a saved SAE (its inference forward)."""
-    from storage.sae_format import load_sae
+    from sae_transfer.storage.sae_format import load_sae
 
     sae = load_sae(sae_dir)
     outs, l0s = [], []

@@ -129,7 +129,7 @@ def time_training(cfg: TrainConfig, source_factory, D: int, k: int, steps: int) 
 
 def write_parquet_cache(path: Path, acts_ND: torch.Tensor) -> Path:
     """A float32 activation dataset holding acts_ND, through the cache writer."""
-    from storage.activations_write import ActivationWriter, WriterConfig
+    from sae_transfer.storage.activations_write import ActivationWriter, WriterConfig
 
     n, d = acts_ND.shape
     meta = {"model_id": "bench", "hook": "blocks.0.hook_resid_pre", "d_model": d, "dtype": "float32",
@@ -143,7 +143,7 @@ def write_parquet_cache(path: Path, acts_ND: torch.Tensor) -> Path:
 
 
 def parquet_factory(path: Path, B: int):
-    from storage.activations_read import ActivationReader
+    from sae_transfer.storage.activations_read import ActivationReader
 
     return lambda start: ActivationReader(path, batch_size=B, buffer_tokens=8 * B, start_batch=start)
 

@@ -43,7 +43,7 @@ def _strip(value, prefixes: list[str]):
 
 
 def compare(a: Path, b: Path) -> bool:
-    from storage.tables import SCHEMAS, read_table
+    from sae_transfer.storage.tables import SCHEMAS, read_table
 
     same = True
     for name in SCHEMAS:

@@ -8,18 +8,18 @@ from pathlib import Path
 from prefect import flow
 from prefect.futures import wait
 
-from flows._runs import share_cpu_threads
+from sae_transfer.flows._runs import share_cpu_threads
 from sae_transfer.errors import UserError
 from sae_transfer.models import is_local
 from sae_transfer.study import StudyConfig
-from storage.fingerprint import hash_payload
-from storage.layout import StudyLayout, slug
-from tasks._cache import code_version
-from tasks.activations import cache_activations
-from tasks.checkpoints import publish_drift, record_checkpoint
-from tasks.diffing import checkpoint_drift
-from tasks.sae import TRAINING_CODE
-from tasks.evaluate import evaluate_transfer
+from sae_transfer.storage.fingerprint import hash_payload
+from sae_transfer.storage.layout import StudyLayout, slug
+from sae_transfer.tasks._cache import code_version
+from sae_transfer.tasks.activations import cache_activations
+from sae_transfer.tasks.checkpoints import publish_drift, record_checkpoint
+from sae_transfer.tasks.diffing import checkpoint_drift
+from sae_transfer.tasks.sae import TRAINING_CODE
+from sae_transfer.tasks.evaluate import evaluate_transfer
 
 
 def study_state(config: StudyConfig) -> dict:

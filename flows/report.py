@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import flow
 
 from sae_transfer.study import StudyConfig
-from tasks.report import build_report as build_report_task
+from sae_transfer.tasks.report import build_report as build_report_task
 
 
 @flow(name="build_report", log_prints=True)

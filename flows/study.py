@@ -12,20 +12,20 @@ from prefect import flow
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import wait
 
-from flows._runs import current_run_id, share_cpu_threads, step_timings
-from flows.watch import watch_checkpoints
+from sae_transfer.flows._runs import current_run_id, share_cpu_threads, step_timings
+from sae_transfer.flows.watch import watch_checkpoints
 from sae_transfer.study import StudyConfig
-from storage.checkpoints import write_json_atomic
-from storage.fingerprint import hash_payload
-from storage.layout import StudyLayout, slug
-from tasks.activations import cache_activations
-from tasks.diffing import causal_check, diff_crosscoder, diff_saes, train_crosscoder
-from tasks.evaluate import (evaluate_segments, evaluate_transfer, pair_threshold, position_curves, sae_paths, tag_outliers,
+from sae_transfer.storage.checkpoints import write_json_atomic
+from sae_transfer.storage.fingerprint import hash_payload
+from sae_transfer.storage.layout import StudyLayout, slug
+from sae_transfer.tasks.activations import cache_activations
+from sae_transfer.tasks.diffing import causal_check, diff_crosscoder, diff_saes, train_crosscoder
+from sae_transfer.tasks.evaluate import (evaluate_segments, evaluate_transfer, pair_threshold, position_curves, sae_paths, tag_outliers,
                             weight_diff)
-from tasks.models import prepare_pair
-from tasks.report import build_report, record_run
-from tasks._cache import code_version
-from tasks.sae import TRAINING_CODE, finetune_sae, train_sae
+from sae_transfer.tasks.models import prepare_pair
+from sae_transfer.tasks.report import build_report, record_run
+from sae_transfer.tasks._cache import code_version
+from sae_transfer.tasks.sae import TRAINING_CODE, finetune_sae, train_sae
 
 
 def _sae_dir(layout: StudyLayout, role: str, hook: str, *key) -> str:

@@ -6,7 +6,7 @@ from prefect import flow, get_run_logger
 
 from sae_transfer.checkpoints import checkpoint_id, scan_folder, scan_hub
 from sae_transfer.study import StudyConfig
-from tasks.checkpoints import publish_watch, record_checkpoint, seen_ids
+from sae_transfer.tasks.checkpoints import publish_watch, record_checkpoint, seen_ids
 
 
 @flow(name="watch_checkpoints", log_prints=True)
@@ -18,7 +18,7 @@ def watch_checkpoints(config: StudyConfig, via_deployment: bool = False,
     key of (study, checkpoint id) so a checkpoint is never evaluated twice even when two
     watchers race; otherwise evaluate inline as subflows. A markdown artifact says what was new.
     """
-    from flows.checkpoints import evaluate_checkpoint
+    from sae_transfer.flows.checkpoints import evaluate_checkpoint
 
     log = get_run_logger()
     found = scan_folder(config.pair.checkpoints) if config.pair.checkpoints else []
@@ -41,7 +41,7 @@ def watch_checkpoints(config: StudyConfig, via_deployment: bool = False,
             evaluate_checkpoint(config, ckpt.path, ckpt.step)
         new.append(ckpt)
     if build and new and not via_deployment:
-        from tasks.report import build_report
+        from sae_transfer.tasks.report import build_report
 
         build_report(config)
     log.info(publish_watch(config, found, new, "via deployment" if via_deployment else "inline"))

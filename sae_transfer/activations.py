@@ -2,7 +2,7 @@
 then write each hook's activations to its own content-addressed Parquet dataset.
 
 `iter_hook_batches` is the pure part (torch only). `cache_activations` wires it to the corpus
-and to `storage.activations_write`: it computes each dataset's folder from what determines it
+and to `sae_transfer.storage.activations_write`: it computes each dataset's folder from what determines it
 (so a finished dataset is found without loading the model), resumes a killed run from its
 complete shards, and writes in a background thread so encoding overlaps the next forward pass.
 
@@ -234,7 +234,7 @@ def dataset_metas(cfg: CacheConfig) -> dict[str, dict]:
         "model_dtype": cfg.model_dtype,
         "prepend_bos": cfg.prepend_bos,
     }
-    from storage.activations import FORMAT_VERSION, dataset_key
+    from sae_transfer.storage.activations import FORMAT_VERSION, dataset_key
 
     metas = {}
     for hook in cfg.hooks:
@@ -248,7 +248,7 @@ def cache_activations(cfg: CacheConfig, out_dir: str | Path, progress: bool = Tr
 
     Complete datasets are reused untouched (the model is not even loaded when all are).
     """
-    from storage.activations import dataset_dir, is_complete, read_manifest
+    from sae_transfer.storage.activations import dataset_dir, is_complete, read_manifest
 
     metas = dataset_metas(cfg)
     paths = {h: dataset_dir(out_dir, m) for h, m in metas.items()}
@@ -273,7 +273,7 @@ def _write_datasets(model, seqs, cfg: CacheConfig, metas: dict, paths: dict, pro
     """
     from tqdm.auto import tqdm
 
-    from storage.activations_write import ActivationWriter, BackgroundWriter, WriterConfig
+    from sae_transfer.storage.activations_write import ActivationWriter, BackgroundWriter, WriterConfig
 
     hooks = list(metas)
     store_dtype = DTYPES[cfg.dtype]

@@ -57,7 +57,7 @@ def checkpoint_id(spec: str) -> str:
     """The id a checkpoint is recorded under, by the watcher and by its evaluation alike: a local
     folder's content fingerprint (a re-saved folder is a new checkpoint), else the Hub spec
     itself (`repo@commit` as the watcher pins it)."""
-    from storage.fingerprint import fingerprint
+    from sae_transfer.storage.fingerprint import fingerprint
 
     if is_local(spec):
         return fingerprint(Path(spec).expanduser())

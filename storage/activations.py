@@ -16,8 +16,8 @@ One row per token: `seq_id, pos, token_id, role, norm, act`. `act` is a
 group decodes zero-copy with `np.frombuffer(col.buffers()[1], ...)`; a fixed-size list column
 holding the same numbers reads 10-20x slower (see bench/bench_cache.py).
 
-The writer is in `storage.activations_write`, the shuffling batch reader in
-`storage.activations_read`; both are re-exported here.
+The writer is in `sae_transfer.storage.activations_write`, the shuffling batch reader in
+`sae_transfer.storage.activations_read`; both are re-exported here.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 
 from sae_transfer.corpus import ROLES
 from sae_transfer.errors import UserError
-from storage.fingerprint import sha256_file
+from sae_transfer.storage.fingerprint import sha256_file
 
 FORMAT_VERSION = 1  # bump when the row layout or metadata keys change; part of every dataset hash
 MANIFEST = "_manifest.json"
@@ -206,11 +206,11 @@ class ActivationDataset:
 def __getattr__(name: str):
     # Lazy re-exports: the writer and reader modules import this one.
     if name in {"ActivationWriter", "WriterConfig"}:
-        from storage import activations_write
+        from sae_transfer.storage import activations_write
 
         return getattr(activations_write, name)
     if name in {"ActivationReader", "RowFilter"}:
-        from storage import activations_read
+        from sae_transfer.storage import activations_read
 
         return getattr(activations_read, name)
     raise AttributeError(name)

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 import torch
 
 from sae_transfer.errors import UserError
-from storage.activations import ELEMENT_DTYPES, ActivationDataset, decode_acts
+from sae_transfer.storage.activations import ELEMENT_DTYPES, ActivationDataset, decode_acts
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@
 and cuts them into batches of at most `batch_tokens` rows; `read_sequences` reads the rows of a
 few sequences (row groups are pruned on their seq_id statistics, the shards being written in
 seq_id order); `scan_pairs` zips two datasets row by row and refuses any row whose
-(seq_id, pos) differ. The shuffling training reader is `storage.activations_read`.
+(seq_id, pos) differ. The shuffling training reader is `sae_transfer.storage.activations_read`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from sae_transfer.errors import UserError
-from storage.activations import ActivationDataset
+from sae_transfer.storage.activations import ActivationDataset
 
 _SMALL = ("seq_id", "pos", "token_id", "role")
 

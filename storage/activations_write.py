@@ -27,11 +27,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.activations import (
+from sae_transfer.storage.activations import (
     ELEMENT_DTYPES, FORMAT_VERSION, LEGACY_MANIFEST, MANIFEST, PROGRESS, activation_schema, role_dictionary,
 )
 from sae_transfer.sae.scaling import scale_factor
-from storage.fingerprint import sha256_file
+from sae_transfer.storage.fingerprint import sha256_file
 
 log = logging.getLogger(__name__)
 

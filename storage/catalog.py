@@ -17,14 +17,14 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.layout import StudyLayout
+from sae_transfer.storage.layout import StudyLayout
 
 SQL_DIR = Path(__file__).parent / "sql"
 
 
 def _table_sources() -> dict[str, tuple[str, pa.Schema | None]]:
     """View name -> (glob relative to the results root, declared schema or None)."""
-    from storage import study_tables, tables
+    from sae_transfer.storage import study_tables, tables
 
     sources = {name: (f"{name}/part-*.parquet", schema) for name, schema in tables.SCHEMAS.items()}
     sources.update(study_tables.SOURCES)
@@ -72,7 +72,7 @@ def _stub(layout: StudyLayout, name: str, schema: pa.Schema) -> Path:
 
 def view_sql(layout: StudyLayout, name: str, pattern: str, schema: pa.Schema | None) -> str | None:
     """CREATE VIEW statement for one table, or None when it has neither parts nor a schema."""
-    from storage.study_tables import RUN_FOLDER_COLUMN
+    from sae_transfer.storage.study_tables import RUN_FOLDER_COLUMN
 
     run_column = RUN_FOLDER_COLUMN.get(name)
     if any(layout.root.glob(pattern)) and run_column:

@@ -1,6 +1,6 @@
 """Schemas of the feature-level diffing tables (issue 10), and a column-wise table builder.
 
-Registered in `storage.tables.SCHEMAS`, so `append_rows` / `read_table` and the DuckDB catalog
+Registered in `sae_transfer.storage.tables.SCHEMAS`, so `append_rows` / `read_table` and the DuckDB catalog
 treat them like every other result table. Per-latent tables are long: one row per
 (dictionary, latent, model). `dictionary` is the SAE id of the evaluation tables
 (folder name + ":" + weights sha256 prefix); `model` is the label "base" or "chat".
@@ -188,7 +188,7 @@ def columns_table(name: str, columns: Mapping[str, object], constants: Mapping[s
     """A table of `name`'s schema from numpy columns of equal length, constants broadcast to
     every row, and list columns given as (flat values, offsets [n + 1]). Missing columns are
     null; `created_at` defaults to now."""
-    from storage.tables import now_utc
+    from sae_transfer.storage.tables import now_utc
 
     schema = SCHEMAS[name]
     n = next(len(v[1]) - 1 if isinstance(v, tuple) else len(v) for v in columns.values())

@@ -37,12 +37,12 @@ class RunLayout:
 
     @property
     def checkpoints(self) -> Path:
-        """Trainer checkpoints, one folder per step (storage.checkpoints)."""
+        """Trainer checkpoints, one folder per step (sae_transfer.storage.checkpoints)."""
         return self.root / self.CHECKPOINTS_DIR
 
     @property
     def training_log(self) -> Path:
-        """Parquet parts of the training log (storage.checkpoints.append_log_rows)."""
+        """Parquet parts of the training log (sae_transfer.storage.checkpoints.append_log_rows)."""
         return self.root / self.TRAINING_LOG_DIR
 
     @classmethod

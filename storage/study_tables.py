@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from storage.layout import RunLayout, StudyLayout
+from sae_transfer.storage.layout import RunLayout, StudyLayout
 
 _STR, _F64, _I64, _TS = pa.string(), pa.float64(), pa.int64(), pa.timestamp("us", tz="UTC")
 
@@ -43,7 +43,7 @@ TRAINING_LOG_STUB = pa.schema(
 )
 
 # View name -> (glob relative to the results root, schema for an empty view).
-# (runs and checkpoints are plain tables in storage.tables.SCHEMAS.)
+# (runs and checkpoints are plain tables in sae_transfer.storage.tables.SCHEMAS.)
 SOURCES: dict[str, tuple[str, pa.Schema | None]] = {
     "training_log": (StudyLayout.in_every_run(RunLayout.TRAINING_LOG_DIR, "part-*.parquet"), TRAINING_LOG_STUB),
 }

@@ -5,11 +5,11 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from sae_transfer.study import CorpusSection
-from tasks._cache import cached, run_name
-from tasks.records import ActsRecord
+from sae_transfer.tasks._cache import cached, run_name
+from sae_transfer.tasks.records import ActsRecord
 
-_CODE = cached("sae_transfer.activations", "sae_transfer.corpus", "sae_transfer.models", "storage.activations",
-               "storage.activations_write")
+_CODE = cached("sae_transfer.activations", "sae_transfer.corpus", "sae_transfer.models", "sae_transfer.storage.activations",
+               "sae_transfer.storage.activations_write")
 
 
 @task(name="cache-activations", task_run_name=run_name("cache-activations", "model"), **_CODE)

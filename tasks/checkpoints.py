@@ -8,8 +8,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from sae_transfer.checkpoints import Checkpoint, checkpoint_id
 from sae_transfer.study import StudyConfig
-from storage import tables
-from storage.layout import slug
+from sae_transfer.storage import tables
+from sae_transfer.storage.layout import slug
 
 
 def _key(config: StudyConfig, what: str) -> str:
@@ -36,7 +36,7 @@ def record_checkpoint(config: StudyConfig, spec: str, step: int, status: str) ->
 def publish_drift(config: StudyConfig, step: int) -> int:
     """Table artifact: every SAE on every checkpoint so far, the `step` just evaluated marked
     `new`; returns the number of rows published."""
-    from storage import catalog
+    from sae_transfer.storage import catalog
 
     drift = catalog.query(config.results_dir, catalog.load_query("checkpoint_drift"), [config.pair.base, config.pair.chat])
     drift.insert(0, "new", drift["step"] == step)

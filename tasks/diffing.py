@@ -8,12 +8,12 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from sae_transfer.study import StudyConfig
-from storage import tables
-from tasks._cache import cached
-from tasks.records import ActsRecord, RowsRecord, SAERecord
+from sae_transfer.storage import tables
+from sae_transfer.tasks._cache import cached
+from sae_transfer.tasks.records import ActsRecord, RowsRecord, SAERecord
 
 _CODE = cached("sae_transfer.diffing", "sae_transfer.sae", "sae_transfer.training", "sae_transfer.evals",
-               "storage.diffing_tables", "storage.crosscoder_format", "storage.activations_scan", "storage.tables")
+               "sae_transfer.storage.diffing_tables", "sae_transfer.storage.crosscoder_format", "sae_transfer.storage.activations_scan", "sae_transfer.storage.tables")
 
 
 def _plan(config: StudyConfig):
@@ -47,7 +47,7 @@ def diff_saes(saes: list[SAERecord], base_acts: ActsRecord, chat_acts: ActsRecor
 
 
 @task(name="train-crosscoder", **cached("sae_transfer.diffing", "sae_transfer.sae", "sae_transfer.training",
-                                        "storage.crosscoder_format", "storage.checkpoints", "storage.activations_read"))
+                                        "sae_transfer.storage.crosscoder_format", "sae_transfer.storage.checkpoints", "sae_transfer.storage.activations_read"))
 def train_crosscoder(base_acts: ActsRecord, chat_acts: ActsRecord, config: StudyConfig, out_dir: str) -> SAERecord:
     """A BatchTopK crosscoder on the paired base/chat caches (resumes if interrupted)."""
     from sae_transfer.diffing.crosscoder_run import CrosscoderConfig, train_crosscoder as train
@@ -71,7 +71,7 @@ def diff_crosscoder(crosscoder: SAERecord, base_acts: ActsRecord, chat_acts: Act
     max-activating contexts on the paired tokens."""
     from sae_transfer.diffing.paired import open_pair
     from sae_transfer.diffing.stage import crosscoder_tables
-    from storage.fingerprint import sha256_file
+    from sae_transfer.storage.fingerprint import sha256_file
     from pathlib import Path
 
     pair = open_pair(base_acts.path, chat_acts.path, verify_tokens=False)

@@ -7,11 +7,11 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from sae_transfer.study import StudyConfig
-from storage import tables
-from tasks._cache import cached, run_name
-from tasks.records import RowsRecord, SAERecord
+from sae_transfer.storage import tables
+from sae_transfer.tasks._cache import cached, run_name
+from sae_transfer.tasks.records import RowsRecord, SAERecord
 
-_CODE = cached("sae_transfer.evals", "sae_transfer.sae", "sae_transfer.corpus", "sae_transfer.models", "storage.sae_format", "storage.tables")
+_CODE = cached("sae_transfer.evals", "sae_transfer.sae", "sae_transfer.corpus", "sae_transfer.models", "sae_transfer.storage.sae_format", "sae_transfer.storage.tables")
 
 
 def _append(results_dir: str, step: str, produced: dict[str, list[dict]]) -> RowsRecord:

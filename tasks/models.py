@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 
 from sae_transfer.models import ModelRef
 from sae_transfer.study import PairConfig
-from tasks.records import PairRecord
+from sae_transfer.tasks.records import PairRecord
 
 
 @task(name="prepare-pair", persist_result=False, tags=["always-runs"])

@@ -10,7 +10,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 import sae_transfer
 from sae_transfer.study import StudyConfig, config_json
-from storage import tables
+from sae_transfer.storage import tables
 
 
 def release_version() -> str:
@@ -37,7 +37,7 @@ def record_run(config: StudyConfig, flow: str, run_id: str, timings: dict[str, t
 def build_report(config: StudyConfig, upstream: list | None = None) -> str:
     """Rebuild the DuckDB catalog and the HTML/Markdown report; publish Prefect artifacts."""
     from sae_transfer.report.build import build_report as build
-    from storage import catalog
+    from sae_transfer.storage import catalog
 
     paths = build(config.results_dir, config.pair.base, config.pair.chat, title=f"SAE transfer study: {config.name}")
     transfer = catalog.query(config.results_dir, catalog.load_query("transfer_table"), [config.pair.base, config.pair.chat])

@@ -5,14 +5,14 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 
 from sae_transfer.study import FinetuneSection, SAESection
-from storage.layout import RunLayout
-from tasks._cache import cached, run_name
-from tasks.records import ActsRecord, SAERecord
+from sae_transfer.storage.layout import RunLayout
+from sae_transfer.tasks._cache import cached, run_name
+from sae_transfer.tasks.records import ActsRecord, SAERecord
 
 # What a trained SAE depends on: flows also put its hash into the run folder's name, so a
 # trainer fix trains a new SAE instead of finding the old run complete.
-TRAINING_CODE = ("sae_transfer.sae", "sae_transfer.training", "storage.sae_format", "storage.checkpoints",
-                 "storage.activations_read")
+TRAINING_CODE = ("sae_transfer.sae", "sae_transfer.training", "sae_transfer.storage.sae_format", "sae_transfer.storage.checkpoints",
+                 "sae_transfer.storage.activations_read")
 _CODE = cached(*TRAINING_CODE)
 
 

@@ -16,7 +16,7 @@ def write_acts_cache(path: Path, acts_ND: torch.Tensor, seq_len: int = 16, model
     r % seq_len); token ids default to (7r mod 97), roles to "bos" at pos 0 and "text" elsewhere.
     Small row groups and shards, so sequences straddle row groups and files."""
     from sae_transfer.corpus import ROLE_CODE
-    from storage.activations_write import ActivationWriter, WriterConfig
+    from sae_transfer.storage.activations_write import ActivationWriter, WriterConfig
 
     n, d = acts_ND.shape
     rows = np.arange(n)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage import tables
+from sae_transfer.storage import tables
 
 BASE, CHAT = "models/base", "models/chat"
 HOOK = "blocks.2.hook_resid_pre"

@@ -90,8 +90,8 @@ def write_synthetic_dataset(
     import numpy as np
     import torch
 
-    from storage.activations import ELEMENT_DTYPES
-    from storage.activations_write import ActivationWriter, WriterConfig
+    from sae_transfer.storage.activations import ELEMENT_DTYPES
+    from sae_transfer.storage.activations_write import ActivationWriter, WriterConfig
 
     meta = {"model_id": "synthetic", "hook": "blocks.0.hook_resid_pre", "d_model": d_model,
             "dtype": dtype, "n_tokens": n_rows, "context_size": seq_len}

@@ -7,10 +7,10 @@ import json
 
 import pytest
 
-from storage import catalog
-from storage.layout import StudyLayout
-from storage.sae_format import save_sae
-from storage.tables import read_table
+from sae_transfer.storage import catalog
+from sae_transfer.storage.layout import StudyLayout
+from sae_transfer.storage.sae_format import save_sae
+from sae_transfer.storage.tables import read_table
 from tests._hub import fake_hub_cache, fake_refs
 from tests._tiny import tiny_corpus_dir, tiny_model_dir
 from tests.test_evals_metrics import lossless_sae
@@ -28,9 +28,9 @@ def watched(tmp_path_factory, prefect_harness):
     import huggingface_hub
     import huggingface_hub.constants as hub_constants
 
-    from flows.watch import watch_checkpoints
+    from sae_transfer.flows.watch import watch_checkpoints
     from sae_transfer.study import parse_study
-    from storage.checkpoints import write_json_atomic
+    from sae_transfer.storage.checkpoints import write_json_atomic
 
     root = tmp_path_factory.mktemp("watch")
     model = tiny_model_dir(root, name="chat", seed=0)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from sae_transfer.cli import main
-from storage.activations import MANIFEST, PROGRESS, ActivationDataset
+from sae_transfer.storage.activations import MANIFEST, PROGRESS, ActivationDataset
 from sae_transfer.errors import UserError
 from tests._tiny import tiny_corpus_dir, tiny_model_dir
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import duckdb
 import pytest
 
-from storage import catalog, tables
+from sae_transfer.storage import catalog, tables
 from tests import _synthetic_results as synth
 
 

@@ -21,7 +21,7 @@ def test_every_field_has_a_one_line_description(section):
 def test_prefect_parameter_form_shows_the_descriptions():
     from prefect.utilities.callables import parameter_schema
 
-    from flows.study import transfer_study
+    from sae_transfer.flows.study import transfer_study
 
     definitions = parameter_schema(transfer_study.fn).model_dump()["definitions"]
     for section in SECTIONS:

@@ -14,9 +14,9 @@ import torch
 
 from sae_transfer.activations import CacheConfig, cache_activations
 from sae_transfer.corpus import CorpusConfig
-from storage.activations import LEGACY_MANIFEST, MANIFEST, ActivationDataset, is_complete, read_manifest
-from storage.activations_read import ActivationReader
-from storage.activations_write import ActivationWriter
+from sae_transfer.storage.activations import LEGACY_MANIFEST, MANIFEST, ActivationDataset, is_complete, read_manifest
+from sae_transfer.storage.activations_read import ActivationReader
+from sae_transfer.storage.activations_write import ActivationWriter
 from tests._tiny import tiny_corpus_dir, tiny_model_dir, write_synthetic_dataset
 
 
@@ -97,7 +97,7 @@ def test_manifest_scale_factor_is_sqrt_d_over_mean_norm(cached):
 
 
 def test_failed_shard_finalisation_surfaces_and_resumes(tmp_path, monkeypatch):
-    import storage.activations_write as write_mod
+    import sae_transfer.storage.activations_write as write_mod
 
     real, calls = write_mod.sha256_file, {"n": 0}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from storage import catalog
+from sae_transfer.storage import catalog
 from tests._tiny_study import tiny_study
 
 pytestmark = pytest.mark.slow

@@ -15,13 +15,13 @@ from sae_transfer.errors import UserError
 from sae_transfer.sae import SAEConfig, make_sae
 from sae_transfer.training.config import TrainConfig
 from sae_transfer.training.trainers.crosscoder import CrosscoderTrainer
-from storage.crosscoder_format import load_crosscoder, save_crosscoder
+from sae_transfer.storage.crosscoder_format import load_crosscoder, save_crosscoder
 
 D = 8
 
 
 def _write(path, acts_ND, tokens_N, hook="blocks.0.hook_resid_pre", seq_len=32, corpus="c0"):
-    from storage.activations_write import ActivationWriter, WriterConfig
+    from sae_transfer.storage.activations_write import ActivationWriter, WriterConfig
 
     n = acts_ND.shape[0]
     meta = {"model_id": path.name, "hook": hook, "d_model": acts_ND.shape[1], "dtype": "float32", "n_tokens": n,

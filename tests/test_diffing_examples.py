@@ -116,8 +116,8 @@ def test_examples_tables_match_brute_force(cache_and_sae, tmp_path, arch):
 
 
 def test_latent_examples_answer_sql(cache_and_sae, tmp_path):
-    from storage.catalog import query
-    from storage.tables import append_rows
+    from sae_transfer.storage.catalog import query
+    from sae_transfer.storage.tables import append_rows
 
     path, acts, sae, S = cache_and_sae
     examples, hist = api.examples_tables(loaded(sae, "sae:1"), path, "chat", ExamplesConfig(k=3), tokenizer=None)
@@ -136,7 +136,7 @@ def test_examples_cli_then_sql(cache_and_sae, tmp_path, monkeypatch, capsys):
     import sys
 
     from sae_transfer.cli import main
-    from storage.sae_format import save_sae
+    from sae_transfer.storage.sae_format import save_sae
 
     path, acts, sae, S = cache_and_sae
     save_sae(sae, tmp_path / "sae", metadata={"hook_name": "blocks.1.hook_resid_pre"})

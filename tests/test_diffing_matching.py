@@ -132,8 +132,8 @@ def _run_main(monkeypatch, *args) -> int:
 
 
 def test_diff_cli_writes_stats_matches_and_drift(tmp_path, monkeypatch, capsys):
-    from storage.sae_format import save_sae
-    from storage.tables import read_table
+    from sae_transfer.storage.sae_format import save_sae
+    from sae_transfer.storage.tables import read_table
 
     hook = "blocks.1.hook_resid_pre"
     gen = torch.Generator().manual_seed(12)

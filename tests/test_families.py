@@ -29,7 +29,7 @@ from sae_transfer.evals.run import transfer_records
 from sae_transfer.evals.transfer import EvalConfig, TokenSet
 from sae_transfer.models import check_hooks, hook_names, load_model
 from sae_transfer.sae import SAEConfig, make_sae
-from storage.activations import ActivationDataset
+from sae_transfer.storage.activations import ActivationDataset
 from tests._tiny import _training_text, build_tokenizer, tiny_corpus_dir
 
 D, LAYER, SEQ = 32, 1, 24

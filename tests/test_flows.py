@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from storage import catalog
+from sae_transfer.storage import catalog
 from tests._tiny_study import tiny_study
 
 pytestmark = pytest.mark.slow
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory, prefect_harness):
     """The study's first run (the slow part, done once), and a copy of its folder as it left it."""
-    from flows.study import transfer_study
+    from sae_transfer.flows.study import transfer_study
 
     root = tmp_path_factory.mktemp("study")
     cfg = tiny_study(root)
@@ -63,7 +63,7 @@ def test_first_run_fills_every_table(study):
 
 
 def test_unchanged_rerun_is_fully_cached(study):
-    from flows.study import transfer_study
+    from sae_transfer.flows.study import transfer_study
 
     cfg, first = study
     rows_before = _count(cfg, "select count(*) from metrics")
@@ -74,7 +74,7 @@ def test_unchanged_rerun_is_fully_cached(study):
 
 
 def test_touching_the_chat_model_reruns_only_its_dependents(study):
-    from flows.study import transfer_study
+    from sae_transfer.flows.study import transfer_study
 
     cfg, _ = study
     weights = cfg.pair.chat + "/model.safetensors"
@@ -96,7 +96,7 @@ def test_touching_the_chat_model_reruns_only_its_dependents(study):
 
 
 def test_watcher_evaluates_a_new_checkpoint_exactly_once(study):
-    from flows.watch import watch_checkpoints
+    from sae_transfer.flows.watch import watch_checkpoints
 
     cfg, _ = study
     checkpoints = sorted(p for p in Path(cfg.pair.checkpoints).iterdir())

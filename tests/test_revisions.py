@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from sae_transfer.errors import UserError
 from sae_transfer.models import ModelRef, load_model, model_identity, parse_model_spec
 from sae_transfer.study import PairConfig, parse_study
-from storage.sae_format import save_sae
+from sae_transfer.storage.sae_format import save_sae
 from tests._hub import fake_hub_cache
 from tests._tiny import tiny_corpus_dir, tiny_model_dir
 from tests.test_evals_metrics import lossless_sae
@@ -72,7 +72,7 @@ def _evaluate(model: str, hub, **options):
 
 
 def test_pair_revision_reaches_the_evaluation(hub):
-    from tasks.models import prepare_pair
+    from sae_transfer.tasks.models import prepare_pair
 
     pair = PairConfig(base=REPO, chat=REPO, base_revision="step-50", checkpoints=None, build_demo=False)
     record = prepare_pair.fn(pair)
@@ -89,7 +89,7 @@ def test_trust_remote_code_reaches_the_loader(hub, monkeypatch):
 
     from sae_transfer.activations import CacheConfig, cache_activations
     from sae_transfer.corpus import CorpusConfig
-    from tasks.evaluate import _eval_options
+    from sae_transfer.tasks.evaluate import _eval_options
 
     seen = []
     real = TransformerBridge.boot_transformers

@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from sae_transfer.errors import UserError
 from sae_transfer.sae import SAEConfig, make_sae
-from storage.sae_format import load_log10_density, load_sae, save_sae
+from sae_transfer.storage.sae_format import load_log10_density, load_sae, save_sae
 
 D, F = 16, 64
 

@@ -133,7 +133,7 @@ def _imported_names(name: str, file: Path) -> set[str]:
 
 def _engine_import_chains() -> list[str]:
     """Import chains from a science module to prefect or duckdb, following our own modules'
-    imports (eager and lazy) transitively, e.g. 'sae_transfer.evals.x -> storage.catalog -> duckdb'."""
+    imports (eager and lazy) transitively, e.g. 'sae_transfer.evals.x -> sae_transfer.storage.catalog -> duckdb'."""
     queue = _science_modules()
     via: dict[str, str | None] = dict.fromkeys(queue)
     chains = set()

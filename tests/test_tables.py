@@ -9,12 +9,12 @@ import textwrap
 import pyarrow as pa
 import pytest
 
-from storage.tables import SCHEMAS, append_rows, read_table, table_dir, to_table
+from sae_transfer.storage.tables import SCHEMAS, append_rows, read_table, table_dir, to_table
 
 WRITER = textwrap.dedent(
     """
     import sys
-    from storage.tables import append_rows
+    from sae_transfer.storage.tables import append_rows
     out, tag = sys.argv[1], sys.argv[2]
     for i in range(25):
         rows = [{"param": f"{tag}-{i}-{j}", "layer": j, "rel_diff": 0.1 * j} for j in range(4)]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from sae_transfer.study import parse_study
-from tasks._cache import _jsonable, code_version
-from tasks.records import ActsRecord
+from sae_transfer.tasks._cache import _jsonable, code_version
+from sae_transfer.tasks.records import ActsRecord
 
 
 def test_input_paths_are_keyed_by_content_not_by_name(tmp_path):
@@ -39,7 +39,7 @@ def test_code_version_follows_the_named_sources():
 def test_output_folders_key_by_absolute_path(tmp_path, monkeypatch):
     # Two checkouts of the project both write `results/...`: a record cached in one must not be
     # reused by the other, whose results folder does not hold the files it points to.
-    from tasks._cache import _jsonable
+    from sae_transfer.tasks._cache import _jsonable
 
     keys = []
     for checkout in ("a", "b"):

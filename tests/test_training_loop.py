@@ -19,7 +19,7 @@ from sae_transfer.training import TrainConfig
 from sae_transfer.training.data import open_training_data
 from sae_transfer.training.run import train_sae
 from sae_transfer.training.sources import in_memory_factory
-from storage import checkpoints as ckpt
+from sae_transfer.storage import checkpoints as ckpt
 
 D = 16
 
@@ -34,7 +34,7 @@ def sparse_acts(n: int, d: int = D, n_feats: int = 48, seed: int = 0) -> torch.T
 
 def write_cache(path: Path, acts: torch.Tensor, seq_len: int = 32) -> Path:
     """A Parquet activation dataset holding `acts` (float32), written with the cache writer."""
-    from storage.activations_write import ActivationWriter, WriterConfig
+    from sae_transfer.storage.activations_write import ActivationWriter, WriterConfig
 
     n = acts.shape[0]
     meta = {"model_id": "tiny-base", "hook": "blocks.1.hook_resid_pre", "d_model": acts.shape[1], "dtype": "float32",

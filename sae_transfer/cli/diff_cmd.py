@@ -76,7 +76,7 @@ def diff(
     from sae_transfer.diffing import api
     from sae_transfer.diffing.latent_stats import LatentStatsConfig
     from sae_transfer.diffing.matching import MatchConfig
-    from storage.tables import append_rows
+    from sae_transfer.storage.tables import append_rows
 
     require(match_on in ("base", "chat"), "--match-on", match_on, "use base or chat")
     require(-1.0 <= min_cosine < 1.0, "--min-cosine", min_cosine, "use a cosine in [-1, 1)")
@@ -130,7 +130,7 @@ def examples(
     streaming pass -> OUT/latent_examples (window tokens and activations) and OUT/latent_histograms."""
     from sae_transfer.diffing import api
     from sae_transfer.diffing.examples import ExamplesConfig
-    from storage.tables import append_rows
+    from sae_transfer.storage.tables import append_rows
 
     caches = _caches(base_acts, chat_acts, need_both=False)
     hook = api.cache_info(next(iter(caches.values())))["hook"]

@@ -90,7 +90,7 @@ def evaluate(
     """Every SAE x every model: l0, CE loss recovered (+ bootstrap CI), KL, explained variance, mse,
     with outliers excluded and included -> OUT/metrics (and OUT/token_errors)."""
     from sae_transfer.evals.run import transfer_records
-    from storage.tables import append_rows
+    from sae_transfer.storage.tables import append_rows
 
     saes = _prepare(sae, model, hook)
     cfg = _eval_config(batch_tokens, threshold, mad_k, k_median, seed, device, bootstrap, token_errors, outlier_rule)
@@ -117,7 +117,7 @@ def outliers(
 ) -> None:
     """Per-token norms and outlier flags -> OUT/outliers; the study's breakdown -> OUT/outlier_summary."""
     from sae_transfer.evals.run import outlier_records
-    from storage.tables import append_rows
+    from sae_transfer.storage.tables import append_rows
 
     cfg = _eval_config(batch_tokens, threshold, mad_k, k_median, 0, device, rule=outlier_rule)
     summary = []
@@ -149,7 +149,7 @@ def segments(
     ablation too -> OUT/metrics. Scale factor and threshold come from the main corpus (--corpus)."""
     from sae_transfer.evals.rollouts import load_prompts
     from sae_transfer.evals.run import chat_transcripts, checked_norms, segment_records
-    from storage.tables import append_rows
+    from sae_transfer.storage.tables import append_rows
 
     saes = _prepare(sae, [model], hook)
     cfg = _eval_config(batch_tokens, threshold, mad_k, k_median, seed, device, token_errors=False, rule=outlier_rule)
@@ -176,7 +176,7 @@ def weight_diff(
 ) -> None:
     """||W_chat - W_base||_F / ||W_base||_F per layer and weight matrix -> OUT/weight_diff."""
     from sae_transfer.evals.weight_diff import weight_diff_rows
-    from storage.tables import append_rows
+    from sae_transfer.storage.tables import append_rows
 
     for spec in (base, chat):
         if not Path(spec).expanduser().is_dir():
@@ -199,7 +199,7 @@ def positions(
     from sae_transfer.evals.loading import model_shape
     from sae_transfer.evals.positions import context_sizes
     from sae_transfer.evals.run import position_records
-    from storage.tables import append_rows
+    from sae_transfer.storage.tables import append_rows
 
     factors = parse_int_list(multiples, "--multiples")
     saes = _prepare(sae, model, hook)

@@ -29,7 +29,7 @@ def _results(results: Optional[Path], config: Optional[Path]) -> Path:
 def _pair_from_results(results: Path, config: Optional[Path]) -> tuple[str, str]:
     """Base and chat ids: from --config, else the latest recorded run, else the demo config."""
     if config is None:
-        from storage import catalog
+        from sae_transfer.storage import catalog
 
         runs = catalog.query(results, "select config_json from runs where config_json is not null order by created_at desc limit 1")
         if len(runs):
@@ -59,7 +59,7 @@ def register(app: typer.Typer) -> None:
         results_root: Path = typer.Option(Path("results"), help="parent folder of study results"),
     ) -> None:
         """Run the whole transfer study on the offline demo pair and print where the report is."""
-        from flows.study import run_study
+        from sae_transfer.flows.study import run_study
         from sae_transfer.study import example_config, load_study
 
         cfg = load_study(example_config("demo")).model_copy(update={"results_root": str(results_root)})
@@ -69,7 +69,7 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def run(config: Path = typer.Argument(..., help="study config (.yaml or .toml); examples in sae_transfer/configs/")) -> None:
         """Run the transfer study described by CONFIG (cached steps are skipped)."""
-        from flows.study import run_study
+        from sae_transfer.flows.study import run_study
         from sae_transfer.study import load_study
 
         typer.echo(run_study(load_study(config)))
@@ -80,7 +80,7 @@ def register(app: typer.Typer) -> None:
         checkpoints: Optional[Path] = typer.Option(None, help="folder of checkpoints (default: the config's pair.checkpoints)"),
     ) -> None:
         """Evaluate every checkpoint not seen before (once each), then rebuild the report."""
-        from flows.watch import watch_checkpoints
+        from sae_transfer.flows.watch import watch_checkpoints
 
         cfg = _config(config)
         if checkpoints is not None:
@@ -116,7 +116,7 @@ def register(app: typer.Typer) -> None:
         """Answer ad-hoc SQL over a study's results (read-only)."""
         import duckdb
 
-        from storage import catalog
+        from sae_transfer.storage import catalog
 
         if format not in {"table", "csv", "json"}:
             raise UserError(f"unknown --format {format!r}: use table, csv or json")

@@ -22,7 +22,7 @@ from sae_transfer.errors import UserError
 # CPython 3.11's parser keeps its recursion-depth bookkeeping per interpreter, not per thread:
 # two threads calling ast.parse at once fail with "AST constructor recursion depth mismatch".
 # Pipeline tasks run in threads, so parses are serialised.
-_AST_LOCK = threading.RLock()  # re-entrant: flows route ast.parse itself through it (flows._runs)
+_AST_LOCK = threading.RLock()  # re-entrant: flows route ast.parse itself through it (sae_transfer.flows._runs)
 
 log = logging.getLogger(__name__)
 

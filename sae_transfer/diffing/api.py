@@ -1,6 +1,6 @@
 """Entry points for the CLI and pipeline tasks: the diffing analyses on cached activations,
-returning Arrow tables of the `storage.diffing_tables` schemas (the caller appends them with
-`storage.tables.append_rows`). Streams come from `storage.activations_scan`; the maths is in
+returning Arrow tables of the `sae_transfer.storage.diffing_tables` schemas (the caller appends them with
+`sae_transfer.storage.tables.append_rows`). Streams come from `sae_transfer.storage.activations_scan`; the maths is in
 `latent_stats`, `matching`, `examples` and `causal`."""
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ def device_of(device: str | None) -> torch.device:
 
 def cache_info(path: str | Path) -> dict:
     """model_id, hook, d_model, content key and scale factor s = sqrt(d_model) / E||x|| of a cache."""
-    from storage.activations import ActivationDataset, dataset_key
+    from sae_transfer.storage.activations import ActivationDataset, dataset_key
     from sae_transfer.sae.scaling import scale_factor
-    from storage.activations_scan import mean_norm
+    from sae_transfer.storage.activations_scan import mean_norm
 
     ds = ActivationDataset(path)
     key = ds.meta.get("tokens_fingerprint")  # hash of the token ids: equal for base and chat caches of one corpus
@@ -49,7 +49,7 @@ def row_stream(path: str | Path, batch_tokens: int, skip_roles: tuple[str, ...] 
     """RowBatches of a cache in token order, without rows of the `skip_roles` roles; only the
     first `max_tokens` cache rows (None: all)."""
     from sae_transfer.corpus import ROLE_CODE
-    from storage.activations_scan import scan_batches
+    from sae_transfer.storage.activations_scan import scan_batches
 
     codes = torch.tensor([ROLE_CODE[r] for r in skip_roles], dtype=torch.uint8)
     for batch in _first_rows(scan_batches(path, batch_tokens), max_tokens):
@@ -93,7 +93,7 @@ def _dictionary(loaded, hook: str) -> dict:
 def latent_stats_table(loaded, caches: dict[str, str | Path], cfg: ls.LatentStatsConfig = ls.LatentStatsConfig(),
                        skip_roles: tuple[str, ...] = DEFAULT_SKIP_ROLES, max_tokens: int | None = None):
     """`latent_stats` rows of one SAE on the caches labelled "base" and "chat"."""
-    from storage.diffing_tables import columns_table
+    from sae_transfer.storage.diffing_tables import columns_table
 
     stats, infos = {}, {}
     for label, path in caches.items():
@@ -132,8 +132,8 @@ def load_tokenizer(model_id: str | None):
 def examples_tables(loaded, cache: str | Path, label: str, cfg: ex.ExamplesConfig = ex.ExamplesConfig(),
                     skip_roles: tuple[str, ...] = DEFAULT_SKIP_ROLES, tokenizer="auto", max_tokens: int | None = None):
     """(`latent_examples`, `latent_histograms`) tables of one SAE on one model's cache."""
-    from storage.activations_scan import read_sequences
-    from storage.diffing_tables import columns_table
+    from sae_transfer.storage.activations_scan import read_sequences
+    from sae_transfer.storage.diffing_tables import columns_table
 
     info = cache_info(cache)
     check_pairing(loaded, info, label)
@@ -190,7 +190,7 @@ def match_table(loaded_a, loaded_b, corr_cache: str | Path | None, corr_label: s
                 max_tokens: int | None = None):
     """`latent_matches` rows: decoder-cosine assignment of A's and B's latents, with the
     activation correlation of each pair on `corr_cache` (both SAEs on the same tokens)."""
-    from storage.diffing_tables import columns_table
+    from sae_transfer.storage.diffing_tables import columns_table
 
     matching = mt.match_decoders(loaded_a.sae, loaded_b.sae, cfg)
     cols = {"latent_a": matching.latent_a, "latent_b": matching.latent_b, "dec_cos": matching.dec_cos, "enc_cos": matching.enc_cos}
@@ -212,7 +212,7 @@ def match_table(loaded_a, loaded_b, corr_cache: str | Path | None, corr_label: s
 def drift_table(loaded_child, loaded_parent, checkpoint: str | None = None, step: int | None = None):
     """`latent_drift` rows of a fine-tuned SAE against its parent (`checkpoint`/`step`: the
     fine-tuning checkpoint the child was briefly fine-tuned on, if any)."""
-    from storage.diffing_tables import columns_table
+    from sae_transfer.storage.diffing_tables import columns_table
 
     try:
         cols = mt.latent_drift(loaded_child.sae, loaded_parent.sae)
@@ -230,7 +230,7 @@ def ablation_table(model, model_id: str, loaded, toks, hook: str, latents: list[
     transcripts) on the chat model's transcripts `toks` (evals TokenSet). `s_eval` defaults to
     the transcripts' own."""
     from sae_transfer.diffing import causal
-    from storage.diffing_tables import columns_table
+    from sae_transfer.storage.diffing_tables import columns_table
 
     cfg = cfg or causal.CausalConfig()
     s_eval = s_eval or causal.transcript_scale(model, toks, hook, cfg)

@@ -1,7 +1,7 @@
 """Train a BatchTopK crosscoder on paired caches into a run folder, resumably.
 
-    <out>/crosscoder/      storage.crosscoder_format folder (both decoders, both scale factors)
-    <out>/checkpoints/     trainer checkpoints (storage.checkpoints; the shared SAE machinery)
+    <out>/crosscoder/      sae_transfer.storage.crosscoder_format folder (both decoders, both scale factors)
+    <out>/checkpoints/     trainer checkpoints (sae_transfer.storage.checkpoints; the shared SAE machinery)
     <out>/training_log/    Parquet parts of the training log
     <out>/run.json         manifest, written last: config, pairing, timings, metrics, class counts
 
@@ -31,8 +31,8 @@ from sae_transfer.training.loop import TrainingRun, train_loop
 from sae_transfer.training.run import _write_checkpoint, restore
 from sae_transfer.training.trainers.crosscoder import CrosscoderTrainer
 from sae_transfer.training.tricks import geometric_median
-from storage import checkpoints as ckpt
-from storage.crosscoder_format import save_crosscoder
+from sae_transfer.storage import checkpoints as ckpt
+from sae_transfer.storage.crosscoder_format import save_crosscoder
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class CrosscoderConfig:
 class CrosscoderResult:
     """What a finished (or already complete) crosscoder run left on disk."""
 
-    crosscoder_dir: Path  # the storage.crosscoder_format folder
+    crosscoder_dir: Path  # the sae_transfer.storage.crosscoder_format folder
     run_json: Path  # the manifest
     metrics: dict  # final metrics: per-model explained variance, l0, dead fraction, class counts
     resumed_from_step: int | None  # checkpoint step the run resumed from, if any

@@ -1,7 +1,7 @@
 """The diffing stage of a study: from cache, SAE and crosscoder folders to table rows.
 
 What the `tasks/diffing.py` tasks run between loading inputs and appending Arrow tables through
-`storage.tables`. Every analysis streams at most `DiffingPlan.stats_tokens` rows of each cache.
+`sae_transfer.storage.tables`. Every analysis streams at most `DiffingPlan.stats_tokens` rows of each cache.
 Shape suffixes as in the package docstring (B batch, D d_model, F latents, L selected latents).
 """
 
@@ -69,7 +69,7 @@ def sae_tables(saes: dict[str, object], caches: dict[str, str], plan: DiffingPla
 def sae_scaling_table(loaded, cache: str, label: str, plan: DiffingPlan) -> pa.Table:
     """Latent Scaling of every latent of an SAE on another model's activations (`latent_scaling`)."""
     from sae_transfer.diffing.latent_scaling import sae_scaling
-    from storage.diffing_tables import columns_table
+    from sae_transfer.storage.diffing_tables import columns_table
 
     info = api.cache_info(cache)
     api.check_pairing(loaded, info, label)
@@ -87,7 +87,7 @@ def sae_scaling_table(loaded, cache: str, label: str, plan: DiffingPlan) -> pa.T
 def _paired_batches(pair, plan: DiffingPlan):
     """RowBatch-like paired rows: acts_BD = [x_base, x_chat] in the crosscoder's training units."""
     from sae_transfer.diffing.paired import iter_paired
-    from storage.activations_scan import RowBatch
+    from sae_transfer.storage.activations_scan import RowBatch
 
     for rows in iter_paired(pair, plan.batch_tokens, max_rows=plan.stats_tokens):
         role = torch.zeros_like(rows.seq_id_B, dtype=torch.uint8)
@@ -96,7 +96,7 @@ def _paired_batches(pair, plan: DiffingPlan):
 
 def _paired_sequences(pair, seq_ids) -> object:
     """Whole paired sequences (sorted by seq_id, pos) for the examples' windows."""
-    from storage.activations_scan import RowBatch, read_sequences
+    from sae_transfer.storage.activations_scan import RowBatch, read_sequences
 
     b, c = read_sequences(pair.base, seq_ids), read_sequences(pair.chat, seq_ids)
     acts = torch.cat([b.acts_BD.float() * pair.scale_base, c.acts_BD.float() * pair.scale_chat], dim=1)
@@ -108,8 +108,8 @@ def crosscoder_tables(cc_dir: str | Path, pair, plan: DiffingPlan, sae_id: str, 
     latents, and `latent_examples` of every latent on the paired tokens (model = "paired")."""
     from sae_transfer.diffing.crosscoder import CLASSES, latent_table
     from sae_transfer.diffing.latent_scaling import crosscoder_scaling
-    from storage.crosscoder_format import load_crosscoder
-    from storage.diffing_tables import columns_table
+    from sae_transfer.storage.crosscoder_format import load_crosscoder
+    from sae_transfer.storage.diffing_tables import columns_table
 
     device = api.device_of(plan.device)
     cc = load_crosscoder(cc_dir).to(device)
@@ -155,7 +155,7 @@ def _firing_sums(cc, pair, plan: DiffingPlan, device) -> torch.Tensor:
 
 def _paired_examples(cc, pair, acts, cfg: ex.ExamplesConfig, dictionary: dict, chat_model: str | None) -> pa.Table:
     """The crosscoder's max-activating contexts on the paired tokens, with token texts."""
-    from storage.diffing_tables import columns_table
+    from sae_transfer.storage.diffing_tables import columns_table
 
     winners = acts.winners()
     seqs = np.unique(winners["seq_id"])
@@ -199,7 +199,7 @@ def causal_tables(sae_paths: list[str], chat: str, hook: str, instructions, plan
     from sae_transfer.evals.loading import load_saes
     from sae_transfer.evals.rollouts import load_prompts
     from sae_transfer.evals.run import chat_transcripts
-    from storage.tables import read_table
+    from sae_transfer.storage.tables import read_table
 
     loaded = {s.info["sae_id"]: s for s in load_saes(sae_paths, hook)}
     sae_id, name, latents = chosen_latents(read_table(results_dir, "latent_stats"), list(loaded), plan.top_latents)

@@ -2,7 +2,7 @@
 next-token loss splicing it in costs, with outlier tokens excluded and included.
 
 Plain torch: nothing here imports Prefect or DuckDB. Results come back as records (dicts)
-whose keys are the columns of `storage.tables`.
+whose keys are the columns of `sae_transfer.storage.tables`.
 
 Shape suffixes: N sequences (or tokens, when flattened), B batch of sequences, S positions,
 D d_model (hook width), F SAE features, V vocabulary, R bootstrap resamples.

@@ -1,7 +1,7 @@
 """Whole analyses from folder and model names to table rows: what a pipeline step runs.
 
 Each function loads what it needs (SAEs, one model, held-out tokens), calls `evals.run`, and
-returns `{table name: rows}` for `storage.tables.append_rows`. Pairing errors (d_in, hook)
+returns `{table name: rows}` for `sae_transfer.storage.tables.append_rows`. Pairing errors (d_in, hook)
 surface before the model's first forward pass.
 """
 

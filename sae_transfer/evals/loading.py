@@ -26,15 +26,15 @@ class LoadedSAE:
 
 def weights_hash(folder: Path) -> str:
     """sha256 prefix of the SAE's weights file."""
-    from storage.fingerprint import sha256_file
+    from sae_transfer.storage.fingerprint import sha256_file
 
     return sha256_file(folder / "sae_weights.safetensors")[:12]
 
 
 def load_saes(folders: list[str], hook: str) -> list[LoadedSAE]:
     """Load every SAE folder, checking it was trained on `hook` (UserError otherwise)."""
-    from storage.layout import RunLayout
-    from storage.sae_format import load_sae
+    from sae_transfer.storage.layout import RunLayout
+    from sae_transfer.storage.sae_format import load_sae
 
     out = []
     for spec in folders:

@@ -1,4 +1,4 @@
-"""Turn evaluation results into table rows (dicts keyed by `storage.tables` column names)."""
+"""Turn evaluation results into table rows (dicts keyed by `sae_transfer.storage.tables` column names)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """One call per analysis, returning table rows: what a CLI command or a Prefect task runs
-between loading inputs and appending rows through `storage.tables`."""
+between loading inputs and appending rows through `sae_transfer.storage.tables`."""
 
 from __future__ import annotations
 
@@ -150,7 +150,7 @@ def chat_transcripts(model, model_info: dict, prompts: list[str], max_new_tokens
     could run past the model's context are left out (`rollouts.prompts_that_fit`)."""
     from sae_transfer.evals import rollouts
     from sae_transfer.evals.segments import pad_transcripts, prompt_roles, rollout_transcript
-    from storage.tables import append_rows, read_table
+    from sae_transfer.storage.tables import append_rows, read_table
 
     tok = model.tokenizer
     prompts = rollouts.prompts_that_fit(tok, prompts, max_new_tokens, getattr(model.cfg, "n_ctx", None), model_info["model_id"])

@@ -14,8 +14,8 @@ import pandas as pd
 
 from sae_transfer.report import plots
 from sae_transfer.report.findings import findings
-from storage import catalog
-from storage.layout import StudyLayout
+from sae_transfer.storage import catalog
+from sae_transfer.storage.layout import StudyLayout
 
 log = logging.getLogger(__name__)
 

@@ -62,8 +62,8 @@ def finetune_on_dataset(
     """Fine-tune the SAE folder `parent_sae` on another model's activations with the seed
     study's recipe (finetune_defaults): LR and sparsity coefficient from the parent's run.json
     unless given. run.json records the parent's path and weights hash."""
-    from storage.fingerprint import sha256_file
-    from storage.sae_format import WEIGHTS_FILE, load_sae
+    from sae_transfer.storage.fingerprint import sha256_file
+    from sae_transfer.storage.sae_format import WEIGHTS_FILE, load_sae
 
     parent_sae = Path(parent_sae)
     base = load_sae(parent_sae)
@@ -82,7 +82,7 @@ def finetune_on_dataset(
 
 def parent_config(sae_dir: Path) -> TrainConfig:
     """The TrainConfig of the run that produced `sae_dir` (its run.json), or the defaults."""
-    from storage.layout import RunLayout
+    from sae_transfer.storage.layout import RunLayout
 
     run = RunLayout.holding(sae_dir)
     if run is not None and run.manifest.is_file():

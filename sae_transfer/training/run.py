@@ -1,4 +1,4 @@
-"""A training run in an output folder (storage.layout.RunLayout: the SAE, checkpoints, training
+"""A training run in an output folder (sae_transfer.storage.layout.RunLayout: the SAE, checkpoints, training
 log, and the run.json manifest written last): resume from checkpoints, write the SAE and run.json.
 
 A call on a folder with a complete run.json for the same config does nothing; a folder with
@@ -20,9 +20,9 @@ from sae_transfer.training.config import RUNTIME_FIELDS, TrainConfig
 from sae_transfer.training.loop import LoopState, TrainingRun, train_loop
 from sae_transfer.training.sources import SourceFactory
 from sae_transfer.training.tricks import geometric_median
-from storage import checkpoints as ckpt
-from storage.layout import RunLayout
-from storage.sae_format import load_sae, save_sae
+from sae_transfer.storage import checkpoints as ckpt
+from sae_transfer.storage.layout import RunLayout
+from sae_transfer.storage.sae_format import load_sae, save_sae
 
 log = logging.getLogger(__name__)
 TRAIN_ARCH_TO_SAE = {"relu": "standard", "topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu"}
