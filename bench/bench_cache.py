@@ -38,7 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sae_transfer.storage.activations import ActivationReader  # noqa: E402
+from sae_transfer.storage.activations_read import ActivationReader  # noqa: E402
 from sae_transfer.storage.activations_write import ActivationWriter, WriterConfig  # noqa: E402
 
 
@@ -138,7 +138,7 @@ import json, resource, sys
 sys.path.insert(0, sys.argv[2])
 import torch
 torch.set_num_threads(1)
-from sae_transfer.storage.activations import ActivationReader
+from sae_transfer.storage.activations_read import ActivationReader
 n = 0
 for acts in ActivationReader(sys.argv[1], batch_size=4096, buffer_tokens=32768, epochs=1):
     n += acts.shape[0]

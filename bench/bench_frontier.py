@@ -82,7 +82,7 @@ def measure(x_ND: torch.Tensor, x_hat_ND: torch.Tensor, l0_N: torch.Tensor) -> t
 @torch.no_grad()
 def reconstruct_ours(sae_dir: Path, x_ND: torch.Tensor, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
     """(x̂ [N, D], active latents per row [N]) of a saved SAE (its inference forward)."""
-    from sae_transfer.storage.sae_format import load_sae
+    from sae_transfer.sae.io import load_sae
 
     sae = load_sae(sae_dir)
     outs, l0s = [], []

@@ -22,11 +22,15 @@ from typing import Iterator
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from sae_transfer.attention import attention_of, check_choice
 from sae_transfer.corpus import CorpusConfig, corpus_fingerprint, tokenize_sequences
 from sae_transfer.errors import UserError
 from sae_transfer.models import DTYPES, check_hooks, load_model, model_identity
+from sae_transfer.sae.scaling import scale_factor
+from sae_transfer.storage.activations import FORMAT_VERSION, dataset_dir, dataset_key, is_complete, read_manifest
+from sae_transfer.storage.activations_write import ActivationWriter, BackgroundWriter, WriterConfig
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +238,6 @@ def dataset_metas(cfg: CacheConfig) -> dict[str, dict]:
         "model_dtype": cfg.model_dtype,
         "prepend_bos": cfg.prepend_bos,
     }
-    from sae_transfer.storage.activations import FORMAT_VERSION, dataset_key
 
     metas = {}
     for hook in cfg.hooks:
@@ -248,8 +251,6 @@ def cache_activations(cfg: CacheConfig, out_dir: str | Path, progress: bool = Tr
 
     Complete datasets are reused untouched (the model is not even loaded when all are).
     """
-    from sae_transfer.storage.activations import dataset_dir, is_complete, read_manifest
-
     metas = dataset_metas(cfg)
     paths = {h: dataset_dir(out_dir, m) for h, m in metas.items()}
     todo = [h for h in cfg.hooks if not is_complete(paths[h])]
@@ -271,10 +272,6 @@ def _write_datasets(model, seqs, cfg: CacheConfig, metas: dict, paths: dict, pro
     Each hook's dataset is written by its own `BackgroundWriter` thread, which also waits for the
     batch's device-to-host copies: the main thread only launches forward passes.
     """
-    from tqdm.auto import tqdm
-
-    from sae_transfer.storage.activations_write import ActivationWriter, BackgroundWriter, WriterConfig
-
     hooks = list(metas)
     store_dtype = DTYPES[cfg.dtype]
     probe = next(iter_hook_batches(model, seqs.tokens_NS[:1, :2], hooks, batch_seqs=1, store_dtype=store_dtype))
@@ -301,7 +298,7 @@ def _write_datasets(model, seqs, cfg: CacheConfig, metas: dict, paths: dict, pro
         for sink in sinks.values():
             sink.close()
         for w in writers.values():
-            w.finish()
+            w.finish(scale_of=scale_factor)
     except BaseException:
         for sink in sinks.values():
             sink.close(abandon=True)

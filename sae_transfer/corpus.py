@@ -15,11 +15,10 @@ from typing import Iterable, Iterator
 import torch
 
 from sae_transfer.errors import UserError
+from sae_transfer.storage.activations import ROLES  # role codes stored per token in the activation cache
 
 log = logging.getLogger(__name__)
 
-# Role codes stored per token in the activation cache (uint8 in memory, string in Parquet).
-ROLES = ("bos", "text", "user", "assistant", "template")
 ROLE_CODE = {name: i for i, name in enumerate(ROLES)}
 
 _STDLIB_SKIP = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__", "turtledemo"}

@@ -17,7 +17,7 @@ group decodes zero-copy with `np.frombuffer(col.buffers()[1], ...)`; a fixed-siz
 holding the same numbers reads 10-20x slower (see bench/bench_cache.py).
 
 The writer is in `sae_transfer.storage.activations_write`, the shuffling batch reader in
-`sae_transfer.storage.activations_read`; both are re-exported here.
+`sae_transfer.storage.activations_read`.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from sae_transfer.corpus import ROLES
 from sae_transfer.errors import UserError
 from sae_transfer.storage.fingerprint import sha256_file
 
@@ -55,6 +54,9 @@ KEY_FIELDS = (
     "context_size", "dtype", "model_dtype", "prepend_bos", "format_version",
 )
 
+# Token roles, in code order: a role is stored as its index here (uint8 in memory, a
+# dictionary-encoded string in Parquet); sae_transfer.corpus assigns them.
+ROLES = ("bos", "text", "user", "assistant", "template")
 ROLE_TYPE = pa.dictionary(pa.int8(), pa.string())
 
 
@@ -202,15 +204,3 @@ class ActivationDataset:
     def __repr__(self) -> str:
         return f"ActivationDataset({str(self.path)!r}, hook={self.hook!r}, n_tokens={self.n_tokens}, d_model={self.d_model})"
 
-
-def __getattr__(name: str):
-    # Lazy re-exports: the writer and reader modules import this one.
-    if name in {"ActivationWriter", "WriterConfig"}:
-        from sae_transfer.storage import activations_write
-
-        return getattr(activations_write, name)
-    if name in {"ActivationReader", "RowFilter"}:
-        from sae_transfer.storage import activations_read
-
-        return getattr(activations_read, name)
-    raise AttributeError(name)

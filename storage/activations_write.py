@@ -30,7 +30,6 @@ import pyarrow.parquet as pq
 from sae_transfer.storage.activations import (
     ELEMENT_DTYPES, FORMAT_VERSION, LEGACY_MANIFEST, MANIFEST, PROGRESS, activation_schema, role_dictionary,
 )
-from sae_transfer.sae.scaling import scale_factor
 from sae_transfer.storage.fingerprint import sha256_file
 
 log = logging.getLogger(__name__)
@@ -237,8 +236,12 @@ class ActivationWriter:
                 self._finalizer.shutdown(wait=True)
                 self._finalizer = None
 
-    def finish(self) -> dict:
-        """Close the last shard and write the manifest; returns the manifest dict."""
+    def finish(self, scale_of: Callable[[float, int], float] | None = None) -> dict:
+        """Close the last shard and write the manifest; returns the manifest dict.
+
+        `scale_of(norm_mean, d_model)` gives the dataset's activation scale factor (the science
+        owns the formula: sae_transfer.sae.scaling.scale_factor); the manifest records it, or
+        None when it is not given or the mean norm is not a positive number."""
         self._close_shard()
         self._drain()
         want = int(self.meta["n_tokens"])
@@ -250,7 +253,8 @@ class ActivationWriter:
             "n_tokens": self.rows_done,
             # E||x|| over all rows and the scale s = sqrt(d_model) / E||x|| (see DESIGN: scaling)
             "norm_mean": norm_mean,
-            "scale_factor": scale_factor(norm_mean, self.d_model) if math.isfinite(norm_mean) and norm_mean > 0 else None,
+            "scale_factor": scale_of(norm_mean, self.d_model)
+            if scale_of is not None and math.isfinite(norm_mean) and norm_mean > 0 else None,
             "row_bytes": self.row_bytes,
             "row_group_rows": self.rg_rows,
             "meta": self.meta,

@@ -7,6 +7,10 @@
 
 Weights are stored for raw activations: the training scale factor is folded in
 (`sae_transfer.sae.scaling.fold_scale`) and recorded as metadata.activation_scale_factor.
+
+This module reads and writes the folder only (the cfg.json dict and the tensors, checked
+against the shapes above); building an SAE from them, and folding scales, is
+`sae_transfer.sae.io`'s job.
 """
 
 from __future__ import annotations
@@ -22,9 +26,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sae_transfer.errors import UserError
-from sae_transfer.sae import ARCHITECTURES, SAE, SAEConfig, make_sae
-from sae_transfer.sae.batchtopk import BatchTopKSAE
-from sae_transfer.sae.scaling import SCALE_KEY, fold_scale
 
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -47,41 +48,38 @@ METADATA_DEFAULTS = {
     "sequence_separator_token": "bos",
     "disable_concat_sequences": False,
 }
+SCALE_KEY = "activation_scale_factor"  # metadata key: the factor s_train raw activations were multiplied by in training
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def save_sae(
-    sae: SAE,
-    folder: str | Path,
-    scale_factor: float = 1.0,
-    metadata: dict | None = None,
-    log10_density_F: torch.Tensor | None = None,
-) -> Path:
-    """Write `sae` (trained on activations multiplied by `scale_factor`) as a SAELens 6 folder
-    that works on raw activations; atomic (temp folder, then rename). Returns the folder."""
-    folder = Path(folder)
-    if isinstance(sae, BatchTopKSAE):
-        sae = sae.to_jumprelu()
-    if scale_factor != 1.0:
-        sae = fold_scale(sae, scale_factor)
-    meta = {**METADATA_DEFAULTS, **sae.cfg.metadata, **(metadata or {})}
-    meta["activation_scale_factor"] = float(scale_factor)  # raw x was multiplied by this in training
+def folder_cfg(architecture: str, d_in: int, d_sae: int, dtype: str, apply_b_dec_to_input: bool,
+               metadata: dict, k: int | None = None) -> dict:
+    """cfg.json of an SAE whose weights read raw activations (any scale already folded in);
+    `metadata` is merged over METADATA_DEFAULTS."""
     cfg = {
-        "architecture": sae.cfg.architecture,
-        "d_in": sae.cfg.d_in,
-        "d_sae": sae.cfg.d_sae,
-        "dtype": sae.cfg.dtype,
+        "architecture": architecture,
+        "d_in": d_in,
+        "d_sae": d_sae,
+        "dtype": dtype,
         "device": "cpu",
-        "apply_b_dec_to_input": sae.cfg.apply_b_dec_to_input,
+        "apply_b_dec_to_input": apply_b_dec_to_input,
         "normalize_activations": "none",  # the scale factor is folded into the weights
         "reshape_activations": "none",
-        "metadata": meta,
+        "metadata": {**METADATA_DEFAULTS, **metadata},
     }
-    if sae.cfg.architecture == "topk":
-        cfg["k"] = sae.cfg.k
+    if architecture == "topk":
+        cfg["k"] = k
         cfg["rescale_acts_by_decoder_norm"] = False
-    dtype = _DTYPES.get(sae.cfg.dtype, torch.float32)
-    tensors = {name: t.detach().to(dtype).contiguous().cpu() for name, t in sae.state_dict().items()}
+    return cfg
+
+
+def write_sae_folder(folder: str | Path, cfg: dict, tensors: dict[str, torch.Tensor],
+                     log10_density_F: torch.Tensor | None = None) -> Path:
+    """Write cfg.json, the tensors (in cfg's dtype, on the CPU) and optionally the log10
+    feature density to `folder` atomically (temp folder, then rename). Returns the folder."""
+    folder = Path(folder)
+    dtype = _DTYPES.get(cfg.get("dtype"), torch.float32)
+    tensors = {name: t.detach().to(dtype).contiguous().cpu() for name, t in tensors.items()}
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     save_file(tensors, tmp / WEIGHTS_FILE)
@@ -94,7 +92,10 @@ def save_sae(
     return folder
 
 
-def _read_cfg(folder: Path) -> dict:
+def read_cfg(folder: str | Path) -> dict:
+    """cfg.json of an SAE folder; UserError for a missing file, bad JSON or a missing key
+    (architecture, d_in, d_sae). Which architectures are supported is the caller's call."""
+    folder = Path(folder)
     if not (folder / CFG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise UserError(f"{folder} is not an SAE folder: it needs {CFG_FILE} and {WEIGHTS_FILE} (SAELens 6 layout)")
     try:
@@ -104,8 +105,6 @@ def _read_cfg(folder: Path) -> dict:
     missing = [k for k in ("architecture", "d_in", "d_sae") if k not in cfg]
     if missing:
         raise UserError(f"{folder / CFG_FILE} lacks {', '.join(missing)}; re-save the SAE in SAELens 6 layout")
-    if cfg["architecture"] not in ARCHITECTURES:
-        raise UserError(f"{folder}: architecture {cfg['architecture']!r} is not supported; use one of {sorted(ARCHITECTURES)}")
     return cfg
 
 
@@ -143,11 +142,11 @@ def _check_tensors(folder: Path, tensors: dict, cfg: dict) -> None:
 NORMALIZE_MODES = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
 
 
-def _input_scale(folder: Path, cfg: dict) -> float | None:
+def input_scale(folder: str | Path, cfg: dict) -> float | None:
     """The factor the weights expect raw activations to be multiplied by (None: raw).
 
     Raises UserError for a mode this loader cannot honour, or a scale it cannot find."""
-    where = folder / CFG_FILE
+    where = Path(folder) / CFG_FILE
     mode = cfg.get("normalize_activations") or "none"
     if cfg.get("reshape_activations", "none") not in ("none", None):
         raise UserError(f"{where}: reshape_activations={cfg['reshape_activations']!r} is not supported; "
@@ -173,40 +172,16 @@ def _input_scale(folder: Path, cfg: dict) -> float | None:
     raise UserError(f"{where}: normalize_activations={mode!r} is unknown; use one of {', '.join(NORMALIZE_MODES)}")
 
 
-def load_sae(folder: str | Path, expect_d_in: int | None = None, expect_hook: str | None = None) -> SAE:
-    """Load an SAE folder written by `save_sae` or by SAELens 6 (standard, topk, jumprelu).
-
-    Returns a float32 SAE that reads raw activations; cfg.metadata carries cfg.json's metadata.
-    A folder with normalize_activations='expected_average_only_in' has its recorded scale
-    folded in (then metadata.activation_scale_factor is s_train, as for our own SAEs); modes
-    that cannot be folded are refused. Raises UserError for a missing file or key, a wrong
-    shape, a d_in / hook mismatch, or a normalisation this loader cannot honour."""
+def read_tensors(folder: str | Path, cfg: dict) -> dict[str, torch.Tensor]:
+    """The weights of an SAE folder (as stored), checked against cfg.json's d_in and d_sae; a
+    SAELens `log_threshold` is returned as `threshold`. UserError for a damaged file, a missing
+    tensor or a wrong shape."""
     folder = Path(folder)
-    cfg = _read_cfg(folder)
-    scale = _input_scale(folder, cfg)
-    if expect_d_in is not None and int(cfg["d_in"]) != expect_d_in:
-        raise UserError(f"{folder}: SAE d_in={cfg['d_in']} but the hooked activations have d_model={expect_d_in}; pick an SAE trained on this model")
-    hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
-    if expect_hook is not None and hook is not None and hook != expect_hook:
-        raise UserError(f"{folder}: SAE was trained on hook {hook!r}, not {expect_hook!r}; pick the SAE for that hook")
     tensors = _read_weights(folder)
     if cfg["architecture"] == "jumprelu" and "threshold" not in tensors and "log_threshold" in tensors:
         tensors["threshold"] = tensors.pop("log_threshold").exp()
     _check_tensors(folder, tensors, cfg)
-    if cfg["architecture"] == "topk" and not cfg.get("k"):
-        raise UserError(f"{folder / CFG_FILE}: a topk SAE needs `k`; add it to cfg.json")
-    sae_cfg = SAEConfig(
-        architecture=cfg["architecture"],
-        d_in=int(cfg["d_in"]),
-        d_sae=int(cfg["d_sae"]),
-        apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
-        k=cfg.get("k"),
-        dtype=cfg.get("dtype", "float32"),
-        metadata=dict(cfg.get("metadata") or {}),
-    )
-    sae = make_sae(sae_cfg)
-    sae.load_state_dict({k: v.float() for k, v in tensors.items() if k in sae.state_dict()})
-    return fold_scale(sae, scale) if scale is not None else sae
+    return tensors
 
 
 def load_log10_density(folder: str | Path) -> torch.Tensor | None:

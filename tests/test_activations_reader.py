@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from sae_transfer.errors import UserError
-from sae_transfer.storage.activations import ActivationDataset, ActivationReader, RowFilter
+from sae_transfer.storage.activations import ActivationDataset
+from sae_transfer.storage.activations_read import ActivationReader, RowFilter
 from tests._tiny import write_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +121,7 @@ _RSS_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, sys.argv[2])
     import torch
     torch.set_num_threads(1)  # two intra-op threads on a busy 2-core box run ~5x slower
-    from sae_transfer.storage.activations import ActivationReader
+    from sae_transfer.storage.activations_read import ActivationReader
     n = 0
     for acts in ActivationReader(sys.argv[1], batch_size=4096, buffer_tokens=32768, epochs=1):
         n += acts.shape[0]

@@ -12,7 +12,7 @@ import pytest
 from sae_transfer.cli import main
 from sae_transfer.cli._common import parse_count, parse_int_list
 from sae_transfer.errors import UserError
-from sae_transfer.storage.sae_format import save_sae
+from sae_transfer.sae.io import save_sae
 from tests._tiny import write_synthetic_dataset
 from tests.test_evals_metrics import lossless_sae
 

@@ -136,7 +136,7 @@ def test_examples_cli_then_sql(cache_and_sae, tmp_path, monkeypatch, capsys):
     import sys
 
     from sae_transfer.cli import main
-    from sae_transfer.storage.sae_format import save_sae
+    from sae_transfer.sae.io import save_sae
 
     path, acts, sae, S = cache_and_sae
     save_sae(sae, tmp_path / "sae", metadata={"hook_name": "blocks.1.hook_resid_pre"})

@@ -132,7 +132,7 @@ def _run_main(monkeypatch, *args) -> int:
 
 
 def test_diff_cli_writes_stats_matches_and_drift(tmp_path, monkeypatch, capsys):
-    from sae_transfer.storage.sae_format import save_sae
+    from sae_transfer.sae.io import save_sae
     from sae_transfer.storage.tables import read_table
 
     hook = "blocks.1.hook_resid_pre"

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from sae_transfer.cli import app
 from sae_transfer.errors import UserError
 from sae_transfer.sae import ReluSAE, SAEConfig
-from sae_transfer.storage.sae_format import save_sae
+from sae_transfer.sae.io import save_sae
 from sae_transfer.storage.tables import read_table
 from tests._tiny import tiny_corpus_dir, tiny_model_dir
 from tests.test_evals_metrics import lossless_sae

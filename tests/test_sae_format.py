@@ -8,7 +8,8 @@ from safetensors.torch import load_file, save_file
 
 from sae_transfer.errors import UserError
 from sae_transfer.sae import SAEConfig, make_sae
-from sae_transfer.storage.sae_format import load_log10_density, load_sae, save_sae
+from sae_transfer.sae.io import load_sae, save_sae
+from sae_transfer.storage.sae_format import load_log10_density
 
 D, F = 16, 64
 

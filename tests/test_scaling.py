@@ -19,7 +19,7 @@ from sae_transfer.activations import CacheConfig, cache_activations
 from sae_transfer.corpus import CorpusConfig
 from sae_transfer.sae import SAEConfig, make_sae
 from sae_transfer.sae.scaling import cross_model_ratio, fold_scale, rescaled, scale_factor_of, training_scale
-from sae_transfer.storage.sae_format import load_sae, save_sae
+from sae_transfer.sae.io import load_sae, save_sae
 from tests._tiny import tiny_corpus_dir, tiny_model_dir
 
 HOOK = "blocks.1.hook_resid_pre"

@@ -10,7 +10,7 @@ from sae_transfer.cli import app
 from sae_transfer.errors import UserError
 from sae_transfer.sae import metrics
 from sae_transfer.storage import checkpoints as ckpt
-from sae_transfer.storage.sae_format import load_sae
+from sae_transfer.sae.io import load_sae
 from tests.test_training_loop import sparse_acts, write_cache
 
 runner = CliRunner()

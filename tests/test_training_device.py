@@ -321,7 +321,7 @@ def test_cuda_checkpoint_resumes_on_the_other_device(tmp_path, first, second):
 
 @pytest.mark.cuda
 def test_cuda_source_on_the_gpu_and_saved_sae_round_trip(tmp_path):
-    from sae_transfer.storage.sae_format import load_sae
+    from sae_transfer.sae.io import load_sae
 
     acts = sparse_acts(4096).cuda()  # in-memory source already on the GPU (index on its device)
     cfg = _cfg("relu", device="cuda")

@@ -18,8 +18,7 @@ import math
 import torch
 
 from sae_transfer.sae.base import SAE
-
-SCALE_KEY = "activation_scale_factor"  # cfg.json metadata key holding s_train
+from sae_transfer.storage.sae_format import SCALE_KEY  # cfg.json metadata key holding s_train
 
 
 def scale_factor(mean_norm: float, d_model: int) -> float:

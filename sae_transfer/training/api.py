@@ -63,7 +63,8 @@ def finetune_on_dataset(
     study's recipe (finetune_defaults): LR and sparsity coefficient from the parent's run.json
     unless given. run.json records the parent's path and weights hash."""
     from sae_transfer.storage.fingerprint import sha256_file
-    from sae_transfer.storage.sae_format import WEIGHTS_FILE, load_sae
+    from sae_transfer.sae.io import load_sae
+    from sae_transfer.storage.sae_format import WEIGHTS_FILE
 
     parent_sae = Path(parent_sae)
     base = load_sae(parent_sae)

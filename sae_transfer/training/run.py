@@ -22,7 +22,7 @@ from sae_transfer.training.sources import SourceFactory
 from sae_transfer.training.tricks import geometric_median
 from sae_transfer.storage import checkpoints as ckpt
 from sae_transfer.storage.layout import RunLayout
-from sae_transfer.storage.sae_format import load_sae, save_sae
+from sae_transfer.sae.io import load_sae, save_sae
 
 log = logging.getLogger(__name__)
 TRAIN_ARCH_TO_SAE = {"relu": "standard", "topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu"}
