@@ -8,7 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sae_transfer.errors import UserError
-from sae_transfer.models import layer_of
+from sae_transfer.models import layer_of, parse_model_spec
+from sae_transfer.sae.io import load_sae
+from sae_transfer.storage.fingerprint import sha256_file
+from sae_transfer.storage.layout import RunLayout
 
 # Hooks whose width is d_model, so an SAE's d_in can be checked from the model config alone.
 _RESID_WIDTH = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "hook_in", "hook_out")
@@ -26,16 +29,11 @@ class LoadedSAE:
 
 def weights_hash(folder: Path) -> str:
     """sha256 prefix of the SAE's weights file."""
-    from sae_transfer.storage.fingerprint import sha256_file
-
     return sha256_file(folder / "sae_weights.safetensors")[:12]
 
 
 def load_saes(folders: list[str], hook: str) -> list[LoadedSAE]:
     """Load every SAE folder, checking it was trained on `hook` (UserError otherwise)."""
-    from sae_transfer.storage.layout import RunLayout
-    from sae_transfer.storage.sae_format import load_sae
-
     out = []
     for spec in folders:
         folder = Path(spec).expanduser()
@@ -60,9 +58,7 @@ def model_shape(spec: str) -> tuple[int, int, int | None]:
     elif path.exists() or spec.startswith((".", "/", "~")):
         raise UserError(f"model folder {spec!r} has no config.json: pass a Hugging Face checkpoint folder or a Hub id")
     else:  # a Hub id, maybe `org/name@revision`: read its config.json (cached, or downloaded)
-        from huggingface_hub import hf_hub_download
-
-        from sae_transfer.models import parse_model_spec
+        from huggingface_hub import hf_hub_download  # deferred: the Hub client takes ~0.5 s to import, needed for Hub ids only
 
         ref = parse_model_spec(spec)
         try:
