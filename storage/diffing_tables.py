@@ -13,6 +13,8 @@ from typing import Mapping
 import numpy as np
 import pyarrow as pa
 
+from sae_transfer.storage.result_keys import ResultKey, computation
+
 _STR, _F64, _I64, _I32 = pa.string(), pa.float64(), pa.int64(), pa.int32()
 _TS = pa.timestamp("us", tz="UTC")
 
@@ -181,6 +183,24 @@ SCHEMAS: dict[str, pa.Schema] = {
     "latent_ablation": LATENT_ABLATION,
     "crosscoder_latents": CROSSCODER_LATENTS,
     "latent_scaling": LATENT_SCALING,
+}
+
+# Result key of each table (see sae_transfer.storage.result_keys). Every diffing table is written
+# a whole computation at a time (one SAE's stats on both models, its examples on one model, one
+# pair's matching, ...): the view keeps every row of the newest write of each computation.
+KEYS: dict[str, ResultKey] = {
+    # one SAE on the pair's two caches (status compares the two models, so both are one computation)
+    "latent_stats": computation("dictionary", "hook", index=("model", "latent")),
+    "latent_examples": computation("dictionary", "hook", "model", index=("latent", "rank")),  # model: base / chat / paired
+    "latent_histograms": computation("dictionary", "hook", "model", index=("latent", "bin")),
+    "latent_matches": computation("dictionary_a", "dictionary_b", "hook", index=("latent_a", "latent_b")),
+    # the study's fine-tune (checkpoint null) and each brief fine-tune on a checkpoint
+    "latent_drift": computation("dictionary", "parent", "hook", "checkpoint", index=("latent",)),
+    # one chosen SAE ablated on one model: every latent set and segment of the run
+    "latent_ablation": computation("dictionary", "hook", "model_id", index=("latent_set", "segment")),
+    "crosscoder_latents": computation("dictionary", "hook", index=("latent",)),
+    # kind crosscoder (model null) or sae on one model
+    "latent_scaling": computation("dictionary", "hook", "kind", "model", index=("latent",)),
 }
 
 

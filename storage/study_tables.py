@@ -6,6 +6,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from sae_transfer.storage.layout import RunLayout, StudyLayout
+from sae_transfer.storage.result_keys import LOG, ResultKey, row
 
 _STR, _F64, _I64, _TS = pa.string(), pa.float64(), pa.int64(), pa.timestamp("us", tz="UTC")
 
@@ -46,6 +47,14 @@ TRAINING_LOG_STUB = pa.schema(
 # (runs and checkpoints are plain tables in sae_transfer.storage.tables.SCHEMAS.)
 SOURCES: dict[str, tuple[str, pa.Schema | None]] = {
     "training_log": (StudyLayout.in_every_run(RunLayout.TRAINING_LOG_DIR, "part-*.parquet"), TRAINING_LOG_STUB),
+}
+
+# Result key of each table (see sae_transfer.storage.result_keys): what its catalog view keeps
+# one of; `<name>_history` keeps every row.
+KEYS: dict[str, ResultKey] = {
+    "runs": LOG,  # provenance log: one row per DAG step of every pipeline run, all kept
+    "checkpoints": row("checkpoint_id"),  # each checkpoint's latest status; the history has every seen / evaluated
+    "training_log": LOG,  # every logged step of every SAE run (a run's folder holds one run)
 }
 
 # Views whose rows get the SAE run folder name (saes/<name>/...) as column `sae_id`.

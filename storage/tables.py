@@ -20,6 +20,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from sae_transfer.storage import diffing_tables, study_tables
+from sae_transfer.storage.result_keys import ResultKey, computation, row
 
 _STR, _F64, _I64, _BOOL = pa.string(), pa.float64(), pa.int64(), pa.bool_()
 _TS = pa.timestamp("us", tz="UTC")
@@ -206,6 +207,25 @@ SCHEMAS: dict[str, pa.Schema] = {
     "runs": study_tables.RUNS,  # provenance of every pipeline run (written by the flows)
     "checkpoints": study_tables.CHECKPOINTS,  # model checkpoints the watcher has seen / evaluated
     **diffing_tables.SCHEMAS,  # feature-level diffing: latent_stats, latent_examples, latent_matches, ...
+}
+
+# Result key of each table (see sae_transfer.storage.result_keys): the catalog view `<name>` keeps
+# the current results only, `<name>_history` every appended row. Settings (threshold, rule, token
+# counts, attention kernel, ...) are not part of a key: a re-run with a changed setting replaces.
+KEYS: dict[str, ResultKey] = {
+    "metrics": row("sae_id", "model_id", "model_revision", "hook", "outlier_policy", "segment"),
+    # one model's outlier tagging at a hook: every valid token, and the summary of every rule
+    "outliers": computation("model_id", "model_revision", "hook", index=("seq_id", "pos")),
+    "outlier_summary": computation("model_id", "model_revision", "hook", index=("outlier_rule",)),
+    # one SAE on one model (plain text): every counted token
+    "token_errors": computation("sae_id", "model_id", "model_revision", "hook", index=("seq_id", "pos")),
+    "weight_diff": computation("base_model", "chat_model", index=("param",)),
+    # one SAE on one model: every policy, context length and bucket
+    "positions": computation("sae_id", "model_id", "model_revision", "hook",
+                             index=("outlier_policy", "context_size", "bucket_lo")),
+    "rollouts": computation("cache_key", index=("prompt_idx",)),  # one generation of a prompt set
+    **study_tables.KEYS,  # runs, checkpoints, and training_log (a catalog source, not in SCHEMAS)
+    **diffing_tables.KEYS,
 }
 
 

@@ -14,6 +14,7 @@ def test_views_cover_every_table_even_when_empty(tmp_path):
     con = duckdb.connect(str(path), read_only=True)
     names = {row[0] for row in con.execute("select view_name from duckdb_views() where not internal").fetchall()}
     assert set(tables.SCHEMAS) | {"runs", "checkpoints", "training_log"} <= names
+    assert {f"{name}_history" for name in names if not name.endswith("_history")} <= names
     assert con.execute("select count(*) from metrics").fetchone() == (0,)
     assert "ce_loss_score" in [d[0] for d in con.execute("select * from metrics").description]
 
@@ -21,10 +22,11 @@ def test_views_cover_every_table_even_when_empty(tmp_path):
 def test_rebuild_sees_new_parts_and_is_idempotent(tmp_path):
     synth.fill(tmp_path)
     first = catalog.query(tmp_path, "select count(*) as n from metrics")["n"][0]
-    tables.append_rows(tmp_path, "metrics", [synth._metric(synth.BASE, synth.BASE, "excluded", 0.5)])
+    tables.append_rows(tmp_path, "metrics", [synth._metric(synth.BASE, synth.BASE, "excluded", 0.5, segment="rollout")])
     catalog.build_catalog(tmp_path)
     catalog.build_catalog(tmp_path)
     assert catalog.query(tmp_path, "select count(*) as n from metrics")["n"][0] == first + 1
+    assert catalog.query(tmp_path, "select count(*) as n from metrics_history")["n"][0] == first + 1
 
 
 def test_training_log_rows_carry_their_run_folder(tmp_path):
