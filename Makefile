@@ -2,7 +2,7 @@
 # Both create .venv on first use and install exactly requirements.lock (every package, direct and
 # transitive, pinned with hashes); they re-install only when the lock or pyproject.toml changes.
 # `make test-latest` runs the suite on the newest versions the package index serves today;
-# `make lock` re-resolves requirements.lock to them and runs the suite (see README "Dependencies").
+# `make lock` re-resolves requirements.lock to them and runs the suite (see docs/reproducibility.md).
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -67,7 +67,7 @@ lock: test-latest
 	cp $(LATEST)/$(LOCK) $(LOCK)
 	@echo "requirements.lock updated: run make test once more and commit it"
 
-# Benchmarks print ratios measured within one run (see README "Benchmarks").
+# Benchmarks print ratios measured within one run (see docs/benchmarks.md).
 bench: setup  # CPU by default; each script also takes --device cuda
 	$(BIN)/python bench/bench_cache.py
 	$(BIN)/python bench/bench_train.py --threads 1
