@@ -12,8 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import pyarrow.parquet as pq
 import torch
 
+from sae_transfer.chat_pairs import ASSISTANT, END, USER, function_pairs
 from sae_transfer.errors import UserError
 from sae_transfer.storage.activations import ROLES  # role codes stored per token in the activation cache
 
@@ -136,10 +138,7 @@ def _chat_documents(doc: Document) -> Iterator[Document]:
     pair: `<|user|>prompt<|end|><|assistant|>answer<|end|>`, as the demo chat model saw them in
     fine-tuning. "demo-mixed" interleaves them with the plain files (as model-diffing work mixes
     web text and chat data), so role and template tokens reach the activation caches."""
-    from sae_transfer.demo.chat import _function_pairs
-    from sae_transfer.demo.config import ASSISTANT, END, USER, DemoPairConfig
-
-    for i, pair in enumerate(_function_pairs(doc.doc_id, doc.text, DemoPairConfig())):
+    for i, pair in enumerate(function_pairs(doc.doc_id, doc.text)):
         yield Document(f"{doc.doc_id}#chat{i}", f"{USER}{pair.prompt}{END}{ASSISTANT}{pair.response}{END}")
 
 
@@ -156,8 +155,6 @@ def _iter_jsonl(path: Path, column: str) -> Iterator[Document]:
 
 
 def _iter_parquet(path: Path, column: str) -> Iterator[Document]:
-    import pyarrow.parquet as pq
-
     file = pq.ParquetFile(path)
     if column not in file.schema_arrow.names:
         raise UserError(f"{path} has no column {column!r}; pass --text-column one of {file.schema_arrow.names}")
@@ -178,7 +175,7 @@ def _column(row: dict, column: str, where: object) -> str:
 
 def _iter_hub(cfg: CorpusConfig) -> Iterator[Document]:
     """Stream a Hugging Face dataset (downloads: only when the user named one)."""
-    import datasets
+    import datasets  # deferred: seconds to import, only for Hub datasets
 
     try:
         stream = datasets.load_dataset(cfg.source, cfg.hf_config, split=cfg.hf_split, streaming=True)

@@ -3,60 +3,20 @@ with loss on the answer only, and greedy rollouts."""
 
 from __future__ import annotations
 
-import ast
-import io
 import logging
-import textwrap
-import threading
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from sae_transfer.chat_pairs import InstructionPair, function_pairs
 from sae_transfer.corpus import CorpusConfig, iter_documents, split_documents
 from sae_transfer.demo.config import DemoPairConfig
 from sae_transfer.demo.loop import IGNORE, mean_token_loss, train_loop
+from sae_transfer.demo.pretrain import stdlib_corpus
 from sae_transfer.demo.tokenizer import ChatEncoding, encode_chat, special_ids
 from sae_transfer.errors import UserError
 
-# CPython 3.11's parser keeps its recursion-depth bookkeeping per interpreter, not per thread:
-# two threads calling ast.parse at once fail with "AST constructor recursion depth mismatch".
-# Pipeline tasks run in threads, so parses are serialised.
-_AST_LOCK = threading.RLock()  # re-entrant: flows route ast.parse itself through it (sae_transfer.flows._runs)
-
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class InstructionPair:
-    """A user request (a docstring) and the answer (the function that docstring documents)."""
-
-    prompt: str  # the docstring, plus `Signature: name(args)` when asked for
-    response: str  # the function's source, dedented, docstring included
-    source_file: str  # corpus document id (path relative to the stdlib root)
-
-
-def _function_pairs(doc_id: str, text: str, cfg: DemoPairConfig) -> list[InstructionPair]:
-    try:
-        with _AST_LOCK:
-            tree = ast.parse(text)
-    except (SyntaxError, ValueError):
-        return []
-    pairs = []
-    lines = io.StringIO(text, newline="").readlines()  # once: ast.get_source_segment re-splits per call
-    max_response = 4 * cfg.chat_context_size  # ~3.5 chars per token: longer ones never fit
-    for node in ast.walk(tree):
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            continue
-        doc = ast.get_docstring(node)
-        if not doc or len(doc) > cfg.max_docstring_chars or node.end_lineno is None:
-            continue
-        response = textwrap.dedent("".join(lines[node.lineno - 1: node.end_lineno])).rstrip()
-        if len(response) > max_response:
-            continue
-        prompt = f"{doc}\nSignature: {node.name}({ast.unparse(node.args)})" if cfg.with_signature else doc
-        pairs.append(InstructionPair(prompt, response, doc_id))
-    return pairs
 
 
 def instruction_pairs(split: str, cfg: DemoPairConfig = DemoPairConfig(), corpus: CorpusConfig | None = None) -> list[InstructionPair]:
@@ -66,12 +26,11 @@ def instruction_pairs(split: str, cfg: DemoPairConfig = DemoPairConfig(), corpus
     never saw. Default corpus: the stdlib with the config's seed and eval fraction. Order is
     deterministic (by file, then by position in the syntax tree).
     """
-    from sae_transfer.demo.pretrain import stdlib_corpus
-
     corpus = corpus or stdlib_corpus(cfg)
     pairs: list[InstructionPair] = []
     for doc in split_documents(iter_documents(corpus), corpus, split):
-        pairs.extend(_function_pairs(doc.doc_id, doc.text, cfg))
+        pairs.extend(function_pairs(doc.doc_id, doc.text, cfg.chat_context_size, cfg.max_docstring_chars,
+                                    cfg.with_signature))
     return pairs
 
 

@@ -7,6 +7,10 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sae_transfer.chat_pairs import (  # the chat format's tokens, importable from here too
+    ASSISTANT, BOS, CHAT_CONTEXT_SIZE, END, EOS, MAX_DOCSTRING_CHARS, PAD, SPECIAL_TOKENS, SYSTEM, USER, WITH_SIGNATURE,
+)
+
 # Bump when the build code changes in a way that changes the checkpoints: it is part of the
 # config hash, so a stale pair on disk is rebuilt instead of silently reused.
 BUILD_VERSION = 1
@@ -14,10 +18,6 @@ BUILD_VERSION = 1
 DEFAULT_OUT = Path("artifacts/demo-models")
 MANIFEST = "demo_pair.json"
 
-BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
-USER, ASSISTANT, SYSTEM, END = "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"
-# Reserved when the tokenizer is trained, so the chat model reuses the base vocabulary as is.
-SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT, SYSTEM, END)
 
 
 @dataclass(frozen=True)
@@ -39,13 +39,13 @@ class DemoPairConfig:
     pretrain_lr: float = 3e-3  # peak AdamW learning rate (linear warm-up, cosine decay)
     warmup_steps: int = 50  # linear learning-rate warm-up, for both stages
     weight_decay: float = 0.01  # AdamW weight decay on matrices
-    chat_context_size: int = 256  # max tokens of one chat example (longer pairs are dropped)
+    chat_context_size: int = CHAT_CONTEXT_SIZE  # max tokens of one chat example (longer pairs are dropped)
     chat_steps: int = 200  # fine-tuning steps on instruction pairs (~0.85 epoch of ~3.8k pairs)
     chat_batch: int = 16  # chat examples per fine-tuning step
     chat_lr: float = 1e-3  # peak fine-tuning learning rate, lower than pretraining
     n_checkpoints: int = 4  # evenly spaced fine-tuning checkpoints kept (the last is the final model)
-    max_docstring_chars: int = 400  # longer docstrings make poor prompts at this size
-    with_signature: bool = True  # put `name(args)` in the user turn along with the docstring
+    max_docstring_chars: int = MAX_DOCSTRING_CHARS  # longer docstrings make poor prompts at this size
+    with_signature: bool = WITH_SIGNATURE  # put `name(args)` in the user turn along with the docstring
     train_on_end: bool = True  # also train the <|end|> closing the answer, so rollouts stop
     eval_tokens: int = 65_536  # held-out stdlib tokens scored for the loss report
     eval_pairs: int = 128  # held-out instruction pairs scored for the chat-loss report
