@@ -116,21 +116,28 @@ def list_checkpoints(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.name.startswith(CKPT_PREFIX) and (p / "state.json").is_file())
 
 
-def load_checkpoint(path: Path) -> Checkpoint:
-    """Read a checkpoint folder written by `save_checkpoint`."""
+def read_state(path: Path) -> dict:
+    """The JSON state of a checkpoint folder (no tensors are read)."""
+    return json.loads((path / "state.json").read_text())
+
+
+def load_checkpoint(path: Path, device: str | torch.device = "cpu") -> Checkpoint:
+    """Read a checkpoint folder written by `save_checkpoint`, its tensors placed on `device`
+    (the resuming run's device, whichever device wrote them)."""
+    where = str(torch.device(device))
     return Checkpoint(
         path=path,
-        sae_tensors=load_file(str(path / "sae.safetensors")),
-        optimizer_tensors=load_file(str(path / "optimizer.safetensors")),
-        extra_tensors=load_file(str(path / "extra.safetensors")),
-        state=json.loads((path / "state.json").read_text()),
+        sae_tensors=load_file(str(path / "sae.safetensors"), device=where),
+        optimizer_tensors=load_file(str(path / "optimizer.safetensors"), device=where),
+        extra_tensors=load_file(str(path / "extra.safetensors"), device=where),
+        state=read_state(path),
     )
 
 
-def latest_checkpoint(root: Path) -> Checkpoint | None:
-    """The newest complete checkpoint under root, or None."""
+def latest_checkpoint(root: Path, device: str | torch.device = "cpu") -> Checkpoint | None:
+    """The newest complete checkpoint under root (tensors on `device`), or None."""
     found = list_checkpoints(root)
-    return load_checkpoint(found[-1]) if found else None
+    return load_checkpoint(found[-1], device) if found else None
 
 
 def append_log_rows(log_dir: Path, rows: list[dict], step: int) -> Path | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,8 @@ from sae_transfer.errors import UserError
 from sae_transfer.sae import SAEConfig, make_sae
 from sae_transfer.training.config import TrainConfig
 from sae_transfer.training.trainers.crosscoder import CrosscoderTrainer
-from sae_transfer.storage.crosscoder_format import load_crosscoder, save_crosscoder
+from sae_transfer.storage import checkpoints as ckpt
+from sae_transfer.diffing.crosscoder_io import load_crosscoder, save_crosscoder
 
 D = 8
 
@@ -165,6 +168,7 @@ def test_format_round_trip_and_raw_reconstruction(tmp_path):
 
 
 def _cfg(**kw):
+    kw = {"device": "cpu", **kw}  # None would mean CUDA when available: these tests mean the CPU
     train = TrainConfig(arch="batchtopk", d_sae=32, k=2, lr=3e-3, total_tokens=128 * 40, batch_size=128, log_every_steps=5,
                         checkpoint_every_tokens=128 * 10, dead_window_tokens=1024, num_threads=1, **kw)
     return CrosscoderConfig(train=train, buffer_tokens=512, eval_tokens=512)
@@ -174,10 +178,8 @@ class _Crash(Exception):
     pass
 
 
-def test_interrupted_run_resumes_to_the_uninterrupted_result(caches, monkeypatch):
-    b, c, tmp = caches
-    pair = open_pair(b, c)
-    whole = train_crosscoder(_cfg(), pair, tmp / "whole")
+def _crashing_at(n, monkeypatch):
+    """Make crosscoder_run's paired stream raise _Crash at its n-th batch of a call."""
     real = crosscoder_run.paired_factory
 
     def crashing(*args, **kwargs):
@@ -185,23 +187,158 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(caches, monkeypatch
 
         def source(start):
             for i, x in enumerate(make(start)):
-                if i == 25:
+                if i == n:
                     raise _Crash
                 yield x
         return source
 
     monkeypatch.setattr(crosscoder_run, "paired_factory", crashing)
+    return real
+
+
+def _same_weights(dir_a, dir_b, atol=1e-5):
+    a, b = load_crosscoder(dir_a), load_crosscoder(dir_b)
+    for name, t in a.state_dict().items():
+        assert torch.allclose(t, b.state_dict()[name], atol=atol), name
+
+
+def test_interrupted_run_resumes_to_the_uninterrupted_result(caches, monkeypatch):
+    b, c, tmp = caches
+    pair = open_pair(b, c)
+    whole = train_crosscoder(_cfg(), pair, tmp / "whole")
+    real = _crashing_at(25, monkeypatch)
     with pytest.raises(_Crash):
         train_crosscoder(_cfg(), pair, tmp / "killed")
+    assert not (tmp / "killed" / "run.json").exists()
     monkeypatch.setattr(crosscoder_run, "paired_factory", real)
     resumed = train_crosscoder(_cfg(), pair, tmp / "killed")
     assert resumed.resumed_from_step == 20
-    a, b2 = load_crosscoder(whole.crosscoder_dir), load_crosscoder(resumed.crosscoder_dir)
-    for name, t in a.state_dict().items():
-        assert torch.allclose(t, b2.state_dict()[name], atol=1e-5), name
+    _same_weights(whole.crosscoder_dir, resumed.crosscoder_dir)
+    log_steps = lambda run: ckpt.read_log(tmp / run / "training_log").column("step").to_pylist()  # noqa: E731
+    assert log_steps("killed") == log_steps("whole")
     assert train_crosscoder(_cfg(), pair, tmp / "killed").skipped
     with pytest.raises(UserError, match="different config"):
         train_crosscoder(_cfg(seed=1), pair, tmp / "killed")
+
+
+def _edit_json(path, edit):
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_checkpoint_of_a_cuda_run_resumes_on_the_cpu(caches, monkeypatch):
+    # A run started on a GPU: its checkpoints and run.json record device "cuda" (the tensors
+    # themselves are stored device-free). Resumed with device="cpu", the checkpoint's tensors
+    # are loaded onto the CPU and the run ends where an uninterrupted CPU run ends.
+    b, c, tmp = caches
+    pair = open_pair(b, c)
+    whole = train_crosscoder(_cfg(), pair, tmp / "whole")
+    real = _crashing_at(25, monkeypatch)
+    with pytest.raises(_Crash):
+        train_crosscoder(_cfg(), pair, tmp / "gpu")
+    monkeypatch.setattr(crosscoder_run, "paired_factory", real)
+    newest = ckpt.list_checkpoints(tmp / "gpu" / "checkpoints")[-1]
+
+    def on_cuda(state):
+        state["config"]["device"] = "cuda"
+        state["run_config"]["train"]["device"] = "cuda"
+    _edit_json(newest / "state.json", on_cuda)
+
+    loads = []
+    real_load = ckpt.load_checkpoint
+
+    def spy(path, device=None):  # None: the driver named no device
+        loads.append(device and torch.device(device))
+        return real_load(path, device or "cpu")
+    monkeypatch.setattr(ckpt, "load_checkpoint", spy)
+    resumed = train_crosscoder(_cfg(device="cpu"), pair, tmp / "gpu")
+    assert resumed.resumed_from_step == 20 and loads == [torch.device("cpu")]
+    _same_weights(whole.crosscoder_dir, resumed.crosscoder_dir)
+    assert json.loads(resumed.run_json.read_text())["numerics"]["device"] == "cpu"
+    # a finished run recorded on "cuda" is found complete on the CPU, and not retrained
+    _edit_json(resumed.run_json, lambda m: m["config"]["train"].update(device="cuda"))
+    again = train_crosscoder(_cfg(device="cpu", dtype="bfloat16"), pair, tmp / "gpu")
+    assert again.skipped and again.metrics == resumed.metrics
+
+
+def test_resume_loads_the_checkpoint_onto_the_runs_device(tmp_path, monkeypatch):
+    # the driver passes the run's own device to the checkpoint reader (its map_location), and
+    # the reader places the tensors there
+    import dataclasses as dc
+
+    from sae_transfer.training.run import train_sae
+    from sae_transfer.training.sources import in_memory_factory
+
+    acts = torch.randn(2048, D)
+    cfg = TrainConfig(arch="topk", k=2, d_sae=16, total_tokens=256 * 6, batch_size=256, checkpoint_every_tokens=256 * 2,
+                      scale_estimate_tokens=256, device="cpu")
+
+    def stop_after_3(start):
+        for i, x in enumerate(in_memory_factory(acts, 256)(start), start=start):
+            if i == 3:
+                raise _Crash
+            yield x
+    with pytest.raises(_Crash):
+        train_sae(cfg, stop_after_3, D, tmp_path / "run", progress=False)
+    asked, placed = [], []
+    real_load, real_load_file = ckpt.load_checkpoint, ckpt.load_file
+
+    def load_checkpoint(path, device=None):  # None: the driver named no device
+        asked.append(device and torch.device(device))
+        return real_load(path, device or "cpu")
+
+    def load_file(path, device=None):  # None: the reader named no device
+        placed.append(device)
+        return real_load_file(path, device=device or "cpu")
+    monkeypatch.setattr(ckpt, "load_checkpoint", load_checkpoint)
+    monkeypatch.setattr(ckpt, "load_file", load_file)
+    resumed = train_sae(dc.replace(cfg, num_threads=1), in_memory_factory(acts, 256), D, tmp_path / "run", progress=False)
+    assert resumed.resumed_from_step == 2
+    assert asked == [torch.device("cpu")] and placed == ["cpu"] * 3
+
+
+def test_one_run_driver_reads_manifests_and_writes_checkpoints():
+    import inspect
+
+    from sae_transfer.training import run as sae_run
+
+    sources = {m.__name__: inspect.getsource(m) for m in (sae_run, crosscoder_run)}
+    defs = [name for name, src in sources.items() for _ in range(src.count("def _read_manifest") + src.count("def read_manifest"))]
+    assert defs == ["sae_transfer.training.run"]
+    cc_src = sources["sae_transfer.diffing.crosscoder_run"]
+    assert "from sae_transfer.training.run import _" not in cc_src and "_write_checkpoint" not in cc_src
+    assert "latest_checkpoint" not in cc_src and "write_json_atomic" not in cc_src  # the driver's job
+    assert crosscoder_run.train_crosscoder.__code__.co_names.count("drive_run") == 1
+
+
+def test_crosscoder_folder_storage_knows_no_science():
+    import ast
+    import inspect
+
+    from sae_transfer.storage import crosscoder_format
+
+    tree = ast.parse(inspect.getsource(crosscoder_format))
+    imported = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    ours = [m for m in imported if m and m.startswith("sae_transfer")]
+    assert all(m.startswith("sae_transfer.storage") or m == "sae_transfer.errors" for m in ours), ours
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("first,second", [("cuda", "cpu"), ("cpu", "cuda")])
+def test_cuda_crosscoder_checkpoint_resumes_on_the_other_device(caches, monkeypatch, first, second):
+    b, c, tmp = caches
+    pair = open_pair(b, c)
+    whole = train_crosscoder(_cfg(tf32=False), pair, tmp / "whole")
+    real = _crashing_at(25, monkeypatch)
+    with pytest.raises(_Crash):
+        train_crosscoder(_cfg(device=first, tf32=False), pair, tmp / "cut")
+    monkeypatch.setattr(crosscoder_run, "paired_factory", real)
+    resumed = train_crosscoder(_cfg(device=second, tf32=False), pair, tmp / "cut")
+    assert resumed.resumed_from_step == 20
+    assert json.loads(resumed.run_json.read_text())["numerics"]["device"].startswith(second)
+    _same_weights(whole.crosscoder_dir, resumed.crosscoder_dir, atol=1e-3)
 
 
 def test_latent_scaling_recovers_a_hand_set_beta():

@@ -15,12 +15,12 @@ from sae_transfer.diffing.latent_scaling import crosscoder_scaling
 from sae_transfer.diffing.paired import iter_paired, open_pair
 from sae_transfer.diffing.planted import build_planted, load_planted, planted_mask
 from sae_transfer.training.config import TrainConfig
-from sae_transfer.storage.crosscoder_format import load_crosscoder
+from sae_transfer.diffing.crosscoder_io import load_crosscoder
 
 HOOK = "blocks.0.hook_resid_pre"  # Llama: the embedding itself, so +α·v is exact at planted rows
 TRAIN = TrainConfig(arch="batchtopk", d_sae=128, k=4, lr=1e-3, total_tokens=300_000, batch_size=512,
                     lr_warmup_frac=0.05, log_every_steps=100, checkpoint_every_tokens=10**9,
-                    dead_window_tokens=20_000, num_threads=1)
+                    dead_window_tokens=20_000, num_threads=1, device="cpu")
 
 
 @pytest.fixture(scope="module")

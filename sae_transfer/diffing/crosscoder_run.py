@@ -1,40 +1,36 @@
 """Train a BatchTopK crosscoder on paired caches into a run folder, resumably.
 
-    <out>/crosscoder/      sae_transfer.storage.crosscoder_format folder (both decoders, both scale factors)
+    <out>/crosscoder/      crosscoder folder (sae_transfer.diffing.crosscoder_io; both decoders, both scale factors)
     <out>/checkpoints/     trainer checkpoints (sae_transfer.storage.checkpoints; the shared SAE machinery)
     <out>/training_log/    Parquet parts of the training log
     <out>/run.json         manifest, written last: config, pairing, timings, metrics, class counts
 
-It reuses the SAE training loop as is: the crosscoder is an SAE over [x_base, x_chat] and the
-paired stream already scales each model by its own factor, so the loop's own scale is 1.
-A folder with a complete run.json for the same config is returned untouched; a folder with
-checkpoints resumes from the newest one (the stream restarts at the batch it had reached).
+It reuses the SAE training loop and run driver (sae_transfer.training.run.drive_run) as they
+are: the crosscoder is an SAE over [x_base, x_chat] and the paired stream already scales each
+model by its own factor, so the loop's own scale is 1. This module supplies the driver's
+model-specific parts (`CrosscoderRunSpec`): the module, the paired stream, the final metrics
+and the crosscoder folder. As for an SAE run, a folder with a complete run.json for the same
+config is returned untouched and a folder with checkpoints resumes from the newest one on
+this run's device (the stream restarts at the batch it had reached).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from sae_transfer.diffing.crosscoder import CrossCoder, Taxonomy, class_counts, latent_table
+from sae_transfer.diffing.crosscoder_io import save_crosscoder
 from sae_transfer.diffing.paired import PairedCaches, paired_factory, read_paired
-from sae_transfer.errors import UserError
 from sae_transfer.sae import metrics
 from sae_transfer.training.config import TrainConfig
-from sae_transfer.training.loop import TrainingRun, train_loop
-from sae_transfer.training.run import _write_checkpoint, restore
+from sae_transfer.training.loop import TrainingRun
+from sae_transfer.training.run import RunSpec, drive_run, final_dead, without_runtime
 from sae_transfer.training.trainers.crosscoder import CrosscoderTrainer
 from sae_transfer.training.tricks import geometric_median
-from sae_transfer.storage import checkpoints as ckpt
-from sae_transfer.storage.crosscoder_format import save_crosscoder
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -61,7 +57,7 @@ class CrosscoderConfig:
 class CrosscoderResult:
     """What a finished (or already complete) crosscoder run left on disk."""
 
-    crosscoder_dir: Path  # the sae_transfer.storage.crosscoder_format folder
+    crosscoder_dir: Path  # the crosscoder folder (sae_transfer.diffing.crosscoder_io)
     run_json: Path  # the manifest
     metrics: dict  # final metrics: per-model explained variance, l0, dead fraction, class counts
     resumed_from_step: int | None  # checkpoint step the run resumed from, if any
@@ -97,49 +93,48 @@ def fresh_run(cfg: CrosscoderConfig, pair: PairedCaches) -> TrainingRun:
     return run
 
 
+@dataclass
+class CrosscoderRunSpec(RunSpec):
+    """A crosscoder on `pair` for the shared run driver (sae_transfer.training.run.drive_run)."""
+
+    cfg: CrosscoderConfig
+    pair: PairedCaches
+    name: str = "crosscoder"
+    artifact_dir: str = "crosscoder"
+
+    @property
+    def train(self) -> TrainConfig:
+        return self.cfg.train
+
+    def config(self) -> dict:
+        return self.cfg.to_dict()
+
+    def learning_config(self, config: dict) -> dict:
+        return {**config, "train": without_runtime(config.get("train"))}
+
+    def fresh(self) -> TrainingRun:
+        return fresh_run(self.cfg, self.pair)
+
+    def shell(self) -> TrainingRun:
+        return new_run(self.cfg, self.pair)
+
+    def batches(self, start_batch: int):
+        t = self.cfg.train
+        return paired_factory(self.pair, t.batch_size, seed=t.seed, buffer_tokens=self.cfg.buffer_tokens)(start_batch)
+
+    def finish(self, run: TrainingRun, last_row: dict, artifact_dir: Path) -> tuple[dict, dict]:
+        cfg, pair = self.cfg, self.pair
+        final = {**last_row, **evaluate_crosscoder(run.sae, pair, cfg.eval_tokens), **final_dead(run)}
+        final["class_counts"] = class_counts(latent_table(run.sae.cpu(), cfg.taxonomy))
+        save_crosscoder(run.sae, artifact_dir, metadata={"taxonomy": dataclasses.asdict(cfg.taxonomy)})
+        return final, {"crosscoder_dir": self.artifact_dir, "pairing": pair.meta,
+                       "scale_factors": {"base": pair.scale_base, "chat": pair.scale_chat}}
+
+
 def train_crosscoder(cfg: CrosscoderConfig, pair: PairedCaches, out_dir: str | Path, progress: bool = False) -> CrosscoderResult:
     """Train (or resume, or find finished) a crosscoder on `pair` into out_dir."""
-    out = Path(out_dir)
-    manifest_path, cc_dir = out / "run.json", out / "crosscoder"
-    done = _read_manifest(manifest_path)
-    if done is not None:
-        if done.get("config") != cfg.to_dict():
-            raise UserError(f"{out} holds a finished crosscoder run with a different config; choose another --out or delete it")
-        return CrosscoderResult(cc_dir, manifest_path, done["final_metrics"], None, True)
-    checkpoint = ckpt.latest_checkpoint(out / "checkpoints")
-    if checkpoint is not None and checkpoint.state["config"] != cfg.train.to_dict():
-        raise UserError(f"{out} holds checkpoints of a run with a different config; choose another --out or delete it")
-    if checkpoint is None:
-        run = fresh_run(cfg, pair)
-        ckpt.truncate_log(out / "training_log", -1)
-    else:
-        run = new_run(cfg, pair)
-        restore(run, checkpoint)
-        ckpt.truncate_log(out / "training_log", run.state.step)
-        log.info("resuming %s from step %d", out, run.state.step)
-    pending: list[dict] = []
-
-    def on_checkpoint(r: TrainingRun) -> None:
-        ckpt.append_log_rows(out / "training_log", pending, r.state.step)
-        pending.clear()
-        _write_checkpoint(out, r, reader_position=r.state.step)
-
-    t0 = time.perf_counter()
-    source = paired_factory(pair, cfg.train.batch_size, seed=cfg.train.seed, buffer_tokens=cfg.buffer_tokens)
-    last = train_loop(run, source(run.state.step), pending.append, on_checkpoint, progress=progress)
-    final = {**last, **evaluate_crosscoder(run.sae, pair, cfg.eval_tokens), **_dead(run)}
-    table = latent_table(run.sae.cpu(), cfg.taxonomy)
-    final["class_counts"] = class_counts(table)
-    save_crosscoder(run.sae, cc_dir, metadata={"taxonomy": dataclasses.asdict(cfg.taxonomy)})
-    ckpt.write_json_atomic(manifest_path, {
-        "status": "complete", "config": cfg.to_dict(), "crosscoder_dir": "crosscoder", "pairing": pair.meta,
-        "scale_factors": {"base": pair.scale_base, "chat": pair.scale_chat},
-        "tokens": run.state.tokens, "steps": run.state.step,
-        "timings": {"train_s": run.state.elapsed_s, "wall_s_this_call": time.perf_counter() - t0,
-                    "tokens_per_s": run.state.tokens / max(run.state.elapsed_s, 1e-9)},
-        "final_metrics": final,
-    })
-    return CrosscoderResult(cc_dir, manifest_path, final, None if checkpoint is None else checkpoint.state["loop"]["step"], False)
+    r = drive_run(CrosscoderRunSpec(cfg, pair), out_dir, progress=progress)
+    return CrosscoderResult(r.artifact_dir, r.run_json, r.metrics, r.resumed_from_step, r.skipped)
 
 
 @torch.no_grad()
@@ -162,14 +157,3 @@ def evaluate_crosscoder(cc: CrossCoder, pair: PairedCaches, max_rows: int, batch
         out[f"mse_{name}"] = float((x_NMD[:, m] - x_hat_NMD[:, m]).pow(2).sum(-1).mean())
     return out
 
-
-def _dead(run: TrainingRun) -> dict:
-    window = min(run.cfg.dead_window_tokens, run.state.tokens)
-    return {"dead_fraction_final": float((run.dead.since_fired_F >= window).float().mean()), "dead_window_tokens": window}
-
-
-def _read_manifest(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    return data if data.get("status") == "complete" else None

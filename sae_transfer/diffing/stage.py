@@ -108,7 +108,7 @@ def crosscoder_tables(cc_dir: str | Path, pair, plan: DiffingPlan, sae_id: str, 
     latents, and `latent_examples` of every latent on the paired tokens (model = "paired")."""
     from sae_transfer.diffing.crosscoder import CLASSES, latent_table
     from sae_transfer.diffing.latent_scaling import crosscoder_scaling
-    from sae_transfer.storage.crosscoder_format import load_crosscoder
+    from sae_transfer.diffing.crosscoder_io import load_crosscoder
     from sae_transfer.storage.diffing_tables import columns_table
 
     device = api.device_of(plan.device)

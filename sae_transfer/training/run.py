@@ -1,15 +1,22 @@
-"""A training run in an output folder (sae_transfer.storage.layout.RunLayout: the SAE, checkpoints, training
-log, and the run.json manifest written last): resume from checkpoints, write the SAE and run.json.
+"""A training run in an output folder (sae_transfer.storage.layout.RunLayout: the trained artifact,
+checkpoints, training log, and the run.json manifest written last).
 
-A call on a folder with a complete run.json for the same config does nothing; a folder with
-checkpoints resumes from the newest one."""
+`drive_run` is the one driver of such a folder, for any model the shared loop trains: a
+call on a folder with a complete run.json for the same config does nothing; a folder with
+checkpoints resumes from the newest one (loaded onto the run's device, so a run started on
+a GPU resumes on a CPU); otherwise the run starts fresh. The model-specific parts (the
+module, the data stream, the final artifact) come from a `RunSpec`: `SAERunSpec` here
+(`train_sae`), the crosscoder's in sae_transfer.diffing.crosscoder_run."""
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -94,11 +101,195 @@ def fresh_run(cfg: TrainConfig, make_source: SourceFactory, d_in: int, parent_sa
 
 
 def restore(run: TrainingRun, checkpoint: ckpt.Checkpoint) -> None:
-    """Load a checkpoint's weights, optimiser, dead-latent counts and loop state into `run`."""
+    """Load a checkpoint's weights, optimiser, dead-latent counts and loop state into `run`
+    (load the checkpoint onto run.numerics.device: `ckpt.load_checkpoint(path, device)`)."""
     run.sae.load_state_dict(checkpoint.sae_tensors)
     ckpt.optimizer_from_tensors(run.optimizer, checkpoint.optimizer_tensors, checkpoint.state["optimizer_groups"])
     run.dead.load_state_tensors(checkpoint.extra_tensors)
     run.state = LoopState(**checkpoint.state["loop"])
+
+
+# ----------------------------------------------------------------------------- the run driver
+
+
+class RunSpec(ABC):
+    """The model-specific parts of a run that `drive_run` runs in a folder: the settings,
+    how to build the module (fresh, or as a shell a checkpoint fills), the data stream, and
+    how to write the final artifact. Everything else (run.json, checkpoints, resume, the
+    training log, skip-if-complete) is the driver's."""
+
+    name: str = "run"  # for messages: "a finished <name> run", "resuming <name> ..."
+    artifact_dir: str  # the final artifact's folder inside the run folder
+    train: TrainConfig  # the shared training settings (every checkpoint records them)
+
+    def config(self) -> dict:
+        """The whole run config, JSON-ready: run.json's "config" (and each checkpoint's "run_config")."""
+        return self.train.to_dict()
+
+    def learning_config(self, config: dict) -> dict:
+        """The part of a recorded `config()` a resumed or re-run run must match: all but the
+        runtime settings (device, dtype, ...), so a run started on a GPU resumes on a CPU."""
+        return without_runtime(config)
+
+    @abstractmethod
+    def fresh(self) -> TrainingRun:
+        """A new run, initialised (may read data from the stream's start)."""
+
+    @abstractmethod
+    def shell(self) -> TrainingRun:
+        """A run with the right shapes on the run's device, for a checkpoint to fill (reads no data)."""
+
+    @abstractmethod
+    def batches(self, start_batch: int) -> Iterable[torch.Tensor]:
+        """Raw training batches from batch `start_batch` of the stream (the resume point)."""
+
+    @abstractmethod
+    def finish(self, run: TrainingRun, last_row: dict, artifact_dir: Path) -> tuple[dict, dict]:
+        """Write the trained artifact into artifact_dir; return (final metrics, further run.json fields)."""
+
+
+@dataclass(frozen=True)
+class DriveResult:
+    """What `drive_run` left on disk."""
+
+    artifact_dir: Path  # the spec's final artifact
+    run_json: Path  # the manifest
+    metrics: dict  # final metrics (run.json's final_metrics)
+    resumed_from_step: int | None  # checkpoint step the run resumed from, if any
+    skipped: bool  # True when a complete run was already there
+
+
+def drive_run(spec: RunSpec, out_dir: str | Path, progress: bool = True) -> DriveResult:
+    """Train `spec` into the run folder out_dir (sae_transfer.storage.layout.RunLayout, with the
+    artifact in out_dir/spec.artifact_dir): return a complete run of the same learning config
+    untouched, else resume from the newest checkpoint (its tensors loaded onto this run's
+    device), else start fresh; checkpoint as the loop asks, then write the artifact and,
+    last, run.json."""
+    out = Path(out_dir)
+    folder = RunLayout(out)
+    artifact = out / spec.artifact_dir
+    wanted = spec.learning_config(spec.config())
+    done = read_manifest(folder.manifest)
+    if done is not None:
+        if spec.learning_config(done.get("config") or {}) != wanted:
+            raise UserError(f"{out} holds a finished {spec.name} run with a different config; choose another --out or delete it")
+        return DriveResult(artifact, folder.manifest, done["final_metrics"], None, True)
+    found = ckpt.list_checkpoints(folder.checkpoints)
+    state = ckpt.read_state(found[-1]) if found else None
+    if state is not None and not (same_learning_config(state["config"], spec.train)
+                                  and spec.learning_config(state.get("run_config") or spec.config()) == wanted):
+        raise UserError(f"{out} holds checkpoints of a {spec.name} run with a different config; choose another --out or delete it")
+    if state is None:
+        run = spec.fresh()
+        ckpt.truncate_log(folder.training_log, -1)
+    else:
+        run = spec.shell()
+        restore(run, ckpt.load_checkpoint(found[-1], device=run.numerics.device))
+        ckpt.truncate_log(folder.training_log, run.state.step)
+        log.info("resuming %s %s from step %d", spec.name, out, run.state.step)
+    pending: list[dict] = []
+
+    def on_checkpoint(r: TrainingRun) -> None:
+        # log part first: after a crash, parts past the newest checkpoint are deleted on resume
+        ckpt.append_log_rows(folder.training_log, pending, r.state.step)
+        pending.clear()
+        _write_checkpoint(folder, r, spec.config(), reader_position=r.state.step)
+
+    t0 = time.perf_counter()
+    last = train_loop(run, spec.batches(run.state.step), pending.append, on_checkpoint, progress=progress)
+    final, extra = spec.finish(run, last, artifact)
+    ckpt.write_json_atomic(folder.manifest, {
+        "status": "complete",
+        "config": spec.config(),
+        "tokens": run.state.tokens,
+        "steps": run.state.step,
+        "numerics": run.numerics.to_dict(),  # device, compute dtype, TF32, sparse kernels of this call
+        "timings": {"train_s": run.state.elapsed_s, "wall_s_this_call": time.perf_counter() - t0,
+                    "tokens_per_s": run.state.tokens / max(run.state.elapsed_s, 1e-9)},
+        "final_metrics": final,
+        "resample_steps": run.state.resample_steps,
+        **extra,
+    })
+    return DriveResult(artifact, folder.manifest, final, None if state is None else state["loop"]["step"], False)
+
+
+def read_manifest(path: Path) -> dict | None:
+    """A run folder's run.json if it records a complete run, else None."""
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    return data if data.get("status") == "complete" else None
+
+
+def _write_checkpoint(folder: RunLayout, run: TrainingRun, run_config: dict, reader_position: int) -> None:
+    opt_tensors, groups = ckpt.optimizer_to_tensors(run.optimizer)
+    opt_tensors = {k: v.cpu() for k, v in opt_tensors.items()}  # checkpoints hold CPU tensors: any device resumes them
+    state = {
+        "config": run.cfg.to_dict(),
+        "run_config": run_config,
+        "loop": run.state.__dict__,
+        "reader_position": reader_position,  # batches consumed from the activation stream
+        "optimizer_groups": groups,
+    }
+    sae_tensors = {k: v.detach().to("cpu", copy=True) for k, v in run.sae.state_dict().items()}
+    ckpt.save_checkpoint(folder.checkpoints, run.state.step, sae_tensors, opt_tensors, run.dead.state_tensors(), state, keep=run.cfg.keep_checkpoints)
+
+
+def without_runtime(config: dict | None) -> dict:
+    """A TrainConfig dict without RUNTIME_FIELDS (device, dtype, ...)."""
+    return {k: v for k, v in (config or {}).items() if k not in RUNTIME_FIELDS}
+
+
+def same_learning_config(recorded: dict | None, cfg: TrainConfig) -> bool:
+    """Whether a recorded config (run.json, checkpoint) trains what `cfg` trains: equal but
+    for RUNTIME_FIELDS (device, dtype, ...), so a run started on a GPU resumes on a CPU."""
+    return without_runtime(recorded) == cfg.learning_dict()
+
+
+def final_dead(run: TrainingRun) -> dict:
+    """Dead fraction over min(dead window, tokens trained), and that window."""
+    window = min(run.cfg.dead_window_tokens, run.state.tokens)
+    return {"dead_fraction_final": float((run.dead.since_fired_F >= window).float().mean()), "dead_window_tokens": window}
+
+
+# ----------------------------------------------------------------------------- SAE runs
+
+
+@dataclass
+class SAERunSpec(RunSpec):
+    """An SAE (or a fine-tune of `parent`) trained on `make_source`; artifact: a SAELens folder."""
+
+    train: TrainConfig
+    make_source: SourceFactory
+    d_in: int
+    metadata: dict | None = None  # cfg.json metadata (model_name, hook_name, context_size, ...)
+    parent: Parent | None = None
+    name: str = "SAE"
+    artifact_dir: str = RunLayout.SAE_DIR
+
+    def _parent_sae(self) -> SAE | None:
+        return load_sae(self.parent.path, expect_d_in=self.d_in) if self.parent is not None else None
+
+    def fresh(self) -> TrainingRun:
+        return fresh_run(self.train, self.make_source, self.d_in, self._parent_sae())
+
+    def shell(self) -> TrainingRun:
+        return fresh_run_shell(self.train, self.d_in, self._parent_sae())
+
+    def batches(self, start_batch: int) -> Iterable[torch.Tensor]:
+        return self.make_source(start_batch)
+
+    def finish(self, run: TrainingRun, last_row: dict, artifact_dir: Path) -> tuple[dict, dict]:
+        parent = self.parent
+        meta = {**(self.metadata or {}), **({"finetuned_from": str(parent.path)} if parent else {})}
+        save_sae(run.trainer.inference_sae(), artifact_dir, scale_factor=run.state.scale_factor, metadata=meta,
+                 log10_density_F=run.dead.log10_density())
+        return {**last_row, **final_dead(run)}, {
+            "sae_dir": self.artifact_dir,
+            "scale_factor": run.state.scale_factor,
+            "metadata": self.metadata or {},
+            "finetuned_from": {"path": str(parent.path), "weights_sha256": parent.weights_sha256} if parent else None,
+        }
 
 
 def train_sae(
@@ -114,55 +305,8 @@ def train_sae(
 
     `make_source(n)` yields raw acts_BD batches of cfg.batch_size from batch n of the stream.
     `metadata` goes into cfg.json's metadata (model_name, hook_name, context_size, ...)."""
-    out = Path(out_dir)
-    folder = RunLayout(out)
-    manifest_path, sae_dir = folder.manifest, folder.sae
-    done = _read_manifest(manifest_path)
-    if done is not None:
-        if not same_learning_config(done.get("config"), cfg):
-            raise UserError(f"{out} holds a finished run with a different config; choose another --out or delete it")
-        return RunResult(sae_dir, manifest_path, done["final_metrics"], None, True)
-    checkpoint = ckpt.latest_checkpoint(folder.checkpoints)
-    if checkpoint is not None and not same_learning_config(checkpoint.state["config"], cfg):
-        raise UserError(f"{out} holds checkpoints of a run with a different config; choose another --out or delete it")
-    parent_sae = load_sae(parent.path, expect_d_in=d_in) if parent is not None else None
-    if checkpoint is None:
-        run = fresh_run(cfg, make_source, d_in, parent_sae)
-        ckpt.truncate_log(folder.training_log, -1)
-    else:
-        run = fresh_run_shell(cfg, d_in, parent_sae)
-        restore(run, checkpoint)
-        ckpt.truncate_log(folder.training_log, run.state.step)
-        log.info("resuming %s from step %d", out, run.state.step)
-    pending: list[dict] = []
-
-    def on_checkpoint(r: TrainingRun) -> None:
-        # log part first: after a crash, parts past the newest checkpoint are deleted on resume
-        ckpt.append_log_rows(folder.training_log, pending, r.state.step)
-        pending.clear()
-        _write_checkpoint(out, r, reader_position=r.state.step)
-
-    t0 = time.perf_counter()
-    last = train_loop(run, make_source(run.state.step), pending.append, on_checkpoint, progress=progress)
-    final = _final_metrics(run, last)
-    meta = {**(metadata or {}), **({"finetuned_from": str(parent.path)} if parent else {})}
-    save_sae(run.trainer.inference_sae(), sae_dir, scale_factor=run.state.scale_factor, metadata=meta, log10_density_F=run.dead.log10_density())
-    ckpt.write_json_atomic(manifest_path, {
-        "status": "complete",
-        "config": cfg.to_dict(),
-        "sae_dir": RunLayout.SAE_DIR,
-        "tokens": run.state.tokens,
-        "steps": run.state.step,
-        "scale_factor": run.state.scale_factor,
-        "numerics": run.numerics.to_dict(),  # device, compute dtype, TF32, sparse kernels of this call
-        "timings": {"train_s": run.state.elapsed_s, "wall_s_this_call": time.perf_counter() - t0,
-                    "tokens_per_s": run.state.tokens / max(run.state.elapsed_s, 1e-9)},
-        "final_metrics": final,
-        "resample_steps": run.state.resample_steps,
-        "metadata": metadata or {},
-        "finetuned_from": {"path": str(parent.path), "weights_sha256": parent.weights_sha256} if parent else None,
-    })
-    return RunResult(sae_dir, manifest_path, final, None if checkpoint is None else checkpoint.state["loop"]["step"], False)
+    r = drive_run(SAERunSpec(cfg, make_source, d_in, metadata, parent), out_dir, progress=progress)
+    return RunResult(r.artifact_dir, r.run_json, r.metrics, r.resumed_from_step, r.skipped)
 
 
 def fresh_run_shell(cfg: TrainConfig, d_in: int, parent_sae: SAE | None) -> TrainingRun:
@@ -173,42 +317,6 @@ def fresh_run_shell(cfg: TrainConfig, d_in: int, parent_sae: SAE | None) -> Trai
     else:
         sae = make_sae(SAEConfig(TRAIN_ARCH_TO_SAE[cfg.arch], d_in, cfg.d_sae, k=cfg.k if cfg.arch in ("topk", "batchtopk") else None))
     return TrainingRun.create(cfg, sae, 1.0)
-
-
-def _write_checkpoint(out: Path, run: TrainingRun, reader_position: int) -> None:
-    opt_tensors, groups = ckpt.optimizer_to_tensors(run.optimizer)
-    opt_tensors = {k: v.cpu() for k, v in opt_tensors.items()}  # checkpoints hold CPU tensors: any device resumes them
-    state = {
-        "config": run.cfg.to_dict(),
-        "loop": run.state.__dict__,
-        "reader_position": reader_position,  # batches consumed from the activation stream
-        "optimizer_groups": groups,
-    }
-    sae_tensors = {k: v.detach().to("cpu", copy=True) for k, v in run.sae.state_dict().items()}
-    ckpt.save_checkpoint(RunLayout(out).checkpoints, run.state.step, sae_tensors, opt_tensors, run.dead.state_tensors(), state, keep=run.cfg.keep_checkpoints)
-
-
-def same_learning_config(recorded: dict | None, cfg: TrainConfig) -> bool:
-    """Whether a recorded config (run.json, checkpoint) trains what `cfg` trains: equal but
-    for RUNTIME_FIELDS (device, dtype, ...), so a run started on a GPU resumes on a CPU."""
-    recorded = {k: v for k, v in (recorded or {}).items() if k not in RUNTIME_FIELDS}
-    return recorded == cfg.learning_dict()
-
-
-def _final_metrics(run: TrainingRun, last_row: dict) -> dict:
-    """Last log row plus dead fraction over min(dead window, tokens trained)."""
-    window = min(run.cfg.dead_window_tokens, run.state.tokens)
-    dead = float((run.dead.since_fired_F >= window).float().mean())
-    return {**last_row, "dead_fraction_final": dead, "dead_window_tokens": window}
-
-
-def _read_manifest(path: Path) -> dict | None:
-    import json
-
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    return data if data.get("status") == "complete" else None
 
 
 def parent_sae_arch(path: str | Path) -> str:
