@@ -19,6 +19,7 @@ with checkpoint_rows as (
 ),
 
 latest as (
+    -- the newest SAE of each label (a retrained SAE has a new id, which the view keeps beside the old)
     select *
     from checkpoint_rows
     qualify row_number() over (partition by hook, outlier_policy, sae, step order by created_at desc) = 1

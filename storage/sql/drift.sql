@@ -23,5 +23,6 @@ rows as (
 select hook, outlier_policy, sae, step, ce_loss_score, explained_variance
 from rows
 where step is not null
+-- the newest SAE of each label (a retrained SAE has a new id, which the view keeps beside the old)
 qualify row_number() over (partition by hook, outlier_policy, sae, step order by created_at desc) = 1
 order by hook, outlier_policy, sae, step

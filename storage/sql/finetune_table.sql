@@ -2,6 +2,7 @@
 -- (the study's fine-tuning table), with the tokens each SAE was trained on.
 -- Parameters: ?1 base model id, ?2 chat model id.
 with on_chat as (
+    -- the view keeps one row per model id and revision; the table shows the newest on the chat model
     select *
     from metrics
     where segment = 'text' and outlier_policy = 'included' and same_model(model_id, ?2)

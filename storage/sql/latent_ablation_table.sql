@@ -1,6 +1,7 @@
 -- Causal check: KL(clean || ablated) of the chat model per segment, for the chat SAE's latents
 -- that appear on chat and for a random set of the same size. Parameters: none.
 with latest as (
+    -- the newest run at each hook (the view keeps the newest of every dictionary)
     select *
     from latent_ablation
     qualify created_at = max(created_at) over (partition by hook)

@@ -1,6 +1,7 @@
 -- How far fine-tuning moves the base SAE's latents: the study's fine-tuned SAE (checkpoint null)
 -- and, per fine-tuning checkpoint, a base SAE briefly fine-tuned on it. Parameters: none.
 with latest as (
+    -- the newest run per hook and step (the view keeps the newest of every dictionary)
     select *
     from latent_drift
     qualify created_at = max(created_at) over (partition by hook, step)

@@ -2,6 +2,7 @@
 -- Complete Shrinkage, nu_recon large = Latent Decoupling, both small = truly chat-specific.
 -- Parameters: none.
 with latest as (
+    -- the newest run at each hook (the view keeps the newest of every dictionary)
     select *
     from latent_scaling
     where kind = 'crosscoder'

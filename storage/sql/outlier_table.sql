@@ -1,12 +1,5 @@
--- The study's outlier table: threshold, fraction of outliers, and what they are.
-with latest as (
-    select *
-    from outlier_summary
-    qualify row_number() over (
-        partition by model_id, model_revision, hook, outlier_rule order by created_at desc
-    ) = 1
-)
-
+-- The study's outlier table: threshold, fraction of outliers, and what they are
+-- (the view holds each model's newest outlier tagging per revision and hook).
 select
     model_id as model,
     hook,
@@ -19,5 +12,5 @@ select
     round(100 * frac_first10, 1) as first10_pct,
     round(100 * frac_newline, 1) as newline_pct,
     round(100 * frac_other, 1) as other_pct
-from latest
+from outlier_summary
 order by hook, model, rule

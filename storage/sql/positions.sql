@@ -1,6 +1,7 @@
 -- MSE and explained variance by position bucket, past the SAE's training context.
 -- Parameters: ?1 base model id, ?2 chat model id.
 with latest as (
+    -- the view keeps each model revision's curves; the plot shows each model's newest
     select *
     from positions
     where outlier_policy = 'excluded'

@@ -10,6 +10,7 @@ with labelled as (
 ),
 
 latest as (
+    -- the view keeps one row per model revision; the table shows each model's newest
     select *
     from labelled
     qualify row_number() over (

@@ -17,10 +17,10 @@ top as (
 ),
 
 examples as (
+    -- the view holds the newest examples run of each dictionary
     select *
     from latent_examples
     where model = 'paired'
-    qualify row_number() over (partition by dictionary, latent, rank order by created_at desc) = 1
 )
 
 select

@@ -6,17 +6,9 @@ with labelled as (
         *,
         sae_label(sae_model, sae_finetuned_from, ?1, ?2) as sae_label,
         model_label(model_id, ?1, ?2) as model_label
+    -- the view holds the newest row per (SAE, model, revision, hook, policy, segment)
     from metrics
     where segment = 'text'
-),
-
-latest as (
-    -- re-runs append rows; the newest row per (SAE, model, hook, policy) wins
-    select *
-    from labelled
-    qualify row_number() over (
-        partition by sae_id, model_id, model_revision, hook, outlier_policy order by created_at desc
-    ) = 1
 )
 
 select
@@ -40,6 +32,6 @@ select
     n_tokens,
     reliable,
     unreliable_reason
-from latest
+from labelled
 where model_label in ('base', 'chat')
 order by hook, outlier_policy desc, sae_label, model_label
