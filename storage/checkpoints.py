@@ -3,7 +3,7 @@
     <run>/checkpoints/step-000001234/  sae.safetensors        model tensors (scaled units)
                                        optimizer.safetensors  Adam state, key "<param>.<name>"
                                        extra.safetensors      trainer tensors (dead-latent counts)
-                                       state.json             loop state, config, reader position
+                                       state.json             loop state, configs, reader position
     <run>/training_log/part-000001234.parquet   log rows up to that step (TRAINING_LOG_SCHEMA)
 
 A checkpoint folder is written under a temporary name and renamed into place; only folders

@@ -211,6 +211,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(caches, monkeypatch
         train_crosscoder(_cfg(), pair, tmp / "killed")
     assert not (tmp / "killed" / "run.json").exists()
     monkeypatch.setattr(crosscoder_run, "paired_factory", real)
+    with pytest.raises(UserError, match="checkpoints of a crosscoder run with a different config"):
+        train_crosscoder(CrosscoderConfig(_cfg().train, buffer_tokens=256, eval_tokens=512), pair, tmp / "killed")  # another stream
     resumed = train_crosscoder(_cfg(), pair, tmp / "killed")
     assert resumed.resumed_from_step == 20
     _same_weights(whole.crosscoder_dir, resumed.crosscoder_dir)
