@@ -8,6 +8,7 @@ from pathlib import Path
 
 from sae_transfer.errors import UserError
 from sae_transfer.models import ModelRef, is_local, parse_model_spec
+from sae_transfer.storage.fingerprint import fingerprint
 
 _STEP = re.compile(r"(\d+)(?!.*\d)")
 
@@ -42,7 +43,7 @@ def scan_folder(folder: str | Path) -> list[Checkpoint]:
 
 def scan_hub(repo: str) -> list[Checkpoint]:
     """Branches and tags of a Hub model repo as checkpoints (network: only when the user named a repo)."""
-    from huggingface_hub import list_repo_refs
+    from huggingface_hub import list_repo_refs  # deferred: the Hub client takes ~0.5 s to import
 
     try:
         refs = list_repo_refs(repo)
@@ -57,8 +58,6 @@ def checkpoint_id(spec: str) -> str:
     """The id a checkpoint is recorded under, by the watcher and by its evaluation alike: a local
     folder's content fingerprint (a re-saved folder is a new checkpoint), else the Hub spec
     itself (`repo@commit` as the watcher pins it)."""
-    from sae_transfer.storage.fingerprint import fingerprint
-
     if is_local(spec):
         return fingerprint(Path(spec).expanduser())
     return parse_model_spec(spec).spec

@@ -208,7 +208,7 @@ def columns_table(name: str, columns: Mapping[str, object], constants: Mapping[s
     """A table of `name`'s schema from numpy columns of equal length, constants broadcast to
     every row, and list columns given as (flat values, offsets [n + 1]). Missing columns are
     null; `created_at` defaults to now."""
-    from sae_transfer.storage.tables import now_utc
+    from sae_transfer.storage.tables import now_utc  # deferred: storage.tables imports this module
 
     schema = SCHEMAS[name]
     n = next(len(v[1]) - 1 if isinstance(v, tuple) else len(v) for v in columns.values())

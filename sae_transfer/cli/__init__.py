@@ -1,5 +1,8 @@
 """The `sae-transfer` command line. Each command group lives in its own module here and
-registers itself on the shared typer app; `main` turns UserError into one line + exit 2."""
+registers itself on the shared typer app; `main` turns UserError into one line + exit 2.
+
+Commands import the science, torch, transformers, Prefect, DuckDB and pandas inside their
+functions, so `sae-transfer --help` and usage errors answer without loading them."""
 
 from __future__ import annotations
 

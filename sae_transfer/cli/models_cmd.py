@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -22,8 +23,6 @@ def demo_models(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Build the offline demo pair (base pretrained on stdlib sources, chat fine-tuned from it); cached."""
-    import dataclasses
-
     from transformers.utils import logging as hf_logging
 
     from sae_transfer.demo import DemoPairConfig, build_demo_pair, demo_paths

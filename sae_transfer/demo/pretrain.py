@@ -29,7 +29,7 @@ def build_tokenizer(cfg: DemoPairConfig, corpus: CorpusConfig):
 
 def build_model(cfg: DemoPairConfig, tokenizer) -> torch.nn.Module:
     """A randomly initialised Llama-style causal LM (RoPE, RMSNorm, SwiGLU, tied embeddings)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # deferred: transformers takes seconds to import
 
     ids = special_ids(tokenizer)
     hf_cfg = LlamaConfig(

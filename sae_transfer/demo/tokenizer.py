@@ -28,7 +28,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     model fine-tuned later shares the base vocabulary unchanged. Encoding adds no BOS by itself:
     callers (the corpus, TransformerLens) prepend it.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # deferred: the tokenizer libraries load only to train one
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())

@@ -12,10 +12,16 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from sae_transfer.corpus import ROLE_CODE
+from sae_transfer.diffing import causal
 from sae_transfer.diffing import examples as ex
 from sae_transfer.diffing import latent_stats as ls
 from sae_transfer.diffing import matching as mt
 from sae_transfer.errors import UserError
+from sae_transfer.sae.scaling import scale_factor
+from sae_transfer.storage.activations import ActivationDataset, dataset_key
+from sae_transfer.storage.activations_scan import mean_norm, read_sequences, scan_batches
+from sae_transfer.storage.diffing_tables import columns_table
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +35,6 @@ def device_of(device: str | None) -> torch.device:
 
 def cache_info(path: str | Path) -> dict:
     """model_id, hook, d_model, content key and scale factor s = sqrt(d_model) / E||x|| of a cache."""
-    from sae_transfer.storage.activations import ActivationDataset, dataset_key
-    from sae_transfer.sae.scaling import scale_factor
-    from sae_transfer.storage.activations_scan import mean_norm
-
     ds = ActivationDataset(path)
     key = ds.meta.get("tokens_fingerprint")  # hash of the token ids: equal for base and chat caches of one corpus
     if not key:
@@ -48,9 +50,6 @@ def row_stream(path: str | Path, batch_tokens: int, skip_roles: tuple[str, ...] 
                max_tokens: int | None = None) -> Iterator:
     """RowBatches of a cache in token order, without rows of the `skip_roles` roles; only the
     first `max_tokens` cache rows (None: all)."""
-    from sae_transfer.corpus import ROLE_CODE
-    from sae_transfer.storage.activations_scan import scan_batches
-
     codes = torch.tensor([ROLE_CODE[r] for r in skip_roles], dtype=torch.uint8)
     for batch in _first_rows(scan_batches(path, batch_tokens), max_tokens):
         if len(codes):
@@ -93,8 +92,6 @@ def _dictionary(loaded, hook: str) -> dict:
 def latent_stats_table(loaded, caches: dict[str, str | Path], cfg: ls.LatentStatsConfig = ls.LatentStatsConfig(),
                        skip_roles: tuple[str, ...] = DEFAULT_SKIP_ROLES, max_tokens: int | None = None):
     """`latent_stats` rows of one SAE on the caches labelled "base" and "chat"."""
-    from sae_transfer.storage.diffing_tables import columns_table
-
     stats, infos = {}, {}
     for label, path in caches.items():
         infos[label] = info = cache_info(path)
@@ -121,7 +118,7 @@ def load_tokenizer(model_id: str | None):
     if not model_id:
         return None
     try:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # deferred: transformers takes seconds to import
 
         return AutoTokenizer.from_pretrained(model_id)
     except Exception as exc:  # token texts are a convenience; ids are always stored
@@ -132,9 +129,6 @@ def load_tokenizer(model_id: str | None):
 def examples_tables(loaded, cache: str | Path, label: str, cfg: ex.ExamplesConfig = ex.ExamplesConfig(),
                     skip_roles: tuple[str, ...] = DEFAULT_SKIP_ROLES, tokenizer="auto", max_tokens: int | None = None):
     """(`latent_examples`, `latent_histograms`) tables of one SAE on one model's cache."""
-    from sae_transfer.storage.activations_scan import read_sequences
-    from sae_transfer.storage.diffing_tables import columns_table
-
     info = cache_info(cache)
     check_pairing(loaded, info, label)
     device = device_of(cfg.device)
@@ -190,8 +184,6 @@ def match_table(loaded_a, loaded_b, corr_cache: str | Path | None, corr_label: s
                 max_tokens: int | None = None):
     """`latent_matches` rows: decoder-cosine assignment of A's and B's latents, with the
     activation correlation of each pair on `corr_cache` (both SAEs on the same tokens)."""
-    from sae_transfer.storage.diffing_tables import columns_table
-
     matching = mt.match_decoders(loaded_a.sae, loaded_b.sae, cfg)
     cols = {"latent_a": matching.latent_a, "latent_b": matching.latent_b, "dec_cos": matching.dec_cos, "enc_cos": matching.enc_cos}
     const = {"dictionary_a": loaded_a.info["sae_id"], "dictionary_b": loaded_b.info["sae_id"], "method": matching.method,
@@ -212,8 +204,6 @@ def match_table(loaded_a, loaded_b, corr_cache: str | Path | None, corr_label: s
 def drift_table(loaded_child, loaded_parent, checkpoint: str | None = None, step: int | None = None):
     """`latent_drift` rows of a fine-tuned SAE against its parent (`checkpoint`/`step`: the
     fine-tuning checkpoint the child was briefly fine-tuned on, if any)."""
-    from sae_transfer.storage.diffing_tables import columns_table
-
     try:
         cols = mt.latent_drift(loaded_child.sae, loaded_parent.sae)
     except ValueError as exc:
@@ -229,9 +219,6 @@ def ablation_table(model, model_id: str, loaded, toks, hook: str, latents: list[
     `set_name`) and for a random set of the same size (seeded, among latents that fire on these
     transcripts) on the chat model's transcripts `toks` (evals TokenSet). `s_eval` defaults to
     the transcripts' own."""
-    from sae_transfer.diffing import causal
-    from sae_transfer.storage.diffing_tables import columns_table
-
     cfg = cfg or causal.CausalConfig()
     s_eval = s_eval or causal.transcript_scale(model, toks, hook, cfg)
     counts = causal.firing_counts(model, loaded.sae, toks, hook, s_eval, cfg)

@@ -35,6 +35,8 @@ import numpy as np
 import torch
 
 from sae_transfer.sae.base import SAE
+from sae_transfer.sae.jumprelu import JumpReluSAE
+from sae_transfer.sae.relu import ReluSAE
 
 
 @dataclass(frozen=True)
@@ -192,17 +194,12 @@ def window_activations(sae: SAE, rows, winners: dict[str, np.ndarray], cfg: Exam
 
 def _elementwise(sae: SAE) -> bool:
     """True when a latent's activation depends on its own pre-activation only (ReLU, JumpReLU)."""
-    from sae_transfer.sae.jumprelu import JumpReluSAE
-    from sae_transfer.sae.relu import ReluSAE
-
     return type(sae) in (ReluSAE, JumpReluSAE)
 
 
 def _window_pre_acts(sae: SAE, acts_RD: torch.Tensor, rows_WX: torch.Tensor, lat_W: torch.Tensor, chunk: int) -> torch.Tensor:
     """Each winner's latent over its window rows, for ReLU/JumpReLU SAEs: one dot product of D
     per window token with that latent's encoder column (pass 2 costs W·X·D, not rows·F·D)."""
-    from sae_transfer.sae.jumprelu import JumpReluSAE
-
     out = torch.empty(rows_WX.shape, device=rows_WX.device)
     step = max(1, chunk * 4 // rows_WX.shape[1])  # winners per chunk: ~4 batches of rows gathered
     for s in range(0, rows_WX.shape[0], step):

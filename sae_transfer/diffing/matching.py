@@ -102,7 +102,7 @@ def candidate_edges(A_FD: torch.Tensor, B_GD: torch.Tensor, c: int, chunk_rows: 
 
 def _sparse_assignment(i: np.ndarray, j: np.ndarray, w: np.ndarray, F: int, G: int) -> tuple[np.ndarray, np.ndarray]:
     """Max-weight partial matching on edges (i, j, w > 0) via the augmented full matching."""
-    from scipy.sparse import coo_matrix
+    from scipy.sparse import coo_matrix  # deferred: scipy takes ~0.6 s to import
     from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
     ar_f, ar_g = np.arange(F), np.arange(G)
@@ -117,7 +117,7 @@ def _sparse_assignment(i: np.ndarray, j: np.ndarray, w: np.ndarray, F: int, G: i
 
 def match_decoders(sae_a: SAE, sae_b: SAE, cfg: MatchConfig = MatchConfig()) -> Matching:
     """One-to-one matching of A's and B's latents by decoder cosine (see module doc)."""
-    from scipy.optimize import linear_sum_assignment
+    from scipy.optimize import linear_sum_assignment  # deferred: scipy takes ~0.6 s to import
 
     device = _device(cfg)
     A_FD, B_GD = unit_rows(sae_a.W_dec).to(device), unit_rows(sae_b.W_dec).to(device)

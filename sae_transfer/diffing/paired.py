@@ -31,6 +31,7 @@ import torch
 from sae_transfer.errors import UserError
 from sae_transfer.sae.scaling import scale_factor
 from sae_transfer.storage.activations import ActivationDataset, decode_acts
+from sae_transfer.storage.activations_scan import mean_norm
 
 # metadata that must agree for two caches to hold the same tokens (beyond hook and width)
 CORPUS_KEYS = ("corpus_fingerprint", "split", "context_size", "prepend_bos")
@@ -96,8 +97,6 @@ def open_pair(base: str | Path, chat: str | Path, verify_tokens: bool = True) ->
 
 def _scale(ds: ActivationDataset) -> float:
     """s = sqrt(D) / E||x|| of a cache (E||x|| from `activations_scan.mean_norm`, its one reader)."""
-    from sae_transfer.storage.activations_scan import mean_norm
-
     return scale_factor(mean_norm(ds.path), ds.d_model)
 
 

@@ -31,6 +31,7 @@ one of `PlantedPair.token_ids` (`planted_mask`).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import shutil
@@ -39,6 +40,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from sae_transfer.chat_pairs import BOS
+from sae_transfer.corpus import CorpusConfig
+from sae_transfer.demo.chat import instruction_pairs
+from sae_transfer.demo.config import DemoPairConfig
+from sae_transfer.demo.tokenizer import chat_messages, special_ids, train_tokenizer
 
 PLANTED_RECORD = "planted.json"
 BUILD_VERSION = 4  # bump when a change here changes the built models or corpus
@@ -184,19 +191,12 @@ def _pair_json(base: str, chat: str, side, direction_D, magnitude: float, token_
 
 def _framing_ids(tokenizer) -> tuple[int, ...]:
     """Ids of the chat template's framing tokens that occur in transcripts."""
-    from sae_transfer.demo.tokenizer import special_ids
-
     sp = special_ids(tokenizer)
     return tuple(sorted({sp["user"], sp["assistant"], sp["end"]}))
 
 
 def _corpus_and_tokenizer(out: Path, cfg: PlantedConfig):
     """(chat transcripts without the leading BOS, the trained chat tokenizer)."""
-    from sae_transfer.corpus import CorpusConfig
-    from sae_transfer.demo.chat import instruction_pairs
-    from sae_transfer.demo.config import BOS, DemoPairConfig
-    from sae_transfer.demo.tokenizer import chat_messages, train_tokenizer
-
     src = out / "source"
     src.mkdir()
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -219,7 +219,7 @@ def _corpus_and_tokenizer(out: Path, cfg: PlantedConfig):
 
 def _random_llama(cfg: PlantedConfig, tokenizer):
     """A random-weight Llama (seeded) with untied embeddings, so planting leaves the unembedding alone."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # deferred: transformers takes seconds to import
 
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=cfg.d_model, intermediate_size=2 * cfg.d_model,
@@ -246,8 +246,6 @@ def _sparse_feature_rows(cfg: PlantedConfig, n_rows: int, mean_norm: float) -> t
 
 def _with_planted(model, token_ids: tuple[int, ...], vector_D: torch.Tensor):
     """A copy of `model` whose embedding rows `token_ids` have `vector_D` added."""
-    import copy
-
     out = copy.deepcopy(model)
     with torch.no_grad():
         out.get_input_embeddings().weight[list(token_ids)] += vector_D

@@ -9,6 +9,8 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from sae_transfer.errors import UserError
+from sae_transfer.storage.activations import ActivationDataset
+from sae_transfer.storage.activations_read import ActivationReader
 from sae_transfer.training.sources import SourceFactory, in_memory_factory
 
 
@@ -34,9 +36,6 @@ def open_training_data(path: str | Path, batch_size: int, seed: int = 0, buffer_
         acts_ND = tensors["acts"]
         meta = {"dataset_path": str(path), "model_name": None, "hook_name": None}
         return TrainingData(in_memory_factory(acts_ND, batch_size, seed=seed, name=str(path)), acts_ND.shape[1], meta, acts_ND.shape[0])
-    from sae_transfer.storage.activations import ActivationDataset
-    from sae_transfer.storage.activations_read import ActivationReader
-
     ds = ActivationDataset(path)
     buffer_tokens = max(buffer_tokens, 2 * batch_size)
     meta = {

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from sae_transfer.errors import UserError
+from sae_transfer.models import check_device
 from sae_transfer.training.config import TrainConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -34,8 +35,6 @@ class Numerics:
 def resolve_device(name: str | None) -> torch.device:
     """torch.device for `name` (None: CUDA when available, else CPU). UserError when the
     device does not exist here (`models.check_device`) or is neither a CPU nor a CUDA GPU."""
-    from sae_transfer.models import check_device
-
     device = torch.device(check_device(name))
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"device={name!r}: training runs on cpu or cuda")

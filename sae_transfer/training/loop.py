@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import torch
+from tqdm.auto import tqdm
 
 from sae_transfer.errors import UserError
 from sae_transfer.sae import SAE, metrics
@@ -178,8 +179,6 @@ def train_loop(
     Batches reach the device through `device_batches` (pinned, read ahead on CUDA). The only
     host syncs are at log and checkpoint steps: the non-finite check, the log row, the
     checkpoint itself."""
-    from tqdm.auto import tqdm
-
     cfg, st = run.cfg, run.state
     bar = tqdm(total=cfg.total_tokens, initial=st.tokens, unit="tok", unit_scale=True, disable=not progress, smoothing=0.1)
     last_row: dict = {}

@@ -13,6 +13,8 @@ B·K·D multiply-adds each instead of B·F·D."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F_nn
 
@@ -167,8 +169,6 @@ class TopKTrainer(Trainer):
 
     def inference_sae(self):
         """A copy of the SAE with the decoder norms folded in (what is saved)."""
-        import copy
-
         sae = copy.deepcopy(self.sae)
         fold_decoder_norms(sae)
         return sae
