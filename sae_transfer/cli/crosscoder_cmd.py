@@ -9,22 +9,13 @@ from typing import Optional
 
 import typer
 
+from sae_transfer.cli._common import parse_count
 from sae_transfer.errors import UserError
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to `app`."""
     app.command("crosscoder")(crosscoder)
-
-
-def _count(text: str) -> int:
-    """'5M', '800k', '1e6', '4096' -> int."""
-    low = text.strip().lower().replace("_", "")
-    scale = {"k": 10**3, "m": 10**6, "g": 10**9}.get(low[-1:], 1)
-    try:
-        return int(float(low[:-1] if scale > 1 else low) * scale)
-    except ValueError:
-        raise UserError(f"cannot read {text!r} as a count: write e.g. 4096, 1e6, 5M") from None
 
 
 def _caches(base_acts, chat_acts, base_model, chat_model, hook, corpus, cache_tokens, context_size, out, device):
@@ -40,8 +31,8 @@ def _caches(base_acts, chat_acts, base_model, chat_model, hook, corpus, cache_to
 
     paths = []
     for model in (base_model, chat_model):
-        cfg = CacheConfig(model=model, hooks=(hook,), corpus=CorpusConfig(source=corpus), n_tokens=_count(cache_tokens),
-                          context_size=context_size, device=device)
+        cfg = CacheConfig(model=model, hooks=(hook,), corpus=CorpusConfig(source=corpus),
+                          n_tokens=parse_count(cache_tokens, "--cache-tokens"), context_size=context_size, device=device)
         paths.append(cache_activations(cfg, out / "activations", progress=False)[0].path)
     return paths[0], paths[1]
 
@@ -76,9 +67,10 @@ def crosscoder(
     base, chat = _caches(base_acts, chat_acts, base_model, chat_model, hook, corpus, cache_tokens, context_size, out, device)
     pair = open_pair(base, chat)
     try:
-        train = TrainConfig(arch="batchtopk", d_sae=d_sae, k=k, total_tokens=_count(tokens), lr=lr, batch_size=batch_size,
-                            checkpoint_every_tokens=_count(checkpoint_every), seed=seed, num_threads=threads, device=device)
-        cfg = CrosscoderConfig(train=train, buffer_tokens=_count(buffer_tokens))
+        train = TrainConfig(arch="batchtopk", d_sae=d_sae, k=k, total_tokens=parse_count(tokens, "--tokens"), lr=lr,
+                            batch_size=batch_size, seed=seed, num_threads=threads, device=device,
+                            checkpoint_every_tokens=parse_count(checkpoint_every, "--checkpoint-every", minimum=0))
+        cfg = CrosscoderConfig(train=train, buffer_tokens=parse_count(buffer_tokens, "--buffer-tokens"))
     except (TypeError, ValueError) as exc:
         raise UserError(f"bad crosscoder settings: {exc}") from None
     result = train_crosscoder(cfg, pair, out, progress=not quiet)
