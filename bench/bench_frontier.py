@@ -96,15 +96,16 @@ def reconstruct_ours(sae_dir: Path, x_ND: torch.Tensor, chunk: int = 8192) -> tu
 def train_ours(args, arch: str, param: float, train_path: Path, eval_ND: torch.Tensor) -> Point:
     """Train (or reuse) one of our SAEs and measure it."""
     from sae_transfer.training.api import train_on_dataset
+    from sae_transfer.training.config import TrainConfig
 
     sparsity = {"l1_coefficient": param} if arch == "relu" else {"k": int(param)}
     out = args.work / "ours" / f"{arch}-{param:g}"
-    result = train_on_dataset(
-        train_path, out, arch=arch, expansion=args.expansion, tokens=args.tokens, lr=args.lr, batch_size=args.batch_size,
-        seed=args.seed, l1_warmup_frac=args.l1_warmup_frac, lr_decay_frac=args.lr_decay_frac,
-        normalize_activations=False, num_threads=args.threads, device=args.device, checkpoint_every_tokens=0,
-        **sparsity, **args.overrides,
+    cfg = TrainConfig(
+        arch=arch, total_tokens=args.tokens, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+        l1_warmup_frac=args.l1_warmup_frac, lr_decay_frac=args.lr_decay_frac, normalize_activations=False,
+        num_threads=args.threads, device=args.device, checkpoint_every_tokens=0, **sparsity, **args.overrides,
     )
+    result = train_on_dataset(train_path, out, cfg, expansion=args.expansion)
     train_s = json.loads(result.run_json.read_text())["timings"]["train_s"]
     return Point("ours", arch, param, *measure(eval_ND, *reconstruct_ours(result.sae_dir, eval_ND)), train_s)
 

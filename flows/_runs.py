@@ -1,23 +1,80 @@
-"""Flow helpers: per-step timings read back from the Prefect API, CPU thread sharing."""
+"""Flow helpers: the worker-process task runner, one Prefect API for the flow and its workers,
+and per-step timings read back from that API."""
 
 from __future__ import annotations
 
+import contextlib
+import multiprocessing
 import os
 
-import torch
 from prefect import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.context import get_run_context
+from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+from prefect.task_runners import ProcessPoolTaskRunner
 
-from sae_transfer.models import default_device
+ALWAYS_RUNS = "always-runs"  # tag of cheap bookkeeping tasks that are never cached
+DEFAULT_CPU_WORKERS = 2  # worker processes on a machine without CUDA GPUs (memory: one model each)
+
+
+def _init_worker(workers: int, gpus: list[str]) -> None:
+    """Runs once in each worker process before any task: its share of the CPU cores as torch
+    threads and, on a multi-GPU host, its own GPU (CUDA_VISIBLE_DEVICES, so `cuda` is that GPU).
+    Set through the environment, before torch is imported in the worker."""
+    index = (multiprocessing.current_process()._identity or (1,))[-1] - 1  # 0, 1, ... in start order
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // workers)))
+    if len(gpus) > 1:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+
+
+def _visible_gpus() -> list[str]:
+    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES entries."""
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [d for d in visible.split(",") if d.strip()][: torch.cuda.device_count()]
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def worker_pool(workers: int | None = None) -> ProcessPoolTaskRunner:
+    """The task runner of the single-machine DAG: `workers` worker processes (default: Prefect's
+    PREFECT_TASKS_RUNNER_PROCESS_POOL_MAX_WORKERS, else one per CUDA GPU, else 2), each with
+    cores / workers torch threads and, with several GPUs, a GPU of its own."""
+    gpus = _visible_gpus()
+    workers = (workers or get_current_settings().tasks.runner.process_pool_max_workers
+               or len(gpus) or DEFAULT_CPU_WORKERS)
+    return ProcessPoolTaskRunner(max_workers=workers, initializer=_init_worker, initargs=(workers, gpus))
+
+
+@contextlib.contextmanager
+def shared_api():
+    """One Prefect API for the flow and its worker processes. With a server configured
+    (PREFECT_API_URL) there is nothing to do; otherwise start the ephemeral server once here and
+    point this process and the workers at it, so every task run is recorded in one place (and
+    no worker starts a temporary server of its own)."""
+    if get_current_settings().api.url:
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start(timeout=get_current_settings().server.ephemeral.startup_timeout_seconds)
+    previous = os.environ.get("PREFECT_API_URL")
+    os.environ["PREFECT_API_URL"] = server.api_url  # what the workers' environment is built from
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        if previous is None:
+            os.environ.pop("PREFECT_API_URL", None)
+        else:
+            os.environ["PREFECT_API_URL"] = previous
 
 
 async def _task_runs(flow_run_id):
     async with get_client() as client:
         return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-
-
-ALWAYS_RUNS = "always-runs"  # tag of cheap bookkeeping tasks that are never cached
 
 
 def step_timings() -> dict[str, tuple[float, bool | None]]:
@@ -43,48 +100,3 @@ def step_timings() -> dict[str, tuple[float, bool | None]]:
 def current_run_id() -> str:
     """The id of the flow run we are in."""
     return str(get_run_context().flow_run.id)
-
-
-def preload_model_libraries() -> None:
-    """Import transformers' and TransformerLens's lazy modules once, in the flow's thread.
-
-    Tasks run in threads; transformers resolves `from transformers import AutoTokenizer` through
-    a lazy module, and two threads doing that for the first time at once can see a half-built
-    module ("cannot import name 'AutoTokenizer'"). Importing up front makes every later import a
-    dictionary lookup."""
-    from transformer_lens.model_bridge import TransformerBridge  # noqa: F401
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
-
-
-def serialise_ast_parsing() -> None:
-    """Make every `ast.parse` in this process take one lock (idempotent).
-
-    CPython 3.11 keeps the AST constructor's recursion bookkeeping per interpreter, not per
-    thread: two threads building ASTs at once fail with "AST constructor recursion depth
-    mismatch". Our own parses (the demo's instruction pairs) hold a lock, but tasks run beside
-    library code that parses too (traceback's caret anchors, TorchScript sources), so flows route
-    the module-level `ast.parse` through the same lock."""
-    import ast
-
-    from sae_transfer.chat_pairs import AST_LOCK as _AST_LOCK
-
-    if getattr(ast.parse, "_serialised", False):
-        return
-    original = ast.parse
-
-    def parse(*args, **kwargs):
-        with _AST_LOCK:
-            return original(*args, **kwargs)
-
-    parse._serialised = True
-    ast.parse = parse
-
-
-def share_cpu_threads(config) -> None:
-    """Tasks run concurrently in threads of one process; on CPU each gets its share of the cores
-    (torch's default of one thread per core per task oversubscribes and runs several times slower).
-    Also preloads the model libraries (see `preload_model_libraries`), as every flow calls this first."""
-    preload_model_libraries()
-    serialise_ast_parsing()
-    if (config.device or default_device()) == "cpu":
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))

@@ -1,66 +1,67 @@
-"""evaluate_checkpoint: the study's existing SAEs on one new model checkpoint."""
+"""evaluate_checkpoint: the study's SAEs on one new model checkpoint."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from prefect import flow
 from prefect.futures import wait
 
-from sae_transfer.flows._runs import share_cpu_threads
 from sae_transfer.errors import UserError
+from sae_transfer.flows._runs import worker_pool
+from sae_transfer.flows.saes import run_dir, submit_saes
 from sae_transfer.models import is_local
+from sae_transfer.storage.layout import StudyLayout
 from sae_transfer.study import StudyConfig
-from sae_transfer.storage.fingerprint import hash_payload
-from sae_transfer.storage.layout import StudyLayout, slug
-from sae_transfer.tasks._cache import code_version
 from sae_transfer.tasks.activations import cache_activations
 from sae_transfer.tasks.checkpoints import publish_drift, record_checkpoint
 from sae_transfer.tasks.diffing import checkpoint_drift
-from sae_transfer.tasks.sae import TRAINING_CODE
 from sae_transfer.tasks.evaluate import evaluate_transfer
+from sae_transfer.tasks.models import prepare_pair
+from sae_transfer.tasks.records import SAERecord
 
 
-def study_state(config: StudyConfig) -> dict:
-    """The study's state file: `saes` (hook -> SAE folders: base, chat, fine-tuned) and
-    `thresholds` (hook -> the pair's outlier threshold, which checkpoints are evaluated with too)."""
-    state = StudyLayout(config.results_dir).study_state
-    if not state.is_file():
-        raise UserError(f"{state} not found: run the study first (sae-transfer run CONFIG) so there are SAEs to evaluate")
-    return json.loads(state.read_text())
+def _study_saes(config: StudyConfig) -> tuple[dict[str, list[SAERecord]], dict[str, dict]]:
+    """(hook -> SAE records, hook -> the pair's threshold) of the study: its own tasks, served
+    from Prefect's cache when the study has run (trained here when it has not)."""
+    study = submit_saes(config, prepare_pair(config.pair))
+    saes = {hook: [fut.result() for fut in study.of(hook)] for hook in config.hooks}
+    return saes, {hook: fut.result() for hook, fut in study.thresholds.items()}
 
 
-def _checkpoint_drift(config: StudyConfig, checkpoint: str, step: int, saes: dict[str, list[str]]) -> list:
+def _checkpoint_drift(config: StudyConfig, checkpoint: str, step: int, saes: dict[str, list[SAERecord]]) -> list:
     """Cache the checkpoint's activations and briefly fine-tune the base SAE on them, per hook."""
-    layout = StudyLayout(config.results_dir)
-    corpus = config.corpus.model_copy(update={"train_tokens": config.diffing.checkpoint_finetune_tokens})
-    acts = cache_activations(checkpoint, list(saes), corpus, str(layout.activations), act_dtype=config.act_dtype,
-                             model_dtype=config.dtype, device=config.device, trust_remote_code=config.pair.trust_remote_code)
+    layout, tokens = StudyLayout(config.results_dir), config.diffing.checkpoint_finetune_tokens
+    corpus = config.corpus.model_copy(update={"train_tokens": tokens})
+    acts = cache_activations(checkpoint, list(saes), corpus, config.loading, config.act_dtype, str(layout.activations))
     out = []
     for a in acts:
-        key = hash_payload(code_version(*TRAINING_CODE), a.path, saes[a.hook][0], config.finetune.model_dump(),
-                           config.diffing.checkpoint_finetune_tokens, config.seed)
-        run_dir = str(layout.sae_run(f"checkpoint-ft-{slug(a.hook)}-{key}"))
-        out.append(checkpoint_drift.submit(saes[a.hook][0], a, config, run_dir, step))
+        base = saes[a.hook][0]
+        out_dir = run_dir(layout, "checkpoint-ft", a.hook, a.path, base.path, config.finetune.model_dump(), tokens,
+                          config.seed)
+        out.append(checkpoint_drift.submit(base, a, config.finetune, tokens, config.seed, config.device, out_dir,
+                                           str(config.results_dir), step))
     return out
 
 
-@flow(name="evaluate_checkpoint", log_prints=True)
-def evaluate_checkpoint(config: StudyConfig, checkpoint: str, step: int = -1) -> dict:
+@flow(name="evaluate_checkpoint", log_prints=True, task_runner=worker_pool())
+def evaluate_checkpoint(config: StudyConfig, checkpoint: str, step: int = -1,
+                        saes: dict[str, list[SAERecord]] | None = None, thresholds: dict[str, dict] | None = None) -> dict:
     """Evaluate every study SAE on `checkpoint` (a local HF folder, or a Hub `repo@revision`)
-    at every hook; publish the drift table so far as an artifact."""
+    at every hook; publish the drift table so far as an artifact. `saes` and `thresholds` are
+    the study's (hook -> records, hook -> threshold); when not given, the study's own tasks
+    provide them."""
     if is_local(checkpoint) and not (Path(checkpoint).expanduser() / "config.json").is_file():
         raise UserError(f"checkpoint {checkpoint!r} is not a Hugging Face checkpoint folder (no config.json): "
                         "pass a folder saved with save_pretrained, or a Hub repo@revision")
-    share_cpu_threads(config)
+    if saes is None or thresholds is None:
+        saes, thresholds = _study_saes(config)
     label = f"step-{step}" if step >= 0 else None
-    state = study_state(config)
-    thresholds = state.get("thresholds", {})
-    futures = [evaluate_transfer.submit(paths, checkpoint, config, hook, revision_label=label, threshold=thresholds.get(hook))
-               for hook, paths in state["saes"].items()]
+    futures = [evaluate_transfer.submit(records, checkpoint, hook, config.eval_settings, str(config.results_dir),
+                                        threshold=thresholds.get(hook), revision_label=label)
+               for hook, records in saes.items()]
     if config.diffing.enabled and config.diffing.checkpoint_finetune_tokens:
-        futures += _checkpoint_drift(config, checkpoint, step, state["saes"])
+        futures += _checkpoint_drift(config, checkpoint, step, saes)
     wait(futures)
     rows = sum(f.result().rows.get("metrics", 0) for f in futures)
     ckpt_id = record_checkpoint(config, checkpoint, step, "evaluated")

@@ -17,9 +17,8 @@ from sae_transfer.tasks.sae import TRAINING_CODE, finetune_sae as finetune_task
 def finetune_sae(config: StudyConfig, sae: str, model: str, hook: str) -> dict:
     """Cache `model`'s activations at `hook` (or reuse them) and fine-tune the SAE at `sae` on them."""
     layout = StudyLayout(config.results_dir)
-    acts = next(a for a in cache_activations(model, [hook], config.corpus, str(layout.activations),
-                                             act_dtype=config.act_dtype, model_dtype=config.dtype, device=config.device)
-                if a.hook == hook)
+    acts = next(a for a in cache_activations(model, [hook], config.corpus, config.loading, config.act_dtype,
+                                             str(layout.activations)) if a.hook == hook)
     parent = SAERecord(path=sae, run_dir=sae, model="", hook=hook, role="parent")
     key = hash_payload(code_version(*TRAINING_CODE), acts.path, sae, config.finetune.model_dump(), config.seed)
     out = str(layout.sae_run(f"finetuned-{slug(hook)}-{key}"))

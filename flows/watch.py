@@ -7,16 +7,19 @@ from prefect import flow, get_run_logger
 from sae_transfer.checkpoints import checkpoint_id, scan_folder, scan_hub
 from sae_transfer.study import StudyConfig
 from sae_transfer.tasks.checkpoints import publish_watch, record_checkpoint, seen_ids
+from sae_transfer.tasks.records import SAERecord
 
 
 @flow(name="watch_checkpoints", log_prints=True)
 def watch_checkpoints(config: StudyConfig, via_deployment: bool = False,
-                      deployment: str = "evaluate_checkpoint/demo-checkpoint", build: bool = True) -> dict:
+                      deployment: str = "evaluate_checkpoint/demo-checkpoint", build: bool = True,
+                      saes: dict[str, list[SAERecord]] | None = None, thresholds: dict[str, dict] | None = None) -> dict:
     """Scan the checkpoint folder (and Hub repo, if configured); start one evaluation per new one.
 
     `via_deployment`: start each evaluation as a run of `deployment`, keyed by an idempotency
     key of (study, checkpoint id) so a checkpoint is never evaluated twice even when two
-    watchers race; otherwise evaluate inline as subflows. A markdown artifact says what was new.
+    watchers race; otherwise evaluate inline as subflows, with the study's `saes` and `thresholds`
+    when the caller has them (the study flow). A markdown artifact says what was new.
     """
     from sae_transfer.flows.checkpoints import evaluate_checkpoint
 
@@ -38,7 +41,7 @@ def watch_checkpoints(config: StudyConfig, via_deployment: bool = False,
                                  idempotency_key=f"{config.fingerprint()}-{ckpt_id}", timeout=0)
             log.info("started %s for %s (run %s)", deployment, ckpt.path, run.id)
         else:
-            evaluate_checkpoint(config, ckpt.path, ckpt.step)
+            evaluate_checkpoint(config, ckpt.path, ckpt.step, saes=saes, thresholds=thresholds)
         new.append(ckpt)
     if build and new and not via_deployment:
         from sae_transfer.tasks.report import build_report

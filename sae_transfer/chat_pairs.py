@@ -9,7 +9,6 @@ from __future__ import annotations
 import ast
 import io
 import textwrap
-import threading
 from dataclasses import dataclass
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -21,11 +20,6 @@ SPECIAL_TOKENS = (BOS, EOS, PAD, USER, ASSISTANT, SYSTEM, END)
 CHAT_CONTEXT_SIZE = 256  # max tokens of one chat example (longer pairs are dropped)
 MAX_DOCSTRING_CHARS = 400  # longer docstrings make poor prompts at this size
 WITH_SIGNATURE = True  # put `name(args)` in the user turn along with the docstring
-
-# CPython 3.11's parser keeps its recursion-depth bookkeeping per interpreter, not per thread:
-# two threads calling ast.parse at once fail with "AST constructor recursion depth mismatch".
-# Pipeline tasks run in threads, so parses are serialised.
-AST_LOCK = threading.RLock()  # re-entrant: flows route ast.parse itself through it (sae_transfer.flows._runs)
 
 
 @dataclass(frozen=True)
@@ -43,8 +37,7 @@ def function_pairs(doc_id: str, text: str, chat_context_size: int = CHAT_CONTEXT
     """The (docstring -> function) pairs of one Python source file, in syntax-tree order; none
     when it does not parse."""
     try:
-        with AST_LOCK:
-            tree = ast.parse(text)
+        tree = ast.parse(text)
     except (SyntaxError, ValueError):
         return []
     pairs = []

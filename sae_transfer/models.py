@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +16,6 @@ from sae_transfer.attention import apply_attention
 from sae_transfer.errors import UserError
 
 log = logging.getLogger(__name__)
-
-# transformers builds models under a process-global "meta device" context: two threads loading
-# at once (concurrent pipeline tasks) corrupt each other's weights. Loads are serialised.
-_LOAD_LOCK = threading.Lock()
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -128,14 +123,8 @@ def load_model(
             )
         name = str(path.resolve())
     try:
-        with _LOAD_LOCK:
-            bridge = TransformerBridge.boot_transformers(
-                name,
-                device=device,
-                dtype=DTYPES[dtype],
-                revision=revision,
-                trust_remote_code=trust_remote_code,
-            )
+        bridge = TransformerBridge.boot_transformers(
+            name, device=device, dtype=DTYPES[dtype], revision=revision, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, SafetensorError, StrictDataclassError) as exc:  # StrictDataclassError: a bad config.json
         if "supported architecture" in str(exc):  # TransformerLens has no adapter for this family
             raise UserError(_unsupported_family(spec, str(exc))) from exc

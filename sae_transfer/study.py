@@ -85,6 +85,8 @@ class EvalSection(_Section):
     """Held-out evaluation budget."""
 
     tokens: int = Field(16_384, gt=0, description="eval tokens per (SAE, model) pair (the study used ~100k)")
+    batch_tokens: int = Field(
+        4096, ge=1, description="tokens per forward batch; memory ~ batch_tokens x vocabulary x 12 B of float32 logits")
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the CE-loss-recovered interval")
     position_multiples: list[int] = Field(
         [1, 2, 4], description="context multiples for position curves (sizes the model cannot take are skipped)")
@@ -98,6 +100,54 @@ class InstructionSection(_Section):
         "demo", description="'demo' (held-out docstrings), a local .jsonl of {'prompt': ...}, or a Hub id")
     n_prompts: int = Field(48, ge=1, description="instructions rolled out (the study used ~50 Alpaca instructions)")
     max_new_tokens: int = Field(96, ge=1, description="rollout length cap, in tokens")
+
+
+class ModelLoading(_Section):
+    """How every step loads a model of the pair: one object, so no step can drop a flag on the way."""
+
+    device: str | None = Field(None, description="cuda, cuda:1, cpu ...; empty = CUDA when available, else CPU")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="model dtype")
+    trust_remote_code: bool = Field(False, description="let a Hub model's own modelling code run")
+
+
+class TextSource(_Section):
+    """Which documents text comes from and how they split into train and eval (not how much is read)."""
+
+    source: str = Field("stdlib", description="'stdlib', a local file or folder, or a Hub dataset id")
+    text_column: str = Field("text", description="text column of .jsonl/.parquet/Hub sources")
+    seed: int = Field(0, description="seed of the document train/eval split")
+
+
+class EvalSettings(_Section):
+    """Everything an evaluation step reads (outliers, transfer, positions, segments): the held-out
+    text, the budget, the outlier rule, how models load and the bootstrap seed. Evaluation tasks
+    take this object and nothing else of the study, so their cache keys change only with it."""
+
+    text: TextSource = Field(TextSource(), description="held-out documents (the eval split of the study corpus)")
+    context_size: int = Field(128, ge=2, description="tokens per sequence where no SAE fixes it (outlier tagging)")
+    eval: EvalSection = Field(EvalSection(), description="budget and batch size")
+    outliers: OutlierSection = Field(OutlierSection(), description="outlier rules")
+    loading: ModelLoading = Field(ModelLoading(), description="how models load")
+    seed: int = Field(0, description="bootstrap seed")
+
+
+class CrosscoderPlan(_Section):
+    """What the crosscoder's training reads (and nothing the analyses after it read)."""
+
+    expansion: int = Field(8, ge=1, description="latents = expansion x d_model")
+    k: int = Field(32, ge=1, description="mean active latents per token (BatchTopK)")
+    tokens: int = Field(300_000, gt=0, description="training tokens (epochs over the caches if larger)")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    batch_size: int = Field(4096, ge=1, description="tokens per step (the study's SAE batch size)")
+    seed: int = Field(0, description="seed of initialisation and shuffling")
+
+
+class RunnerSection(_Section):
+    """Where the DAG's heavy steps run: worker processes of this machine, each with its own
+    threads and (on a multi-GPU host) its own GPU."""
+
+    workers: int | None = Field(
+        None, ge=1, description="worker processes; empty: one per CUDA GPU, else 2 (each gets cores / workers threads)")
 
 
 class DiffingSection(_Section):
@@ -143,6 +193,7 @@ class StudyConfig(_Section):
     act_dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="element dtype of cached activations")
     seed: int = Field(0, description="seed of SAE init, shuffling and bootstrap")
+    runner: RunnerSection = Field(RunnerSection(), description="worker processes of the DAG's heavy steps")
 
     @model_validator(mode="after")
     def _check(self) -> "StudyConfig":
@@ -153,6 +204,30 @@ class StudyConfig(_Section):
     @property
     def results_dir(self) -> Path:
         return Path(self.results_root) / self.name
+
+    @property
+    def loading(self) -> ModelLoading:
+        """How every step loads the pair's models."""
+        return ModelLoading(device=self.device, dtype=self.dtype, trust_remote_code=self.pair.trust_remote_code)
+
+    @property
+    def text(self) -> TextSource:
+        """The study corpus's documents (what evaluation reads of `corpus`)."""
+        c = self.corpus
+        return TextSource(source=c.source, text_column=c.text_column, seed=c.seed)
+
+    @property
+    def eval_settings(self) -> EvalSettings:
+        """What the evaluation steps read of this study."""
+        return EvalSettings(text=self.text, context_size=self.corpus.context_size, eval=self.eval,
+                            outliers=self.outliers, loading=self.loading, seed=self.seed)
+
+    @property
+    def crosscoder_plan(self) -> CrosscoderPlan:
+        """What the crosscoder's training reads of this study."""
+        d = self.diffing
+        return CrosscoderPlan(expansion=d.crosscoder_expansion, k=d.crosscoder_k, tokens=d.crosscoder_tokens,
+                              lr=d.crosscoder_lr, batch_size=self.sae.batch_size, seed=self.seed)
 
     def fingerprint(self) -> str:
         """Hash of the whole config (16 hex chars)."""

@@ -106,7 +106,3 @@ class StudyLayout:
         """Zero-row Parquet files giving empty tables their columns."""
         return self.root / ".catalog"
 
-    @property
-    def study_state(self) -> Path:
-        """JSON naming the SAEs the study trained, per hook (what evaluate_checkpoint re-uses)."""
-        return self.root / "study_state.json"

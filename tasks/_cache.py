@@ -47,7 +47,9 @@ def _jsonable(name: str, value: object, paths: bool = True) -> object:
 
     if isinstance(value, BaseModel):
         inner = paths and isinstance(value, _Record)
-        return {k: _jsonable(k, v, inner) for k, v in value.model_dump().items()} if inner else value.model_dump(mode="json")
+        if not inner:
+            return value.model_dump(mode="json")
+        return {k: _jsonable(k, v, inner) for k, v in value.model_dump().items() if k not in value.STATUS_FIELDS}
     if isinstance(value, dict):
         return {str(k): _jsonable(str(k), v, paths) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -92,13 +94,20 @@ def cached(*code: str) -> dict:
 
 
 def run_name(prefix: str, *params: str):
-    """A task_run_name callable: `prefix-<last path part of each named parameter>`."""
+    """A task_run_name callable: `prefix-<value of each named parameter>` (the last part of a
+    path; `name.field` reads a field of a record parameter, e.g. `acts.hook`)."""
+
+    def value(values: dict, spec: str) -> str:
+        name, _, field = spec.partition(".")
+        v = values.get(name, "")
+        if field:
+            v = v.get(field, "") if isinstance(v, dict) else getattr(v, field, "")
+        return str(v).rstrip("/").split("/")[-1]
 
     def name() -> str:
         from prefect.runtime import task_run
 
-        values = task_run.parameters
-        parts = [str(values.get(p, "")).rstrip("/").split("/")[-1] for p in params]
+        parts = [value(task_run.parameters, p) for p in params]
         return "-".join([prefix, *[p for p in parts if p]])
 
     return name

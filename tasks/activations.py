@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from sae_transfer.study import CorpusSection
+from sae_transfer.study import CorpusSection, ModelLoading
 from sae_transfer.tasks._cache import cached, run_name
 from sae_transfer.tasks.records import ActsRecord
 
@@ -14,8 +14,8 @@ _CODE = cached("sae_transfer.activations", "sae_transfer.corpus", "sae_transfer.
 
 @task(name="cache-activations", task_run_name=run_name("cache-activations", "model"), **_CODE)
 def cache_activations(
-    model: str, hooks: list[str], corpus: CorpusSection, out_dir: str, *, revision: str | None = None,
-    act_dtype: str = "float32", model_dtype: str = "float32", device: str | None = None, trust_remote_code: bool = False,
+    model: str, hooks: list[str], corpus: CorpusSection, loading: ModelLoading, act_dtype: str, out_dir: str, *,
+    revision: str | None = None,
 ) -> list[ActsRecord]:
     """Cache `corpus.train_tokens` training-split tokens of every hook of `model` under `out_dir`."""
     from sae_transfer.activations import CacheConfig, cache_activations as cache
@@ -24,8 +24,8 @@ def cache_activations(
     cfg = CacheConfig(
         model=model, hooks=tuple(hooks), n_tokens=corpus.train_tokens, context_size=corpus.context_size,
         corpus=CorpusConfig(source=corpus.source, text_column=corpus.text_column, seed=corpus.seed),
-        dtype=act_dtype, model_dtype=model_dtype, prepend_bos=corpus.prepend_bos, revision=revision,
-        device=device, split="train", trust_remote_code=trust_remote_code,
+        dtype=act_dtype, model_dtype=loading.dtype, prepend_bos=corpus.prepend_bos, revision=revision,
+        device=loading.device, split="train", trust_remote_code=loading.trust_remote_code,
     )
     done = cache(cfg, out_dir, progress=False)
     for d in done:

@@ -3,11 +3,17 @@ JSON-serialised by Prefect's result store and hashed into downstream cache keys.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pydantic import BaseModel, ConfigDict
 
 
 class _Record(BaseModel):
     model_config = ConfigDict(frozen=True)
+
+    # Fields that report what a call did (reused a dataset, built the pair), not what the record
+    # names: cache keys of downstream tasks leave them out, so a reuse never re-runs a dependent.
+    STATUS_FIELDS: ClassVar[frozenset[str]] = frozenset({"reused", "built"})
 
 
 class PairRecord(_Record):
@@ -47,3 +53,9 @@ class RowsRecord(_Record):
 
     step: str  # DAG step that produced them
     rows: dict[str, int]  # table name -> rows appended
+
+
+class DiffRecord(RowsRecord):
+    """Rows of the SAE diffing, and the latents the causal check ablates."""
+
+    chosen: dict  # {"sae_id", "set_name", "latents"}: see `sae_transfer.diffing.stage.chosen_latents`

@@ -23,29 +23,25 @@ def _record(result, acts: ActsRecord, role: str, parent: str | None = None) -> S
     )
 
 
-@task(name="train-sae", task_run_name=run_name("train-sae", "role"), **_CODE)
+@task(name="train-sae", task_run_name=run_name("train-sae", "role", "acts.hook"), **_CODE)
 def train_sae(acts: ActsRecord, sae: SAESection, role: str, out_dir: str, seed: int = 0, device: str | None = None) -> SAERecord:
     """Train an SAE of the study's architecture on one activation dataset (resumes if interrupted)
     on `device` (the study's; None: CUDA when available, else CPU)."""
-    from sae_transfer.training.api import train_on_dataset
+    from sae_transfer.training.api import sae_train_config, train_on_dataset
 
-    result = train_on_dataset(
-        acts.path, out_dir, arch=sae.arch, expansion=sae.expansion, l1_coefficient=sae.l1_coefficient,
-        k=sae.k, lr=sae.lr, batch_size=sae.batch_size, tokens=sae.train_tokens, seed=seed, device=device,
-    )
+    result = train_on_dataset(acts.path, out_dir, sae_train_config(sae, seed, device), expansion=sae.expansion)
     get_run_logger().info("%s SAE %s: %s", role, "reused" if result.skipped else "trained", result.metrics)
     return _record(result, acts, role)
 
 
-@task(name="finetune-sae", **_CODE)
+@task(name="finetune-sae", task_run_name=run_name("finetune-sae", "acts.hook"), **_CODE)
 def finetune_sae(parent: SAERecord, acts: ActsRecord, finetune: FinetuneSection, out_dir: str, seed: int = 0,
                  device: str | None = None) -> SAERecord:
     """Fine-tune `parent` on `acts` with the study's recipe (same LR, 5% warm-up, 20% decay) on
     `device` (None: CUDA when available, else CPU)."""
     from sae_transfer.training.api import finetune_on_dataset
 
-    result = finetune_on_dataset(
-        parent.path, acts.path, out_dir, tokens=finetune.tokens, batch_size=finetune.batch_size, seed=seed, device=device,
-    )
+    result = finetune_on_dataset(parent.path, acts.path, out_dir, total_tokens=finetune.tokens,
+                                 batch_size=finetune.batch_size, seed=seed, device=device)
     get_run_logger().info("fine-tuned SAE %s: %s", "reused" if result.skipped else "trained", result.metrics)
     return _record(result, acts, "finetuned", parent=parent.path)

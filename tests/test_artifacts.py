@@ -30,7 +30,7 @@ def watched(tmp_path_factory, prefect_harness):
 
     from sae_transfer.flows.watch import watch_checkpoints
     from sae_transfer.study import parse_study
-    from sae_transfer.storage.checkpoints import write_json_atomic
+    from sae_transfer.tasks.records import SAERecord
 
     root = tmp_path_factory.mktemp("watch")
     model = tiny_model_dir(root, name="chat", seed=0)
@@ -44,14 +44,14 @@ def watched(tmp_path_factory, prefect_harness):
         "eval": {"tokens": 128, "bootstrap": 10}, "outliers": {"threshold": 1e9},
     })
     sae = save_sae(lossless_sae(32), root / "sae", metadata={"model_name": str(model), "hook_name": HOOK, "context_size": 32})
-    write_json_atomic(StudyLayout(cfg.results_dir).study_state,
-                      {"saes": {HOOK: [str(sae)]}, "thresholds": {HOOK: {"threshold": 1e9, "source": "config"}}})
+    saes = {HOOK: [SAERecord(path=str(sae), run_dir=str(sae), model=str(model), hook=HOOK, role="base")]}
+    thresholds = {HOOK: {"threshold": 1e9, "source": "config"}}
     listing = fake_refs({"step-50": commits["step-50"]}, tags={"v50": commits["step-50"]})
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(hub_constants, "HF_HUB_CACHE", str(root / "cache"))
         mp.setattr(huggingface_hub, "list_repo_refs", lambda repo: listing)
-        first = watch_checkpoints(cfg, build=False)
-        second = watch_checkpoints(cfg, build=False)
+        first = watch_checkpoints(cfg, build=False, saes=saes, thresholds=thresholds)
+        second = watch_checkpoints(cfg, build=False, saes=saes, thresholds=thresholds)
     return cfg, commits, first, second, root
 
 

@@ -130,6 +130,7 @@ def planted(tmp_path_factory):
     from sae_transfer.diffing.planted import build_planted
     from sae_transfer.evals.loading import load_saes
     from sae_transfer.training.api import train_on_dataset
+    from sae_transfer.training.config import TrainConfig
 
     import os
     from pathlib import Path
@@ -144,8 +145,8 @@ def planted(tmp_path_factory):
         cfg = CacheConfig(model=str(model), hooks=(hook,), corpus=CorpusConfig(source=str(ps.corpus), eval_fraction=0.0),
                           n_tokens=16384, context_size=64, device="cpu")
         caches[name] = cache_activations(cfg, shared / "cache", progress=False)[0].path
-    run = train_on_dataset(caches["chat"], root / "chat-sae", arch="relu", expansion=None, d_sae=64, tokens=262_144,
-                           l1_coefficient=5.0, lr=1e-2, batch_size=256, buffer_tokens=4096)
+    cfg = TrainConfig(arch="relu", d_sae=64, total_tokens=262_144, l1_coefficient=5.0, lr=1e-2, batch_size=256, device="cpu")
+    run = train_on_dataset(caches["chat"], root / "chat-sae", cfg, buffer_tokens=4096)
     return ps, caches, load_saes([str(run.sae_dir)], hook)[0]
 
 

@@ -102,7 +102,7 @@ def test_outliers_and_positions(setup):
     assert (pos[pos.bucket_lo >= 32]["context_size"] == 64).all()
 
 
-def test_segments_and_rollout_cache(setup):
+def test_segments_and_rollouts(setup):
     s = setup
     args = ["segments", "--sae", s["saes"]["lossless"], "--model", s["chat"], "--hook", HOOK, "--prompts",
             s["prompts"], "--max-new-tokens", 6, "--out", s["out"], "--device", "cpu", "--corpus", s["corpus"],
@@ -110,7 +110,8 @@ def test_segments_and_rollout_cache(setup):
     for _ in range(2):
         r = _run(*args)
         assert r.exit_code == 0, r.output + repr(r.exception)
-    assert read_table(s["out"], "rollouts").num_rows == 2  # the second run reused the cached rollouts
+    made = read_table(s["out"], "rollouts").to_pandas()  # each run appends its rollouts: greedy, so the same ids
+    assert len(made) == 4 and made["completion_ids"].map(list)[:2].tolist() == made["completion_ids"].map(list)[2:].tolist()
     seg = [x for x in read_table(s["out"], "metrics").to_pylist() if x["segment"] != "text"]
     assert {x["segment"] for x in seg} == {"user_prompt", "rollout", "template"}
     assert all(x["ce_sae"] == pytest.approx(x["ce_clean"], rel=1e-6) for x in seg)  # x*r/r rounding, as above

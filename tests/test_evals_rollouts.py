@@ -68,7 +68,7 @@ def assert_rollouts_are_plain_greedy(folder, results_dir, prompts=PROMPTS, max_n
     greedy ids, and the rollout segment covers the generated tokens."""
     want = plain_greedy(folder, prompts, max_new_tokens, device)
     model = load_model(str(folder), device=device)
-    toks = chat_transcripts(model, INFO, prompts, max_new_tokens, results_dir)
+    toks = chat_transcripts(model, rollouts.rollouts_of(model, INFO, prompts, max_new_tokens))
     got = [row[valid].tolist() for row, valid in zip(toks.tokens_NS, toks.valid_NS)]
     assert got == [prompt + reply for prompt, reply in want]
     rollout_NS = segment_mask(toks.roles_NS, toks.valid_NS, "rollout")
@@ -102,14 +102,17 @@ def test_rollouts_on_cuda_equal_plain_greedy_decode_on_cuda(tiny_chat, tmp_path)
     assert_rollouts_are_plain_greedy(tiny_chat, tmp_path / "results", device="cuda")
 
 
-def test_cached_rollouts_are_the_generated_ids(tiny_chat, tmp_path, monkeypatch):
+def test_rollout_record_round_trips_as_json_and_rows_hold_the_generated_ids(tiny_chat):
+    # the record travels between DAG steps as Prefect's JSON result: what comes back scores the same tokens
     model = load_model(str(tiny_chat), device="cpu")
-    first = chat_transcripts(model, INFO, PROMPTS, 8, tmp_path)
-    table = read_table(tmp_path, "rollouts").to_pandas()
-    assert len(table) == len(PROMPTS) and all(len(ids) > 0 for ids in table["completion_ids"])
-    monkeypatch.setattr(rollouts, "greedy_rollouts", lambda *a, **k: pytest.fail("cached rollouts were regenerated"))
-    again = chat_transcripts(model, INFO, PROMPTS, 8, tmp_path)
-    assert torch.equal(first.tokens_NS, again.tokens_NS) and torch.equal(first.roles_NS, again.roles_NS)
+    made = rollouts.rollouts_of(model, INFO, PROMPTS, 8)
+    again = rollouts.Rollouts.model_validate_json(made.model_dump_json())
+    assert again == made
+    first, second = chat_transcripts(model, made), chat_transcripts(model, again)
+    assert torch.equal(first.tokens_NS, second.tokens_NS) and torch.equal(first.roles_NS, second.roles_NS)
+    rows = made.rows()
+    assert [r["completion_ids"] for r in rows] == [r.reply_ids for r in made.made]
+    assert len(rows) == len(PROMPTS) and all(len(r["completion_ids"]) > 0 for r in rows)
 
 
 def test_bridge_is_restored_after_generation(tiny_chat):
@@ -139,7 +142,7 @@ def test_chat_model_predicts_its_own_rollouts_best(trained_pair, tmp_path):
 
     assert_rollouts_are_plain_greedy(trained_pair.chat, tmp_path / "check", prompts=load_prompts("demo", 6), max_new_tokens=16)
     chat = load_model(str(trained_pair.chat), device="cpu")
-    toks = chat_transcripts(chat, INFO, load_prompts("demo", 8), 24, tmp_path)
+    toks = chat_transcripts(chat, rollouts.rollouts_of(chat, INFO, load_prompts("demo", 8), 24))
     ce = {}
     for name, folder in (("chat", trained_pair.chat), ("base", trained_pair.base)):
         model = load_model(str(folder), device="cpu")
@@ -182,7 +185,9 @@ def _anti_greedy(model, prompts, max_new_tokens, batch_size=16):
 def test_rollouts_the_model_would_not_generate_fail_the_step(trained_pair, tmp_path, monkeypatch):
     chat = load_model(str(trained_pair.chat), device="cpu")
     monkeypatch.setattr(rollouts, "greedy_rollouts", _anti_greedy)
-    toks = chat_transcripts(chat, INFO, PROMPTS[:3], 6, tmp_path)
+    made = rollouts.Rollouts(key="k", model_info=INFO, max_new_tokens=6, prompts=PROMPTS[:3],
+                             made=_anti_greedy(chat, PROMPTS[:3], 6))
+    toks = chat_transcripts(chat, made)
     with pytest.raises(UserError, match=r"chat-under-test's own greedy rollouts is .* above ln\(vocab\)") as err:
         segment_records(chat, INFO, [_lossless()], toks, "blocks.1.hook_resid_pre", EvalConfig(device="cpu", n_bootstrap=10),
                         _reference(chat, toks))
@@ -194,8 +199,7 @@ def test_one_repeated_token_fails_before_any_row(tiny_chat, tmp_path, monkeypatc
     monkeypatch.setattr(rollouts, "greedy_rollouts",
                         lambda m, prompts, n, batch_size=16: [rollouts.Rollout([1, 5], [42] * n, "") for _ in prompts])
     with pytest.raises(UserError, match="one token .* repeated over 5 prompts"):
-        chat_transcripts(model, INFO, PROMPTS, 8, tmp_path)
-    assert read_table(tmp_path, "rollouts").num_rows == 0  # nothing cached for a later run to trust
+        rollouts.rollouts_of(model, INFO, PROMPTS, 8)  # no record, so no later step can score them
 
 
 def test_checks_pass_real_rollouts():

@@ -111,3 +111,41 @@ def test_watcher_evaluates_a_new_checkpoint_exactly_once(study):
     assert watch_checkpoints(cfg, build=False)["evaluated"] == []
     rows = _count(cfg, "select count(*) from metrics where model_revision = 'step-999999'")
     assert rows == 6  # 3 SAEs x 2 outlier policies, once
+
+
+def _last_run_steps(cfg) -> tuple[set[str], set[str]]:
+    """(steps that ran, steps served from the cache) of the newest study run, from its `runs` rows."""
+    timings = catalog.query(cfg.results_dir, "select step, cached from runs_history where run_id = (select run_id from "
+                            "runs_history where step = 'total' order by created_at desc limit 1) and step <> 'total' "
+                            "and cached is not null")
+    return set(timings[~timings.cached].step), set(timings[timings.cached].step)
+
+
+HEAVY = ("cache-activations", "train-sae", "finetune-sae", "train-crosscoder", "pair-threshold", "tag-outliers",
+         "evaluate-transfer", "position-curves", "rollouts", "evaluate-segments", "weight-diff")
+
+
+def test_a_diffing_knob_reruns_no_caching_training_or_evaluation(study):
+    from sae_transfer.flows.study import transfer_study
+
+    cfg, _ = study
+    changed = cfg.model_copy(update={"diffing": cfg.diffing.model_copy(update={"examples_k": 3})})
+    transfer_study(changed)
+    ran, cached = _last_run_steps(cfg)
+    assert ran and all(s.startswith(("diff-saes", "diff-crosscoder", "causal-check")) for s in ran), ran
+    assert {s.split("#")[0] for s in cached} >= {s for s in cached if s.startswith(HEAVY)}
+    assert sum(s.startswith(HEAVY) for s in cached) >= 15, cached
+
+
+def test_adding_a_hook_reruns_only_that_hooks_tasks(study):
+    from sae_transfer.flows.study import transfer_study
+
+    cfg, _ = study
+    new_hook = "blocks.0.hook_resid_pre"
+    out = transfer_study(cfg.model_copy(update={"hooks": [*cfg.hooks, new_hook]}))
+    ran, cached = _last_run_steps(cfg)
+    # both models are cached again in one pass each, which reuses the old hook's datasets untouched
+    assert {s for s in ran if not s.startswith("cache-activations")} == {s for s in ran if new_hook in s}, ran
+    assert len({s for s in ran if new_hook in s}) >= 15, ran
+    assert all(new_hook not in s for s in cached) and any(cfg.hooks[0] in s for s in cached), cached
+    assert out["steps"] == len(ran) + len(cached)

@@ -63,11 +63,13 @@ def test_hub_spec_loads_that_revision(hub):
     torch.testing.assert_close(_weight(by_commit), on_disk, rtol=0, atol=0)
 
 
-def _evaluate(model: str, hub, **options):
+def _evaluate(model: str, hub):
     from sae_transfer.evals.api import evaluate_transfer
+    from sae_transfer.study import parse_study
 
-    rows = evaluate_transfer([hub["sae"]], model, HOOK, corpus=hub["corpus"], n_tokens=128, threshold=1e9,
-                             n_bootstrap=10, device="cpu", **options)["metrics"]
+    settings = parse_study({"corpus": {"source": str(hub["corpus"])}, "eval": {"tokens": 128, "bootstrap": 10},
+                            "outliers": {"threshold": 1e9}, "device": "cpu"}).eval_settings
+    rows = evaluate_transfer([hub["sae"]], model, HOOK, settings)["metrics"]
     return {r["outlier_policy"]: r for r in rows}
 
 
@@ -89,7 +91,6 @@ def test_trust_remote_code_reaches_the_loader(hub, monkeypatch):
 
     from sae_transfer.activations import CacheConfig, cache_activations
     from sae_transfer.corpus import CorpusConfig
-    from sae_transfer.tasks.evaluate import _eval_options
 
     seen = []
     real = TransformerBridge.boot_transformers
@@ -104,7 +105,7 @@ def test_trust_remote_code_reaches_the_loader(hub, monkeypatch):
                        "eval": {"tokens": 128, "bootstrap": 10}, "outliers": {"threshold": 1e9}, "device": "cpu"})
     from sae_transfer.evals.api import evaluate_transfer
 
-    evaluate_transfer([hub["sae"]], REPO, HOOK, **_eval_options(cfg))
+    evaluate_transfer([hub["sae"]], REPO, HOOK, cfg.eval_settings)
     cache_activations(CacheConfig(model=REPO, hooks=(HOOK,), corpus=CorpusConfig(source=hub["corpus"]), n_tokens=64,
                                   context_size=32, device="cpu", trust_remote_code=True), hub["root"] / "acts", progress=False)
     assert seen == [True, True]

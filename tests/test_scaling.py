@@ -59,9 +59,11 @@ def pair(tmp_path_factory):
         cfg = CacheConfig(model=str(model), hooks=(HOOK,), corpus=corpus, n_tokens=6144, context_size=64, device="cpu")
         acts = cache_activations(cfg, root / "acts" / name, progress=False)[0].path
         from sae_transfer.training.api import train_on_dataset
+        from sae_transfer.training.config import TrainConfig
 
-        run = train_on_dataset(acts, root / "saes" / name, arch="relu", expansion=4, tokens=6144, batch_size=512,
-                               l1_coefficient=2.0, seed=0, num_threads=1)
+        cfg = TrainConfig(arch="relu", total_tokens=6144, batch_size=512, l1_coefficient=2.0, seed=0, num_threads=1,
+                          device="cpu")
+        run = train_on_dataset(acts, root / "saes" / name, cfg, expansion=4)
         saes[name] = str(run.sae_dir)
     return {"orig": str(orig), "copy": str(copy), "corpus": corpus, "saes": saes}
 
@@ -69,8 +71,11 @@ def pair(tmp_path_factory):
 def _rows(pair, model: str) -> dict:
     from sae_transfer.evals.api import evaluate_transfer
 
-    rows = evaluate_transfer([pair["saes"]["orig"], pair["saes"]["copy"]], pair[model], HOOK, corpus=pair["corpus"],
-                             n_tokens=768, n_bootstrap=20, device="cpu", threshold=25.0, token_errors=False)
+    from sae_transfer.study import parse_study
+
+    settings = parse_study({"corpus": {"source": pair["corpus"].source}, "eval": {"tokens": 768, "bootstrap": 20},
+                            "outliers": {"threshold": 25.0}, "device": "cpu"}).eval_settings
+    rows = evaluate_transfer([pair["saes"]["orig"], pair["saes"]["copy"]], pair[model], HOOK, settings)
     return {(r["sae_id"].split(":")[0], r["outlier_policy"]): r for r in rows["metrics"]}
 
 

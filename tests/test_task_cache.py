@@ -47,3 +47,14 @@ def test_output_folders_key_by_absolute_path(tmp_path, monkeypatch):
         monkeypatch.chdir(tmp_path / checkout)
         keys.append(_jsonable("out_dir", "results/demo/activations"))
     assert keys[0] != keys[1] and keys[0].endswith("a/results/demo/activations")
+
+
+def test_a_reused_dataset_keys_its_dependents_like_a_fresh_one(tmp_path):
+    # adding a hook re-caches the model: the old hook's dataset comes back reused=True, and the
+    # SAE trained on it must stay a cache hit
+    acts = tmp_path / "acts"
+    acts.mkdir()
+    (acts / "part.parquet").write_bytes(b"x")
+    fresh = ActsRecord(path=str(acts), model="m", hook="h", n_tokens=1, reused=False)
+    assert _jsonable("acts", fresh) == _jsonable("acts", fresh.model_copy(update={"reused": True}))
+    assert _jsonable("acts", fresh) != _jsonable("acts", fresh.model_copy(update={"n_tokens": 2}))

@@ -11,6 +11,7 @@ import typer
 
 from sae_transfer.cli._common import parse_int_list, print_table, require
 from sae_transfer.errors import UserError
+from sae_transfer.study import EvalSection, OutlierSection
 
 log = logging.getLogger(__name__)
 
@@ -18,27 +19,40 @@ SaeOpt = typer.Option(..., "--sae", help="SAE folder (SAELens layout); repeat fo
 ModelOpt = typer.Option(..., "--model", help="Hugging Face checkpoint folder or Hub id; repeat for several")
 HookOpt = typer.Option(..., "--hook", help="hook point, e.g. blocks.6.hook_resid_pre")
 OutOpt = typer.Option(..., "--out", help="results folder; tables go to OUT/<table>/part-*.parquet")
-TokensOpt = typer.Option(16384, "--tokens", min=1, help="held-out eval tokens per model")
+_EVAL, _OUTLIERS = EvalSection(), OutlierSection()  # the study config's defaults are the CLI's
+TokensOpt = typer.Option(_EVAL.tokens, "--tokens", min=1, help="held-out eval tokens per model")
 CorpusOpt = typer.Option("stdlib", "--corpus", help="corpus: 'stdlib', a local file/folder, or a Hub dataset id")
 CtxOpt = typer.Option(None, "--context-size", min=2, help="tokens per sequence (default: the SAE's training context, else 128)")
-BatchOpt = typer.Option(4096, "--batch-tokens", min=1, help="tokens per forward batch")
+BatchOpt = typer.Option(_EVAL.batch_tokens, "--batch-tokens", min=1, help="tokens per forward batch")
 ThreshOpt = typer.Option(None, "--threshold", help="absolute outlier threshold on scaled norms, one for every model (default: median + 10 MAD on the first model, printed)")
-RuleOpt = typer.Option("absolute", "--outlier-rule", help="which tokens 'excluded' drops: absolute, k_median or either")
-MadOpt = typer.Option(10.0, "--mad-k", help="robust default threshold: median + k * 1.4826 * MAD")
-KMedOpt = typer.Option(3.0, "--k-median", help="second outlier rule: scaled norm > k * median")
+RuleOpt = typer.Option(_OUTLIERS.rule, "--outlier-rule", help="which tokens 'excluded' drops: absolute, k_median or either")
+MadOpt = typer.Option(_OUTLIERS.mad_k, "--mad-k", help="robust default threshold: median + k * 1.4826 * MAD")
+KMedOpt = typer.Option(_OUTLIERS.k_median, "--k-median", help="second outlier rule: scaled norm > k * median")
 DeviceOpt = typer.Option(None, "--device", help="cuda, cpu, ... (default: CUDA when available)")
 DtypeOpt = typer.Option("float32", "--dtype", help="model dtype: float32, bfloat16, float16")
 SeedOpt = typer.Option(0, "--seed", help="bootstrap seed")
 
 
-def _eval_config(batch_tokens, threshold, mad_k, k_median, seed, device, n_bootstrap=1000, token_errors=True, rule="absolute"):
+def _eval_config(batch_tokens, threshold, mad_k, k_median, seed, device, n_bootstrap=_EVAL.bootstrap,
+                 token_errors=True, rule=_OUTLIERS.rule):
+    """The evaluator's config from the flags, through the study's own sections (one set of defaults)."""
+    from pydantic import ValidationError
+
     from sae_transfer.evals.api import eval_config
+    from sae_transfer.study import EvalSettings, ModelLoading
 
     require(mad_k > 0, "--mad-k", mad_k, "the robust threshold is median + k MAD: pass k > 0, e.g. 10")
     require(k_median > 1, "--k-median", k_median, "the rule flags norms above k x median: pass k > 1, e.g. 3")
-
-    return eval_config(threshold=threshold, mad_k=mad_k, k_median=k_median, n_bootstrap=n_bootstrap, seed=seed,
-                       device=device, batch_tokens=batch_tokens, token_errors=token_errors, rule=rule)
+    try:
+        settings = EvalSettings(
+            eval=EvalSection(batch_tokens=batch_tokens, bootstrap=n_bootstrap),
+            outliers=OutlierSection(rule=rule, threshold=threshold, mad_k=mad_k, k_median=k_median),
+            loading=ModelLoading(device=device), seed=seed)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise UserError(f"--{'-'.join(str(p) for p in err['loc'][-1:]).replace('_', '-')}: {err['msg']} "
+                        f"(got {err.get('input')!r})") from None
+    return eval_config(settings, token_errors=token_errors)
 
 
 def _pair_threshold(cfg, model, info, toks, hook):
@@ -54,8 +68,9 @@ def _pair_threshold(cfg, model, info, toks, hook):
 
 def _load(spec: str, device, dtype):
     from sae_transfer.evals.api import load_eval_model
+    from sae_transfer.study import ModelLoading
 
-    return load_eval_model(spec, device=device, dtype=dtype)
+    return load_eval_model(spec, ModelLoading(device=device, dtype=dtype))
 
 
 def _plain_tokens(model, corpus: str, context_size: int, n_tokens: int):
@@ -83,7 +98,7 @@ def evaluate(
     out: Path = OutOpt, corpus: str = CorpusOpt, context_size: Optional[int] = CtxOpt,
     batch_tokens: int = BatchOpt, threshold: Optional[float] = ThreshOpt, mad_k: float = MadOpt,
     k_median: float = KMedOpt, outlier_rule: str = RuleOpt,
-    bootstrap: int = typer.Option(1000, "--bootstrap", min=0, help="bootstrap resamples for the CE score CI"),
+    bootstrap: int = typer.Option(_EVAL.bootstrap, "--bootstrap", min=0, help="bootstrap resamples for the CE score CI"),
     seed: int = SeedOpt, device: Optional[str] = DeviceOpt, dtype: str = DtypeOpt,
     token_errors: bool = typer.Option(True, "--token-errors/--no-token-errors", help="write per-token errors (MSE vs norm)"),
 ) -> None:
@@ -142,12 +157,12 @@ def segments(
     batch_tokens: int = BatchOpt, threshold: Optional[float] = ThreshOpt, mad_k: float = MadOpt,
     k_median: float = KMedOpt, outlier_rule: str = RuleOpt, seed: int = SeedOpt, device: Optional[str] = DeviceOpt,
     dtype: str = DtypeOpt, corpus: str = CorpusOpt,
-    tokens: int = typer.Option(16384, "--tokens", min=1, help="main-corpus tokens for the scale factor and threshold"),
+    tokens: int = typer.Option(_EVAL.tokens, "--tokens", min=1, help="main-corpus tokens for the scale factor and threshold"),
 ) -> None:
-    """Greedy chat rollouts (cached in OUT/rollouts) -> user_prompt / rollout / template masks ->
+    """Greedy chat rollouts (appended to OUT/rollouts) -> user_prompt / rollout / template masks ->
     metrics per segment, splicing only at that segment's positions, with the segment-only zero
     ablation too -> OUT/metrics. Scale factor and threshold come from the main corpus (--corpus)."""
-    from sae_transfer.evals.rollouts import load_prompts
+    from sae_transfer.evals.rollouts import load_prompts, rollouts_of
     from sae_transfer.evals.run import chat_transcripts, checked_norms, segment_records
     from sae_transfer.storage.tables import append_rows
 
@@ -162,7 +177,9 @@ def segments(
                         "pass the chat fine-tune, or add a template with tokenizer.chat_template")
     main = _plain_tokens(m, corpus, _context(saes, None), tokens)
     cfg = _pair_threshold(cfg, m, info, main, hook)
-    transcripts = chat_transcripts(m, info, prompt_list, max_new_tokens, out)
+    made = rollouts_of(m, info, prompt_list, max_new_tokens)
+    append_rows(out, "rollouts", made.rows())
+    transcripts = chat_transcripts(m, made)
     rows = segment_records(m, info, saes, transcripts, hook, cfg, checked_norms(m, saes, main, hook, cfg))
     append_rows(out, "metrics", rows)
     print_table(["sae_id", "segment", "outlier_policy", "l0", "ce_loss_score", "ce_loss_score_segment",

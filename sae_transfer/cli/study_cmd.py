@@ -80,12 +80,14 @@ def register(app: typer.Typer) -> None:
         checkpoints: Optional[Path] = typer.Option(None, help="folder of checkpoints (default: the config's pair.checkpoints)"),
     ) -> None:
         """Evaluate every checkpoint not seen before (once each), then rebuild the report."""
+        from sae_transfer.flows._runs import shared_api
         from sae_transfer.flows.watch import watch_checkpoints
 
         cfg = _config(config)
         if checkpoints is not None:
             cfg = cfg.model_copy(update={"pair": cfg.pair.model_copy(update={"checkpoints": str(checkpoints)})})
-        result = watch_checkpoints(cfg)
+        with shared_api():
+            result = watch_checkpoints(cfg)
         typer.echo(json.dumps(result, indent=2))
 
     @app.command()

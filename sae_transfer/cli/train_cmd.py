@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from sae_transfer.cli._common import parse_count, require
+from sae_transfer.errors import UserError
 
 
 _DEVICE_HELP = "cpu, cuda or cuda:N (default: CUDA when available, else CPU); a checkpoint resumes on any device."
@@ -20,6 +21,16 @@ def register(app: typer.Typer) -> None:
     """Add this module's commands to `app`."""
     app.command("train")(train)
     app.command("finetune")(finetune)
+
+
+def _train_config(fields: dict):
+    """A TrainConfig from the flags given (None: the config's default); one line on a bad setting."""
+    from sae_transfer.training.config import TrainConfig
+
+    try:
+        return TrainConfig(**{k: v for k, v in fields.items() if v is not None})
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"bad training settings: {exc}") from None
 
 
 def _report(result, quiet: bool) -> None:
@@ -62,18 +73,21 @@ def train(
 ) -> None:
     """Train an SAE from cached activations (resumes from the newest checkpoint in --out); print the SAE folder."""
     from sae_transfer.training.api import train_on_dataset
+    from sae_transfer.training.data import open_training_data
 
+    open_training_data(acts, batch_size)  # the input first: a missing or empty dataset is the error to name
     require(lr is None or lr > 0, "--lr", lr, "the learning rate must be > 0, e.g. 4e-4")
     require(k is None or k <= d_sae, "--k", k, f"at most --d-sae ({d_sae}) features can be active")
-    result = train_on_dataset(
-        acts, out, arch=arch, expansion=None, d_sae=d_sae, tokens=parse_count(tokens, "--tokens"), l1_coefficient=l1, k=k,
-        lr=lr, batch_size=batch_size, seed=seed, buffer_tokens=parse_count(buffer_tokens, "--buffer-tokens"), progress=not quiet,
-        lr_warmup_frac=lr_warmup, lr_decay_frac=lr_decay, l1_warmup_frac=l1_warmup, jumprelu_l0_mode=jumprelu_l0,
-        ghost_grads=ghost_grads, resample_every_steps=resample_every, init_b_dec=init_b_dec,
+    fields = dict(
+        arch=arch, d_sae=d_sae, total_tokens=parse_count(tokens, "--tokens"), l1_coefficient=l1, k=k, lr=lr,
+        batch_size=batch_size, seed=seed, lr_warmup_frac=lr_warmup, lr_decay_frac=lr_decay, l1_warmup_frac=l1_warmup,
+        jumprelu_l0_mode=jumprelu_l0, ghost_grads=ghost_grads, resample_every_steps=resample_every, init_b_dec=init_b_dec,
         dead_window_tokens=parse_count(dead_window, "--dead-window"),
         checkpoint_every_tokens=parse_count(checkpoint_every, "--checkpoint-every", minimum=0),
         log_every_steps=log_every, num_threads=threads, device=device, dtype=dtype, tf32=tf32, sparse_kernels=sparse_kernels,
     )
+    result = train_on_dataset(acts, out, _train_config(fields), buffer_tokens=parse_count(buffer_tokens, "--buffer-tokens"),
+                              progress=not quiet)
     _report(result, quiet)
 
 
@@ -102,7 +116,7 @@ def finetune(
 
     require(lr is None or lr > 0, "--lr", lr, "the learning rate must be > 0, e.g. 4e-4")
     result = finetune_on_dataset(
-        sae, acts, out, tokens=parse_count(tokens, "--tokens"), batch_size=batch_size, seed=seed, lr=lr, l1_coefficient=l1,
+        sae, acts, out, total_tokens=parse_count(tokens, "--tokens"), batch_size=batch_size, seed=seed, lr=lr, l1_coefficient=l1,
         buffer_tokens=parse_count(buffer_tokens, "--buffer-tokens"), progress=not quiet, lr_warmup_frac=lr_warmup,
         lr_decay_frac=lr_decay, checkpoint_every_tokens=parse_count(checkpoint_every, "--checkpoint-every", minimum=0),
         log_every_steps=log_every, num_threads=threads,

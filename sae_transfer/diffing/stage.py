@@ -32,6 +32,12 @@ class DiffingPlan:
     batch_tokens: int = 8192  # rows encoded at once
     device: str | None = None  # None: CUDA when available, else CPU
 
+    @classmethod
+    def of(cls, section, device: str | None) -> "DiffingPlan":
+        """The plan of a study's DiffingSection, on `device`."""
+        return cls(stats_tokens=section.stats_tokens, examples_k=section.examples_k, top_latents=section.top_latents,
+                   device=device)
+
 
 def _add(out: Tables, name: str, table: pa.Table) -> None:
     out.setdefault(name, []).append(table)
@@ -190,23 +196,19 @@ def chosen_latents(stats: pa.Table, sae_ids: list[str], n: int) -> tuple[str, st
     return sae_ids[-1], "density_shift", [int(j) for j in rows["latent"].head(n)]
 
 
-def causal_tables(sae_paths: list[str], chat: str, hook: str, instructions, plan: DiffingPlan, results_dir: str,
-                  dtype: str = "float32") -> Tables:
-    """`latent_ablation` rows: latents of the study's SAEs that appear on chat (see
-    `chosen_latents`; base SAE first, chat SAE last in `sae_paths`) and a random set of the same
-    size, ablated on greedy chat transcripts (the segments' rollouts)."""
+def causal_tables(sae_paths: list[str], chat: str, hook: str, made, chosen: dict, loading) -> Tables:
+    """`latent_ablation` rows: the latents `chosen` (`chosen_latents` of the SAE diffing:
+    {"sae_id", "set_name", "latents"}) and a random set of the same size, ablated on the chat
+    model's greedy transcripts `made` (the segments' rollouts, an `evals.rollouts.Rollouts`);
+    `loading` (ModelLoading) says how the chat model loads."""
     from sae_transfer.evals.api import load_eval_model
     from sae_transfer.evals.loading import load_saes
-    from sae_transfer.evals.rollouts import load_prompts
     from sae_transfer.evals.run import chat_transcripts
-    from sae_transfer.storage.tables import read_table
 
-    loaded = {s.info["sae_id"]: s for s in load_saes(sae_paths, hook)}
-    sae_id, name, latents = chosen_latents(read_table(results_dir, "latent_stats"), list(loaded), plan.top_latents)
-    if not latents:
+    if not chosen.get("latents"):
         return {}
-    model, info = load_eval_model(chat, device=plan.device, dtype=dtype)
-    prompts = load_prompts(instructions.source, instructions.n_prompts)
-    toks = chat_transcripts(model, info, prompts, instructions.max_new_tokens, results_dir)
-    return {"latent_ablation": [api.ablation_table(model, info["model_id"], loaded[sae_id], toks, hook, latents,
-                                                   set_name=name)]}
+    loaded = {s.info["sae_id"]: s for s in load_saes(sae_paths, hook)}
+    model, info = load_eval_model(chat, loading)
+    toks = chat_transcripts(model, made)
+    return {"latent_ablation": [api.ablation_table(model, info["model_id"], loaded[chosen["sae_id"]], toks, hook,
+                                                   chosen["latents"], set_name=chosen["set_name"])]}

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from pydantic import BaseModel, ConfigDict
 from tqdm import tqdm
 
 from sae_transfer.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# Bump when what a cached rollout holds changes: rows written under another format are not reused.
+# Bump when what a rollout set holds changes (it is part of the set's key in the `rollouts` table).
 # 2: token ids of prompt and reply, generated without the bridge (1 held decoded text only).
 ROLLOUT_FORMAT = 2
 MIN_PROMPTS_CHECKED = 4  # fewer rollouts than this are too few to call a repeated token a broken model
@@ -40,9 +41,40 @@ class Rollout:
 
 
 def rollout_cache_key(model_info: dict, prompts: list[str], max_new_tokens: int) -> str:
-    """Hash of what determines a set of rollouts: model identity, prompts, generation length, format."""
+    """Hash of what determines a set of rollouts: model identity, prompts, generation length,
+    format. It names the set in the `rollouts` table (the set itself is cached by the DAG)."""
     payload = json.dumps([model_info, prompts, max_new_tokens, ROLLOUT_FORMAT], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+class Rollouts(BaseModel):
+    """One model's greedy rollouts on an instruction set: what the segment evaluation and the
+    causal check score, passed between steps as a record (small: token ids and texts)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    key: str  # rollout_cache_key of the set
+    model_info: dict  # identity of the model that generated them (model_id, model_revision, ...)
+    max_new_tokens: int
+    prompts: list[str]  # the prompts that fit the model's context, in order
+    made: list[Rollout]  # one per prompt
+
+    def rows(self) -> list[dict]:
+        """Rows of the `rollouts` table."""
+        return [{"cache_key": self.key, **self.model_info, "prompt_idx": i, "prompt": p, "completion": r.text,
+                 "prompt_ids": r.prompt_ids, "completion_ids": r.reply_ids, "max_new_tokens": self.max_new_tokens}
+                for i, (p, r) in enumerate(zip(self.prompts, self.made))]
+
+
+def rollouts_of(model, model_info: dict, prompts: list[str], max_new_tokens: int) -> Rollouts:
+    """Greedy rollouts of `model` on the prompts that fit its context, checked for a broken
+    model (`check_rollouts`)."""
+    prompts = prompts_that_fit(model.tokenizer, prompts, max_new_tokens, getattr(model.cfg, "n_ctx", None),
+                               model_info["model_id"])
+    made = greedy_rollouts(model, prompts, max_new_tokens)
+    check_rollouts(made, stop_ids(model.original_model, model.tokenizer), model_info["model_id"])
+    return Rollouts(key=rollout_cache_key(model_info, prompts, max_new_tokens), model_info=model_info,
+                    max_new_tokens=max_new_tokens, prompts=prompts, made=made)
 
 
 @contextlib.contextmanager

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from sae_transfer.evals import positions as pos_mod
 from sae_transfer.evals import records, transfer
 from sae_transfer.evals.loading import LoadedSAE, check_width
+from sae_transfer.evals.rollouts import Rollouts
 from sae_transfer.evals.segments import SEGMENTS, segment_mask
 from sae_transfer.evals.transfer import EvalConfig, NormStats, TokenSet
 from sae_transfer.sae.scaling import cross_model_ratio, rescaled, training_scale
@@ -143,35 +143,16 @@ def position_records(
     return rows
 
 
-def chat_transcripts(model, model_info: dict, prompts: list[str], max_new_tokens: int, results_dir: str | Path) -> TokenSet:
-    """Greedy rollouts of the chat model (cached in the `rollouts` table under `results_dir`,
-    keyed by model identity + prompts + max_new_tokens) as right-padded transcripts with roles:
-    the prompt's ids followed by the generated ids, exactly as generated. Prompts whose reply
-    could run past the model's context are left out (`rollouts.prompts_that_fit`)."""
+def chat_transcripts(model, made: Rollouts) -> TokenSet:
+    """The rollouts `made` (by this model: `rollouts.rollouts_of`) as right-padded transcripts with
+    roles: the prompt's ids followed by the generated ids, exactly as generated."""
     from sae_transfer.evals import rollouts
     from sae_transfer.evals.segments import pad_transcripts, prompt_roles, rollout_transcript
-    from sae_transfer.storage.tables import append_rows, read_table
 
     tok = model.tokenizer
-    prompts = rollouts.prompts_that_fit(tok, prompts, max_new_tokens, getattr(model.cfg, "n_ctx", None), model_info["model_id"])
-    key = rollouts.rollout_cache_key(model_info, prompts, max_new_tokens)
-    cached = read_table(results_dir, "rollouts").to_pandas()
-    cached = cached[cached["cache_key"] == key].drop_duplicates("prompt_idx").sort_values("prompt_idx")
-    stops = rollouts.stop_ids(model.original_model, tok)
-    if len(cached) == len(prompts):
-        made = [rollouts.Rollout(list(p), list(c), t) for p, c, t in
-                zip(cached["prompt_ids"], cached["completion_ids"], cached["completion"])]
-    else:
-        made = rollouts.greedy_rollouts(model, prompts, max_new_tokens)
-        rollouts.check_rollouts(made, stops, model_info["model_id"])
-        append_rows(results_dir, "rollouts", [
-            {"cache_key": key, **model_info, "prompt_idx": i, "prompt": p, "completion": r.text,
-             "prompt_ids": r.prompt_ids, "completion_ids": r.reply_ids, "max_new_tokens": max_new_tokens}
-            for i, (p, r) in enumerate(zip(prompts, made))
-        ])
-    special = set(tok.all_special_ids) | set(stops)
+    special = set(tok.all_special_ids) | set(rollouts.stop_ids(model.original_model, tok))
     transcripts = [rollout_transcript(r.prompt_ids, prompt_roles(tok, p)[1], r.reply_ids, special)
-                   for p, r in zip(prompts, made)]
+                   for p, r in zip(made.prompts, made.made)]
     tokens_NS, roles_NS, valid_NS = pad_transcripts(transcripts, rollouts.pad_id(tok), max_len=getattr(model.cfg, "n_ctx", None))
     fingerprint = hashlib.sha256(tokens_NS.numpy().tobytes()).hexdigest()[:16]
     return TokenSet(tokens_NS, roles_NS, valid_NS, valid_NS.clone(), "all", fingerprint)

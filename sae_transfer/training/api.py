@@ -8,83 +8,56 @@ import json
 from pathlib import Path
 
 from sae_transfer.errors import UserError
+from sae_transfer.storage.fingerprint import sha256_file
+from sae_transfer.storage.layout import RunLayout
+from sae_transfer.sae.io import load_sae
+from sae_transfer.storage.sae_format import WEIGHTS_FILE
+from sae_transfer.study import SAESection
 from sae_transfer.training.config import RUNTIME_FIELDS, TrainConfig, finetune_defaults
 from sae_transfer.training.data import open_training_data
 from sae_transfer.training.run import Parent, RunResult, parent_sae_arch, train_sae
 
 
-def _config(**fields) -> TrainConfig:
-    try:
-        return TrainConfig(**{k: v for k, v in fields.items() if v is not None})
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"bad training settings: {exc}") from None
+BUFFER_TOKENS = 262_144  # shuffle-buffer size of the training reader, in tokens
 
 
-def train_on_dataset(
-    acts_path: str | Path,
-    out_dir: str | Path,
-    arch: str = "relu",
-    expansion: int | None = 16,
-    d_sae: int | None = None,
-    tokens: int = 1_000_000,
-    l1_coefficient: float | None = None,
-    k: int | None = None,
-    lr: float | None = None,
-    batch_size: int = 4096,
-    seed: int = 0,
-    buffer_tokens: int = 262_144,
-    progress: bool = False,
-    **overrides,
-) -> RunResult:
-    """Train an SAE (d_sae = d_sae, or expansion × d_model) on a cached dataset; resumable.
-    `overrides` are further TrainConfig fields. Returns the RunResult (sae_dir, metrics, ...)."""
-    data = open_training_data(acts_path, batch_size, seed=seed, buffer_tokens=buffer_tokens)
-    cfg = _config(
-        arch=arch, d_sae=d_sae or expansion * data.d_in, total_tokens=tokens, batch_size=batch_size, seed=seed,
-        l1_coefficient=l1_coefficient, k=k, lr=lr, **overrides,
-    )
+def sae_train_config(sae: SAESection, seed: int = 0, device: str | None = None) -> TrainConfig:
+    """The trainer's config for a study's SAESection (d_sae is set from the data: expansion x d_in)."""
+    return TrainConfig(arch=sae.arch, l1_coefficient=sae.l1_coefficient, k=sae.k, lr=sae.lr, batch_size=sae.batch_size,
+                       total_tokens=sae.train_tokens, seed=seed, device=device)
+
+
+def train_on_dataset(acts_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *, expansion: int | None = None,
+                     buffer_tokens: int = BUFFER_TOKENS, progress: bool = False) -> RunResult:
+    """Train an SAE with `cfg` on a cached dataset (d_sae = expansion x d_model when `expansion` is
+    given, else cfg.d_sae); resumable. Returns the RunResult (sae_dir, metrics, ...)."""
+    data = open_training_data(acts_path, cfg.batch_size, seed=cfg.seed, buffer_tokens=buffer_tokens)
+    if expansion is not None:
+        cfg = dataclasses.replace(cfg, d_sae=expansion * data.d_in)
     return train_sae(cfg, data.make_source, data.d_in, out_dir, metadata=data.metadata, progress=progress)
 
 
-def finetune_on_dataset(
-    parent_sae: str | Path,
-    acts_path: str | Path,
-    out_dir: str | Path,
-    tokens: int = 5_000_000,
-    batch_size: int = 256,
-    seed: int = 0,
-    lr: float | None = None,
-    l1_coefficient: float | None = None,
-    buffer_tokens: int = 262_144,
-    progress: bool = False,
-    **overrides,
-) -> RunResult:
+def finetune_on_dataset(parent_sae: str | Path, acts_path: str | Path, out_dir: str | Path, *,
+                        buffer_tokens: int = BUFFER_TOKENS, progress: bool = False, **overrides) -> RunResult:
     """Fine-tune the SAE folder `parent_sae` on another model's activations with the seed
-    study's recipe (finetune_defaults): LR and sparsity coefficient from the parent's run.json
-    unless given. run.json records the parent's path and weights hash."""
-    from sae_transfer.storage.fingerprint import sha256_file
-    from sae_transfer.sae.io import load_sae
-    from sae_transfer.storage.sae_format import WEIGHTS_FILE
-
+    study's recipe (`finetune_defaults`: LR and sparsity coefficient from the parent's run.json);
+    `overrides` are TrainConfig fields (total_tokens, batch_size, seed, device, lr, ...).
+    run.json records the parent's path and weights hash."""
     parent_sae = Path(parent_sae)
     base = load_sae(parent_sae)
-    fields = dict(
-        arch=parent_sae_arch(parent_sae), d_sae=base.d_sae, total_tokens=tokens, batch_size=batch_size, seed=seed,
-        k=base.cfg.k or TrainConfig.k, lr=lr, l1_coefficient=l1_coefficient, **overrides,
-    )
+    fields = dict(arch=parent_sae_arch(parent_sae), d_sae=base.d_sae, k=base.cfg.k or TrainConfig.k)
     try:
-        cfg = finetune_defaults(parent_config(parent_sae), **{k: v for k, v in fields.items() if v is not None})
+        cfg = finetune_defaults(parent_config(parent_sae), **fields,
+                                **{k: v for k, v in overrides.items() if v is not None})
     except (TypeError, ValueError) as exc:
         raise UserError(f"bad fine-tuning settings: {exc}") from None
-    data = open_training_data(acts_path, cfg.batch_size, seed=seed, buffer_tokens=buffer_tokens)
+    data = open_training_data(acts_path, cfg.batch_size, seed=cfg.seed, buffer_tokens=buffer_tokens)
     parent = Parent(path=parent_sae.resolve(), weights_sha256=sha256_file(parent_sae / WEIGHTS_FILE))
     return train_sae(cfg, data.make_source, data.d_in, out_dir, metadata=data.metadata, parent=parent, progress=progress)
 
 
 def parent_config(sae_dir: Path) -> TrainConfig:
     """The TrainConfig of the run that produced `sae_dir` (its run.json), or the defaults."""
-    from sae_transfer.storage.layout import RunLayout
-
     run = RunLayout.holding(sae_dir)
     if run is not None and run.manifest.is_file():
         recorded = json.loads(run.manifest.read_text()).get("config") or {}
