@@ -134,12 +134,12 @@ class EvalSettings(_Section):
 class CrosscoderPlan(_Section):
     """What the crosscoder's training reads (and nothing the analyses after it read)."""
 
-    expansion: int = Field(8, ge=1, description="latents = expansion x d_model")
-    k: int = Field(32, ge=1, description="mean active latents per token (BatchTopK)")
-    tokens: int = Field(300_000, gt=0, description="training tokens (epochs over the caches if larger)")
-    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
-    batch_size: int = Field(4096, ge=1, description="tokens per step (the study's SAE batch size)")
-    seed: int = Field(0, description="seed of initialisation and shuffling")
+    expansion: int = Field(ge=1, description="latents = expansion x d_model (diffing.crosscoder_expansion)")
+    k: int = Field(ge=1, description="mean active latents per token, BatchTopK (diffing.crosscoder_k)")
+    tokens: int = Field(gt=0, description="training tokens, epochs over the caches if larger (diffing.crosscoder_tokens)")
+    lr: float = Field(gt=0, description="Adam learning rate (diffing.crosscoder_lr)")
+    batch_size: int = Field(ge=1, description="tokens per step (sae.batch_size)")
+    seed: int = Field(description="seed of initialisation and shuffling (the study's seed)")
 
 
 class RunnerSection(_Section):

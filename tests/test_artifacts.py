@@ -49,6 +49,7 @@ def watched(tmp_path_factory, prefect_harness):
     listing = fake_refs({"step-50": commits["step-50"]}, tags={"v50": commits["step-50"]})
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(hub_constants, "HF_HUB_CACHE", str(root / "cache"))
+        mp.setenv("HF_HUB_CACHE", str(root / "cache"))  # the worker processes that evaluate read it at start-up
         mp.setattr(huggingface_hub, "list_repo_refs", lambda repo: listing)
         first = watch_checkpoints(cfg, build=False, saes=saes, thresholds=thresholds)
         second = watch_checkpoints(cfg, build=False, saes=saes, thresholds=thresholds)

@@ -95,9 +95,16 @@ ENGINE = ("prefect", "duckdb")
 OURS = ("sae_transfer", "storage", "tasks", "flows")
 
 
+STAGE_FOLDERS = ("storage", "tasks", "flows")
+
+
 def _module_file(name: str) -> Path | None:
-    """The source file of one of our modules or packages, found without importing it."""
-    base = REPO.joinpath(*name.split("."))
+    """The source file of one of our modules or packages, found without importing it (the stage
+    folders storage/, tasks/, flows/ are installed as sae_transfer.storage, .tasks, .flows)."""
+    parts = name.split(".")
+    if parts[:1] == ["sae_transfer"] and parts[1:2] and parts[1] in STAGE_FOLDERS:
+        parts = parts[1:]
+    base = REPO.joinpath(*parts)
     return next((f for f in (base.with_suffix(".py"), base / "__init__.py") if f.is_file()), None)
 
 

@@ -11,6 +11,7 @@ import typer
 
 from sae_transfer.cli._common import parse_count
 from sae_transfer.errors import UserError
+from sae_transfer.training.config import TrainConfig
 
 
 def register(app: typer.Typer) -> None:
@@ -51,7 +52,7 @@ def crosscoder(
     k: int = typer.Option(32, "--k", help="Mean active latents per token (BatchTopK)."),
     tokens: str = typer.Option(..., "--tokens", help="Training tokens, e.g. 50M."),
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
-    batch_size: int = typer.Option(4096, "--batch-size", help="Tokens per step."),
+    batch_size: int = typer.Option(TrainConfig.batch_size, "--batch-size", help="Tokens per step."),
     checkpoint_every: str = typer.Option("10M", "--checkpoint-every", help="Checkpoint every N tokens."),
     buffer_tokens: str = typer.Option("64k", "--buffer-tokens", help="Paired shuffle-buffer rows (memory: rows × 2 × d_model × 4 B)."),
     seed: int = typer.Option(0, "--seed"),
@@ -62,7 +63,6 @@ def crosscoder(
     """Train a BatchTopK crosscoder (Minder et al. 2025) on paired base/chat activations; print its folder."""
     from sae_transfer.diffing.crosscoder_run import CrosscoderConfig, train_crosscoder
     from sae_transfer.diffing.paired import open_pair
-    from sae_transfer.training.config import TrainConfig
 
     base, chat = _caches(base_acts, chat_acts, base_model, chat_model, hook, corpus, cache_tokens, context_size, out, device)
     pair = open_pair(base, chat)

@@ -10,6 +10,7 @@ import typer
 
 from sae_transfer.cli._common import parse_count, require
 from sae_transfer.errors import UserError
+from sae_transfer.training.config import TrainConfig
 
 
 _DEVICE_HELP = "cpu, cuda or cuda:N (default: CUDA when available, else CPU); a checkpoint resumes on any device."
@@ -25,7 +26,6 @@ def register(app: typer.Typer) -> None:
 
 def _train_config(fields: dict):
     """A TrainConfig from the flags given (None: the config's default); one line on a bad setting."""
-    from sae_transfer.training.config import TrainConfig
 
     try:
         return TrainConfig(**{k: v for k, v in fields.items() if v is not None})
@@ -51,7 +51,7 @@ def train(
     l1: Optional[float] = typer.Option(None, "--l1", min=0.0, help="Sparsity coefficient (relu: L1·‖W_dec‖; jumprelu: L0)."),
     k: Optional[int] = typer.Option(None, "--k", min=1, help="Active features per token (topk, batchtopk)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate."),
-    batch_size: int = typer.Option(4096, "--batch-size", min=1, help="Tokens per step."),
+    batch_size: int = typer.Option(TrainConfig.batch_size, "--batch-size", min=1, help="Tokens per step."),
     lr_warmup: float = typer.Option(0.0, "--lr-warmup", min=0.0, max=1.0, help="Fraction of steps of linear LR warm-up."),
     lr_decay: float = typer.Option(0.2, "--lr-decay", min=0.0, max=1.0, help="Fraction of steps of linear LR decay to zero at the end."),
     l1_warmup: float = typer.Option(0.05, "--l1-warmup", min=0.0, max=1.0, help="Fraction of steps of sparsity-coefficient warm-up."),

@@ -22,6 +22,7 @@ from sae_transfer.sae.scaling import scale_factor
 from sae_transfer.storage.activations import ActivationDataset, dataset_key
 from sae_transfer.storage.activations_scan import mean_norm, read_sequences, scan_batches
 from sae_transfer.storage.diffing_tables import columns_table
+from sae_transfer.models import check_device
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ DEFAULT_SKIP_ROLES = ("bos",)  # BOS activations are outliers that would top man
 
 def device_of(device: str | None) -> torch.device:
     """The compute device: as given, else CUDA when available, else CPU."""
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return torch.device(check_device(device))
 
 
 def cache_info(path: str | Path) -> dict:

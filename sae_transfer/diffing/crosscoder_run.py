@@ -138,7 +138,7 @@ def train_crosscoder(cfg: CrosscoderConfig, pair: PairedCaches, out_dir: str | P
 
 
 @torch.no_grad()
-def evaluate_crosscoder(cc: CrossCoder, pair: PairedCaches, max_rows: int, batch_size: int = 4096) -> dict:
+def evaluate_crosscoder(cc: CrossCoder, pair: PairedCaches, max_rows: int, batch_size: int = TrainConfig.batch_size) -> dict:
     """Per-model explained variance and MSE (training units) and L0 on the first max_rows rows,
     with the inference threshold."""
     sums = {"n": 0, "l0": 0.0}

@@ -37,6 +37,7 @@ import torch
 from sae_transfer.sae.base import SAE
 from sae_transfer.sae.jumprelu import JumpReluSAE
 from sae_transfer.sae.relu import ReluSAE
+from sae_transfer.models import check_device
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ class MaxActTracker:
 
 
 def _device(cfg: ExamplesConfig) -> torch.device:
-    return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return torch.device(check_device(cfg.device))
 
 
 @torch.inference_mode()

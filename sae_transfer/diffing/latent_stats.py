@@ -37,6 +37,7 @@ import torch
 
 from sae_transfer.sae.base import SAE
 from sae_transfer.sae.scaling import cross_model_ratio, rescaled, training_scale
+from sae_transfer.models import check_device
 
 DENSITY_EPS = 1e-10  # added before log10 so silent latents get a finite density (SAELens)
 STATUSES = ("shared", "dies", "appears", "dead")
@@ -145,7 +146,7 @@ def model_latent_stats(
 
     `s_eval` is that model's scale factor; the SAE is applied as SAE(r·x)/r (see module doc).
     """
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(check_device(cfg.device))
     used, r = applied_sae(sae, s_eval, device)
     sums = _Sums(used, device)
     dec_norm2_F = used.W_dec.double().pow(2).sum(-1)

@@ -37,6 +37,7 @@ import torch
 
 from sae_transfer.sae.base import SAE
 from sae_transfer.sae.scaling import fold_scale, training_scale
+from sae_transfer.models import check_device
 
 _COST_OFFSET = 3.0  # > 1 + max weight (2), so every sparse edge cost is non-zero (scipy drops zeros)
 
@@ -65,7 +66,7 @@ class Matching:
 
 
 def _device(cfg) -> torch.device:
-    return torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return torch.device(check_device(cfg.device))
 
 
 def unit_rows(W_FD: torch.Tensor) -> torch.Tensor:

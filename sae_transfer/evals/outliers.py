@@ -7,6 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+from sae_transfer.study import OutlierSection
+
+_OUTLIERS = OutlierSection()  # the study config's defaults are the evaluator's
+
 MAD_TO_SIGMA = 1.4826  # MAD of a normal distribution times this is its standard deviation
 
 
@@ -19,8 +23,8 @@ class OutlierRule:
 
     rule: str = "absolute"  # "absolute" (the seed study's), "k_median", or "either" of the two
     threshold: float | None = None  # absolute threshold on scaled norms, one per model pair (the study: Qwen1.5 50, Gemma 300, Mistral 200); None: the robust estimate below
-    mad_k: float = 10.0  # robust estimate: median + mad_k * 1.4826 * MAD of the scaled norms (far tail only); printed and recorded as a suggestion
-    k_median: float = 3.0  # k x median rule: scaled norm > k_median * median of the evaluated model's scaled norms
+    mad_k: float = _OUTLIERS.mad_k  # robust estimate: median + mad_k * 1.4826 * MAD of the scaled norms (far tail only); printed and recorded as a suggestion
+    k_median: float = _OUTLIERS.k_median  # k x median rule: scaled norm > k_median * median of the evaluated model's scaled norms
     threshold_source: str = "config"  # where `threshold` came from, recorded on rows (e.g. "pair estimate on <base model>")
 
     def __post_init__(self):

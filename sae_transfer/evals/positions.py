@@ -8,6 +8,7 @@ import torch
 from sae_transfer.evals import splice
 from sae_transfer.evals.metrics import ReconAccumulator
 from sae_transfer.evals.transfer import apply_sae
+from sae_transfer.study import EvalSection
 
 
 def position_buckets(seq_len: int) -> list[tuple[int, int]]:
@@ -29,7 +30,7 @@ def context_sizes(sae_context: int, model_max: int | None, multiples: tuple[int,
 @torch.inference_mode()
 def position_curves(
     model, saes: dict, tokens_NS: torch.Tensor, hook: str, *, scale: float, threshold: float,
-    batch_tokens: int = 4096, device: str | None = None,
+    batch_tokens: int = EvalSection().batch_tokens, device: str | None = None,
 ) -> list[dict]:
     """Per (SAE, outlier policy, bucket): n_tokens, l0, mse (scaled units), explained_variance,
     mean scaled norm. Rows carry `sae_id`; the caller adds provenance and context sizes.

@@ -20,6 +20,7 @@ from sae_transfer.evals.bootstrap import ce_score_ci
 from sae_transfer.evals.metrics import ReconAccumulator, ReconMetrics
 from sae_transfer.evals.outliers import Flags, OutlierRule, choose_threshold, flag_tokens, suggest_threshold
 from sae_transfer.sae.scaling import scale_factor_of
+from sae_transfer.study import EvalSection
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ POLICIES = ("excluded", "included")
 class EvalConfig:
     """How a transfer evaluation runs."""
 
-    batch_tokens: int = 4096  # tokens per forward batch; logits of this many tokens are held 3x in float32
+    batch_tokens: int = EvalSection().batch_tokens  # tokens per forward batch; logits of this many tokens are held 3x in float32
     outliers: OutlierRule = field(default_factory=OutlierRule)  # threshold rule on scaled norms
     n_bootstrap: int = 1000  # resamples of sequences for the ce_loss_score interval
     ci_level: float = 0.95  # percentile interval level

@@ -5,6 +5,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from sae_transfer.study import SAESection
+
+_SAE = SAESection()  # the study config's SAE defaults are the trainer's
+
 ARCHS = ("relu", "topk", "batchtopk", "jumprelu")
 DTYPES = ("float32", "bfloat16")
 SPARSE_KERNELS = ("auto", "csr", "dense")
@@ -21,14 +25,14 @@ class TrainConfig:
     arch: str = "relu"  # relu | topk | batchtopk | jumprelu
     d_sae: int = 2048  # number of features (16× d_model is the study's expansion)
     total_tokens: int = 1_000_000  # token budget; steps = total_tokens // batch_size
-    batch_size: int = 4096  # tokens per step (the study: 4096 pre-training, 256 fine-tuning)
-    lr: float = 4e-4  # Adam LR (Conerly et al. April 2024 update uses ~5e-5 at scale; small SAEs like more)
+    batch_size: int = _SAE.batch_size  # tokens per step (the study: 4096 pre-training, 256 fine-tuning)
+    lr: float = _SAE.lr  # Adam LR (Conerly et al. April 2024 update uses ~5e-5 at scale; small SAEs like more)
     adam_betas: tuple[float, float] = (0.9, 0.999)  # Adam betas
     lr_warmup_frac: float = 0.0  # linear warm-up from 0 over this fraction of steps
     lr_decay_frac: float = 0.2  # linear decay to 0 over the last fraction of steps (April update: 20%)
-    l1_coefficient: float = 5.0  # relu: weight of Σ_f f·‖W_dec_f‖ (scaled units, mean over tokens)
+    l1_coefficient: float = _SAE.l1_coefficient  # relu: weight of Σ_f f·‖W_dec_f‖ (scaled units, mean over tokens)
     l1_warmup_frac: float = 0.05  # relu/jumprelu: sparsity coefficient ramps 0 -> full over this fraction
-    k: int = 32  # topk: active features per token; batchtopk: mean active per token
+    k: int = _SAE.k  # topk: active features per token; batchtopk: mean active per token
     aux_k: int | None = None  # topk/batchtopk AuxK: dead latents used to model the residual (None: d_in // 2)
     aux_coefficient: float = 1 / 32  # AuxK loss weight (Gao et al.)
     jumprelu_init_threshold: float = 0.001  # initial threshold of every feature (scaled units)
