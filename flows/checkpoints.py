@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect import flow
-from prefect.futures import wait
+from prefect.futures import PrefectFuture, wait
 
 from sae_transfer.errors import UserError
 from sae_transfer.flows._runs import worker_pool
@@ -29,19 +29,57 @@ def _study_saes(config: StudyConfig) -> tuple[dict[str, list[SAERecord]], dict[s
     return saes, {hook: fut.result() for hook, fut in study.thresholds.items()}
 
 
-def _checkpoint_drift(config: StudyConfig, checkpoint: str, step: int, saes: dict[str, list[SAERecord]]) -> list:
-    """Cache the checkpoint's activations and briefly fine-tune the base SAE on them, per hook."""
+def _checkpoint_drift(config: StudyConfig, checkpoint: str, step: int, saes: dict[str, list]) -> list:
+    """Cache the checkpoint's activations and briefly fine-tune the base SAE on them, per hook
+    (waits for the checkpoint's cache and the base SAEs: call after everything else is submitted)."""
     layout, tokens = StudyLayout(config.results_dir), config.diffing.checkpoint_finetune_tokens
     corpus = config.corpus.model_copy(update={"train_tokens": tokens})
-    acts = cache_activations(checkpoint, list(saes), corpus, config.loading, config.act_dtype, str(layout.activations))
+    acts = cache_activations.submit(checkpoint, list(saes), corpus, config.loading, config.act_dtype,
+                                    str(layout.activations)).result()
     out = []
     for a in acts:
-        base = saes[a.hook][0]
+        base = _resolved(saes[a.hook][0])
         out_dir = run_dir(layout, "checkpoint-ft", a.hook, a.path, base.path, config.finetune.model_dump(), tokens,
                           config.seed)
         out.append(checkpoint_drift.submit(base, a, config.finetune, tokens, config.seed, config.device, out_dir,
                                            str(config.results_dir), step))
     return out
+
+
+def check_checkpoint(checkpoint: str) -> None:
+    """UserError unless `checkpoint` is a Hub id or a Hugging Face checkpoint folder."""
+    if is_local(checkpoint) and not (Path(checkpoint).expanduser() / "config.json").is_file():
+        raise UserError(f"checkpoint {checkpoint!r} is not a Hugging Face checkpoint folder (no config.json): "
+                        "pass a folder saved with save_pretrained, or a Hub repo@revision")
+
+
+def _resolved(value):
+    """A record, or the result of a future of one."""
+    return value.result() if isinstance(value, PrefectFuture) else value
+
+
+def submit_checkpoint(config: StudyConfig, checkpoint: str, step: int, saes: dict[str, list],
+                      thresholds: dict[str, object]) -> list[PrefectFuture]:
+    """Submit the evaluation of every study SAE on `checkpoint` at every hook (and, when
+    configured, the brief fine-tune that measures latent drift) in the calling flow. `saes`:
+    hook -> SAE records or futures (base first); `thresholds`: hook -> threshold or its future."""
+    check_checkpoint(checkpoint)
+    label = f"step-{step}" if step >= 0 else None
+    futures = [evaluate_transfer.submit(records, checkpoint, hook, config.eval_settings, str(config.results_dir),
+                                        threshold=thresholds.get(hook), revision_label=label)
+               for hook, records in saes.items()]
+    if config.diffing.enabled and config.diffing.checkpoint_finetune_tokens:
+        futures += _checkpoint_drift(config, checkpoint, step, saes)
+    return futures
+
+
+def finish_checkpoint(config: StudyConfig, checkpoint: str, step: int, futures: list[PrefectFuture]) -> dict:
+    """Wait for one checkpoint's evaluation, record it as evaluated and publish the drift so far."""
+    wait(futures)
+    rows = sum(f.result().rows.get("metrics", 0) for f in futures)
+    ckpt_id = record_checkpoint(config, checkpoint, step, "evaluated")
+    publish_drift(config, step)
+    return {"checkpoint": checkpoint, "checkpoint_id": ckpt_id, "step": step, "metrics_rows": rows}
 
 
 @flow(name="evaluate_checkpoint", log_prints=True, task_runner=worker_pool())
@@ -50,20 +88,8 @@ def evaluate_checkpoint(config: StudyConfig, checkpoint: str, step: int = -1,
     """Evaluate every study SAE on `checkpoint` (a local HF folder, or a Hub `repo@revision`)
     at every hook; publish the drift table so far as an artifact. `saes` and `thresholds` are
     the study's (hook -> records, hook -> threshold); when not given, the study's own tasks
-    provide them."""
-    if is_local(checkpoint) and not (Path(checkpoint).expanduser() / "config.json").is_file():
-        raise UserError(f"checkpoint {checkpoint!r} is not a Hugging Face checkpoint folder (no config.json): "
-                        "pass a folder saved with save_pretrained, or a Hub repo@revision")
+    provide them (cache hits once the study has run)."""
+    check_checkpoint(checkpoint)
     if saes is None or thresholds is None:
         saes, thresholds = _study_saes(config)
-    label = f"step-{step}" if step >= 0 else None
-    futures = [evaluate_transfer.submit(records, checkpoint, hook, config.eval_settings, str(config.results_dir),
-                                        threshold=thresholds.get(hook), revision_label=label)
-               for hook, records in saes.items()]
-    if config.diffing.enabled and config.diffing.checkpoint_finetune_tokens:
-        futures += _checkpoint_drift(config, checkpoint, step, saes)
-    wait(futures)
-    rows = sum(f.result().rows.get("metrics", 0) for f in futures)
-    ckpt_id = record_checkpoint(config, checkpoint, step, "evaluated")
-    publish_drift(config, step)
-    return {"checkpoint": checkpoint, "checkpoint_id": ckpt_id, "step": step, "metrics_rows": rows}
+    return finish_checkpoint(config, checkpoint, step, submit_checkpoint(config, checkpoint, step, saes, thresholds))

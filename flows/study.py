@@ -1,8 +1,8 @@
 """transfer_study: the whole DAG for one study config.
 
 pair -> caches (base, chat) -> SAEs (base, chat) -> fine-tuned base SAE -> transfer matrix,
-outliers, segments, position curves, weight diffs, feature diffing -> checkpoint drift -> report.
-Every hook's work is submitted before the flow waits on any of it; the heavy steps run in worker
+outliers, segments, position curves, weight diffs, feature diffing, new fine-tuning checkpoints
+-> report. Every hook's (and checkpoint's) work is submitted before the flow waits on any of it; the heavy steps run in worker
 processes (`_runs.worker_pool`), each step receives the records it depends on.
 """
 
@@ -16,7 +16,8 @@ from prefect.futures import wait
 
 from sae_transfer.flows._runs import current_run_id, shared_api, step_timings, worker_pool
 from sae_transfer.flows.saes import StudySAEs, cache_pair, run_dir, submit_saes
-from sae_transfer.flows.watch import watch_checkpoints
+from sae_transfer.flows.checkpoints import finish_checkpoint, submit_checkpoint
+from sae_transfer.flows.watch import new_checkpoints
 from sae_transfer.storage.layout import StudyLayout
 from sae_transfer.study import StudyConfig
 from sae_transfer.tasks._cache import code_version
@@ -24,6 +25,7 @@ from sae_transfer.tasks.diffing import causal_check, diff_crosscoder, diff_saes,
 from sae_transfer.tasks.evaluate import (evaluate_segments, evaluate_transfer, make_rollouts, position_curves, tag_outliers,
                                          weight_diff)
 from sae_transfer.tasks.models import prepare_pair
+from sae_transfer.tasks.checkpoints import publish_watch
 from sae_transfer.tasks.report import build_report, record_run
 
 
@@ -80,13 +82,17 @@ def transfer_study(config: StudyConfig) -> dict:
     pending = [weight_diff.submit(pair.base, pair.chat, results), *_evaluations(config, study, pair, made)]
     if config.diffing.enabled:
         pending += _diffing(config, study, pair, made)
+    found, new = new_checkpoints(config) if pair.checkpoints or config.pair.checkpoints_repo else ([], [])
+    saes = {hook: study.of(hook) for hook in config.hooks}
+    checkpoints = [(c, submit_checkpoint(config, c.path, c.step, saes, study.thresholds)) for c in new]
     wait(pending)
     for fut in pending:
         fut.result()  # surface the first failure
     update_progress_artifact(progress, 80.0, description=f"study {config.name}: checkpoints and report")
-    saes = {hook: [fut.result() for fut in study.of(hook)] for hook in config.hooks}
-    thresholds = {hook: fut.result() for hook, fut in study.thresholds.items()}
-    drift = watch_checkpoints(config, saes=saes, thresholds=thresholds, build=False) if pair.checkpoints else {}
+    for ckpt, futures in checkpoints:
+        finish_checkpoint(config, ckpt.path, ckpt.step, futures)
+    if found:
+        publish_watch(config, found, new, "inline")
     report = build_report(config)
     update_progress_artifact(progress, 100.0, description=f"study {config.name}: done")
     timings = step_timings()
@@ -94,7 +100,7 @@ def transfer_study(config: StudyConfig) -> dict:
     timings["total"] = (time.perf_counter() - started, all(steps))
     record_run(config, "transfer_study", current_run_id(), timings)
     return {"report": report, "results": results, "seconds": round(time.perf_counter() - started, 1),
-            "steps": len(steps), "cached_steps": sum(steps), "checkpoints": drift.get("evaluated", [])}
+            "steps": len(steps), "cached_steps": sum(steps), "checkpoints": [c.path for c in new]}
 
 
 def run_study(config: StudyConfig) -> str:

@@ -4,26 +4,15 @@ from __future__ import annotations
 
 from prefect import flow, get_run_logger
 
-from sae_transfer.checkpoints import checkpoint_id, scan_folder, scan_hub
+from sae_transfer.checkpoints import Checkpoint, checkpoint_id, scan_folder, scan_hub
 from sae_transfer.study import StudyConfig
 from sae_transfer.tasks.checkpoints import publish_watch, record_checkpoint, seen_ids
 from sae_transfer.tasks.records import SAERecord
 
 
-@flow(name="watch_checkpoints", log_prints=True)
-def watch_checkpoints(config: StudyConfig, via_deployment: bool = False,
-                      deployment: str = "evaluate_checkpoint/demo-checkpoint", build: bool = True,
-                      saes: dict[str, list[SAERecord]] | None = None, thresholds: dict[str, dict] | None = None) -> dict:
-    """Scan the checkpoint folder (and Hub repo, if configured); start one evaluation per new one.
-
-    `via_deployment`: start each evaluation as a run of `deployment`, keyed by an idempotency
-    key of (study, checkpoint id) so a checkpoint is never evaluated twice even when two
-    watchers race; otherwise evaluate inline as subflows, with the study's `saes` and `thresholds`
-    when the caller has them (the study flow). A markdown artifact says what was new.
-    """
-    from sae_transfer.flows.checkpoints import evaluate_checkpoint
-
-    log = get_run_logger()
+def new_checkpoints(config: StudyConfig) -> tuple[list[Checkpoint], list[Checkpoint]]:
+    """(every checkpoint found, the ones never seen before): scans the checkpoint folder and Hub
+    repo (if configured) and records each new one as "seen", so no later watch starts it again."""
     found = scan_folder(config.pair.checkpoints) if config.pair.checkpoints else []
     if config.pair.checkpoints_repo:
         found += scan_hub(config.pair.checkpoints_repo)
@@ -34,15 +23,34 @@ def watch_checkpoints(config: StudyConfig, via_deployment: bool = False,
             continue
         seen.add(ckpt_id)  # a branch and a tag on one commit are one checkpoint
         record_checkpoint(config, ckpt.path, ckpt.step, "seen")
+        new.append(ckpt)
+    return found, new
+
+
+@flow(name="watch_checkpoints", log_prints=True)
+def watch_checkpoints(config: StudyConfig, via_deployment: bool = False,
+                      deployment: str = "evaluate_checkpoint/demo-checkpoint", build: bool = True,
+                      saes: dict[str, list[SAERecord]] | None = None, thresholds: dict[str, dict] | None = None) -> dict:
+    """Scan for checkpoints; start one evaluation per new one.
+
+    `via_deployment`: start each evaluation as a run of `deployment`, keyed by an idempotency
+    key of (study, checkpoint id) so a checkpoint is never evaluated twice even when two
+    watchers race; otherwise evaluate inline as `evaluate_checkpoint` subflows, with the study's
+    `saes` and `thresholds` when the caller has them. A markdown artifact says what was new.
+    """
+    from sae_transfer.flows.checkpoints import evaluate_checkpoint
+
+    log = get_run_logger()
+    found, new = new_checkpoints(config)
+    for ckpt in new:
         if via_deployment:
             from prefect.deployments import run_deployment
 
             run = run_deployment(deployment, parameters={"config": config.model_dump(), "checkpoint": ckpt.path, "step": ckpt.step},
-                                 idempotency_key=f"{config.fingerprint()}-{ckpt_id}", timeout=0)
+                                 idempotency_key=f"{config.fingerprint()}-{checkpoint_id(ckpt.path)}", timeout=0)
             log.info("started %s for %s (run %s)", deployment, ckpt.path, run.id)
         else:
             evaluate_checkpoint(config, ckpt.path, ckpt.step, saes=saes, thresholds=thresholds)
-        new.append(ckpt)
     if build and new and not via_deployment:
         from sae_transfer.tasks.report import build_report
 
