@@ -25,7 +25,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # Fresh Prefect databases migrate for 25-35 s on a 2-core machine; the 20 s default times out.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: setup demo test test-latest lock bench clean
+.PHONY: setup demo test lint test-latest lock bench clean
 
 setup: $(STAMP)
 
@@ -46,8 +46,12 @@ endif
 demo: setup
 	$(BIN)/sae-transfer demo
 
-test: setup
+# The linter first (ruff, configured in pyproject.toml), then the suite.
+test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check .
 
 # The suite on the newest releases (resolved now, within pyproject's ranges) in $(LATEST)/venv;
 # prints which locked versions moved. Exit status is the suite's.

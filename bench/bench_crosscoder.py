@@ -25,7 +25,6 @@ import time
 
 import torch
 
-from sae_transfer.diffing.crosscoder import CrossCoder
 from sae_transfer.diffing.crosscoder_run import CrosscoderConfig, new_run
 from sae_transfer.diffing.paired import PairedCaches
 from sae_transfer.training.config import TrainConfig

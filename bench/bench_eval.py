@@ -60,8 +60,8 @@ def median(values: list[float]) -> float:
 
 
 def main() -> None:
-    from sae_transfer.evals.transfer import EvalConfig, TokenSet, evaluate_saes, norm_pass
     from sae_transfer.attention import attention_of
+    from sae_transfer.evals.transfer import EvalConfig, TokenSet, evaluate_saes, norm_pass
     from sae_transfer.models import load_model
     from sae_transfer.sae import ReluSAE, SAEConfig
 

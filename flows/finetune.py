@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from prefect import flow
 
-from sae_transfer.study import StudyConfig
 from sae_transfer.storage.fingerprint import hash_payload
 from sae_transfer.storage.layout import StudyLayout, slug
+from sae_transfer.study import StudyConfig
+from sae_transfer.tasks._cache import code_version
 from sae_transfer.tasks.activations import cache_activations
 from sae_transfer.tasks.records import SAERecord
-from sae_transfer.tasks._cache import code_version
-from sae_transfer.tasks.sae import TRAINING_CODE, finetune_sae as finetune_task
+from sae_transfer.tasks.sae import TRAINING_CODE
+from sae_transfer.tasks.sae import finetune_sae as finetune_task
 
 
 @flow(name="finetune_sae", log_prints=True)

@@ -15,17 +15,23 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import wait
 
 from sae_transfer.flows._runs import current_run_id, shared_api, step_timings, worker_pool
-from sae_transfer.flows.saes import StudySAEs, cache_pair, run_dir, submit_saes
 from sae_transfer.flows.checkpoints import finish_checkpoint, submit_checkpoint
+from sae_transfer.flows.saes import StudySAEs, cache_pair, run_dir, submit_saes
 from sae_transfer.flows.watch import new_checkpoints
 from sae_transfer.storage.layout import StudyLayout
 from sae_transfer.study import StudyConfig
 from sae_transfer.tasks._cache import code_version
-from sae_transfer.tasks.diffing import causal_check, diff_crosscoder, diff_saes, train_crosscoder
-from sae_transfer.tasks.evaluate import (evaluate_segments, evaluate_transfer, make_rollouts, position_curves, tag_outliers,
-                                         weight_diff)
-from sae_transfer.tasks.models import prepare_pair
 from sae_transfer.tasks.checkpoints import publish_watch
+from sae_transfer.tasks.diffing import causal_check, diff_crosscoder, diff_saes, train_crosscoder
+from sae_transfer.tasks.evaluate import (
+    evaluate_segments,
+    evaluate_transfer,
+    make_rollouts,
+    position_curves,
+    tag_outliers,
+    weight_diff,
+)
+from sae_transfer.tasks.models import prepare_pair
 from sae_transfer.tasks.report import build_report, record_run
 
 

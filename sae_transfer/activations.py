@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ class HookBatch:
     norms: dict[str, torch.Tensor] = field(default_factory=dict)  # hook -> [b, S] float32 raw L2 norms, host
     ready: object | None = None  # torch.cuda.Event recorded after the batch's copies; None: already on the host
 
-    def wait(self, hooks=None) -> "HookBatch":
+    def wait(self, hooks=None) -> HookBatch:
         """Block until the batch's device-to-host copies have landed; returns the batch.
 
         Raises UserError when a float16 cast of one of `hooks` (default: all) overflowed, i.e. a

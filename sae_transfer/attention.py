@@ -64,7 +64,9 @@ def apply_attention(bridge, choice: str, device: str | torch.device) -> str:
 
 def _sdpa_blocker(bridge) -> str | None:
     """Why this model cannot run SDPA through the bridge (None when it can)."""
-    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge  # deferred: transformer_lens takes seconds to import
+    from transformer_lens.model_bridge.generalized_components.attention import (
+        AttentionBridge,  # deferred: transformer_lens takes seconds to import
+    )
     from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
         PositionEmbeddingsAttentionBridge,
     )
@@ -84,7 +86,9 @@ def use_attention(bridge, impl: str) -> str:
 
     Raises UserError when SDPA was asked for and this model cannot use it.
     """
-    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge  # deferred: transformer_lens takes seconds to import
+    from transformer_lens.model_bridge.generalized_components.attention import (
+        AttentionBridge,  # deferred: transformer_lens takes seconds to import
+    )
     from transformer_lens.model_bridge.generalized_components.position_embeddings_attention import (
         PositionEmbeddingsAttentionBridge,
     )

@@ -8,9 +8,9 @@ import hashlib
 import json
 import logging
 import sysconfig
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import pyarrow.parquet as pq
 import torch

@@ -196,7 +196,7 @@ class StudyConfig(_Section):
     runner: RunnerSection = Field(RunnerSection(), description="worker processes of the DAG's heavy steps")
 
     @model_validator(mode="after")
-    def _check(self) -> "StudyConfig":
+    def _check(self) -> StudyConfig:
         if not self.hooks:
             raise ValueError("hooks: name at least one hook, e.g. blocks.6.hook_resid_pre")
         return self

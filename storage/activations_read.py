@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -87,7 +87,7 @@ class _Loaded:
 class _Prefetch:
     """An epoch's row groups in order, each read on the reader's worker thread `depth` groups ahead."""
 
-    def __init__(self, reader: "ActivationReader", order: list[int], depth: int = 2):
+    def __init__(self, reader: ActivationReader, order: list[int], depth: int = 2):
         self.reader, self.order, self.depth = reader, order, depth
         self.next_index = 0
         self.futures: deque = deque()
@@ -252,7 +252,7 @@ class ActivationReader:
                 return
             free = perm[:k].sort().values  # ascending slots: index_copy_ runs ~25% faster
 
-    def _fill(self, free: torch.Tensor, order: "_Prefetch") -> torch.Tensor:
+    def _fill(self, free: torch.Tensor, order: _Prefetch) -> torch.Tensor:
         """Move pending rows into the `free` slots; returns the slots still free (data ran out)."""
         at = 0
         while at < len(free):

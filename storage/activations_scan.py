@@ -10,9 +10,9 @@ seq_id order); `scan_pairs` zips two datasets row by row and refuses any row who
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -39,7 +39,7 @@ class RowBatch:
     def __len__(self) -> int:
         return int(self.seq_id_B.shape[0])
 
-    def slice(self, start: int, stop: int) -> "RowBatch":
+    def slice(self, start: int, stop: int) -> RowBatch:
         """Rows start..stop-1 (views, no copy)."""
         return RowBatch(*(t[start:stop] for t in (self.seq_id_B, self.pos_B, self.token_id_B, self.role_B, self.acts_BD)))
 

@@ -18,17 +18,23 @@ import math
 import os
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sae_transfer.storage.activations import (
-    ELEMENT_DTYPES, FORMAT_VERSION, LEGACY_MANIFEST, MANIFEST, PROGRESS, activation_schema, role_dictionary,
+    ELEMENT_DTYPES,
+    FORMAT_VERSION,
+    LEGACY_MANIFEST,
+    MANIFEST,
+    PROGRESS,
+    activation_schema,
+    role_dictionary,
 )
 from sae_transfer.storage.fingerprint import sha256_file
 

@@ -8,7 +8,7 @@ treat them like every other result table. Per-latent tables are long: one row pe
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import pyarrow as pa

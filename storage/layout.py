@@ -46,7 +46,7 @@ class RunLayout:
         return self.root / self.TRAINING_LOG_DIR
 
     @classmethod
-    def holding(cls, sae_dir: str | Path) -> "RunLayout | None":
+    def holding(cls, sae_dir: str | Path) -> RunLayout | None:
         """The run whose SAE folder is `sae_dir`, or None for an SAE folder outside a run."""
         sae_dir = Path(sae_dir)
         return cls(sae_dir.parent) if sae_dir.name == cls.SAE_DIR else None

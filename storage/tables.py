@@ -12,8 +12,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 import uuid
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -231,7 +231,7 @@ KEYS: dict[str, ResultKey] = {
 
 def now_utc() -> dt.datetime:
     """Timestamp for `created_at` columns."""
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def table_dir(results_dir: str | Path, name: str) -> Path:

@@ -61,7 +61,7 @@ def _jsonable(name: str, value: object, paths: bool = True) -> object:
     return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _source_hash(module_name: str) -> str:
     """sha256 of a module's source, or of every .py file of a package (sorted by path)."""
     module = importlib.import_module(module_name)

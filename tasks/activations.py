@@ -18,7 +18,8 @@ def cache_activations(
     revision: str | None = None,
 ) -> list[ActsRecord]:
     """Cache `corpus.train_tokens` training-split tokens of every hook of `model` under `out_dir`."""
-    from sae_transfer.activations import CacheConfig, cache_activations as cache
+    from sae_transfer.activations import CacheConfig
+    from sae_transfer.activations import cache_activations as cache
     from sae_transfer.corpus import CorpusConfig
 
     cfg = CacheConfig(

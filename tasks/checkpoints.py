@@ -7,9 +7,9 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from sae_transfer.checkpoints import Checkpoint, checkpoint_id
-from sae_transfer.study import StudyConfig
 from sae_transfer.storage import tables
 from sae_transfer.storage.layout import slug
+from sae_transfer.study import StudyConfig
 
 
 def _key(config: StudyConfig, what: str) -> str:

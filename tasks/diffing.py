@@ -59,7 +59,8 @@ def diff_saes(saes: list[SAERecord], base_acts: ActsRecord, chat_acts: ActsRecor
 def train_crosscoder(base_acts: ActsRecord, chat_acts: ActsRecord, plan: CrosscoderPlan, device: str | None,
                      out_dir: str) -> SAERecord:
     """A BatchTopK crosscoder on the paired base/chat caches (resumes if interrupted)."""
-    from sae_transfer.diffing.crosscoder_run import CrosscoderConfig, train_crosscoder as train
+    from sae_transfer.diffing.crosscoder_run import CrosscoderConfig
+    from sae_transfer.diffing.crosscoder_run import train_crosscoder as train
     from sae_transfer.diffing.paired import open_pair
     from sae_transfer.training.config import TrainConfig
 

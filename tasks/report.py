@@ -9,8 +9,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 import sae_transfer
-from sae_transfer.study import StudyConfig, config_json
 from sae_transfer.storage import tables
+from sae_transfer.study import StudyConfig, config_json
 
 
 def release_version() -> str:

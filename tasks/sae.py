@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from sae_transfer.study import FinetuneSection, SAESection
 from sae_transfer.storage.layout import RunLayout
+from sae_transfer.study import FinetuneSection, SAESection
 from sae_transfer.tasks._cache import cached, run_name
 from sae_transfer.tasks.records import ActsRecord, SAERecord
 

@@ -9,7 +9,7 @@ from sae_transfer.study import parse_study
 HOOK = "blocks.1.hook_resid_pre"
 
 
-def tiny_study(root: Path, name: str = "tiny") -> "StudyConfig":  # noqa: F821
+def tiny_study(root: Path, name: str = "tiny") -> StudyConfig:  # noqa: F821
     """Study config writing under `root`: tiny pair (built on first use), small budgets."""
     pair = root / "pair"
     return parse_study({

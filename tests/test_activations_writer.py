@@ -14,7 +14,13 @@ from sae_transfer.activations import CacheConfig, cache_activations, dataset_met
 from sae_transfer.corpus import ROLE_CODE, CorpusConfig
 from sae_transfer.errors import UserError
 from sae_transfer.storage.activations import (
-    KEY_FIELDS, MANIFEST, PROGRESS, ActivationDataset, dataset_dirname, decode_acts, is_complete,
+    KEY_FIELDS,
+    MANIFEST,
+    PROGRESS,
+    ActivationDataset,
+    dataset_dirname,
+    decode_acts,
+    is_complete,
 )
 from tests._tiny import tiny_corpus_dir, tiny_model_dir, write_synthetic_dataset
 

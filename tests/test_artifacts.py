@@ -7,9 +7,8 @@ import json
 
 import pytest
 
-from sae_transfer.storage import catalog
-from sae_transfer.storage.layout import StudyLayout
 from sae_transfer.sae.io import save_sae
+from sae_transfer.storage import catalog
 from sae_transfer.storage.tables import read_table
 from tests._hub import fake_hub_cache, fake_refs
 from tests._tiny import tiny_corpus_dir, tiny_model_dir

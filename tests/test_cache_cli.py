@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from sae_transfer.cli import main
-from sae_transfer.storage.activations import MANIFEST, PROGRESS, ActivationDataset
 from sae_transfer.errors import UserError
+from sae_transfer.storage.activations import MANIFEST, PROGRESS, ActivationDataset
 from tests._tiny import tiny_corpus_dir, tiny_model_dir
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -107,7 +107,7 @@ CASES = {
     "weight-diff on a truncated model": (lambda f: ["weight-diff", "--base", f["model"], "--chat", f["model"], "--out",
                                                     f["root"] / "w"], "model.safetensors is damaged"),
     "train on an empty folder": (lambda f: ["train", "--acts", f["empty"], "--d-sae", "8", "--tokens", "1k", "--out",
-                                            f["root"] / "run2"], str("empty")),
+                                            f["root"] / "run2"], "empty"),
     "evaluate an empty SAE folder": (lambda f: _eval(f, sae=f["empty"]), "is not an SAE folder"),
     "segments with a broken prompts file": (lambda f: ["segments", "--sae", f["sae"], "--model", f["model"], "--hook", HOOK,
                                                        "--out", f["root"] / "s", "--prompts", f["prompts"]], "bad.jsonl"),

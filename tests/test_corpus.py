@@ -10,8 +10,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from sae_transfer.corpus import (
-    ROLE_CODE, CorpusConfig, Document, corpus_fingerprint, is_eval_document, iter_documents,
-    split_documents, stdlib_files, stdlib_root, tokenize_sequences,
+    ROLE_CODE,
+    CorpusConfig,
+    Document,
+    corpus_fingerprint,
+    is_eval_document,
+    iter_documents,
+    split_documents,
+    stdlib_files,
+    stdlib_root,
+    tokenize_sequences,
 )
 from sae_transfer.errors import UserError
 

@@ -11,7 +11,14 @@ import torch
 
 from sae_transfer.corpus import ROLE_CODE, CorpusConfig
 from sae_transfer.demo import (
-    PRESETS, DemoPairConfig, build_demo_pair, chat_messages, checkpoint_steps, demo_paths, encode_chat, instruction_pairs,
+    PRESETS,
+    DemoPairConfig,
+    build_demo_pair,
+    chat_messages,
+    checkpoint_steps,
+    demo_paths,
+    encode_chat,
+    instruction_pairs,
 )
 from sae_transfer.demo.build import _is_built
 from sae_transfer.demo.loop import IGNORE, lr_at, mean_token_loss, train_loop, unigram_loss

@@ -10,15 +10,15 @@ import torch
 
 from sae_transfer.diffing import crosscoder_run
 from sae_transfer.diffing.crosscoder import CLASSES, CrossCoder, Taxonomy, classify, latent_table
+from sae_transfer.diffing.crosscoder_io import load_crosscoder, save_crosscoder
 from sae_transfer.diffing.crosscoder_run import CrosscoderConfig, train_crosscoder
 from sae_transfer.diffing.latent_scaling import LatentScaler, sae_scaling
 from sae_transfer.diffing.paired import PairedSource, iter_paired, open_pair
 from sae_transfer.errors import UserError
 from sae_transfer.sae import SAEConfig, make_sae
+from sae_transfer.storage import checkpoints as ckpt
 from sae_transfer.training.config import TrainConfig
 from sae_transfer.training.trainers.crosscoder import CrosscoderTrainer
-from sae_transfer.storage import checkpoints as ckpt
-from sae_transfer.diffing.crosscoder_io import load_crosscoder, save_crosscoder
 
 D = 8
 

@@ -10,12 +10,12 @@ import torch
 from sae_transfer.activations import CacheConfig, cache_activations
 from sae_transfer.corpus import CorpusConfig
 from sae_transfer.diffing.crosscoder import CLASSES, class_counts, latent_table
+from sae_transfer.diffing.crosscoder_io import load_crosscoder
 from sae_transfer.diffing.crosscoder_run import CrosscoderConfig, train_crosscoder
 from sae_transfer.diffing.latent_scaling import crosscoder_scaling
 from sae_transfer.diffing.paired import iter_paired, open_pair
 from sae_transfer.diffing.planted import build_planted, load_planted, planted_mask
 from sae_transfer.training.config import TrainConfig
-from sae_transfer.diffing.crosscoder_io import load_crosscoder
 
 HOOK = "blocks.0.hook_resid_pre"  # Llama: the embedding itself, so +α·v is exact at planted rows
 TRAIN = TrainConfig(arch="batchtopk", d_sae=128, k=4, lr=1e-3, total_tokens=300_000, batch_size=512,

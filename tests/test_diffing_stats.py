@@ -125,15 +125,15 @@ def test_min_contribution_ignores_tiny_leaks(tmp_path):
 def planted(tmp_path_factory):
     """The planted "added" pair and its control, cached at blocks.1, and a small ReLU SAE trained
     on the planted chat model's cache with the project's trainer."""
+    import os
+    from pathlib import Path
+
     from sae_transfer.activations import CacheConfig, cache_activations
     from sae_transfer.corpus import CorpusConfig
     from sae_transfer.diffing.planted import build_planted
     from sae_transfer.evals.loading import load_saes
     from sae_transfer.training.api import train_on_dataset
     from sae_transfer.training.config import TrainConfig
-
-    import os
-    from pathlib import Path
 
     root = tmp_path_factory.mktemp("planted")
     # the pairs and their caches are content-addressed: other planted tests of the session reuse them

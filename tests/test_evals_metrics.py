@@ -9,9 +9,9 @@ import torch
 
 from sae_transfer.evals.bootstrap import ce_score_ci
 from sae_transfer.evals.metrics import ReconAccumulator, reconstruction_metrics
-from sae_transfer.sae.scaling import scale_factor_of
 from sae_transfer.sae import ReluSAE, SAEConfig
 from sae_transfer.sae import metrics as sae_metrics
+from sae_transfer.sae.scaling import scale_factor_of
 
 
 def lossless_sae(d: int) -> ReluSAE:

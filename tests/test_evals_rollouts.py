@@ -23,7 +23,6 @@ from sae_transfer.evals.run import chat_transcripts, segment_records
 from sae_transfer.evals.segments import segment_mask
 from sae_transfer.evals.transfer import EvalConfig
 from sae_transfer.models import load_model
-from sae_transfer.storage.tables import read_table
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}### {{ m['role'] }}:\n{{ m['content'] }}\n{% endfor %}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from sae_transfer.corpus import ROLE_CODE
 from sae_transfer.errors import UserError

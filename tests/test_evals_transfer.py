@@ -8,12 +8,12 @@ import math
 import pytest
 import torch
 
-from tests._tiny import tiny_model_dir
 from sae_transfer.evals import splice
 from sae_transfer.evals.outliers import OutlierRule
 from sae_transfer.evals.transfer import EvalConfig, TokenSet, evaluate_saes, norm_pass
 from sae_transfer.models import load_model
 from sae_transfer.sae import ReluSAE, SAEConfig
+from tests._tiny import tiny_model_dir
 from tests.test_evals_metrics import lossless_sae
 
 HOOK = "blocks.1.hook_resid_pre"

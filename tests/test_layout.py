@@ -7,18 +7,18 @@ import json
 
 import torch
 
+from sae_transfer.storage.layout import RunLayout, StudyLayout
 from sae_transfer.training import TrainConfig
 from sae_transfer.training.run import train_sae
 from sae_transfer.training.sources import in_memory_factory
-from sae_transfer.storage.layout import RunLayout, StudyLayout
 
 HOOK = "blocks.0.hook_resid_pre"
 
 
 def test_every_reader_finds_what_the_trainer_wrote(tmp_path):
     from sae_transfer.evals.loading import load_saes
-    from sae_transfer.training.api import parent_config
     from sae_transfer.storage import catalog
+    from sae_transfer.training.api import parent_config
 
     study = StudyLayout(tmp_path)
     acts = torch.randn(2048, 8, generator=torch.Generator().manual_seed(0))

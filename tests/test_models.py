@@ -13,7 +13,12 @@ from sae_transfer.demo.pretrain import build_model
 from sae_transfer.demo.tokenizer import train_tokenizer
 from sae_transfer.errors import UserError
 from sae_transfer.models import (
-    check_hooks, hook_names, layer_of, load_model, model_identity, weights_fingerprint,
+    check_hooks,
+    hook_names,
+    layer_of,
+    load_model,
+    model_identity,
+    weights_fingerprint,
 )
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "class A:\n    pass\n", "import os\nprint(os.sep)\n"] * 20

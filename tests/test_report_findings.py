@@ -6,7 +6,12 @@ from __future__ import annotations
 import pandas as pd
 
 from sae_transfer.report.findings import (
-    drift_sentences, finetune_sentences, findings, outlier_sentence, segment_sentences, transfer_sentences,
+    drift_sentences,
+    findings,
+    finetune_sentences,
+    outlier_sentence,
+    segment_sentences,
+    transfer_sentences,
 )
 
 HOOK, HOOK2 = "blocks.2.hook_resid_pre", "blocks.3.hook_resid_pre"

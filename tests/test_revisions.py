@@ -9,8 +9,8 @@ from safetensors.torch import load_file
 
 from sae_transfer.errors import UserError
 from sae_transfer.models import ModelRef, load_model, model_identity, parse_model_spec
-from sae_transfer.study import PairConfig, parse_study
 from sae_transfer.sae.io import save_sae
+from sae_transfer.study import PairConfig, parse_study
 from tests._hub import fake_hub_cache
 from tests._tiny import tiny_corpus_dir, tiny_model_dir
 from tests.test_evals_metrics import lossless_sae

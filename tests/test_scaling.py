@@ -18,8 +18,8 @@ import torch
 from sae_transfer.activations import CacheConfig, cache_activations
 from sae_transfer.corpus import CorpusConfig
 from sae_transfer.sae import SAEConfig, make_sae
-from sae_transfer.sae.scaling import cross_model_ratio, fold_scale, rescaled, scale_factor_of, training_scale
 from sae_transfer.sae.io import load_sae, save_sae
+from sae_transfer.sae.scaling import cross_model_ratio, fold_scale, rescaled, scale_factor_of, training_scale
 from tests._tiny import tiny_corpus_dir, tiny_model_dir
 
 HOOK = "blocks.1.hook_resid_pre"
@@ -70,7 +70,6 @@ def pair(tmp_path_factory):
 
 def _rows(pair, model: str) -> dict:
     from sae_transfer.evals.api import evaluate_transfer
-
     from sae_transfer.study import parse_study
 
     settings = parse_study({"corpus": {"source": pair["corpus"].source}, "eval": {"tokens": 768, "bootstrap": 20},

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from sae_transfer.study import example_config, load_study, parse_study
 from sae_transfer.errors import UserError
+from sae_transfer.study import example_config, load_study, parse_study
 from tests import _synthetic_results as synth
 
 REPO = Path(__file__).resolve().parents[1]

@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 from sae_transfer.cli import app
 from sae_transfer.errors import UserError
 from sae_transfer.sae import metrics
-from sae_transfer.storage import checkpoints as ckpt
 from sae_transfer.sae.io import load_sae
+from sae_transfer.storage import checkpoints as ckpt
 from tests.test_training_loop import sparse_acts, write_cache
 
 runner = CliRunner()

@@ -12,12 +12,12 @@ from safetensors.torch import load_file
 
 from sae_transfer.errors import UserError
 from sae_transfer.sae import SAEConfig, make_sae
+from sae_transfer.storage import checkpoints as ckpt
 from sae_transfer.training import TrainConfig
 from sae_transfer.training.loop import TrainingRun, train_step
 from sae_transfer.training.run import fresh_run, train_sae
 from sae_transfer.training.sources import in_memory_factory
 from sae_transfer.training.trainers import make_trainer
-from sae_transfer.storage import checkpoints as ckpt
 from tests.test_training_loop import sparse_acts
 
 D = 16

@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from sae_transfer.errors import UserError
+from sae_transfer.storage import checkpoints as ckpt
 from sae_transfer.training import TrainConfig
 from sae_transfer.training.data import open_training_data
 from sae_transfer.training.run import train_sae
 from sae_transfer.training.sources import in_memory_factory
-from sae_transfer.storage import checkpoints as ckpt
 
 D = 16
 

@@ -16,7 +16,7 @@ import typer
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from sae_transfer.errors import UserError  # noqa: E402
+from sae_transfer.errors import UserError
 
 app = typer.Typer(
     help="Do sparse autoencoders transfer between base and chat models? Cache activations, "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -27,13 +26,13 @@ def cache(
     batch_tokens: str = typer.Option("16384", "--batch-tokens", help="Tokens per forward pass (whole sequences)."),
     split: str = typer.Option("train", "--split", help="Corpus split: train or eval."),
     prepend_bos: bool = typer.Option(True, "--prepend-bos/--no-prepend-bos", help="BOS at position 0 of every sequence."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of the model."),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA if available)."),
+    revision: str | None = typer.Option(None, "--revision", help="Hub revision of the model."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA if available)."),
     attn_implementation: str = typer.Option("auto", "--attn-implementation", help="auto (SDPA on CUDA, eager on CPU), eager (bit-exact with HF eager) or sdpa."),
     text_column: str = typer.Option("text", "--text-column", help="Text column of .jsonl/.parquet/Hub corpora."),
-    max_docs: Optional[int] = typer.Option(None, "--max-docs", min=1, help="Read at most this many documents."),
+    max_docs: int | None = typer.Option(None, "--max-docs", min=1, help="Read at most this many documents."),
     shard_size: str = typer.Option("128MiB", "--shard-size", help="Bytes per Parquet shard."),
-    row_group_rows: Optional[int] = typer.Option(None, "--row-group-rows", min=1, help="Rows per row group (default ~16 MiB groups)."),
+    row_group_rows: int | None = typer.Option(None, "--row-group-rows", min=1, help="Rows per row group (default ~16 MiB groups)."),
     full_forward: bool = typer.Option(False, "--full-forward", help="Run every layer instead of stopping after the deepest hook."),
     no_checksum: bool = typer.Option(False, "--no-checksum", help="Skip the sha256 of each shard."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),

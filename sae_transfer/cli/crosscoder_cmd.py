@@ -5,7 +5,6 @@ prints the crosscoder folder and, on stderr, the latent classes."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -40,11 +39,11 @@ def _caches(base_acts, chat_acts, base_model, chat_model, hook, corpus, cache_to
 
 def crosscoder(
     out: Path = typer.Option(..., "--out", help="Run folder: crosscoder/, checkpoints/, training_log/, run.json."),
-    base_acts: Optional[Path] = typer.Option(None, "--base-acts", help="Base model's activation cache folder."),
-    chat_acts: Optional[Path] = typer.Option(None, "--chat-acts", help="Chat model's cache folder (same corpus and hook)."),
-    base_model: Optional[str] = typer.Option(None, "--base-model", help="Base model (HF id or folder), cached first."),
-    chat_model: Optional[str] = typer.Option(None, "--chat-model", help="Chat model (HF id or folder), cached first."),
-    hook: Optional[str] = typer.Option(None, "--hook", help="Hook to cache with --base-model/--chat-model."),
+    base_acts: Path | None = typer.Option(None, "--base-acts", help="Base model's activation cache folder."),
+    chat_acts: Path | None = typer.Option(None, "--chat-acts", help="Chat model's cache folder (same corpus and hook)."),
+    base_model: str | None = typer.Option(None, "--base-model", help="Base model (HF id or folder), cached first."),
+    chat_model: str | None = typer.Option(None, "--chat-model", help="Chat model (HF id or folder), cached first."),
+    hook: str | None = typer.Option(None, "--hook", help="Hook to cache with --base-model/--chat-model."),
     corpus: str = typer.Option("stdlib", "--corpus", help="Corpus to cache on: 'stdlib', a file or folder, or a Hub id."),
     cache_tokens: str = typer.Option("1M", "--cache-tokens", help="Tokens to cache per model."),
     context_size: int = typer.Option(128, "--context-size", help="Tokens per cached sequence."),
@@ -56,7 +55,7 @@ def crosscoder(
     checkpoint_every: str = typer.Option("10M", "--checkpoint-every", help="Checkpoint every N tokens."),
     buffer_tokens: str = typer.Option("64k", "--buffer-tokens", help="Paired shuffle-buffer rows (memory: rows × 2 × d_model × 4 B)."),
     seed: int = typer.Option(0, "--seed"),
-    device: Optional[str] = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA if available)."),
+    device: str | None = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: CUDA if available)."),
     threads: int = typer.Option(0, "--threads", help="torch threads (0: default)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the crosscoder folder."),
 ) -> None:

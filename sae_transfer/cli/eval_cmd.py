@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -95,11 +94,11 @@ def _prepare(saes_dirs: list[str], models: list[str], hook: str):
 
 def evaluate(
     sae: list[str] = SaeOpt, model: list[str] = ModelOpt, hook: str = HookOpt, tokens: int = TokensOpt,
-    out: Path = OutOpt, corpus: str = CorpusOpt, context_size: Optional[int] = CtxOpt,
-    batch_tokens: int = BatchOpt, threshold: Optional[float] = ThreshOpt, mad_k: float = MadOpt,
+    out: Path = OutOpt, corpus: str = CorpusOpt, context_size: int | None = CtxOpt,
+    batch_tokens: int = BatchOpt, threshold: float | None = ThreshOpt, mad_k: float = MadOpt,
     k_median: float = KMedOpt, outlier_rule: str = RuleOpt,
     bootstrap: int = typer.Option(_EVAL.bootstrap, "--bootstrap", min=0, help="bootstrap resamples for the CE score CI"),
-    seed: int = SeedOpt, device: Optional[str] = DeviceOpt, dtype: str = DtypeOpt,
+    seed: int = SeedOpt, device: str | None = DeviceOpt, dtype: str = DtypeOpt,
     token_errors: bool = typer.Option(True, "--token-errors/--no-token-errors", help="write per-token errors (MSE vs norm)"),
 ) -> None:
     """Every SAE x every model: l0, CE loss recovered (+ bootstrap CI), KL, explained variance, mse,
@@ -127,8 +126,8 @@ def evaluate(
 def outliers(
     model: list[str] = ModelOpt, hook: str = HookOpt, tokens: int = TokensOpt, out: Path = OutOpt,
     corpus: str = CorpusOpt, context_size: int = typer.Option(128, "--context-size", min=2, help="tokens per sequence"),
-    batch_tokens: int = BatchOpt, threshold: Optional[float] = ThreshOpt, mad_k: float = MadOpt,
-    k_median: float = KMedOpt, outlier_rule: str = RuleOpt, device: Optional[str] = DeviceOpt, dtype: str = DtypeOpt,
+    batch_tokens: int = BatchOpt, threshold: float | None = ThreshOpt, mad_k: float = MadOpt,
+    k_median: float = KMedOpt, outlier_rule: str = RuleOpt, device: str | None = DeviceOpt, dtype: str = DtypeOpt,
 ) -> None:
     """Per-token norms and outlier flags -> OUT/outliers; the study's breakdown -> OUT/outlier_summary."""
     from sae_transfer.evals.run import outlier_records
@@ -154,8 +153,8 @@ def segments(
     prompts: str = typer.Option("demo", "--prompts", help="JSONL of {\"prompt\": ...}, 'demo', or a Hub dataset id"),
     max_prompts: int = typer.Option(50, "--max-prompts", min=1, help="prompts to use"),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="greedy rollout length"),
-    batch_tokens: int = BatchOpt, threshold: Optional[float] = ThreshOpt, mad_k: float = MadOpt,
-    k_median: float = KMedOpt, outlier_rule: str = RuleOpt, seed: int = SeedOpt, device: Optional[str] = DeviceOpt,
+    batch_tokens: int = BatchOpt, threshold: float | None = ThreshOpt, mad_k: float = MadOpt,
+    k_median: float = KMedOpt, outlier_rule: str = RuleOpt, seed: int = SeedOpt, device: str | None = DeviceOpt,
     dtype: str = DtypeOpt, corpus: str = CorpusOpt,
     tokens: int = typer.Option(_EVAL.tokens, "--tokens", min=1, help="main-corpus tokens for the scale factor and threshold"),
 ) -> None:
@@ -205,11 +204,11 @@ def weight_diff(
 
 def positions(
     sae: list[str] = SaeOpt, model: list[str] = ModelOpt, hook: str = HookOpt, tokens: int = TokensOpt,
-    out: Path = OutOpt, corpus: str = CorpusOpt, context_size: Optional[int] = CtxOpt,
+    out: Path = OutOpt, corpus: str = CorpusOpt, context_size: int | None = CtxOpt,
     multiples: str = typer.Option("1,2,4", "--multiples", help="context sizes to evaluate, as multiples of the SAE's"),
-    max_positions: Optional[int] = typer.Option(None, "--max-positions", min=2, help="longest sequence to try (default: the model config's max_position_embeddings; rotary models run past it)"),
-    batch_tokens: int = BatchOpt, threshold: Optional[float] = ThreshOpt, mad_k: float = MadOpt,
-    device: Optional[str] = DeviceOpt, dtype: str = DtypeOpt,
+    max_positions: int | None = typer.Option(None, "--max-positions", min=2, help="longest sequence to try (default: the model config's max_position_embeddings; rotary models run past it)"),
+    batch_tokens: int = BatchOpt, threshold: float | None = ThreshOpt, mad_k: float = MadOpt,
+    device: str | None = DeviceOpt, dtype: str = DtypeOpt,
 ) -> None:
     """MSE / explained variance by position bucket at 1x, 2x, 4x the SAE's training context
     (where the model allows) -> OUT/positions."""

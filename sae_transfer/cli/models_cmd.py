@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -19,7 +18,7 @@ def register(app: typer.Typer) -> None:
 def demo_models(
     out: Path = typer.Option(Path("artifacts/demo-models"), "--out", help="Folder for base/, chat/ and chat-checkpoints/."),
     force: bool = typer.Option(False, "--force", help="Rebuild even if a matching build is on disk."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: one per core)."),
+    threads: int | None = typer.Option(None, "--threads", min=1, help="torch CPU threads (default: one per core)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Build the offline demo pair (base pretrained on stdlib sources, chat fine-tuned from it); cached."""
@@ -52,10 +51,10 @@ def demo_models(
 
 def hooks(
     model: str = typer.Option(..., "--model", help="Hugging Face id or local checkpoint folder."),
-    contains: Optional[str] = typer.Option(None, "--contains", help="Only names containing this text, e.g. resid_pre."),
+    contains: str | None = typer.Option(None, "--contains", help="Only names containing this text, e.g. resid_pre."),
     check: list[str] = typer.Option([], "--check", help="Fail with close valid names unless this hook exists (repeatable)."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision of the model."),
-    device: Optional[str] = typer.Option("cpu", "--device", help="Device to boot the model on."),
+    revision: str | None = typer.Option(None, "--revision", help="Hub revision of the model."),
+    device: str | None = typer.Option("cpu", "--device", help="Device to boot the model on."),
 ) -> None:
     """Print the hook names MODEL serves, one per line (or check some with --check)."""
     from transformers.utils import logging as hf_logging

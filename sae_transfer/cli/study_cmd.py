@@ -6,7 +6,6 @@ import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -16,17 +15,17 @@ from sae_transfer.errors import UserError
 RESULTS_HELP = "study results folder (default: results/<study name> of --config, else results/demo)"
 
 
-def _config(config: Optional[Path]):
+def _config(config: Path | None):
     from sae_transfer.study import example_config, load_study
 
     return load_study(config or example_config("demo"))
 
 
-def _results(results: Optional[Path], config: Optional[Path]) -> Path:
+def _results(results: Path | None, config: Path | None) -> Path:
     return results or _config(config).results_dir
 
 
-def _pair_from_results(results: Path, config: Optional[Path]) -> tuple[str, str]:
+def _pair_from_results(results: Path, config: Path | None) -> tuple[str, str]:
     """Base and chat ids: from --config, else the latest recorded run, else the demo config."""
     if config is None:
         from sae_transfer.storage import catalog
@@ -76,8 +75,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def watch(
-        config: Optional[Path] = typer.Option(None, help="study config (default: the demo study)"),
-        checkpoints: Optional[Path] = typer.Option(None, help="folder of checkpoints (default: the config's pair.checkpoints)"),
+        config: Path | None = typer.Option(None, help="study config (default: the demo study)"),
+        checkpoints: Path | None = typer.Option(None, help="folder of checkpoints (default: the config's pair.checkpoints)"),
     ) -> None:
         """Evaluate every checkpoint not seen before (once each), then rebuild the report."""
         from sae_transfer.flows._runs import shared_api
@@ -92,8 +91,8 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def report(
-        results: Optional[Path] = typer.Option(None, help=RESULTS_HELP),
-        config: Optional[Path] = typer.Option(None, help="study config naming the pair (default: the latest run's)"),
+        results: Path | None = typer.Option(None, help=RESULTS_HELP),
+        config: Path | None = typer.Option(None, help="study config naming the pair (default: the latest run's)"),
     ) -> None:
         """Build the HTML + Markdown base-vs-chat report from the DuckDB catalog."""
         from sae_transfer.report.build import build_report
@@ -111,7 +110,7 @@ def register(app: typer.Typer) -> None:
         query: str = typer.Argument(..., help="SQL over the views metrics, outliers, outlier_summary, token_errors, "
                                     "training_log, weight_diff, positions, rollouts, checkpoints, runs, latent_stats, latent_matches, "
                                     "latent_drift, crosscoder_latents, latent_scaling, latent_examples, latent_histograms, latent_ablation"),
-        results: Optional[Path] = typer.Option(None, help=RESULTS_HELP),
+        results: Path | None = typer.Option(None, help=RESULTS_HELP),
         format: str = typer.Option("table", "--format", "-f", help="table, csv or json"),
         limit: int = typer.Option(200, min=0, help="rows shown in table format"),
     ) -> None:

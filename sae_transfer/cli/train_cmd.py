@@ -4,14 +4,12 @@ fine-tune an existing SAE on another model's activations. Both resume; both prin
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from sae_transfer.cli._common import parse_count, require
 from sae_transfer.errors import UserError
 from sae_transfer.training.config import TrainConfig
-
 
 _DEVICE_HELP = "cpu, cuda or cuda:N (default: CUDA when available, else CPU); a checkpoint resumes on any device."
 _DTYPE_HELP = "Matmul precision: float32, or bfloat16 (autocast-style; weights and Adam state stay fp32)."
@@ -48,9 +46,9 @@ def train(
     d_sae: int = typer.Option(..., "--d-sae", min=1, help="Number of features."),
     tokens: str = typer.Option(..., "--tokens", help="Training tokens, e.g. 50M."),
     out: Path = typer.Option(..., "--out", help="Run folder: sae/, checkpoints/, training_log/, run.json."),
-    l1: Optional[float] = typer.Option(None, "--l1", min=0.0, help="Sparsity coefficient (relu: L1·‖W_dec‖; jumprelu: L0)."),
-    k: Optional[int] = typer.Option(None, "--k", min=1, help="Active features per token (topk, batchtopk)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Adam learning rate."),
+    l1: float | None = typer.Option(None, "--l1", min=0.0, help="Sparsity coefficient (relu: L1·‖W_dec‖; jumprelu: L0)."),
+    k: int | None = typer.Option(None, "--k", min=1, help="Active features per token (topk, batchtopk)."),
+    lr: float | None = typer.Option(None, "--lr", help="Adam learning rate."),
     batch_size: int = typer.Option(TrainConfig.batch_size, "--batch-size", min=1, help="Tokens per step."),
     lr_warmup: float = typer.Option(0.0, "--lr-warmup", min=0.0, max=1.0, help="Fraction of steps of linear LR warm-up."),
     lr_decay: float = typer.Option(0.2, "--lr-decay", min=0.0, max=1.0, help="Fraction of steps of linear LR decay to zero at the end."),
@@ -65,7 +63,7 @@ def train(
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(0, "--threads", min=0, help="torch threads (0: default)."),
     buffer_tokens: str = typer.Option("256k", "--buffer-tokens", help="Shuffle-buffer size in tokens."),
-    device: Optional[str] = typer.Option(None, "--device", help=_DEVICE_HELP),
+    device: str | None = typer.Option(None, "--device", help=_DEVICE_HELP),
     dtype: str = typer.Option("float32", "--dtype", help=_DTYPE_HELP),
     tf32: bool = typer.Option(True, "--tf32/--no-tf32", help=_TF32_HELP),
     sparse_kernels: str = typer.Option("auto", "--sparse-kernels", help="topk/batchtopk/jumprelu kernels: csr | dense | auto (csr on CPU, dense on CUDA)."),
@@ -96,8 +94,8 @@ def finetune(
     acts: Path = typer.Option(..., "--acts", help="Activations of the target (e.g. chat) model."),
     out: Path = typer.Option(..., "--out", help="Run folder for the fine-tuned SAE."),
     tokens: str = typer.Option("5M", "--tokens", help="Fine-tuning token budget (the study: 5M)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Default: the parent run's LR (same as pre-training)."),
-    l1: Optional[float] = typer.Option(None, "--l1", min=0.0, help="Default: the parent run's sparsity coefficient."),
+    lr: float | None = typer.Option(None, "--lr", help="Default: the parent run's LR (same as pre-training)."),
+    l1: float | None = typer.Option(None, "--l1", min=0.0, help="Default: the parent run's sparsity coefficient."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Tokens per step (the study: 256)."),
     lr_warmup: float = typer.Option(0.05, "--lr-warmup", min=0.0, max=1.0, help="Linear warm-up over this fraction."),
     lr_decay: float = typer.Option(0.2, "--lr-decay", min=0.0, max=1.0, help="Linear decay to zero over the last fraction."),
@@ -106,7 +104,7 @@ def finetune(
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(0, "--threads", min=0, help="torch threads (0: default)."),
     buffer_tokens: str = typer.Option("256k", "--buffer-tokens", help="Shuffle-buffer size in tokens."),
-    device: Optional[str] = typer.Option(None, "--device", help=_DEVICE_HELP),
+    device: str | None = typer.Option(None, "--device", help=_DEVICE_HELP),
     dtype: str = typer.Option("float32", "--dtype", help=_DTYPE_HELP),
     tf32: bool = typer.Option(True, "--tf32/--no-tf32", help=_TF32_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the SAE folder."),

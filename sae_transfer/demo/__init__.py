@@ -7,10 +7,16 @@ instruction pairs, with intermediate fine-tuning checkpoints.
     paths = demo_paths("artifacts/demo-models")         # .base, .chat, .checkpoint_dirs()
 """
 
+from sae_transfer.chat_pairs import SPECIAL_TOKENS
 from sae_transfer.demo.build import DemoPairReport, build_demo_pair, checkpoint_steps, read_manifest
 from sae_transfer.demo.chat import InstructionPair, encode_pairs, greedy_rollout, instruction_pairs
 from sae_transfer.demo.config import (
-    DEFAULT_OUT, DEMO_HOOK, PRESETS, SPECIAL_TOKENS, DemoPairConfig, DemoPairPaths, demo_paths,
+    DEFAULT_OUT,
+    DEMO_HOOK,
+    PRESETS,
+    DemoPairConfig,
+    DemoPairPaths,
+    demo_paths,
 )
 from sae_transfer.demo.tokenizer import CHAT_TEMPLATE, ChatEncoding, chat_messages, encode_chat
 

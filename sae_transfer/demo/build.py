@@ -18,7 +18,11 @@ from pathlib import Path
 import torch
 
 from sae_transfer.demo.chat import (
-    assistant_loss, encode_pairs, finetune_chat, greedy_rollout, instruction_pairs,
+    assistant_loss,
+    encode_pairs,
+    finetune_chat,
+    greedy_rollout,
+    instruction_pairs,
 )
 from sae_transfer.demo.config import BUILD_VERSION, DEFAULT_OUT, DemoPairConfig, DemoPairPaths, demo_paths
 from sae_transfer.demo.loop import mean_token_loss

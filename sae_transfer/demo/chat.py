@@ -4,7 +4,7 @@ with loss on the answer only, and greedy rollouts."""
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

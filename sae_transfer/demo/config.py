@@ -7,8 +7,10 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sae_transfer.chat_pairs import (  # the chat format's tokens, importable from here too
-    ASSISTANT, BOS, CHAT_CONTEXT_SIZE, END, EOS, MAX_DOCSTRING_CHARS, PAD, SPECIAL_TOKENS, SYSTEM, USER, WITH_SIGNATURE,
+from sae_transfer.chat_pairs import (
+    CHAT_CONTEXT_SIZE,
+    MAX_DOCSTRING_CHARS,
+    WITH_SIGNATURE,
 )
 
 # Bump when the build code changes in a way that changes the checkpoints: it is part of the

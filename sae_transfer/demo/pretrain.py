@@ -10,7 +10,7 @@ import torch
 from sae_transfer.corpus import CorpusConfig, iter_documents, split_documents, tokenize_sequences
 from sae_transfer.demo.config import DemoPairConfig
 from sae_transfer.demo.loop import mean_token_loss, train_loop, unigram_loss
-from sae_transfer.demo.tokenizer import train_tokenizer, special_ids
+from sae_transfer.demo.tokenizer import special_ids, train_tokenizer
 
 log = logging.getLogger(__name__)
 

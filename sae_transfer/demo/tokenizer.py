@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 
+from sae_transfer.chat_pairs import ASSISTANT, BOS, END, EOS, PAD, SPECIAL_TOKENS, USER
 from sae_transfer.corpus import ROLE_CODE
-from sae_transfer.demo.config import ASSISTANT, BOS, END, EOS, PAD, SPECIAL_TOKENS, USER
 
 # Jinja chat template stored in tokenizer_config.json. Role tokens and <|end|> frame each turn;
 # the same string rendering is reproduced token by token in `encode_chat`.
@@ -28,7 +28,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int):
     model fine-tuned later shares the base vocabulary unchanged. Encoding adds no BOS by itself:
     callers (the corpus, TransformerLens) prepend it.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # deferred: the tokenizer libraries load only to train one
+    from tokenizers import (  # deferred: the tokenizer libraries load only to train one
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     core = Tokenizer(models.BPE())

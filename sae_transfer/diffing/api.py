@@ -6,8 +6,8 @@ returning Arrow tables of the `sae_transfer.storage.diffing_tables` schemas (the
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -18,11 +18,11 @@ from sae_transfer.diffing import examples as ex
 from sae_transfer.diffing import latent_stats as ls
 from sae_transfer.diffing import matching as mt
 from sae_transfer.errors import UserError
+from sae_transfer.models import check_device
 from sae_transfer.sae.scaling import scale_factor
 from sae_transfer.storage.activations import ActivationDataset, dataset_key
 from sae_transfer.storage.activations_scan import mean_norm, read_sequences, scan_batches
 from sae_transfer.storage.diffing_tables import columns_table
-from sae_transfer.models import check_device
 
 log = logging.getLogger(__name__)
 

@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sae_transfer.evals.transfer import run_device, sequence_batches
 from sae_transfer.diffing.latent_stats import applied_sae
 from sae_transfer.evals import splice
 from sae_transfer.evals.segments import SEGMENTS, segment_mask
+from sae_transfer.evals.transfer import run_device, sequence_batches
 from sae_transfer.sae.base import SAE
 from sae_transfer.sae.scaling import scale_factor_of
 

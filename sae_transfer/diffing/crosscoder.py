@@ -64,7 +64,7 @@ class CrossCoder(SAE):
         self.register_buffer("scales_M", torch.ones(2))  # (s_base, s_chat): training units = raw × scale
 
     @classmethod
-    def create(cls, d_model: int, d_sae: int, k: int, metadata: dict | None = None) -> "CrossCoder":
+    def create(cls, d_model: int, d_sae: int, k: int, metadata: dict | None = None) -> CrossCoder:
         """A zero-initialised crosscoder for two models of width d_model."""
         return cls(SAEConfig(ARCHITECTURE, 2 * d_model, d_sae, apply_b_dec_to_input=False, k=k, metadata=dict(metadata or {})))
 

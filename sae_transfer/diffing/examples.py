@@ -34,10 +34,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sae_transfer.models import check_device
 from sae_transfer.sae.base import SAE
 from sae_transfer.sae.jumprelu import JumpReluSAE
 from sae_transfer.sae.relu import ReluSAE
-from sae_transfer.models import check_device
 
 
 @dataclass(frozen=True)

@@ -29,15 +29,15 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import torch
 
+from sae_transfer.models import check_device
 from sae_transfer.sae.base import SAE
 from sae_transfer.sae.scaling import cross_model_ratio, rescaled, training_scale
-from sae_transfer.models import check_device
 
 DENSITY_EPS = 1e-10  # added before log10 so silent latents get a finite density (SAELens)
 STATUSES = ("shared", "dies", "appears", "dead")

@@ -29,15 +29,15 @@ the cosine matrix, C candidates kept per latent, P matched pairs.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import numpy as np
 import torch
 
+from sae_transfer.models import check_device
 from sae_transfer.sae.base import SAE
 from sae_transfer.sae.scaling import fold_scale, training_scale
-from sae_transfer.models import check_device
 
 _COST_OFFSET = 3.0  # > 1 + max weight (2), so every sparse edge cost is non-zero (scipy drops zeros)
 

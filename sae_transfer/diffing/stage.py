@@ -33,7 +33,7 @@ class DiffingPlan:
     device: str | None = None  # None: CUDA when available, else CPU
 
     @classmethod
-    def of(cls, section, device: str | None) -> "DiffingPlan":
+    def of(cls, section, device: str | None) -> DiffingPlan:
         """The plan of a study's DiffingSection, on `device`."""
         return cls(stats_tokens=section.stats_tokens, examples_k=section.examples_k, top_latents=section.top_latents,
                    device=device)
@@ -113,8 +113,8 @@ def crosscoder_tables(cc_dir: str | Path, pair, plan: DiffingPlan, sae_id: str, 
     """`crosscoder_latents` (ρ, class, decoder cosine, firing), `latent_scaling` of the chat-only
     latents, and `latent_examples` of every latent on the paired tokens (model = "paired")."""
     from sae_transfer.diffing.crosscoder import CLASSES, latent_table
-    from sae_transfer.diffing.latent_scaling import crosscoder_scaling
     from sae_transfer.diffing.crosscoder_io import load_crosscoder
+    from sae_transfer.diffing.latent_scaling import crosscoder_scaling
     from sae_transfer.storage.diffing_tables import columns_table
 
     device = api.device_of(plan.device)

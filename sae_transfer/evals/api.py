@@ -12,8 +12,8 @@ from sae_transfer.errors import UserError
 from sae_transfer.evals.loading import check_pairings, load_saes, model_shape
 from sae_transfer.evals.outliers import OutlierRule
 from sae_transfer.evals.positions import context_sizes
-from sae_transfer.evals.transfer import EvalConfig, TokenSet
 from sae_transfer.evals.rollouts import Rollouts
+from sae_transfer.evals.transfer import EvalConfig, TokenSet
 from sae_transfer.models import check_device, load_model, model_identity
 from sae_transfer.study import EvalSettings, InstructionSection, ModelLoading, TextSource
 

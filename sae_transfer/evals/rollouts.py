@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from pydantic import BaseModel, ConfigDict
+from torch import nn
 from tqdm import tqdm
 
 from sae_transfer.errors import UserError

@@ -10,10 +10,9 @@ families run the whole model with a hook.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import re
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -165,7 +164,7 @@ class LogitStats:
     lse_BS: torch.Tensor  # logsumexp of the logits
     dot_BS: torch.Tensor  # sum_v p_clean(v) * logit(v)
 
-    def kl_from(self, clean: "LogitStats") -> torch.Tensor:
+    def kl_from(self, clean: LogitStats) -> torch.Tensor:
         """KL(clean || this pass) per position, nats.
 
         KL = sum p_c (log p_c - log p) = (dot_c - dot) + (lse - lse_c), since sum p_c = 1; a pass

@@ -54,7 +54,7 @@ class TokenSet:
     fingerprint: str = ""  # hash identifying the token set
 
     @classmethod
-    def plain(cls, tokens_NS: torch.Tensor, roles_NS: torch.Tensor, fingerprint: str = "") -> "TokenSet":
+    def plain(cls, tokens_NS: torch.Tensor, roles_NS: torch.Tensor, fingerprint: str = "") -> TokenSet:
         """Every position of fixed-length corpus sequences counts."""
         ones = torch.ones_like(tokens_NS, dtype=torch.bool)
         return cls(tokens_NS, roles_NS, ones, ones.clone(), "text", fingerprint)

@@ -8,15 +8,14 @@ import json
 from pathlib import Path
 
 from sae_transfer.errors import UserError
+from sae_transfer.sae.io import load_sae
 from sae_transfer.storage.fingerprint import sha256_file
 from sae_transfer.storage.layout import RunLayout
-from sae_transfer.sae.io import load_sae
 from sae_transfer.storage.sae_format import WEIGHTS_FILE
 from sae_transfer.study import SAESection
 from sae_transfer.training.config import RUNTIME_FIELDS, TrainConfig, finetune_defaults
 from sae_transfer.training.data import open_training_data
 from sae_transfer.training.run import Parent, RunResult, parent_sae_arch, train_sae
-
 
 BUFFER_TOKENS = 262_144  # shuffle-buffer size of the training reader, in tokens
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
@@ -75,7 +75,7 @@ class TrainingRun:
     nonfinite: NonFiniteWatch
 
     @classmethod
-    def create(cls, cfg: TrainConfig, sae: SAE, scale_factor: float, numerics: Numerics | None = None) -> "TrainingRun":
+    def create(cls, cfg: TrainConfig, sae: SAE, scale_factor: float, numerics: Numerics | None = None) -> TrainingRun:
         """Wrap an initialised SAE (weights in scaled units) for training; moves it to the
         run's device as fp32."""
         if cfg.num_threads:

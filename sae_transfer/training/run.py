@@ -14,22 +14,22 @@ import json
 import logging
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
 from sae_transfer.errors import UserError
 from sae_transfer.sae import SAE, SAEConfig, make_sae
+from sae_transfer.sae.io import load_sae, save_sae
 from sae_transfer.sae.scaling import fold_scale, scale_factor_of, training_scale
+from sae_transfer.storage import checkpoints as ckpt
+from sae_transfer.storage.layout import RunLayout
 from sae_transfer.training.config import RUNTIME_FIELDS, TrainConfig
 from sae_transfer.training.loop import LoopState, TrainingRun, train_loop
 from sae_transfer.training.sources import SourceFactory
 from sae_transfer.training.tricks import geometric_median
-from sae_transfer.storage import checkpoints as ckpt
-from sae_transfer.storage.layout import RunLayout
-from sae_transfer.sae.io import load_sae, save_sae
 
 log = logging.getLogger(__name__)
 TRAIN_ARCH_TO_SAE = {"relu": "standard", "topk": "topk", "batchtopk": "batchtopk", "jumprelu": "jumprelu"}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
@@ -109,7 +109,7 @@ class PinnedPrefetcher:
         with torch.cuda.stream(self._stream):
             return item.to(self.device, non_blocking=True)
 
-    def __iter__(self) -> "PinnedPrefetcher":
+    def __iter__(self) -> PinnedPrefetcher:
         return self
 
     def __next__(self) -> torch.Tensor:
