@@ -91,11 +91,11 @@ def bench_layouts(tmp: Path, n: int, d: int) -> None:
     for name, arr in (("fixed_size_binary", as_binary), ("fixed_size_list", as_list)):
         path = tmp / f"layout_{name}.parquet"
         table = pa.table({"act": arr})
-        t_w = best_of(lambda: pq.write_table(table, path, compression="NONE", use_dictionary=False,
-                                             write_statistics=False, row_group_size=16384), 2)
+        t_w = best_of(lambda table=table, path=path: pq.write_table(table, path, compression="NONE", use_dictionary=False,
+                                                                    write_statistics=False, row_group_size=16384), 2)
         warm(tmp)
 
-        def read():
+        def read(path=path, name=name):
             col = pq.read_table(path, use_threads=False).column("act").combine_chunks()
             if name == "fixed_size_binary":
                 np.frombuffer(col.buffers()[1], np.float16).reshape(n, d)
@@ -118,10 +118,11 @@ def bench_reader(tmp: Path, n_rows: int, d: int, device: str = "cpu") -> None:
               f"{disk_bytes(path) / rows:.1f} bytes/token on disk (vector: {d * itemsize})")
         warm(path)
         files = [str(f) for f in sorted(path.glob("*.parquet"))]
-        t_pq = best_of(lambda: [pq.read_table(f, columns=["act"], memory_map=True, use_threads=False) for f in files], 3)
+        t_pq = best_of(lambda files=files: [pq.read_table(f, columns=["act"], memory_map=True, use_threads=False)
+                                            for f in files], 3)
         print(f"      reference, bare pq.read_table of the act column: {mb / t_pq:7.0f} MB/s")
         for buffer_tokens in (65536, 262144):
-            def read_epoch():
+            def read_epoch(path=path, buffer_tokens=buffer_tokens):
                 for _ in ActivationReader(path, batch_size=4096, buffer_tokens=buffer_tokens, epochs=1, device=device):
                     pass
                 sync(device)
@@ -226,7 +227,7 @@ def bench_caching(tmp: Path, args) -> None:
         metas = A.dataset_metas(cfg)
         counter = iter(range(100))
 
-        def run():
+        def run(i=i, counter=counter, cfg=cfg, metas=metas, hooks=hooks):
             out = tmp / f"cache_{i}_{next(counter)}"
             A._write_datasets(model, seqs, cfg, metas, {h: out / h for h in hooks}, progress=False)
 

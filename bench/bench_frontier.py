@@ -149,7 +149,8 @@ def report(points: list[Point]) -> list[dict]:
         ours = [p for p in points if p.arch == arch and p.trainer == "ours"]
         theirs = [p for p in points if p.arch == arch and p.trainer == "saelens"]
         name = "L1 coeff" if arch == "relu" else "k"
-        print(f"\n{arch}: {name:>8} | ours L0 / EV / mse    (train s) | SAELens L0 / EV / mse (train s) | SAELens EV at our L0 | Δ EV")
+        print(f"\n{arch}: {name:>8} | ours L0 / EV / mse    (train s) | SAELens L0 / EV / mse (train s) | "
+              "SAELens EV at our L0 | Δ EV")
         for p in sorted(ours, key=lambda p: p.param):
             q = next((t for t in theirs if t.param == p.param), None)
             at = ev_at(theirs, p.l0)

@@ -177,7 +177,8 @@ def main() -> None:
     B, rows = args.batch, []
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"torch {torch.__version__}, {name}, batch {B}, k {args.k}")
-    print(f"{'shape':>11} {'arch':>9} {'prec':>4} {'kern':>5} {'tok/s':>9} {'FLOP/s':>9} {'matmul':>9} {'÷matmul':>8} {'÷SAELens*':>9} {'peak GiB':>8}")
+    print(f"{'shape':>11} {'arch':>9} {'prec':>4} {'kern':>5} {'tok/s':>9} {'FLOP/s':>9} {'matmul':>9} {'÷matmul':>8} "
+          f"{'÷SAELens*':>9} {'peak GiB':>8}")
     for shape in args.shapes.split(","):
         D, F = (int(v) for v in shape.split("x"))
         gen = torch.Generator().manual_seed(0)
@@ -186,7 +187,8 @@ def main() -> None:
         for prec in precisions:
             dtype, tf32 = PRECISIONS[prec]
             set_tf32(device, tf32)
-            tf32_state = f"allow_tf32={torch.backends.cuda.matmul.allow_tf32}, float32_matmul_precision={torch.get_float32_matmul_precision()}"
+            tf32_state = (f"allow_tf32={torch.backends.cuda.matmul.allow_tf32}, "
+                          f"float32_matmul_precision={torch.get_float32_matmul_precision()}")
             print(f"{shape} {prec}: {tf32_state}; {state_bytes(D, F, B, dtype)}")
             mm = matmul_flops(B, D, F, device, torch.bfloat16 if dtype == "bfloat16" else torch.float32)
             for arch in args.archs.split(","):
@@ -196,7 +198,8 @@ def main() -> None:
                                       l1_coefficient=1.0, scale_estimate_tokens=B, log_every_steps=10_000,
                                       device=str(device), dtype=dtype, tf32=tf32, sparse_kernels=kernels)
                     step_s, n_active, peak = time_training(cfg, mem, D, args.k, args.steps)
-                    resolved = "dense" if arch == "relu" else kernels if kernels != "auto" else ("dense" if device.type == "cuda" else "csr")
+                    resolved = ("dense" if arch == "relu" else kernels if kernels != "auto"
+                                else ("dense" if device.type == "cuda" else "csr"))
                     flops = step_flops(arch, resolved, B, D, F, n_active) / step_s
                     tok_s = B / step_s
                     ref = SAELENS_RECORDED.get((device.type, D, F, arch, prec), float("nan"))

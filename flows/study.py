@@ -115,4 +115,5 @@ def run_study(config: StudyConfig) -> str:
     with shared_api():
         out = transfer_study.with_options(task_runner=worker_pool(config.runner.workers))(config)
     return (f"study {config.name}: {out['steps']} steps ({out['cached_steps']} cached) in {out['seconds']} s\n"
-            f"report: {out['report']}\nresults: {out['results']} (try: sae-transfer sql \"select * from metrics\" --results {out['results']})")
+            f"report: {out['report']}\nresults: {out['results']} "
+            f"(try: sae-transfer sql \"select * from metrics\" --results {out['results']})")

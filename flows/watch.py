@@ -46,7 +46,8 @@ def watch_checkpoints(config: StudyConfig, via_deployment: bool = False,
         if via_deployment:
             from prefect.deployments import run_deployment
 
-            run = run_deployment(deployment, parameters={"config": config.model_dump(), "checkpoint": ckpt.path, "step": ckpt.step},
+            run = run_deployment(deployment,
+                                 parameters={"config": config.model_dump(), "checkpoint": ckpt.path, "step": ckpt.step},
                                  idempotency_key=f"{config.fingerprint()}-{checkpoint_id(ckpt.path)}", timeout=0)
             log.info("started %s for %s (run %s)", deployment, ckpt.path, run.id)
         else:

@@ -148,24 +148,26 @@ def iter_hook_batches(
     device = next(model.parameters()).device
     stager = _HostStager(device, store_dtype)
     wanted = set(hooks)
+
+    def capture_as(batch: HookBatch, name: str):
+        """A hook that stages `name`'s activation into `batch`, the batch whose forward pass it is registered for."""
+
+        def capture(acts, hook):
+            if acts.dim() != 3:
+                raise UserError(f"hook {name!r} gives shape {tuple(acts.shape)}: only [batch, pos, d] hooks can be cached")
+            batch.acts[name], batch.norms[name] = stager.stage(acts)
+            if stop_early and len(batch.acts) == len(wanted):
+                raise _StopForward
+            return None
+
+        return capture
+
     for s0 in range(start_seq, tokens_NS.shape[0], batch_seqs):
         ids_BS = _upload(tokens_NS[s0:s0 + batch_seqs], device)
         out = HookBatch(seq_start=s0)
-
-        def capture_as(name: str):
-            def capture(acts, hook):
-                if acts.dim() != 3:
-                    raise UserError(f"hook {name!r} gives shape {tuple(acts.shape)}: only [batch, pos, d] hooks can be cached")
-                out.acts[name], out.norms[name] = stager.stage(acts)
-                if stop_early and len(out.acts) == len(wanted):
-                    raise _StopForward
-                return None
-
-            return capture
-
         with torch.inference_mode():
             try:
-                model.run_with_hooks(ids_BS, return_type=None, fwd_hooks=[(h, capture_as(h)) for h in hooks])
+                model.run_with_hooks(ids_BS, return_type=None, fwd_hooks=[(h, capture_as(out, h)) for h in hooks])
             except _StopForward:
                 pass
         missing = wanted - set(out.acts)

@@ -32,7 +32,8 @@ def scan_folder(folder: str | Path) -> list[Checkpoint]:
     """Hugging Face checkpoint folders (with config.json) directly inside `folder`, by step."""
     root = Path(folder)
     if not root.is_dir():
-        raise UserError(f"checkpoint folder {str(root)!r} does not exist: point --checkpoints at a folder of Hugging Face checkpoint folders")
+        raise UserError(f"checkpoint folder {str(root)!r} does not exist: "
+                        "point --checkpoints at a folder of Hugging Face checkpoint folders")
     found = [
         Checkpoint(str(p), step_of(p.name))
         for p in root.iterdir()
@@ -48,7 +49,8 @@ def scan_hub(repo: str) -> list[Checkpoint]:
     try:
         refs = list_repo_refs(repo)
     except Exception as exc:  # the Hub client raises many types; the user needs one line
-        raise UserError(f"could not list revisions of {repo!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        raise UserError(f"could not list revisions of {repo!r}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     found = [Checkpoint(ModelRef(repo, ref.target_commit).spec, step_of(ref.name), ref.name)
              for ref in [*refs.branches, *refs.tags]]
     return sorted(found, key=lambda c: (c.step, c.path))

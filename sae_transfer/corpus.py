@@ -128,7 +128,8 @@ def _iter_source(cfg: CorpusConfig) -> Iterator[Document]:
     elif path.suffix == ".parquet" and path.is_file():
         yield from _iter_parquet(path, cfg.text_column)
     elif cfg.source.startswith((".", "/", "~")) or path.suffix in {".txt", ".jsonl", ".parquet"}:
-        raise UserError(f"corpus file {cfg.source!r} does not exist: pass an existing .txt/.jsonl/.parquet path, a folder, 'stdlib' or a Hub dataset id")
+        raise UserError(f"corpus file {cfg.source!r} does not exist: pass an existing .txt/.jsonl/.parquet path, "
+                        "a folder, 'stdlib' or a Hub dataset id")
     else:
         yield from _iter_hub(cfg)
 
@@ -180,7 +181,8 @@ def _iter_hub(cfg: CorpusConfig) -> Iterator[Document]:
     try:
         stream = datasets.load_dataset(cfg.source, cfg.hf_config, split=cfg.hf_split, streaming=True)
     except Exception as exc:  # the Hub raises many types; the user needs one line
-        raise UserError(f"could not open dataset {cfg.source!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+        raise UserError(f"could not open dataset {cfg.source!r}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
     for i, row in enumerate(stream):
         yield _row(i, _column(row, cfg.text_column, cfg.source))
 
@@ -272,5 +274,6 @@ def tokenize_sequences(
     if prepend_bos:
         tokens = torch.cat([torch.full((len(chunks), 1), bos, dtype=torch.int64), tokens], dim=1)
         roles = torch.cat([torch.full((len(chunks), 1), ROLE_CODE["bos"], dtype=torch.uint8), roles], dim=1)
-    payload = f"{corpus_fingerprint(cfg)}:{split}:{tokenizer_fingerprint(tokenizer)}:{context_size}:{prepend_bos}:{tokens.shape[0]}"
+    payload = (f"{corpus_fingerprint(cfg)}:{split}:{tokenizer_fingerprint(tokenizer)}:{context_size}:{prepend_bos}:"
+               f"{tokens.shape[0]}")
     return TokenSequences(tokens, roles, hashlib.sha256(payload.encode()).hexdigest()[:16])

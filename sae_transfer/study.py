@@ -32,7 +32,8 @@ class PairConfig(_Section):
     build_demo: bool = Field(True, description="build the offline demo pair first if base/chat are the demo folders")
     demo_preset: Literal["default", "tiny"] = Field(
         "default", description="demo pair size; 'tiny' is a seconds-sized pair for smoke tests")
-    trust_remote_code: bool = Field(False, description="let a Hub model's own modelling code run; only for models whose code you have read")
+    trust_remote_code: bool = Field(
+        False, description="let a Hub model's own modelling code run; only for models whose code you have read")
 
 
 class CorpusSection(_Section):
@@ -50,7 +51,8 @@ class CorpusSection(_Section):
 class SAESection(_Section):
     """SAE architecture and training budget (defaults follow the study's Conerly et al. setup)."""
 
-    arch: Literal["relu", "topk", "batchtopk", "jumprelu"] = Field("relu", description="SAE architecture (the study trained ReLU SAEs)")
+    arch: Literal["relu", "topk", "batchtopk", "jumprelu"] = Field(
+        "relu", description="SAE architecture (the study trained ReLU SAEs)")
     expansion: int = Field(16, ge=1, description="d_sae = expansion x d_model")
     l1_coefficient: float = Field(5.0, ge=0, description="sparsity penalty (relu)")
     k: int = Field(32, ge=1, description="active features (topk/batchtopk)")
@@ -77,7 +79,8 @@ class OutlierSection(_Section):
     threshold: float | None = Field(
         None, ge=0, description="absolute scaled-norm threshold, one value for base and chat (the study: Qwen1.5 50, "
         "Gemma 300, Mistral 200); empty: median + mad_k MAD estimated on the base model, used for both")
-    mad_k: float = Field(10.0, gt=0, description="robust estimate: median + mad_k * 1.4826 * MAD of the base model's scaled norms")
+    mad_k: float = Field(
+        10.0, gt=0, description="robust estimate: median + mad_k * 1.4826 * MAD of the base model's scaled norms")
     k_median: float = Field(3.0, gt=1, description="k x median rule: scaled norm above k times the evaluated model's median")
 
 
@@ -157,16 +160,19 @@ class DiffingSection(_Section):
     corpus: str | None = Field(
         None, description="text both models are cached on for diffing (chat-formatted data shows chat-only latents; "
         "'demo-mixed': stdlib files interleaved with demo chat transcripts); empty: the study corpus")
-    tokens: int = Field(200_000, gt=0, description="tokens cached per model on the diffing corpus (when it is not the study corpus)")
+    tokens: int = Field(
+        200_000, gt=0, description="tokens cached per model on the diffing corpus (when it is not the study corpus)")
     crosscoder: bool = Field(True, description="train a BatchTopK crosscoder on the paired base/chat caches (Minder et al. 2025)")
     crosscoder_expansion: int = Field(8, ge=1, description="crosscoder latents = expansion x d_model")
     crosscoder_k: int = Field(32, ge=1, description="mean active crosscoder latents per token (BatchTopK)")
     crosscoder_tokens: int = Field(300_000, gt=0, description="crosscoder training tokens (epochs over the caches if larger)")
     crosscoder_lr: float = Field(1e-3, gt=0, description="crosscoder Adam learning rate")
-    stats_tokens: int = Field(131_072, gt=0, description="cache rows per model streamed for latent stats, matching, scaling and examples")
+    stats_tokens: int = Field(
+        131_072, gt=0, description="cache rows per model streamed for latent stats, matching, scaling and examples")
     examples_k: int = Field(8, ge=1, description="max-activating contexts kept per latent and model")
     top_latents: int = Field(6, ge=1, description="chat-only latents shown as cards (and ablated in the causal check)")
-    causal: bool = Field(True, description="ablate the chat-only latents on chat transcripts and measure KL per segment (needs instructions)")
+    causal: bool = Field(
+        True, description="ablate the chat-only latents on chat transcripts and measure KL per segment (needs instructions)")
     checkpoint_finetune_tokens: int = Field(
         0, ge=0, description="per checkpoint: briefly fine-tune the base SAE on it and record latent drift (0: off)")
 

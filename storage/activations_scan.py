@@ -108,7 +108,8 @@ class _Rechunk:
             return None
         if len(parts) == 1:
             return parts[0]
-        return RowBatch(*(torch.cat(ts) for ts in zip(*((p.seq_id_B, p.pos_B, p.token_id_B, p.role_B, p.acts_BD) for p in parts))))
+        return RowBatch(*(torch.cat(ts)
+                          for ts in zip(*((p.seq_id_B, p.pos_B, p.token_id_B, p.role_B, p.acts_BD) for p in parts))))
 
 
 def scan_pairs(path_a: str | Path, path_b: str | Path, batch_tokens: int = 8192) -> Iterator[tuple[RowBatch, RowBatch]]:
@@ -124,7 +125,8 @@ def scan_pairs(path_a: str | Path, path_b: str | Path, batch_tokens: int = 8192)
     left, right = _Rechunk(scan_batches(path_a, batch_tokens)), _Rechunk(scan_batches(path_b, batch_tokens))
     while (batch_a := left.take(batch_tokens)) is not None:
         batch_b = right.take(len(batch_a))
-        same = (batch_a.seq_id_B == batch_b.seq_id_B) & (batch_a.pos_B == batch_b.pos_B) & (batch_a.token_id_B == batch_b.token_id_B)
+        same = ((batch_a.seq_id_B == batch_b.seq_id_B) & (batch_a.pos_B == batch_b.pos_B)
+                & (batch_a.token_id_B == batch_b.token_id_B))
         if not bool(same.all()):
             i = int((~same).nonzero()[0])
             raise UserError(

@@ -65,7 +65,8 @@ def _jsonable(name: str, value: object, paths: bool = True) -> object:
 def _source_hash(module_name: str) -> str:
     """sha256 of a module's source, or of every .py file of a package (sorted by path)."""
     module = importlib.import_module(module_name)
-    files = sorted(Path(module.__file__).parent.rglob("*.py")) if module.__file__.endswith("__init__.py") else [Path(module.__file__)]
+    files = (sorted(Path(module.__file__).parent.rglob("*.py")) if module.__file__.endswith("__init__.py")
+             else [Path(module.__file__)])
     digest = hashlib.sha256()
     for file in files:
         digest.update(file.read_bytes())

@@ -53,9 +53,10 @@ def diff_saes(saes: list[SAERecord], base_acts: ActsRecord, chat_acts: ActsRecor
                       chosen={"sae_id": sae_id, "set_name": set_name, "latents": latents})
 
 
-@task(name="train-crosscoder", task_run_name=run_name("train-crosscoder", "base_acts.hook"), **cached("sae_transfer.diffing", "sae_transfer.sae", "sae_transfer.training",
-                                        "sae_transfer.storage.crosscoder_format", "sae_transfer.storage.checkpoints",
-                                        "sae_transfer.storage.activations_read"))
+@task(name="train-crosscoder", task_run_name=run_name("train-crosscoder", "base_acts.hook"),
+      **cached("sae_transfer.diffing", "sae_transfer.sae", "sae_transfer.training",
+               "sae_transfer.storage.crosscoder_format", "sae_transfer.storage.checkpoints",
+               "sae_transfer.storage.activations_read"))
 def train_crosscoder(base_acts: ActsRecord, chat_acts: ActsRecord, plan: CrosscoderPlan, device: str | None,
                      out_dir: str) -> SAERecord:
     """A BatchTopK crosscoder on the paired base/chat caches (resumes if interrupted)."""

@@ -11,8 +11,8 @@ from sae_transfer.tasks.records import ActsRecord, SAERecord
 
 # What a trained SAE depends on: flows also put its hash into the run folder's name, so a
 # trainer fix trains a new SAE instead of finding the old run complete.
-TRAINING_CODE = ("sae_transfer.sae", "sae_transfer.training", "sae_transfer.storage.sae_format", "sae_transfer.storage.checkpoints",
-                 "sae_transfer.storage.activations_read")
+TRAINING_CODE = ("sae_transfer.sae", "sae_transfer.training", "sae_transfer.storage.sae_format",
+                 "sae_transfer.storage.checkpoints", "sae_transfer.storage.activations_read")
 _CODE = cached(*TRAINING_CODE)
 
 

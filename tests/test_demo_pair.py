@@ -43,7 +43,8 @@ def test_layout_and_manifest(tiny_pair):
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # every write was renamed into place
     manifest = json.loads(paths.manifest.read_text())
     assert manifest["config_hash"] == TINY.hash() and manifest["report"]["hook"] == "blocks.1.hook_resid_pre"
-    assert set(report.losses) == {"unigram_heldout", "base_heldout", "base_assistant_heldout", "chat_heldout", "chat_assistant_heldout"}
+    assert set(report.losses) == {"unigram_heldout", "base_heldout", "base_assistant_heldout", "chat_heldout",
+                                  "chat_assistant_heldout"}
     assert all(v > 0 for v in report.losses.values()) and len(report.rollouts) == 2
     assert not report.skipped and report.n_pairs["train"] > 0
 

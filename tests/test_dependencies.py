@@ -90,7 +90,8 @@ def _violations(modules, bad) -> list[str]:
 def test_storage_imports_no_science():
     storage = [n for n in MODULES if _under(n, "sae_transfer.storage")]
     bad = _violations(storage, lambda t: group(t) is not None and not _under(t, *STORAGE_MAY_IMPORT))
-    assert not bad, "storage/ may import only stdlib, libraries, sae_transfer.storage.* and sae_transfer.errors:\n" + "\n".join(bad)
+    assert not bad, ("storage/ may import only stdlib, libraries, sae_transfer.storage.* and sae_transfer.errors:\n"
+                     + "\n".join(bad))
 
 
 def test_science_imports_neither_tasks_flows_nor_prefect():

@@ -29,7 +29,8 @@ def toks(model):
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(3, model.cfg.d_vocab, (4, 30), generator=g)
     roles = torch.full_like(tokens, ROLE_CODE["assistant"], dtype=torch.uint8)
-    roles[:, 0], roles[:, 1:6], roles[:, 6:14], roles[:, 14] = ROLE_CODE["bos"], ROLE_CODE["template"], ROLE_CODE["user"], ROLE_CODE["template"]
+    roles[:, 0], roles[:, 1:6], roles[:, 6:14], roles[:, 14] = (ROLE_CODE["bos"], ROLE_CODE["template"], ROLE_CODE["user"],
+                                                                ROLE_CODE["template"])
     valid = torch.ones_like(tokens, dtype=torch.bool)
     valid[1, 24:], valid[3, 20:] = False, False
     tokens[:, 0] = model.tokenizer.bos_token_id

@@ -141,7 +141,8 @@ def test_taxonomy_uses_the_papers_cutoffs_on_rho():
     with torch.no_grad():  # latent 0: chat only; 1: base only; 2: same direction, equal norms
         cc.W_dec.copy_(torch.tensor([[0.0, 0, 3, 4], [1.0, 0, 0, 0], [0.6, 0.8, 0.6, 0.8]]))
     t = latent_table(cc)
-    assert torch.allclose(t.rho_F, torch.tensor([1.0, 0.0, 0.5])) and torch.allclose(t.delta_norm_F, torch.tensor([1.0, 0.0, 0.5]))
+    assert (torch.allclose(t.rho_F, torch.tensor([1.0, 0.0, 0.5]))
+            and torch.allclose(t.delta_norm_F, torch.tensor([1.0, 0.0, 0.5])))
     assert float(t.cosine_F[2]) == pytest.approx(1.0) and torch.isnan(t.cosine_F[:2]).all()
 
 
@@ -212,7 +213,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(caches, monkeypatch
     assert not (tmp / "killed" / "run.json").exists()
     monkeypatch.setattr(crosscoder_run, "paired_factory", real)
     with pytest.raises(UserError, match="checkpoints of a crosscoder run with a different config"):
-        train_crosscoder(CrosscoderConfig(_cfg().train, buffer_tokens=256, eval_tokens=512), pair, tmp / "killed")  # another stream
+        train_crosscoder(CrosscoderConfig(_cfg().train, buffer_tokens=256, eval_tokens=512),  # another stream
+                         pair, tmp / "killed")
     resumed = train_crosscoder(_cfg(), pair, tmp / "killed")
     assert resumed.resumed_from_step == 20
     _same_weights(whole.crosscoder_dir, resumed.crosscoder_dir)
@@ -306,7 +308,8 @@ def test_one_run_driver_reads_manifests_and_writes_checkpoints():
     from sae_transfer.training import run as sae_run
 
     sources = {m.__name__: inspect.getsource(m) for m in (sae_run, crosscoder_run)}
-    defs = [name for name, src in sources.items() for _ in range(src.count("def _read_manifest") + src.count("def read_manifest"))]
+    defs = [name for name, src in sources.items()
+            for _ in range(src.count("def _read_manifest") + src.count("def read_manifest"))]
     assert defs == ["sae_transfer.training.run"]
     cc_src = sources["sae_transfer.diffing.crosscoder_run"]
     assert "from sae_transfer.training.run import _" not in cc_src and "_write_checkpoint" not in cc_src
@@ -395,9 +398,12 @@ def test_cli_trains_from_two_caches_and_errors_in_one_line(caches, capsys):
 
     b, c, tmp = caches
     result = CliRunner().invoke(app, ["crosscoder", "--base-acts", str(b), "--chat-acts", str(c), "--out", str(tmp / "cli"),
-                                      "--d-sae", "32", "--k", "2", "--tokens", "2048", "--batch-size", "256", "--device", "cpu", "-q"])
+                                      "--d-sae", "32", "--k", "2", "--tokens", "2048", "--batch-size", "256",
+                                      "--device", "cpu", "-q"])
     assert result.exit_code == 0, result.output
     assert load_crosscoder(result.output.strip().splitlines()[-1]).d_sae == 32
-    proc = subprocess.run([sys.executable, "-c", "import sys; from sae_transfer.cli import main; sys.argv[0] = 'sae-transfer'; main()", "crosscoder", "--out", str(tmp / "x"), "--d-sae", "8",
+    proc = subprocess.run([sys.executable, "-c",
+                           "import sys; from sae_transfer.cli import main; sys.argv[0] = 'sae-transfer'; main()",
+                           "crosscoder", "--out", str(tmp / "x"), "--d-sae", "8",
                            "--tokens", "1k", "--base-acts", str(b)], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--chat-acts" in proc.stderr, proc.stderr

@@ -123,8 +123,8 @@ def test_latent_examples_answer_sql(cache_and_sae, tmp_path):
     examples, hist = api.examples_tables(loaded(sae, "sae:1"), path, "chat", ExamplesConfig(k=3), tokenizer=None)
     append_rows(tmp_path, "latent_examples", examples)
     append_rows(tmp_path, "latent_histograms", hist)
-    df = query(tmp_path, "select rank, activation, len(acts) as n from latent_examples where latent = ? and model = ? order by rank",
-               [2, "chat"])
+    df = query(tmp_path, "select rank, activation, len(acts) as n from latent_examples where latent = ? and model = ? "
+               "order by rank", [2, "chat"])
     expected = examples.filter(np.asarray(examples.column("latent")) == 2).column("activation").to_pylist()
     assert df["activation"].tolist() == pytest.approx(sorted(expected, reverse=True))
     assert df["rank"].tolist() == list(range(len(expected))) and (df["n"] > 0).all()

@@ -98,7 +98,8 @@ def test_match_table_on_a_cache(tmp_path):
 
 def test_drift_is_measured_in_training_units():
     parent_scaled = _random_sae(12, 20, seed=11)
-    child_scaled = relu_sae(parent_scaled.W_enc.detach().clone(), parent_scaled.W_dec.detach().clone(), parent_scaled.b_enc.detach().clone())
+    child_scaled = relu_sae(parent_scaled.W_enc.detach().clone(), parent_scaled.W_dec.detach().clone(),
+                            parent_scaled.b_enc.detach().clone())
     with torch.no_grad():
         child_scaled.W_dec[3] *= 2.0  # a decoder row that grew
         child_scaled.W_enc[:, 5] = -child_scaled.W_enc[:, 5]  # an encoder column that flipped

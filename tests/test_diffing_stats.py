@@ -111,7 +111,8 @@ def test_min_contribution_ignores_tiny_leaks(tmp_path):
     s = scale_factor(float(x.norm(dim=-1).mean()), D)
     s_chat = scale_factor(float(chat.norm(dim=-1).mean()), D)
     sae = _indicator_sae()
-    bare = {m: model_latent_stats(sae, [v], sv, LatentStatsConfig(device="cpu")) for m, v, sv in (("base", x, s), ("chat", chat, s_chat))}
+    bare = {m: model_latent_stats(sae, [v], sv, LatentStatsConfig(device="cpu"))
+            for m, v, sv in (("base", x, s), ("chat", chat, s_chat))}
     assert latent_status(bare["base"].frequency_F, bare["chat"].frequency_F, 1e-5)[0] == "shared"
     # contribution on base: 1e-4 * ||d_0|| * s = 1e-4 * s, far below 1% of sqrt(D); on chat 2 * s_chat, far above
     cfg = LatentStatsConfig(device="cpu", min_contribution=0.01)
@@ -141,7 +142,8 @@ def planted(tmp_path_factory):
     ps = build_planted(shared / "pairs")
     hook = "blocks.1.hook_resid_pre"
     caches = {}
-    for name, model in (("base", ps.pairs["added"].base), ("chat", ps.pairs["added"].chat), ("control", ps.pairs["control"].chat)):
+    for name, model in (("base", ps.pairs["added"].base), ("chat", ps.pairs["added"].chat),
+                        ("control", ps.pairs["control"].chat)):
         cfg = CacheConfig(model=str(model), hooks=(hook,), corpus=CorpusConfig(source=str(ps.corpus), eval_fraction=0.0),
                           n_tokens=16384, context_size=64, device="cpu")
         caches[name] = cache_activations(cfg, shared / "cache", progress=False)[0].path

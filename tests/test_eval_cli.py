@@ -115,7 +115,8 @@ def test_segments_and_rollouts(setup):
     seg = [x for x in read_table(s["out"], "metrics").to_pylist() if x["segment"] != "text"]
     assert {x["segment"] for x in seg} == {"user_prompt", "rollout", "template"}
     assert all(x["ce_sae"] == pytest.approx(x["ce_clean"], rel=1e-6) for x in seg)  # x*r/r rounding, as above
-    assert all(x["ce_zero_segment"] == x["ce_zero_segment"] and x["ce_loss_score_segment"] == pytest.approx(1.0, abs=1e-5) for x in seg)
+    assert all(x["ce_zero_segment"] == x["ce_zero_segment"] and x["ce_loss_score_segment"] == pytest.approx(1.0, abs=1e-5)
+               for x in seg)
     assert all(not x["reliable"] for x in seg)  # a handful of tokens: flagged, not findings
 
 
@@ -143,7 +144,8 @@ def test_bad_pairings_fail_before_any_forward(setup, monkeypatch, case):
     elif case == "sae_hook":
         sae, match = _save(lossless_sae(32), root / "other_hook", s["base"], hook="blocks.0.hook_resid_pre"), "trained on hook"
     else:
-        sae, hook, match = _save(lossless_sae(32), root / "deep", s["base"], hook="blocks.7.hook_resid_pre"), "blocks.7.hook_resid_pre", "layers"
+        sae, hook, match = (_save(lossless_sae(32), root / "deep", s["base"], hook="blocks.7.hook_resid_pre"),
+                            "blocks.7.hook_resid_pre", "layers")
     r = _run("evaluate", "--sae", sae, "--model", s["base"], "--hook", hook, "--tokens", 64, "--out", s["out"], "--device", "cpu")
     assert isinstance(r.exception, UserError), r.output
     assert match in str(r.exception)

@@ -145,8 +145,8 @@ def test_chat_model_predicts_its_own_rollouts_best(trained_pair, tmp_path):
     ce = {}
     for name, folder in (("chat", trained_pair.chat), ("base", trained_pair.base)):
         model = load_model(str(folder), device="cpu")
-        rows = segment_records(model, INFO, [_lossless()], toks, "blocks.1.hook_resid_pre", EvalConfig(device="cpu", n_bootstrap=10),
-                               _reference(model, toks))
+        rows = segment_records(model, INFO, [_lossless()], toks, "blocks.1.hook_resid_pre",
+                               EvalConfig(device="cpu", n_bootstrap=10), _reference(model, toks))
         ce[name] = next(r["ce_clean"] for r in rows if r["segment"] == "rollout")
     ln_vocab = math.log(chat.cfg.d_vocab)
     assert ce["chat"] < ce["base"] and ce["chat"] < 0.6 * ln_vocab, (ce, ln_vocab)

@@ -51,7 +51,7 @@ def test_lossless_sae_recovers_all_loss(model, toks):
     res = evaluate_saes(model, {"lossless": lossless_sae(model.cfg.d_model)}, toks, HOOK, norms, cfg)["lossless"]
     with torch.inference_mode():
         x = splice.hook_activations(model, toks.tokens_NS, HOOK)
-    for policy, r in res.policies.items():
+    for _policy, r in res.policies.items():
         assert r.ce_sae == r.ce_clean and r.kl_sae == pytest.approx(0.0, abs=1e-7)
         assert (r.ce_zero - r.ce_sae) / (r.ce_zero - r.ce_clean) == 1.0
         assert r.ce_ci == (1.0, 1.0)
@@ -154,7 +154,8 @@ def test_segment_zero_ablation_at_every_position_equals_full_zero_ablation(model
     r = evaluate_saes(model, {"l": lossless_sae(model.cfg.d_model)}, toks, HOOK, norms, cfg)["l"].policies["included"]
     assert r.ce_zero_segment == pytest.approx(r.ce_zero, rel=1e-5)
     # on half the positions only, the zeroed positions hurt less than zeroing every position
-    half = TokenSet(toks.tokens_NS, toks.roles_NS, toks.valid_NS, torch.arange(toks.tokens_NS.shape[1]).expand_as(toks.tokens_NS) % 2 == 0)
+    half = TokenSet(toks.tokens_NS, toks.roles_NS, toks.valid_NS,
+                    torch.arange(toks.tokens_NS.shape[1]).expand_as(toks.tokens_NS) % 2 == 0)
     r = evaluate_saes(model, {"l": lossless_sae(model.cfg.d_model)}, half, HOOK, norms, cfg)["l"].policies["included"]
     # independent answer: a full hooked pass zeroing the counted positions, losses averaged there
     def zero_counted(act, hook=None):

@@ -25,7 +25,8 @@ def test_report_has_every_section_with_tables_and_figures(tmp_path):
     # a chat-only latent card with its context, tokens shaded by activation
     assert "latent 2</b> (chat-only) rho 0.900" in page and "&lt;|user|&gt;</span>" in page and "rgba(214,39,40,1.00)" in page
     # one sentence per research question, numbers and intervals from the synthetic rows
-    assert "On the chat model (plain text, outliers excluded) the base SAE recovers 93.0 % [92.0, 94.0] of CE loss vs 97.0 % [96.0, 98.0] for the chat SAE" in page
+    assert ("On the chat model (plain text, outliers excluded) the base SAE recovers 93.0 % [92.0, 94.0] of CE loss "
+            "vs 97.0 % [96.0, 98.0] for the chat SAE") in page
     assert "What changed inside: the crosscoder calls 1 of 4 live latents chat-only, 1 base-only and 2 shared" in page
     assert "ablating 1 latents that appear on chat costs KL 0.1 nats/token vs 0.01 for a random set" in page
     assert "the base SAE fine-tuned" not in page and "recovers 96.0 % [95.0, 97.0] on the chat model" in page
@@ -51,8 +52,10 @@ def test_report_renders_in_headless_chromium(tmp_path):
     # every table fits the page width: no horizontal scroll at a laptop window size
     probe = tmp_path / "probe.html"
     probe.write_text(paths.html.read_text().replace(
-        "</body>", "<script>document.body.dataset.overflow = document.documentElement.scrollWidth > window.innerWidth;</script></body>"))
-    fit = subprocess.run(args + ["--window-size=1280,2000", "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+        "</body>",
+        "<script>document.body.dataset.overflow = document.documentElement.scrollWidth > window.innerWidth;</script></body>"))
+    fit = subprocess.run(args + ["--window-size=1280,2000", "--dump-dom", probe.as_uri()], capture_output=True, text=True,
+                         timeout=120)
     assert 'data-overflow="false"' in fit.stdout
     shot = tmp_path / "report.png"
     subprocess.run(args + [f"--screenshot={shot}", "--window-size=1280,2400", paths.html.as_uri()],

@@ -94,7 +94,8 @@ def test_segments_without_reliable_rollout_rows_say_so():
         "of CE loss vs 88.0 % for the chat SAE (not findings: rollout tokens: the base SAE's row is not a finding (clean CE "
         "gap too small); the chat SAE's row is not a finding (clean CE gap too small))."]
     none = segment_sentences(_segments(rollout_reliable=False, prompt_reliable=False))
-    assert len(none) == 1 and "no segment comparison is a finding: rollout tokens:" in none[0] and "user-prompt tokens:" in none[0]
+    assert (len(none) == 1 and "no segment comparison is a finding: rollout tokens:" in none[0]
+            and "user-prompt tokens:" in none[0])
 
 
 def test_outliers_and_policy_difference_per_hook():

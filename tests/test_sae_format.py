@@ -29,7 +29,8 @@ def _sae(arch, k=None, seed=0):
 def test_round_trip_with_folded_scale(tmp_path, arch, k):
     sae = _sae(arch, k)
     density = torch.linspace(-5, 0, F)
-    folder = save_sae(sae, tmp_path / "sae", scale_factor=0.25, metadata={"model_name": "m", "context_size": 32}, log10_density_F=density)
+    folder = save_sae(sae, tmp_path / "sae", scale_factor=0.25, metadata={"model_name": "m", "context_size": 32},
+                      log10_density_F=density)
     cfg = json.loads((folder / "cfg.json").read_text())
     assert cfg["d_in"] == D and cfg["d_sae"] == F and cfg["normalize_activations"] == "none"
     assert cfg["metadata"]["activation_scale_factor"] == 0.25 and cfg["metadata"]["sae_lens_version"].startswith("6")

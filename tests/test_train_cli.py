@@ -69,7 +69,8 @@ def test_train_then_finetune(caches):
 
 def test_bad_arguments_are_user_errors(caches):
     root, base, _, _ = caches
-    bad_arch = _invoke(["train", "--acts", str(base), "--arch", "gated", "--d-sae", "8", "--tokens", "1k", "--out", str(root / "x")])
+    bad_arch = _invoke(["train", "--acts", str(base), "--arch", "gated", "--d-sae", "8", "--tokens", "1k",
+                        "--out", str(root / "x")])
     assert isinstance(bad_arch.exception, UserError) and "arch" in str(bad_arch.exception)
     missing = _invoke(["train", "--acts", str(root / "nope"), "--d-sae", "8", "--tokens", "1k", "--out", str(root / "y")])
     assert isinstance(missing.exception, UserError)

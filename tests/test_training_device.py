@@ -234,7 +234,8 @@ def test_runtime_options_do_not_block_a_resume_but_learning_options_do(tmp_path)
     a = load_file(str(whole.sae_dir / "sae_weights.safetensors"))
     b = load_file(str(resumed.sae_dir / "sae_weights.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
-    again = train_sae(dataclasses.replace(cfg, dtype="bfloat16"), in_memory_factory(acts, 256), D, tmp_path / "cut", progress=False)
+    again = train_sae(dataclasses.replace(cfg, dtype="bfloat16"), in_memory_factory(acts, 256), D, tmp_path / "cut",
+                      progress=False)
     assert again.skipped  # a finished run is found whatever the runtime settings
 
 
@@ -311,7 +312,8 @@ def test_cuda_checkpoint_resumes_on_the_other_device(tmp_path, first, second):
 
     with pytest.raises(RuntimeError):
         train_sae(dataclasses.replace(cfg, device=first), stop_after_6, D, tmp_path / "cut", progress=False)
-    resumed = train_sae(dataclasses.replace(cfg, device=second), in_memory_factory(acts, 256), D, tmp_path / "cut", progress=False)
+    resumed = train_sae(dataclasses.replace(cfg, device=second), in_memory_factory(acts, 256), D, tmp_path / "cut",
+                        progress=False)
     assert resumed.resumed_from_step == 4
     assert json.loads(resumed.run_json.read_text())["numerics"]["device"].startswith(second)
     a = load_file(str(whole.sae_dir / "sae_weights.safetensors"))

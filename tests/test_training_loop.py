@@ -88,7 +88,8 @@ def test_nonfinite_activations_name_the_shard(tmp_path):
 
 def test_nan_loss_names_the_step_and_keeps_checkpoint(tmp_path):
     acts = sparse_acts(4096)
-    cfg = TrainConfig(arch="relu", d_sae=32, total_tokens=256 * 16, batch_size=256, checkpoint_every_tokens=256 * 4, scale_estimate_tokens=512)
+    cfg = TrainConfig(arch="relu", d_sae=32, total_tokens=256 * 16, batch_size=256, checkpoint_every_tokens=256 * 4,
+                      scale_estimate_tokens=512)
 
     def poisoned(start_batch):
         for i, x in enumerate(in_memory_factory(acts, 256)(start_batch), start=start_batch):
@@ -149,4 +150,5 @@ def test_kill_and_resume_matches_uninterrupted_run(tmp_path):
     log_whole = ckpt.read_log(tmp_path / "whole" / "training_log").column("step").to_pylist()
     log_resumed = ckpt.read_log(tmp_path / "killed" / "training_log").column("step").to_pylist()
     assert log_whole == log_resumed
-    assert json.loads((tmp_path / "killed" / "run.json").read_text())["resample_steps"] == [25]  # 50 is past resample_until_frac (0.6 × 80 steps)
+    # 50 is past resample_until_frac (0.6 × 80 steps)
+    assert json.loads((tmp_path / "killed" / "run.json").read_text())["resample_steps"] == [25]

@@ -245,7 +245,8 @@ def test_grad_clipping_bounds_the_update_norm(monkeypatch):
     run = fresh_run(cfg, in_memory_factory(acts, 256), 8, None)
     seen = []
     original = run.optimizer.step
-    monkeypatch.setattr(run.optimizer, "step", lambda: (seen.append(torch.sqrt(sum(p.grad.pow(2).sum() for p in run.sae.parameters()))), original()))
+    monkeypatch.setattr(run.optimizer, "step",
+                        lambda: (seen.append(torch.sqrt(sum(p.grad.pow(2).sum() for p in run.sae.parameters()))), original()))
     train_step(run, acts[:256])
     assert seen[0].item() == pytest.approx(1e-3, rel=1e-3)
 
@@ -365,7 +366,8 @@ def test_topk_selects_by_decoder_norm_and_saves_the_same_function_with_unit_rows
     assert torch.allclose(norms, sae.W_dec.norm(dim=-1))  # the trained module is left as it was
 
 
-@pytest.mark.parametrize("arch,sae_arch", [("relu", "standard"), ("topk", "topk"), ("batchtopk", "batchtopk"), ("jumprelu", "jumprelu")])
+@pytest.mark.parametrize("arch,sae_arch",
+                         [("relu", "standard"), ("topk", "topk"), ("batchtopk", "batchtopk"), ("jumprelu", "jumprelu")])
 def test_first_reconstruction_is_no_worse_than_the_decoder_bias_alone(arch, sae_arch):
     # inputs of mean norm √d, as training sees them: an untrained SAE should add little to b_dec
     # (with W_enc = W_decᵀ at norm 1, TopK added k random rows of weight ≈ 3 and started far worse)
@@ -388,5 +390,6 @@ def test_b_dec_auto_init_is_zeros_for_relu_and_the_geometric_median_otherwise(ar
     run = fresh_run(cfg, in_memory_factory(acts, 256, shuffle=False), 8, None)
     expected = torch.zeros(8) if expect_zero else _scipy_geometric_median(acts)
     assert torch.allclose(run.sae.b_dec, expected, atol=1e-3)
-    explicit = fresh_run(dataclasses.replace(cfg, init_b_dec="geometric_median"), in_memory_factory(acts, 256, shuffle=False), 8, None)
+    explicit = fresh_run(dataclasses.replace(cfg, init_b_dec="geometric_median"), in_memory_factory(acts, 256, shuffle=False),
+                         8, None)
     assert torch.allclose(explicit.sae.b_dec, _scipy_geometric_median(acts), atol=1e-3)

@@ -61,12 +61,15 @@ def _child_and_parent(a, b):
 
 def diff(
     sae: list[str] = SaeOpt, base_acts: Path | None = BaseOpt, chat_acts: Path | None = ChatOpt, out: Path = OutOpt,
-    match_on: str = typer.Option("chat", "--match-on", help="whose tokens the matched pairs' activation correlation uses: base | chat"),
+    match_on: str = typer.Option("chat", "--match-on",
+                                 help="whose tokens the matched pairs' activation correlation uses: base | chat"),
     min_cosine: float = typer.Option(0.0, "--min-cosine", help="matched pairs need a decoder cosine above this"),
-    candidates: int = typer.Option(8, "--candidates", min=1, help="top-c decoder cosines per latent kept for the sparse assignment"),
+    candidates: int = typer.Option(8, "--candidates", min=1,
+                                   help="top-c decoder cosines per latent kept for the sparse assignment"),
     min_contribution: float = typer.Option(0.0, "--min-contribution", min=0.0,
                                            help="a firing needs f*||d|| above this share of the mean norm (0: any f > 0)"),
-    silent: float = typer.Option(1e-5, "--silent-frequency", min=0.0, help="firing frequency at or below which a latent is silent"),
+    silent: float = typer.Option(1e-5, "--silent-frequency", min=0.0,
+                                 help="firing frequency at or below which a latent is silent"),
     batch_tokens: str = BatchOpt, keep_bos: bool = BosOpt, device: str | None = DeviceOpt,
 ) -> None:
     """Per-latent transfer of every SAE on base and chat -> OUT/latent_stats; with two SAEs, their
@@ -122,7 +125,8 @@ def examples(
     k: int = typer.Option(10, "--k", min=1, help="contexts kept per latent per model"),
     before: int = typer.Option(12, "--window-before", min=0, help="tokens shown before the max-activating token"),
     after: int = typer.Option(4, "--window-after", min=0, help="tokens shown after it"),
-    tokenizer: str | None = typer.Option(None, "--tokenizer", help="tokenizer folder or id for token texts (default: the cache's model)"),
+    tokenizer: str | None = typer.Option(None, "--tokenizer",
+                                         help="tokenizer folder or id for token texts (default: the cache's model)"),
     batch_tokens: str = BatchOpt, keep_bos: bool = BosOpt, device: str | None = DeviceOpt,
 ) -> None:
     """Max-activating contexts of every latent of every SAE on each given model's cache, in one

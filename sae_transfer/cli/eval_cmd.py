@@ -23,7 +23,8 @@ TokensOpt = typer.Option(_EVAL.tokens, "--tokens", min=1, help="held-out eval to
 CorpusOpt = typer.Option("stdlib", "--corpus", help="corpus: 'stdlib', a local file/folder, or a Hub dataset id")
 CtxOpt = typer.Option(None, "--context-size", min=2, help="tokens per sequence (default: the SAE's training context, else 128)")
 BatchOpt = typer.Option(_EVAL.batch_tokens, "--batch-tokens", min=1, help="tokens per forward batch")
-ThreshOpt = typer.Option(None, "--threshold", help="absolute outlier threshold on scaled norms, one for every model (default: median + 10 MAD on the first model, printed)")
+ThreshOpt = typer.Option(None, "--threshold", help="absolute outlier threshold on scaled norms, one for every model "
+                         "(default: median + 10 MAD on the first model, printed)")
 RuleOpt = typer.Option(_OUTLIERS.rule, "--outlier-rule", help="which tokens 'excluded' drops: absolute, k_median or either")
 MadOpt = typer.Option(_OUTLIERS.mad_k, "--mad-k", help="robust default threshold: median + k * 1.4826 * MAD")
 KMedOpt = typer.Option(_OUTLIERS.k_median, "--k-median", help="second outlier rule: scaled norm > k * median")
@@ -206,7 +207,9 @@ def positions(
     sae: list[str] = SaeOpt, model: list[str] = ModelOpt, hook: str = HookOpt, tokens: int = TokensOpt,
     out: Path = OutOpt, corpus: str = CorpusOpt, context_size: int | None = CtxOpt,
     multiples: str = typer.Option("1,2,4", "--multiples", help="context sizes to evaluate, as multiples of the SAE's"),
-    max_positions: int | None = typer.Option(None, "--max-positions", min=2, help="longest sequence to try (default: the model config's max_position_embeddings; rotary models run past it)"),
+    max_positions: int | None = typer.Option(None, "--max-positions", min=2,
+                                             help="longest sequence to try (default: the model config's "
+                                             "max_position_embeddings; rotary models run past it)"),
     batch_tokens: int = BatchOpt, threshold: float | None = ThreshOpt, mad_k: float = MadOpt,
     device: str | None = DeviceOpt, dtype: str = DtypeOpt,
 ) -> None:

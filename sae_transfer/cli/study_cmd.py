@@ -30,7 +30,8 @@ def _pair_from_results(results: Path, config: Path | None) -> tuple[str, str]:
     if config is None:
         from sae_transfer.storage import catalog
 
-        runs = catalog.query(results, "select config_json from runs where config_json is not null order by created_at desc limit 1")
+        runs = catalog.query(results, "select config_json from runs where config_json is not null "
+                             "order by created_at desc limit 1")
         if len(runs):
             pair = json.loads(runs["config_json"][0])["pair"]
             return pair["base"], pair["chat"]
@@ -108,8 +109,9 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def sql(
         query: str = typer.Argument(..., help="SQL over the views metrics, outliers, outlier_summary, token_errors, "
-                                    "training_log, weight_diff, positions, rollouts, checkpoints, runs, latent_stats, latent_matches, "
-                                    "latent_drift, crosscoder_latents, latent_scaling, latent_examples, latent_histograms, latent_ablation"),
+                                    "training_log, weight_diff, positions, rollouts, checkpoints, runs, latent_stats, "
+                                    "latent_matches, latent_drift, crosscoder_latents, latent_scaling, latent_examples, "
+                                    "latent_histograms, latent_ablation"),
         results: Path | None = typer.Option(None, help=RESULTS_HELP),
         format: str = typer.Option("table", "--format", "-f", help="table, csv or json"),
         limit: int = typer.Option(200, min=0, help="rows shown in table format"),

@@ -34,14 +34,17 @@ def _train_config(fields: dict):
 def _report(result, quiet: bool) -> None:
     m = result.metrics
     if not quiet:
-        state = "already complete" if result.skipped else (f"resumed from step {result.resumed_from_step}" if result.resumed_from_step else "trained")
-        typer.echo(f"{state}: l0 {m.get('l0', float('nan')):.1f}, explained variance {m.get('explained_variance', float('nan')):.4f}, "
+        state = ("already complete" if result.skipped
+                 else (f"resumed from step {result.resumed_from_step}" if result.resumed_from_step else "trained"))
+        typer.echo(f"{state}: l0 {m.get('l0', float('nan')):.1f}, "
+                   f"explained variance {m.get('explained_variance', float('nan')):.4f}, "
                    f"dead {m.get('dead_fraction_final', float('nan')):.3f}", err=True)
     typer.echo(str(result.sae_dir))
 
 
 def train(
-    acts: Path = typer.Option(..., "--acts", help="Activation dataset folder (from `sae-transfer cache`) or a .safetensors file with 'acts'."),
+    acts: Path = typer.Option(..., "--acts", help="Activation dataset folder (from `sae-transfer cache`) "
+                              "or a .safetensors file with 'acts'."),
     arch: str = typer.Option("relu", "--arch", help="relu | topk | batchtopk | jumprelu"),
     d_sae: int = typer.Option(..., "--d-sae", min=1, help="Number of features."),
     tokens: str = typer.Option(..., "--tokens", help="Training tokens, e.g. 50M."),
@@ -51,12 +54,15 @@ def train(
     lr: float | None = typer.Option(None, "--lr", help="Adam learning rate."),
     batch_size: int = typer.Option(TrainConfig.batch_size, "--batch-size", min=1, help="Tokens per step."),
     lr_warmup: float = typer.Option(0.0, "--lr-warmup", min=0.0, max=1.0, help="Fraction of steps of linear LR warm-up."),
-    lr_decay: float = typer.Option(0.2, "--lr-decay", min=0.0, max=1.0, help="Fraction of steps of linear LR decay to zero at the end."),
-    l1_warmup: float = typer.Option(0.05, "--l1-warmup", min=0.0, max=1.0, help="Fraction of steps of sparsity-coefficient warm-up."),
+    lr_decay: float = typer.Option(0.2, "--lr-decay", min=0.0, max=1.0,
+                                   help="Fraction of steps of linear LR decay to zero at the end."),
+    l1_warmup: float = typer.Option(0.05, "--l1-warmup", min=0.0, max=1.0,
+                                    help="Fraction of steps of sparsity-coefficient warm-up."),
     jumprelu_l0: str = typer.Option("step", "--jumprelu-l0", help="JumpReLU L0 penalty: step or tanh."),
     ghost_grads: bool = typer.Option(False, "--ghost-grads", help="relu: ghost grads for dead latents."),
     resample_every: int = typer.Option(0, "--resample-every", min=0, help="relu: resample dead latents every N steps (0: off)."),
-    init_b_dec: str = typer.Option("auto", "--init-b-dec", help="auto (relu: zeros; others: geometric_median) | geometric_median | mean | zeros"),
+    init_b_dec: str = typer.Option("auto", "--init-b-dec",
+                                   help="auto (relu: zeros; others: geometric_median) | geometric_median | mean | zeros"),
     dead_window: str = typer.Option("1M", "--dead-window", help="Tokens without firing after which a latent is dead."),
     checkpoint_every: str = typer.Option("10M", "--checkpoint-every", help="Checkpoint every N tokens (0: only at the end)."),
     log_every: int = typer.Option(50, "--log-every", min=1, help="Training-log row every N steps."),
@@ -66,7 +72,8 @@ def train(
     device: str | None = typer.Option(None, "--device", help=_DEVICE_HELP),
     dtype: str = typer.Option("float32", "--dtype", help=_DTYPE_HELP),
     tf32: bool = typer.Option(True, "--tf32/--no-tf32", help=_TF32_HELP),
-    sparse_kernels: str = typer.Option("auto", "--sparse-kernels", help="topk/batchtopk/jumprelu kernels: csr | dense | auto (csr on CPU, dense on CUDA)."),
+    sparse_kernels: str = typer.Option("auto", "--sparse-kernels",
+                                       help="topk/batchtopk/jumprelu kernels: csr | dense | auto (csr on CPU, dense on CUDA)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary; print only the SAE folder."),
 ) -> None:
     """Train an SAE from cached activations (resumes from the newest checkpoint in --out); print the SAE folder."""

@@ -19,7 +19,8 @@ from sae_transfer.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def instruction_pairs(split: str, cfg: DemoPairConfig = DemoPairConfig(), corpus: CorpusConfig | None = None) -> list[InstructionPair]:
+def instruction_pairs(split: str, cfg: DemoPairConfig = DemoPairConfig(),
+                      corpus: CorpusConfig | None = None) -> list[InstructionPair]:
     """(docstring -> function) pairs from the corpus documents of `split` ('train' or 'eval').
 
     The split is the corpus's whole-file split, so held-out pairs come from files the models

@@ -102,7 +102,8 @@ def latent_stats_table(loaded, caches: dict[str, str | Path], cfg: ls.LatentStat
     cols = ls.stats_columns(stats, ("base", "chat"), cfg)
     labels = cols["model"]
     cols["model_id"] = np.where(labels == "base", infos["base"]["model_id"], infos["chat"]["model_id"])
-    cols["tokens_fingerprint"] = np.where(labels == "base", infos["base"]["tokens_fingerprint"], infos["chat"]["tokens_fingerprint"])
+    cols["tokens_fingerprint"] = np.where(labels == "base", infos["base"]["tokens_fingerprint"],
+                                          infos["chat"]["tokens_fingerprint"])
     return columns_table("latent_stats", cols, _dictionary(loaded, infos["chat"]["hook"]))
 
 
@@ -186,7 +187,8 @@ def match_table(loaded_a, loaded_b, corr_cache: str | Path | None, corr_label: s
     """`latent_matches` rows: decoder-cosine assignment of A's and B's latents, with the
     activation correlation of each pair on `corr_cache` (both SAEs on the same tokens)."""
     matching = mt.match_decoders(loaded_a.sae, loaded_b.sae, cfg)
-    cols = {"latent_a": matching.latent_a, "latent_b": matching.latent_b, "dec_cos": matching.dec_cos, "enc_cos": matching.enc_cos}
+    cols = {"latent_a": matching.latent_a, "latent_b": matching.latent_b, "dec_cos": matching.dec_cos,
+            "enc_cos": matching.enc_cos}
     const = {"dictionary_a": loaded_a.info["sae_id"], "dictionary_b": loaded_b.info["sae_id"], "method": matching.method,
              "min_cosine": cfg.min_cosine, "hook": loaded_a.sae.cfg.metadata.get("hook_name")}
     if corr_cache is not None:

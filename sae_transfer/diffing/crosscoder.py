@@ -136,11 +136,13 @@ def latent_table(cc: CrossCoder, taxonomy: Taxonomy = Taxonomy()) -> LatentTable
     total_F = nb_F + nc_F
     rho_F = torch.where(total_F > 0, nc_F / total_F.clamp_min(1e-30), torch.full_like(total_F, float("nan")))
     biggest_F = torch.maximum(nb_F, nc_F)
-    delta_F = torch.where(biggest_F > 0, 0.5 * ((nc_F - nb_F) / biggest_F.clamp_min(1e-30) + 1), torch.full_like(total_F, float("nan")))
+    delta_F = torch.where(biggest_F > 0, 0.5 * ((nc_F - nb_F) / biggest_F.clamp_min(1e-30) + 1),
+                          torch.full_like(total_F, float("nan")))
     both = (nb_F > 0) & (nc_F > 0)
     cos_F = (dec_MFD[0] * dec_MFD[1]).sum(-1) / (nb_F * nc_F).clamp_min(1e-30)
     cos_F = torch.where(both, cos_F, torch.full_like(cos_F, float("nan")))
-    return LatentTable(nb_F.float(), nc_F.float(), rho_F.float(), delta_F.float(), cos_F.float(), classify(rho_F, taxonomy), taxonomy)
+    return LatentTable(nb_F.float(), nc_F.float(), rho_F.float(), delta_F.float(), cos_F.float(),
+                       classify(rho_F, taxonomy), taxonomy)
 
 
 def classify(rho_F: torch.Tensor, taxonomy: Taxonomy = Taxonomy()) -> torch.Tensor:

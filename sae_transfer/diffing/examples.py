@@ -98,7 +98,8 @@ class MaxActTracker:
         self.add_sparse(v_N, flat_N // F, flat_N % F, seq_B.to(self.device), pos_B.to(self.device))
         self.n_tokens += feats_BF.shape[0]
 
-    def add_sparse(self, v_N: torch.Tensor, b_N: torch.Tensor, f_N: torch.Tensor, seq_B: torch.Tensor, pos_B: torch.Tensor) -> None:
+    def add_sparse(self, v_N: torch.Tensor, b_N: torch.Tensor, f_N: torch.Tensor, seq_B: torch.Tensor,
+                   pos_B: torch.Tensor) -> None:
         """Fold in the non-zero activations v_N of latents f_N at batch rows b_N (token order)."""
         H = self.hist_FH.shape[1]
         bins_N = torch.bucketize(v_N.float(), self.edges_t, right=True)

@@ -15,9 +15,10 @@ A token counts as a firing when the latent is non-zero, or, with `min_contributi
 its contribution f_j·‖d_j‖ in scaled units exceeds that share of the mean norm sqrt(D): ReLU
 SAEs leak small activations onto tokens they were not trained for (on the planted pair, the
 chat SAE's v latent reads up to ~8% of the mean norm on a few ordinary tokens, against ~50% at
-the planted positions), which the bare count calls firing. A latent is `silent` on a model when it fires on at most `silent_frequency` of its tokens
-(1e-5 in the issue), and its status from base to chat is "dies" (fires on base, silent on
-chat), "appears" (silent on base, fires on chat), "shared" (fires on both) or "dead" (neither).
+the planted positions), which the bare count calls firing. A latent is `silent` on a model when
+it fires on at most `silent_frequency` of its tokens (1e-5 in the issue), and its status from
+base to chat is "dies" (fires on base, silent on chat), "appears" (silent on base, fires on
+chat), "shared" (fires on both) or "dead" (neither).
 The density-shift columns are log10 densities per model, log10(frequency + 1e-10) (SAELens's
 sparsity convention) and their difference.
 

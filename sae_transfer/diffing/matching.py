@@ -74,7 +74,8 @@ def unit_rows(W_FD: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(W_FD.detach().float(), dim=-1)
 
 
-def candidate_edges(A_FD: torch.Tensor, B_GD: torch.Tensor, c: int, chunk_rows: int = 2048) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def candidate_edges(A_FD: torch.Tensor, B_GD: torch.Tensor, c: int,
+                    chunk_rows: int = 2048) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(i, j, cosine) of the union of each row's top-c and each column's top-c cosines between
     unit rows A [F, D] and B [G, D]; memory O((F + G)·c) plus one [chunk_rows, G] block."""
     F, G = A_FD.shape[0], B_GD.shape[0]
@@ -215,7 +216,8 @@ def latent_drift(child: SAE, parent: SAE) -> dict[str, np.ndarray]:
     """Per latent (same index in both): encoder-column and decoder-row cosine and norm ratio
     (child / parent, training units), and b_enc change (child − parent, feature units)."""
     if (child.d_sae, child.d_in) != (parent.d_sae, parent.d_in):
-        raise ValueError(f"child SAE is {child.d_in}x{child.d_sae}, parent {parent.d_in}x{parent.d_sae}: drift needs the same shape")
+        raise ValueError(f"child SAE is {child.d_in}x{child.d_sae}, parent {parent.d_in}x{parent.d_sae}: "
+                         "drift needs the same shape")
     c, p = _training_units(child), _training_units(parent)
     enc_cos, enc_ratio = _cos_and_ratio(c.W_enc.T, p.W_enc.T)
     dec_cos, dec_ratio = _cos_and_ratio(c.W_dec, p.W_dec)

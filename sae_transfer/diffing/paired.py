@@ -183,7 +183,8 @@ class PairedSource:
     def __init__(self, pair: PairedCaches, batch_size: int, seed: int = 0, buffer_tokens: int = 65_536,
                  start_batch: int = 0, epochs: int | None = None, device: str | torch.device = "cpu"):
         if pair.n_tokens < batch_size:
-            raise UserError(f"the paired caches hold {pair.n_tokens} rows, less than one batch ({batch_size}): lower the batch size")
+            raise UserError(f"the paired caches hold {pair.n_tokens} rows, less than one batch ({batch_size}): "
+                            "lower the batch size")
         self.pair, self.batch_size, self.seed = pair, batch_size, seed
         self.buffer_tokens = max(buffer_tokens, batch_size)
         self.start_batch, self.epochs, self.device = start_batch, epochs, torch.device(device)

@@ -81,7 +81,8 @@ def sae_scaling_table(loaded, cache: str, label: str, plan: DiffingPlan) -> pa.T
     api.check_pairing(loaded, info, label)
     device = api.device_of(plan.device)
     sae, _ = ls.applied_sae(loaded.sae, info["scale"], device)
-    batches = (b.acts_BD.to(device, torch.float32) for b in api.row_stream(cache, plan.batch_tokens, max_tokens=plan.stats_tokens))
+    batches = (b.acts_BD.to(device, torch.float32)
+               for b in api.row_stream(cache, plan.batch_tokens, max_tokens=plan.stats_tokens))
     res = sae_scaling(sae, batches, torch.arange(sae.d_sae))
     cols = {"latent": res.latents_L.numpy(), "beta_activation": res.beta_activation_L.numpy(),
             "beta_error": res.beta_error_L.numpy(), "fire_count": res.count_L.numpy()}

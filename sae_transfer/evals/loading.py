@@ -64,7 +64,8 @@ def model_shape(spec: str) -> tuple[int, int, int | None]:
         try:
             cfg = json.loads(Path(hf_hub_download(ref.name, "config.json", revision=ref.revision)).read_text())
         except Exception as exc:  # the Hub client raises many types; the user needs one line
-            raise UserError(f"could not read the config of model {spec!r}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__} "
+            raise UserError(f"could not read the config of model {spec!r}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__} "
                             "(check the id and revision; offline runs need the model in the local cache)") from exc
     cfg = cfg.get("text_config", cfg) if "hidden_size" not in cfg else cfg
     d_model = cfg.get("hidden_size") or cfg.get("n_embd") or cfg.get("d_model")
@@ -78,7 +79,8 @@ def check_pairings(models: list[str], saes: list[LoadedSAE], hook: str) -> None:
     for spec in models:
         d_model, n_layers, _ = model_shape(spec)
         if layer is not None and layer >= n_layers:
-            raise UserError(f"hook {hook!r} needs layer {layer} but {spec} has {n_layers} layers (0..{n_layers - 1}); pick another hook")
+            raise UserError(f"hook {hook!r} needs layer {layer} but {spec} has {n_layers} layers (0..{n_layers - 1}); "
+                            "pick another hook")
         if not hook.endswith(_RESID_WIDTH):
             continue
         for loaded in saes:
@@ -93,4 +95,5 @@ def check_width(d_in: int, saes: list[LoadedSAE], hook: str) -> None:
     """UserError if a hooked activation's measured width differs from an SAE's d_in."""
     for loaded in saes:
         if loaded.sae.cfg.d_in != d_in:
-            raise UserError(f"SAE {loaded.folder} has d_in={loaded.sae.cfg.d_in} but {hook} activations have width {d_in}; pick a matching SAE")
+            raise UserError(f"SAE {loaded.folder} has d_in={loaded.sae.cfg.d_in} but {hook} activations have width {d_in}; "
+                            "pick a matching SAE")

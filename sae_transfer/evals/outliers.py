@@ -22,8 +22,12 @@ class OutlierRule:
     """Which tokens count as outliers (and are excluded under the "excluded" policy)."""
 
     rule: str = "absolute"  # "absolute" (the seed study's), "k_median", or "either" of the two
-    threshold: float | None = None  # absolute threshold on scaled norms, one per model pair (the study: Qwen1.5 50, Gemma 300, Mistral 200); None: the robust estimate below
-    mad_k: float = _OUTLIERS.mad_k  # robust estimate: median + mad_k * 1.4826 * MAD of the scaled norms (far tail only); printed and recorded as a suggestion
+    # absolute threshold on scaled norms, one per model pair (the study: Qwen1.5 50, Gemma 300, Mistral 200);
+    # None: the robust estimate below
+    threshold: float | None = None
+    # robust estimate: median + mad_k * 1.4826 * MAD of the scaled norms (far tail only); printed and recorded
+    # as a suggestion
+    mad_k: float = _OUTLIERS.mad_k
     k_median: float = _OUTLIERS.k_median  # k x median rule: scaled norm > k_median * median of the evaluated model's scaled norms
     threshold_source: str = "config"  # where `threshold` came from, recorded on rows (e.g. "pair estimate on <base model>")
 
@@ -31,7 +35,8 @@ class OutlierRule:
         if self.rule not in RULES:
             raise ValueError(f"outliers.rule: {self.rule!r} is not a rule; use one of {', '.join(RULES)}")
         if self.threshold is not None and not self.threshold >= 0:
-            raise ValueError(f"outliers.threshold: {self.threshold} must be >= 0 (a scaled norm; the mean scaled norm is sqrt(d_model))")
+            raise ValueError(f"outliers.threshold: {self.threshold} must be >= 0 "
+                             "(a scaled norm; the mean scaled norm is sqrt(d_model))")
 
 
 def suggest_threshold(scaled_norms_N: torch.Tensor, mad_k: float) -> float:

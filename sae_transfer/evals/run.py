@@ -131,7 +131,7 @@ def position_records(
     applied = as_applied(saes, norms.scale)
     by_id = {s.info["sae_id"]: s for s in saes}
     rows = []
-    for size, toks in sorted(token_sets.items()):
+    for _size, toks in sorted(token_sets.items()):
         curves = pos_mod.position_curves(
             model, {k: a[0] for k, a in applied.items()}, toks.tokens_NS, hook, scale=norms.scale,
             threshold=norms.threshold, batch_tokens=cfg.batch_tokens, device=cfg.device,

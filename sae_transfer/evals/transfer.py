@@ -154,7 +154,8 @@ class _Sums:
 
     def __init__(self, d_in: int):
         self.recon = ReconAccumulator(d_in)
-        self.parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("clean", "sae", "zero", "zero_seg", "kl_sae", "kl_zero", "n")}
+        self.parts: dict[str, list[torch.Tensor]] = {
+            k: [] for k in ("clean", "sae", "zero", "zero_seg", "kl_sae", "kl_zero", "n")}
 
     def add(self, mask_BS: torch.Tensor, **per_token_BS: torch.Tensor) -> None:
         m = mask_BS.float()
@@ -209,7 +210,8 @@ def evaluate_saes(model, saes: dict, toks: TokenSet, hook: str, norms: NormStats
         del logits
         zero = splice.logit_stats(splice.zero_logits(model, tok_BS, hook, x_BSD), tok_BS, p_clean)
         kl_zero = zero.kl_from(clean)
-        zero_seg = {p: _zero_at(model, tok_BS, hook, x_BSD, m, p_clean).loss_BS for p, m in masks.items()} if cfg.zero_segment else {}
+        zero_seg = ({p: _zero_at(model, tok_BS, hook, x_BSD, m, p_clean).loss_BS for p, m in masks.items()}
+                    if cfg.zero_segment else {})
         for sid, sae in saes.items():
             x_hat_BSD, l0_BS = apply_sae(sae, x_BSD)
             for policy, mask_BS in masks.items():

@@ -64,7 +64,8 @@ def weight_diff_rows(base_dir: str | Path, chat_dir: str | Path) -> list[dict]:
     for name in sorted(set(base_files) & set(chat_files)):
         w_base, w_chat = _load(base_files[name], name), _load(chat_files[name], name)
         if w_base.shape != w_chat.shape:
-            raise UserError(f"parameter {name} has shape {tuple(w_base.shape)} vs {tuple(w_chat.shape)}: the checkpoints are not the same architecture")
+            raise UserError(f"parameter {name} has shape {tuple(w_base.shape)} vs {tuple(w_chat.shape)}: "
+                            "the checkpoints are not the same architecture")
         layer, kind = param_kind(name)
         base_norm = float(w_base.double().norm())
         diff_norm = float((w_chat.double() - w_base.double()).norm())

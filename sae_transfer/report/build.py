@@ -20,7 +20,8 @@ from sae_transfer.storage.layout import StudyLayout
 log = logging.getLogger(__name__)
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1200px;color:#222;padding:0 1rem}
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;\
+max-width:1200px;color:#222;padding:0 1rem}
 h1{font-size:1.6rem}h2{margin-top:2.2rem;border-bottom:1px solid #ddd;padding-bottom:.3rem}
 table{border-collapse:collapse;font-size:.78rem;margin:.6rem 0 1rem;max-width:100%}
 th,td{border:1px solid #ccc;padding:.2rem .35rem;text-align:right;overflow-wrap:anywhere}th{background:#f3f3f3}
@@ -73,18 +74,21 @@ def collect_sections(results_dir: str | Path, base: str, chat: str, *, scatter_r
                              (named["diff_class_counts"], named["latent_status_counts"], named["latent_ablation_table"]))
         sections = [
             Section("findings", "Findings", "One sentence per research question, from the tables below "
-                    "(CE loss recovered with its bootstrap 95 % interval over sequences).", bullets=sentences or ["no results yet"]),
+                    "(CE loss recovered with its bootstrap 95 % interval over sequences).",
+                    bullets=sentences or ["no results yet"]),
             Section("transfer", "Transfer matrix (plain text)",
                     "Every SAE spliced into every model on held-out text. CE loss recovered uses the zero-ablation baseline, "
                     "with a bootstrap 95% interval over sequences. `excluded`: outlier-norm positions are not counted and keep "
                     "their own activation; `included`: every position is spliced. r = s_eval / s_train: the SAE reconstructs "
                     "SAE(r x) / r on the evaluated model. Greyed rows have ill-conditioned denominators and are not findings.",
-                    [(f"outliers {policy}", part.drop(columns=["outlier_policy"])) for policy, part in transfer.groupby("outlier_policy", sort=False)],
+                    [(f"outliers {policy}", part.drop(columns=["outlier_policy"]))
+                     for policy, part in transfer.groupby("outlier_policy", sort=False)],
                     [("transfer matrix, outliers excluded", plots.transfer_heatmap(transfer))] if not transfer.empty else []),
         ]
         scatter = _q(con, "mse_vs_norm", pair + [scatter_rows])
         sections.append(Section("outliers", "Outlier-norm activations",
-                                "Tokens whose scaled norm (mean norm rescaled to sqrt(d_model)) passes the threshold, and what they are.",
+                                "Tokens whose scaled norm (mean norm rescaled to sqrt(d_model)) passes the threshold, "
+                                "and what they are.",
                                 [("outlier summary", named["outlier_table"])],
                                 [("MSE vs scaled norm (log y)", plots.mse_vs_norm(scatter))] if not scatter.empty else []))
         sections.append(Section("segments", "Instruction-formatted data",
@@ -108,7 +112,9 @@ def collect_sections(results_dir: str | Path, base: str, chat: str, *, scatter_r
         drift = named["drift"]
         sections.append(Section("drift", "Drift across fine-tuning checkpoints",
                                 "Each SAE on each chat fine-tuning checkpoint as the watcher evaluated it (step 0 = base model).",
-                                [("drift", drift)], [("drift", plots.drift(drift[drift["outlier_policy"] == "excluded"]))] if not drift.empty else []))
+                                [("drift", drift)],
+                                [("drift", plots.drift(drift[drift["outlier_policy"] == "excluded"]))]
+                                if not drift.empty else []))
         sections.append(_diffing_section(con, pair))
         return sections
     finally:
@@ -154,7 +160,8 @@ def latent_cards(cards: pd.DataFrame) -> str:
                 f'<span style="background:rgba(214,39,40,{min(a / top, 1.0) if top > 0 else 0:.2f})" title="{a:.3g}">'
                 f"{html.escape(t).replace(chr(10), '&#8629;')}</span>" for t, a in zip(tokens, acts))
             lines.append(f"<div class='ctx'><span class='act'>{r['activation']:.3g}</span> {spans}</div>")
-        out.append(f"<div class='card'><b>latent {latent}</b> ({head['latent_class'].replace('_', '-')}) rho {head['rho']:.3f} (||d chat|| {head['norm_chat']:.2f}, "
+        out.append(f"<div class='card'><b>latent {latent}</b> ({head['latent_class'].replace('_', '-')}) "
+                   f"rho {head['rho']:.3f} (||d chat|| {head['norm_chat']:.2f}, "
                    f"||d base|| {head['norm_base']:.2f}), decoder cosine {head['dec_cos']:.2f}, fires on "
                    f"{head['frequency']:.3%} of paired tokens; the same tokens feed both models, so its write is "
                    f"{head['norm_chat']:.2f} x activation into chat and {head['norm_base']:.2f} x into base"
@@ -181,7 +188,8 @@ def _html_table(df: pd.DataFrame) -> str:
     rows = []
     for i, row in enumerate(shown.itertuples(index=False)):
         bad = flagged and _unreliable(df["reliable"].iloc[i])
-        note = f"<td class='why'>not a finding: {html.escape(str(df['unreliable_reason'].iloc[i]))}</td>" if bad else ("<td></td>" if flagged else "")
+        note = (f"<td class='why'>not a finding: {html.escape(str(df['unreliable_reason'].iloc[i]))}</td>" if bad
+                else ("<td></td>" if flagged else ""))
         cells = "".join(f"<td>{html.escape(_cell(v))}</td>" for v in row)
         rows.append(f"<tr{' class=unreliable' if bad else ''}>{cells}{note}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
@@ -223,11 +231,13 @@ def render(sections: list[Section], title: str, out_dir: str | Path) -> ReportPa
             path.write_bytes(png)
             figures.append(path)
             data = base64.b64encode(png).decode()
-            parts.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(caption)}</figcaption></figure>')
+            parts.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+                         f'<figcaption>{html.escape(caption)}</figcaption></figure>')
             md.append(f"\n![{caption}](figures/{path.name})\n")
         for block in sec.html_blocks:
             parts.append(block)
-    page = f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{_CSS}</style></head><body>{''.join(parts)}</body></html>"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
     html_path, md_path = out / "report.html", out / "report.md"
     for path, text in ((html_path, page), (md_path, "".join(md))):
         tmp = path.with_suffix(".tmp")

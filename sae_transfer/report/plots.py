@@ -27,7 +27,8 @@ def mse_vs_norm(df: pd.DataFrame) -> bytes:
     fig, axes = plt.subplots(1, max(len(models), 1), figsize=(5.5 * max(len(models), 1), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
         for sae, part in df[df["model"] == model].groupby("sae"):
-            ax.scatter(part["scaled_norm"], part["sq_error"].clip(lower=1e-6), s=4, alpha=0.4, label=f"{sae} SAE", color=_COLORS.get(sae))
+            ax.scatter(part["scaled_norm"], part["sq_error"].clip(lower=1e-6), s=4, alpha=0.4, label=f"{sae} SAE",
+                       color=_COLORS.get(sae))
         ax.set_yscale("log")
         ax.set_xlabel("scaled activation norm")
         ax.set_ylabel("squared reconstruction error")

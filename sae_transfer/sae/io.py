@@ -52,7 +52,8 @@ def load_sae(folder: str | Path, expect_d_in: int | None = None, expect_hook: st
         raise UserError(f"{folder}: architecture {cfg['architecture']!r} is not supported; use one of {sorted(ARCHITECTURES)}")
     scale = input_scale(folder, cfg)
     if expect_d_in is not None and int(cfg["d_in"]) != expect_d_in:
-        raise UserError(f"{folder}: SAE d_in={cfg['d_in']} but the hooked activations have d_model={expect_d_in}; pick an SAE trained on this model")
+        raise UserError(f"{folder}: SAE d_in={cfg['d_in']} but the hooked activations have d_model={expect_d_in}; "
+                        "pick an SAE trained on this model")
     hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
     if expect_hook is not None and hook is not None and hook != expect_hook:
         raise UserError(f"{folder}: SAE was trained on hook {hook!r}, not {expect_hook!r}; pick the SAE for that hook")

@@ -58,13 +58,15 @@ class TrainConfig:
     device: str | None = None  # "cpu", "cuda", "cuda:1", ...; None: CUDA when available, else CPU
     dtype: str = "float32"  # matmul precision: float32, or bfloat16 (autocast: weights and Adam state stay fp32)
     tf32: bool = True  # CUDA only: fp32 matmuls may use TF32 tensor cores (recorded in run.json)
-    sparse_kernels: str = "auto"  # topk/batchtopk/jumprelu: csr (torch.sparse), dense ([B,F] matmuls); auto: csr on CPU, dense on CUDA
+    # topk/batchtopk/jumprelu: csr (torch.sparse), dense ([B,F] matmuls); auto: csr on CPU, dense on CUDA
+    sparse_kernels: str = "auto"
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"arch={self.arch!r}: use one of {ARCHS}")
         if self.batch_size < 1 or self.total_tokens < self.batch_size:
-            raise ValueError(f"total_tokens={self.total_tokens}, batch_size={self.batch_size}: need total_tokens >= batch_size >= 1")
+            raise ValueError(f"total_tokens={self.total_tokens}, batch_size={self.batch_size}: "
+                             "need total_tokens >= batch_size >= 1")
         if not 0 <= self.lr_warmup_frac + self.lr_decay_frac <= 1:
             raise ValueError(f"lr_warmup_frac + lr_decay_frac = {self.lr_warmup_frac + self.lr_decay_frac}: must lie in [0, 1]")
         if self.init_b_dec not in INIT_B_DEC:

@@ -35,7 +35,8 @@ def open_training_data(path: str | Path, batch_size: int, seed: int = 0, buffer_
             raise UserError(f"{path} needs one 2-D tensor named 'acts' [tokens, d_model]")
         acts_ND = tensors["acts"]
         meta = {"dataset_path": str(path), "model_name": None, "hook_name": None}
-        return TrainingData(in_memory_factory(acts_ND, batch_size, seed=seed, name=str(path)), acts_ND.shape[1], meta, acts_ND.shape[0])
+        return TrainingData(in_memory_factory(acts_ND, batch_size, seed=seed, name=str(path)), acts_ND.shape[1], meta,
+                            acts_ND.shape[0])
     ds = ActivationDataset(path)
     buffer_tokens = max(buffer_tokens, 2 * batch_size)
     meta = {

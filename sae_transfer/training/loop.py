@@ -188,7 +188,8 @@ def train_loop(
         while st.step < cfg.total_steps:
             raw_BD = next(it, None)
             if raw_BD is None:
-                raise UserError(f"activation data ran out at step {st.step} of {cfg.total_steps}; lower --tokens or allow more epochs")
+                raise UserError(f"activation data ran out at step {st.step} of {cfg.total_steps}; "
+                                "lower --tokens or allow more epochs")
             tokens_before = st.tokens
             x_BD, out = train_step(run, raw_BD)
             log_now = is_log_step(cfg, st.step - 1)

@@ -82,7 +82,8 @@ def init_b_dec(cfg: TrainConfig, x_ND: torch.Tensor) -> torch.Tensor:
 
 def fresh_run(cfg: TrainConfig, make_source: SourceFactory, d_in: int, parent_sae: SAE | None) -> TrainingRun:
     """A new run: estimate the scale, build and initialise the SAE (or adapt the parent's)."""
-    raw_ND = sample_tokens(make_source, cfg.scale_estimate_tokens if cfg.normalize_activations or cfg.b_dec_init != "zeros" else 1)
+    raw_ND = sample_tokens(make_source,
+                           cfg.scale_estimate_tokens if cfg.normalize_activations or cfg.b_dec_init != "zeros" else 1)
     scale = estimate_scale(raw_ND) if cfg.normalize_activations else 1.0
     if parent_sae is not None:
         # The parent reads raw activations of its own model (its s_train folded in): fold its own
@@ -94,7 +95,8 @@ def fresh_run(cfg: TrainConfig, make_source: SourceFactory, d_in: int, parent_sa
         sae = fold_scale(parent_sae, 1.0 / (s_parent or scale))
         sae.cfg = SAEConfig(**{**sae.cfg.__dict__, "metadata": {}})
         return TrainingRun.create(cfg, sae, scale)
-    sae = make_sae(SAEConfig(TRAIN_ARCH_TO_SAE[cfg.arch], d_in, cfg.d_sae, k=cfg.k if cfg.arch in ("topk", "batchtopk") else None))
+    sae = make_sae(SAEConfig(TRAIN_ARCH_TO_SAE[cfg.arch], d_in, cfg.d_sae,
+                             k=cfg.k if cfg.arch in ("topk", "batchtopk") else None))
     run = TrainingRun.create(cfg, sae, scale)
     run.trainer.init_weights(torch.Generator().manual_seed(cfg.seed), init_b_dec(cfg, raw_ND * scale))
     return run
@@ -178,7 +180,8 @@ def drive_run(spec: RunSpec, out_dir: str | Path, progress: bool = True) -> Driv
     state = ckpt.read_state(found[-1]) if found else None
     if state is not None and not (same_learning_config(state["config"], spec.train)
                                   and spec.learning_config(state.get("run_config") or spec.config()) == wanted):
-        raise UserError(f"{out} holds checkpoints of a {spec.name} run with a different config; choose another --out or delete it")
+        raise UserError(f"{out} holds checkpoints of a {spec.name} run with a different config; "
+                        "choose another --out or delete it")
     if state is None:
         run = spec.fresh()
         ckpt.truncate_log(folder.training_log, -1)
@@ -232,7 +235,8 @@ def _write_checkpoint(folder: RunLayout, run: TrainingRun, run_config: dict, rea
         "optimizer_groups": groups,
     }
     sae_tensors = {k: v.detach().to("cpu", copy=True) for k, v in run.sae.state_dict().items()}
-    ckpt.save_checkpoint(folder.checkpoints, run.state.step, sae_tensors, opt_tensors, run.dead.state_tensors(), state, keep=run.cfg.keep_checkpoints)
+    ckpt.save_checkpoint(folder.checkpoints, run.state.step, sae_tensors, opt_tensors, run.dead.state_tensors(), state,
+                         keep=run.cfg.keep_checkpoints)
 
 
 def without_runtime(config: dict | None) -> dict:
@@ -315,7 +319,8 @@ def fresh_run_shell(cfg: TrainConfig, d_in: int, parent_sae: SAE | None) -> Trai
         sae = fold_scale(parent_sae, 1.0)
         sae.cfg = SAEConfig(**{**sae.cfg.__dict__, "metadata": {}})
     else:
-        sae = make_sae(SAEConfig(TRAIN_ARCH_TO_SAE[cfg.arch], d_in, cfg.d_sae, k=cfg.k if cfg.arch in ("topk", "batchtopk") else None))
+        sae = make_sae(SAEConfig(TRAIN_ARCH_TO_SAE[cfg.arch], d_in, cfg.d_sae,
+                                 k=cfg.k if cfg.arch in ("topk", "batchtopk") else None))
     return TrainingRun.create(cfg, sae, 1.0)
 
 

@@ -67,7 +67,8 @@ class Trainer:
         """Initial norm of decoder rows."""
         return self.cfg.init_decoder_norm
 
-    def loss(self, x_BD: torch.Tensor, step: int, dead_F: torch.Tensor | None, detail: bool = True) -> StepLoss:  # pragma: no cover
+    def loss(self, x_BD: torch.Tensor, step: int, dead_F: torch.Tensor | None,
+             detail: bool = True) -> StepLoss:  # pragma: no cover
         """The objective on one batch of scaled activations (fp32, on the SAE's device);
         dead_F marks dead latents, or is None when none is dead (the loop knows that on the
         host, so no step waits on the device to ask); detail=True also counts firings per

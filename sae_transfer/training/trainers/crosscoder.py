@@ -27,7 +27,8 @@ class CrosscoderTrainer(BatchTopKTrainer):
         W_enc = W_decᵀ; b_enc = 0; b_dec = the given [2D] value."""
         cc = self.sae
         F, D = cc.d_sae, cc.d_in // 2
-        dec_FMD = torch.nn.functional.normalize(torch.randn(F, 2, D, generator=generator, device=generator.device), dim=-1) * self.decoder_norm()
+        dec_FMD = torch.nn.functional.normalize(torch.randn(F, 2, D, generator=generator, device=generator.device),
+                                                dim=-1) * self.decoder_norm()
         cc.W_dec.copy_(dec_FMD.reshape(F, 2 * D))
         cc.W_enc.copy_(cc.W_dec.T)
         cc.b_enc.zero_()
