@@ -111,7 +111,8 @@ def register(app: typer.Typer) -> None:
         query: str = typer.Argument(..., help="SQL over the views metrics, outliers, outlier_summary, token_errors, "
                                     "training_log, weight_diff, positions, rollouts, checkpoints, runs, latent_stats, "
                                     "latent_matches, latent_drift, crosscoder_latents, latent_scaling, latent_examples, "
-                                    "latent_histograms, latent_ablation"),
+                                    "latent_histograms, latent_ablation (the current result per key; every "
+                                    "appended row is in <view>_history, e.g. metrics_history)"),
         results: Path | None = typer.Option(None, help=RESULTS_HELP),
         format: str = typer.Option("table", "--format", "-f", help="table, csv or json"),
         limit: int = typer.Option(200, min=0, help="rows shown in table format"),
