@@ -5,9 +5,11 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 
 from sae_transfer.checkpoints import Checkpoint, checkpoint_id, scan_folder, scan_hub
+from sae_transfer.flows.checkpoints import evaluate_checkpoint
 from sae_transfer.study import StudyConfig
 from sae_transfer.tasks.checkpoints import publish_watch, record_checkpoint, seen_ids
 from sae_transfer.tasks.records import SAERecord
+from sae_transfer.tasks.report import build_report
 
 
 def new_checkpoints(config: StudyConfig) -> tuple[list[Checkpoint], list[Checkpoint]]:
@@ -38,8 +40,6 @@ def watch_checkpoints(config: StudyConfig, via_deployment: bool = False,
     watchers race; otherwise evaluate inline as `evaluate_checkpoint` subflows, with the study's
     `saes` and `thresholds` when the caller has them. A markdown artifact says what was new.
     """
-    from sae_transfer.flows.checkpoints import evaluate_checkpoint
-
     log = get_run_logger()
     found, new = new_checkpoints(config)
     for ckpt in new:
@@ -53,8 +53,6 @@ def watch_checkpoints(config: StudyConfig, via_deployment: bool = False,
         else:
             evaluate_checkpoint(config, ckpt.path, ckpt.step, saes=saes, thresholds=thresholds)
     if build and new and not via_deployment:
-        from sae_transfer.tasks.report import build_report
-
         build_report(config)
     log.info(publish_watch(config, found, new, "via deployment" if via_deployment else "inline"))
     return {"found": len(found), "evaluated": [c.path for c in new]}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,8 +204,6 @@ STUDY_FAMILIES = "llama, mistral, qwen2, gemma, gemma2, gpt2"  # tested end to e
 
 def _unsupported_family(spec: str, message: str) -> str:
     """One line naming the family TransformerLens refused (its own message lists every adapter)."""
-    import re
-
     family = re.search(r"Model type: ([\w.-]+)", message)
     arch = re.search(r"Config architectures: \[([^\]]*)\]", message)
     names = arch.group(1).replace("'", "") if arch else ""

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 import sae_transfer
 from sae_transfer.storage.fingerprint import fingerprint, hash_payload
+from sae_transfer.tasks.records import _Record
 
 # Parameters (and record fields) whose value names an INPUT file or folder: hashed by content.
 # Output folders (out_dir, results_dir, run_dir) are deliberately not: their content is what
@@ -43,8 +44,6 @@ def _jsonable(name: str, value: object, paths: bool = True) -> object:
     (StudyConfig) is hashed as written, so a task taking the config does not depend on the
     content of every model the config names, only on the ones passed to it explicitly.
     """
-    from sae_transfer.tasks.records import _Record
-
     if isinstance(value, BaseModel):
         inner = paths and isinstance(value, _Record)
         if not inner:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
+from sae_transfer.activations import CacheConfig
+from sae_transfer.activations import cache_activations as cache
+from sae_transfer.corpus import CorpusConfig
 from sae_transfer.study import CorpusSection, ModelLoading
 from sae_transfer.tasks._cache import cached, run_name
 from sae_transfer.tasks.records import ActsRecord
@@ -18,10 +21,6 @@ def cache_activations(
     revision: str | None = None,
 ) -> list[ActsRecord]:
     """Cache `corpus.train_tokens` training-split tokens of every hook of `model` under `out_dir`."""
-    from sae_transfer.activations import CacheConfig
-    from sae_transfer.activations import cache_activations as cache
-    from sae_transfer.corpus import CorpusConfig
-
     cfg = CacheConfig(
         model=model, hooks=tuple(hooks), n_tokens=corpus.train_tokens, context_size=corpus.context_size,
         corpus=CorpusConfig(source=corpus.source, text_column=corpus.text_column, seed=corpus.seed),

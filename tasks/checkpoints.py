@@ -7,7 +7,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from sae_transfer.checkpoints import Checkpoint, checkpoint_id
-from sae_transfer.storage import tables
+from sae_transfer.storage import catalog, tables
 from sae_transfer.storage.layout import slug
 from sae_transfer.study import StudyConfig
 
@@ -36,8 +36,6 @@ def record_checkpoint(config: StudyConfig, spec: str, step: int, status: str) ->
 def publish_drift(config: StudyConfig, step: int) -> int:
     """Table artifact: every SAE on every checkpoint so far, the `step` just evaluated marked
     `new`; returns the number of rows published."""
-    from sae_transfer.storage import catalog
-
     drift = catalog.query(config.results_dir, catalog.load_query("checkpoint_drift"), [config.pair.base, config.pair.chat])
     drift.insert(0, "new", drift["step"] == step)
     create_table_artifact(drift.astype(object).where(drift.notna(), None).to_dict("records"),

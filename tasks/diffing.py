@@ -11,13 +11,20 @@ from pathlib import Path
 import pyarrow as pa
 from prefect import get_run_logger, task
 
-from sae_transfer.diffing.stage import DiffingPlan
+from sae_transfer.diffing.api import drift_table
+from sae_transfer.diffing.crosscoder_run import CrosscoderConfig
+from sae_transfer.diffing.crosscoder_run import train_crosscoder as train
+from sae_transfer.diffing.paired import open_pair
+from sae_transfer.diffing.stage import DiffingPlan, causal_tables, chosen_latents, crosscoder_tables, sae_tables
+from sae_transfer.evals.loading import load_saes
 from sae_transfer.evals.rollouts import Rollouts
 from sae_transfer.storage import tables
 from sae_transfer.storage.fingerprint import sha256_file
 from sae_transfer.study import CrosscoderPlan, DiffingSection, FinetuneSection, ModelLoading
 from sae_transfer.tasks._cache import cached, run_name
 from sae_transfer.tasks.records import ActsRecord, DiffRecord, RowsRecord, SAERecord
+from sae_transfer.training.api import finetune_on_dataset
+from sae_transfer.training.config import TrainConfig
 
 _CODE = cached("sae_transfer.diffing", "sae_transfer.sae", "sae_transfer.training", "sae_transfer.evals",
                "sae_transfer.storage.diffing_tables", "sae_transfer.storage.crosscoder_format",
@@ -40,9 +47,6 @@ def diff_saes(saes: list[SAERecord], base_acts: ActsRecord, chat_acts: ActsRecor
     """Per-latent stats of every SAE on both models, examples, base-vs-chat and parent-vs-child
     matching, drift of the fine-tuned SAE, Latent Scaling of the base SAE on chat; the record
     names the latents the causal check ablates (`stage.chosen_latents`)."""
-    from sae_transfer.diffing.stage import chosen_latents, sae_tables
-    from sae_transfer.evals.loading import load_saes
-
     loaded = dict(zip([s.role for s in saes], load_saes([s.path for s in saes], base_acts.hook)))
     produced = sae_tables(loaded, {"base": base_acts.path, "chat": chat_acts.path}, DiffingPlan.of(diffing, device),
                           {"base": base_acts.model, "chat": chat_acts.model})
@@ -60,11 +64,6 @@ def diff_saes(saes: list[SAERecord], base_acts: ActsRecord, chat_acts: ActsRecor
 def train_crosscoder(base_acts: ActsRecord, chat_acts: ActsRecord, plan: CrosscoderPlan, device: str | None,
                      out_dir: str) -> SAERecord:
     """A BatchTopK crosscoder on the paired base/chat caches (resumes if interrupted)."""
-    from sae_transfer.diffing.crosscoder_run import CrosscoderConfig
-    from sae_transfer.diffing.crosscoder_run import train_crosscoder as train
-    from sae_transfer.diffing.paired import open_pair
-    from sae_transfer.training.config import TrainConfig
-
     pair = open_pair(base_acts.path, chat_acts.path)
     cfg = CrosscoderConfig(train=TrainConfig(
         arch="batchtopk", d_sae=plan.expansion * pair.d_model, k=plan.k, lr=plan.lr, total_tokens=plan.tokens,
@@ -81,9 +80,6 @@ def diff_crosscoder(crosscoder: SAERecord, base_acts: ActsRecord, chat_acts: Act
                     device: str | None, results_dir: str) -> RowsRecord:
     """The crosscoder's latent taxonomy, Latent Scaling of its chat-only latents, and its
     max-activating contexts on the paired tokens."""
-    from sae_transfer.diffing.paired import open_pair
-    from sae_transfer.diffing.stage import crosscoder_tables
-
     pair = open_pair(base_acts.path, chat_acts.path, verify_tokens=False)
     weights = next(Path(crosscoder.path).glob("*.safetensors"))
     sae_id = f"crosscoder-{Path(crosscoder.run_dir).name}:{sha256_file(weights)[:12]}"
@@ -98,8 +94,6 @@ def causal_check(saes: list[SAERecord], chat: str, hook: str, diff: DiffRecord, 
     """Ablate the latents the SAE diffing chose (`diff.chosen`: latents that fire on chat and are
     silent on base) on the chat rollouts `made`, and a random set of the same size: KL to the
     clean chat model per segment."""
-    from sae_transfer.diffing.stage import causal_tables
-
     paths = [s.path for s in saes if s.role == "base"] + [s.path for s in saes if s.role == "chat"]
     produced = causal_tables(paths, chat, hook, made, diff.chosen, loading)
     step = f"causal check at {hook}"
@@ -111,10 +105,6 @@ def checkpoint_drift(base_sae: SAERecord, acts: ActsRecord, finetune: FinetuneSe
                      device: str | None, out_dir: str, results_dir: str, step: int) -> RowsRecord:
     """Briefly fine-tune the study's base SAE on one checkpoint's activations (the study's recipe,
     `tokens` tokens) and record each latent's drift from it."""
-    from sae_transfer.diffing.api import drift_table
-    from sae_transfer.evals.loading import load_saes
-    from sae_transfer.training.api import finetune_on_dataset
-
     result = finetune_on_dataset(base_sae.path, acts.path, out_dir, total_tokens=tokens,
                                  batch_size=finetune.batch_size, seed=seed, device=device)
     child, parent = load_saes([str(result.sae_dir), base_sae.path], acts.hook)

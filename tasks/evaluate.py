@@ -12,6 +12,7 @@ from prefect import get_run_logger, task
 
 from sae_transfer.evals import api
 from sae_transfer.evals.rollouts import Rollouts
+from sae_transfer.evals.weight_diff import weight_diff_rows
 from sae_transfer.storage import tables
 from sae_transfer.study import EvalSettings, InstructionSection, ModelLoading
 from sae_transfer.tasks._cache import cached, run_name
@@ -67,8 +68,6 @@ def position_curves(saes: list[SAERecord], model: str, hook: str, settings: Eval
 @task(name="weight-diff", **_CODE)
 def weight_diff(base: str, chat: str, results_dir: str) -> RowsRecord:
     """||W_chat - W_base|| / ||W_base|| per layer and matrix -> weight_diff."""
-    from sae_transfer.evals.weight_diff import weight_diff_rows
-
     return _append(results_dir, "weight diff", {"weight_diff": weight_diff_rows(base, chat)})
 
 

@@ -6,6 +6,9 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 
+from sae_transfer.demo.build import build_demo_pair, demo_paths
+from sae_transfer.demo.config import PRESETS
+from sae_transfer.errors import UserError
 from sae_transfer.models import ModelRef
 from sae_transfer.study import PairConfig
 from sae_transfer.tasks.records import PairRecord
@@ -16,10 +19,6 @@ def prepare_pair(pair: PairConfig) -> PairRecord:
     """Build the demo pair if the config points at it and it is missing. The record names each
     model pinned to its configured revision (`org/name@rev`), so every step that loads it
     downstream (cache, outliers, evaluation) loads that revision."""
-    from sae_transfer.demo.build import build_demo_pair, demo_paths
-    from sae_transfer.demo.config import PRESETS
-    from sae_transfer.errors import UserError
-
     built = False
     if pair.build_demo:
         out = Path(pair.base).parent

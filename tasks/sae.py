@@ -8,6 +8,7 @@ from sae_transfer.storage.layout import RunLayout
 from sae_transfer.study import FinetuneSection, SAESection
 from sae_transfer.tasks._cache import cached, run_name
 from sae_transfer.tasks.records import ActsRecord, SAERecord
+from sae_transfer.training.api import finetune_on_dataset, sae_train_config, train_on_dataset
 
 # What a trained SAE depends on: flows also put its hash into the run folder's name, so a
 # trainer fix trains a new SAE instead of finding the old run complete.
@@ -27,8 +28,6 @@ def _record(result, acts: ActsRecord, role: str, parent: str | None = None) -> S
 def train_sae(acts: ActsRecord, sae: SAESection, role: str, out_dir: str, seed: int = 0, device: str | None = None) -> SAERecord:
     """Train an SAE of the study's architecture on one activation dataset (resumes if interrupted)
     on `device` (the study's; None: CUDA when available, else CPU)."""
-    from sae_transfer.training.api import sae_train_config, train_on_dataset
-
     result = train_on_dataset(acts.path, out_dir, sae_train_config(sae, seed, device), expansion=sae.expansion)
     get_run_logger().info("%s SAE %s: %s", role, "reused" if result.skipped else "trained", result.metrics)
     return _record(result, acts, role)
@@ -39,8 +38,6 @@ def finetune_sae(parent: SAERecord, acts: ActsRecord, finetune: FinetuneSection,
                  device: str | None = None) -> SAERecord:
     """Fine-tune `parent` on `acts` with the study's recipe (same LR, 5% warm-up, 20% decay) on
     `device` (None: CUDA when available, else CPU)."""
-    from sae_transfer.training.api import finetune_on_dataset
-
     result = finetune_on_dataset(parent.path, acts.path, out_dir, total_tokens=finetune.tokens,
                                  batch_size=finetune.batch_size, seed=seed, device=device)
     get_run_logger().info("fine-tuned SAE %s: %s", "reused" if result.skipped else "trained", result.metrics)

@@ -18,6 +18,15 @@ from sae_transfer.diffing import api
 from sae_transfer.diffing import examples as ex
 from sae_transfer.diffing import latent_stats as ls
 from sae_transfer.diffing import matching as mt
+from sae_transfer.diffing.crosscoder import CLASSES, latent_table
+from sae_transfer.diffing.crosscoder_io import load_crosscoder
+from sae_transfer.diffing.latent_scaling import crosscoder_scaling, sae_scaling
+from sae_transfer.diffing.paired import iter_paired
+from sae_transfer.evals.api import load_eval_model
+from sae_transfer.evals.loading import load_saes
+from sae_transfer.evals.run import chat_transcripts
+from sae_transfer.storage.activations_scan import RowBatch, read_sequences
+from sae_transfer.storage.diffing_tables import columns_table
 
 Tables = dict[str, list[pa.Table]]
 
@@ -74,9 +83,6 @@ def sae_tables(saes: dict[str, object], caches: dict[str, str], plan: DiffingPla
 
 def sae_scaling_table(loaded, cache: str, label: str, plan: DiffingPlan) -> pa.Table:
     """Latent Scaling of every latent of an SAE on another model's activations (`latent_scaling`)."""
-    from sae_transfer.diffing.latent_scaling import sae_scaling
-    from sae_transfer.storage.diffing_tables import columns_table
-
     info = api.cache_info(cache)
     api.check_pairing(loaded, info, label)
     device = api.device_of(plan.device)
@@ -93,9 +99,6 @@ def sae_scaling_table(loaded, cache: str, label: str, plan: DiffingPlan) -> pa.T
 
 def _paired_batches(pair, plan: DiffingPlan):
     """RowBatch-like paired rows: acts_BD = [x_base, x_chat] in the crosscoder's training units."""
-    from sae_transfer.diffing.paired import iter_paired
-    from sae_transfer.storage.activations_scan import RowBatch
-
     for rows in iter_paired(pair, plan.batch_tokens, max_rows=plan.stats_tokens):
         role = torch.zeros_like(rows.seq_id_B, dtype=torch.uint8)
         yield RowBatch(rows.seq_id_B, rows.pos_B, rows.token_id_B, role, rows.x_BMD.flatten(1))
@@ -103,8 +106,6 @@ def _paired_batches(pair, plan: DiffingPlan):
 
 def _paired_sequences(pair, seq_ids) -> object:
     """Whole paired sequences (sorted by seq_id, pos) for the examples' windows."""
-    from sae_transfer.storage.activations_scan import RowBatch, read_sequences
-
     b, c = read_sequences(pair.base, seq_ids), read_sequences(pair.chat, seq_ids)
     acts = torch.cat([b.acts_BD.float() * pair.scale_base, c.acts_BD.float() * pair.scale_chat], dim=1)
     return RowBatch(b.seq_id_B, b.pos_B, b.token_id_B, b.role_B, acts)
@@ -113,11 +114,6 @@ def _paired_sequences(pair, seq_ids) -> object:
 def crosscoder_tables(cc_dir: str | Path, pair, plan: DiffingPlan, sae_id: str, chat_model: str | None = None) -> Tables:
     """`crosscoder_latents` (ρ, class, decoder cosine, firing), `latent_scaling` of the chat-only
     latents, and `latent_examples` of every latent on the paired tokens (model = "paired")."""
-    from sae_transfer.diffing.crosscoder import CLASSES, latent_table
-    from sae_transfer.diffing.crosscoder_io import load_crosscoder
-    from sae_transfer.diffing.latent_scaling import crosscoder_scaling
-    from sae_transfer.storage.diffing_tables import columns_table
-
     device = api.device_of(plan.device)
     cc = load_crosscoder(cc_dir).to(device)
     table = latent_table(cc)
@@ -162,8 +158,6 @@ def _firing_sums(cc, pair, plan: DiffingPlan, device) -> torch.Tensor:
 
 def _paired_examples(cc, pair, acts, cfg: ex.ExamplesConfig, dictionary: dict, chat_model: str | None) -> pa.Table:
     """The crosscoder's max-activating contexts on the paired tokens, with token texts."""
-    from sae_transfer.storage.diffing_tables import columns_table
-
     winners = acts.winners()
     seqs = np.unique(winners["seq_id"])
     context = int(pair.meta.get("context_size") or 128)
@@ -202,10 +196,6 @@ def causal_tables(sae_paths: list[str], chat: str, hook: str, made, chosen: dict
     {"sae_id", "set_name", "latents"}) and a random set of the same size, ablated on the chat
     model's greedy transcripts `made` (the segments' rollouts, an `evals.rollouts.Rollouts`);
     `loading` (ModelLoading) says how the chat model loads."""
-    from sae_transfer.evals.api import load_eval_model
-    from sae_transfer.evals.loading import load_saes
-    from sae_transfer.evals.run import chat_transcripts
-
     if not chosen.get("latents"):
         return {}
     loaded = {s.info["sae_id"]: s for s in load_saes(sae_paths, hook)}

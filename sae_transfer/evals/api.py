@@ -7,14 +7,24 @@ surface before the model's first forward pass.
 
 from __future__ import annotations
 
+from sae_transfer.attention import attention_of
 from sae_transfer.corpus import CorpusConfig, tokenize_sequences
 from sae_transfer.errors import UserError
+from sae_transfer.evals import rollouts
 from sae_transfer.evals.loading import check_pairings, load_saes, model_shape
 from sae_transfer.evals.outliers import OutlierRule
 from sae_transfer.evals.positions import context_sizes
 from sae_transfer.evals.rollouts import Rollouts
-from sae_transfer.evals.transfer import EvalConfig, TokenSet
-from sae_transfer.models import check_device, load_model, model_identity
+from sae_transfer.evals.run import (
+    chat_transcripts,
+    checked_norms,
+    outlier_records,
+    position_records,
+    segment_records,
+    transfer_records,
+)
+from sae_transfer.evals.transfer import EvalConfig, TokenSet, norm_pass
+from sae_transfer.models import check_device, check_hooks, load_model, model_identity
 from sae_transfer.study import EvalSettings, InstructionSection, ModelLoading, TextSource
 
 Rows = dict[str, list[dict]]
@@ -47,8 +57,6 @@ def load_eval_model(spec: str, loading: ModelLoading = ModelLoading(), *, revisi
     recorded as the revision, with `spec` as given as the model id. `loading` says device, dtype
     and whether a Hub model's own code may run. `attn_implementation` ("auto": SDPA on CUDA,
     eager on CPU) is recorded in the provenance as the kernel that actually runs."""
-    from sae_transfer.attention import attention_of
-
     model = load_model(spec, device=check_device(loading.device), dtype=loading.dtype,
                        trust_remote_code=loading.trust_remote_code, attn_implementation=attn_implementation)
     info = model_identity(spec)
@@ -73,8 +81,6 @@ def sae_context(saes, default: int = 128) -> int:
 def evaluate_transfer(sae_paths: list[str], model: str, hook: str, settings: EvalSettings, threshold: dict | None = None,
                       revision_label: str | None = None) -> Rows:
     """Every SAE spliced into `model`, outliers excluded and included -> metrics, token_errors."""
-    from sae_transfer.evals.run import transfer_records
-
     saes = load_saes(sae_paths, hook)
     check_pairings([model], saes, hook)
     m, info = load_eval_model(model, settings.loading, revision_label=revision_label)
@@ -85,8 +91,6 @@ def evaluate_transfer(sae_paths: list[str], model: str, hook: str, settings: Eva
 
 def tag_outliers(model: str, hook: str, settings: EvalSettings, threshold: dict | None = None) -> Rows:
     """Per-token norms with outlier flags, and the study's breakdown -> outliers, outlier_summary."""
-    from sae_transfer.evals.run import outlier_records
-
     m, info = load_eval_model(model, settings.loading)
     toks = plain_tokens(m, settings.text, settings.context_size, settings.eval.tokens)
     per_token, summary = outlier_records(m, info, toks, hook, eval_config(settings, threshold))
@@ -102,8 +106,6 @@ def pair_threshold(model: str, hook: str, settings: EvalSettings) -> dict:
     cfg = eval_config(settings)
     if cfg.outliers.threshold is not None:
         return {"threshold": cfg.outliers.threshold, "source": cfg.outliers.threshold_source}
-    from sae_transfer.evals.transfer import norm_pass
-    from sae_transfer.models import check_hooks
 
     m, info = load_eval_model(model, settings.loading)
     check_hooks(m, [hook])
@@ -114,8 +116,6 @@ def pair_threshold(model: str, hook: str, settings: EvalSettings) -> dict:
 
 def position_curves(sae_paths: list[str], model: str, hook: str, settings: EvalSettings, threshold: dict | None = None) -> Rows:
     """Reconstruction by position bucket at multiples of the SAEs' training context -> positions."""
-    from sae_transfer.evals.run import position_records
-
     saes = load_saes(sae_paths, hook)
     check_pairings([model], saes, hook)
     m, info = load_eval_model(model, settings.loading)
@@ -128,8 +128,6 @@ def position_curves(sae_paths: list[str], model: str, hook: str, settings: EvalS
 def make_rollouts(chat: str, instructions: InstructionSection, loading: ModelLoading) -> Rollouts:
     """Greedy rollouts of the chat model on the instruction set, checked (one repeated token, CE
     above ln vocab are refused): the prompts that fit the context and the ids generated."""
-    from sae_transfer.evals import rollouts
-
     prompts = rollouts.load_prompts(instructions.source, instructions.n_prompts)
     if not prompts:
         raise UserError(f"instruction set {instructions.source!r} has no prompts: pass a JSONL with one "
@@ -142,8 +140,6 @@ def evaluate_segments(sae_paths: list[str], chat: str, hook: str, settings: Eval
                       threshold: dict | None = None) -> Rows:
     """Metrics per segment (user_prompt, rollout, template) on the chat model's greedy rollouts
     `made`; scale factor and outlier threshold come from the main corpus, as the seed study did."""
-    from sae_transfer.evals.run import chat_transcripts, checked_norms, segment_records
-
     saes = load_saes(sae_paths, hook)
     check_pairings([chat], saes, hook)
     m, info = load_eval_model(chat, settings.loading)

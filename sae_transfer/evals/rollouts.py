@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from sae_transfer.errors import UserError
+from sae_transfer.evals.segments import prompt_roles
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +140,6 @@ def prompts_that_fit(tokenizer, prompts: list[str], max_new_tokens: int, n_ctx: 
     """The prompts whose chat-formatted ids plus `max_new_tokens` fit in the model's context
     (positions past it are not the model's; a truncated transcript would drop the reply).
     Logs how many were left out; UserError when none fit."""
-    from sae_transfer.evals.segments import prompt_roles
-
     if not n_ctx:
         return prompts
     kept = [p for p in prompts if len(prompt_roles(tokenizer, p)[0]) + max_new_tokens <= n_ctx]
@@ -159,8 +158,6 @@ def greedy_rollouts(model, prompts: list[str], max_new_tokens: int, batch_size: 
 
     Prompts are generated `batch_size` at a time, left-padded, with the KV cache, by the plain
     Hugging Face model (`plain_model`); each reply ends at the first stop token (`stop_ids`)."""
-    from sae_transfer.evals.segments import prompt_roles
-
     tokenizer = model.tokenizer
     pad = pad_id(tokenizer)
     encoded = [prompt_roles(tokenizer, p)[0] for p in prompts]

@@ -7,11 +7,12 @@ import hashlib
 from dataclasses import dataclass, replace
 
 from sae_transfer.evals import positions as pos_mod
-from sae_transfer.evals import records, transfer
+from sae_transfer.evals import records, rollouts, transfer
 from sae_transfer.evals.loading import LoadedSAE, check_width
-from sae_transfer.evals.rollouts import Rollouts
-from sae_transfer.evals.segments import SEGMENTS, segment_mask
+from sae_transfer.evals.rollouts import Rollouts, check_rollout_ce
+from sae_transfer.evals.segments import SEGMENTS, pad_transcripts, prompt_roles, rollout_transcript, segment_mask
 from sae_transfer.evals.transfer import EvalConfig, NormStats, TokenSet
+from sae_transfer.models import check_hooks
 from sae_transfer.sae.scaling import cross_model_ratio, rescaled, training_scale
 
 
@@ -29,8 +30,6 @@ def checked_norms(
     threshold: tuple[str, float] | None = None,
 ) -> NormStats:
     """Hook name check, the norm pass, then the SAE width check (UserError on a mismatch)."""
-    from sae_transfer.models import check_hooks
-
     check_hooks(model, [hook])
     norms = transfer.norm_pass(model, toks, hook, cfg, scale=scale, threshold=threshold)
     check_width(norms.d_in, saes, hook)
@@ -91,8 +90,6 @@ def segment_records(
 def _check_rollout_rows(rows: list[dict], model, model_info: dict) -> None:
     """Fail (UserError) when the clean CE on the rollout segment is above ln(vocab): the scored
     tokens are then not the model's own greedy tokens (`rollouts.check_rollout_ce`)."""
-    from sae_transfer.evals.rollouts import check_rollout_ce
-
     vocab = int(getattr(model.cfg, "d_vocab", 0) or model.tokenizer.vocab_size)
     for row in rows:
         if row["segment"] == "rollout" and row["n_tokens"] > 0:
@@ -111,8 +108,6 @@ def with_pair_threshold(model, model_info: dict, toks: TokenSet, hook: str, cfg:
 
 def outlier_records(model, model_info: dict, toks: TokenSet, hook: str, cfg: EvalConfig) -> tuple[list[dict], list[dict]]:
     """(per-token `outliers` rows, `outlier_summary` rows) for one model."""
-    from sae_transfer.models import check_hooks
-
     check_hooks(model, [hook])
     norms = transfer.norm_pass(model, toks, hook, cfg)
     kw = dict(model_info=model_info, hook=hook, cfg=cfg)
@@ -146,9 +141,6 @@ def position_records(
 def chat_transcripts(model, made: Rollouts) -> TokenSet:
     """The rollouts `made` (by this model: `rollouts.rollouts_of`) as right-padded transcripts with
     roles: the prompt's ids followed by the generated ids, exactly as generated."""
-    from sae_transfer.evals import rollouts
-    from sae_transfer.evals.segments import pad_transcripts, prompt_roles, rollout_transcript
-
     tok = model.tokenizer
     special = set(tok.all_special_ids) | set(rollouts.stop_ids(model.original_model, tok))
     transcripts = [rollout_transcript(r.prompt_ids, prompt_roles(tok, p)[1], r.reply_ids, special)
