@@ -203,15 +203,21 @@ def _same_weights(dir_a, dir_b, atol=1e-5):
         assert torch.allclose(t, b.state_dict()[name], atol=atol), name
 
 
+def _interrupt(pair, out, monkeypatch, cfg=None) -> None:
+    """A run of `cfg` (default `_cfg()`) in `out` killed at step 25, after its step-20
+    checkpoint; the data stream is restored afterwards, so the next call resumes."""
+    real = _crashing_at(25, monkeypatch)
+    with pytest.raises(_Crash):
+        train_crosscoder(cfg or _cfg(), pair, out)
+    monkeypatch.setattr(crosscoder_run, "paired_factory", real)
+
+
 def test_interrupted_run_resumes_to_the_uninterrupted_result(caches, monkeypatch):
     b, c, tmp = caches
     pair = open_pair(b, c)
     whole = train_crosscoder(_cfg(), pair, tmp / "whole")
-    real = _crashing_at(25, monkeypatch)
-    with pytest.raises(_Crash):
-        train_crosscoder(_cfg(), pair, tmp / "killed")
+    _interrupt(pair, tmp / "killed", monkeypatch)
     assert not (tmp / "killed" / "run.json").exists()
-    monkeypatch.setattr(crosscoder_run, "paired_factory", real)
     with pytest.raises(UserError, match="checkpoints of a crosscoder run with a different config"):
         train_crosscoder(CrosscoderConfig(_cfg().train, buffer_tokens=256, eval_tokens=512),  # another stream
                          pair, tmp / "killed")
@@ -238,10 +244,7 @@ def test_checkpoint_of_a_cuda_run_resumes_on_the_cpu(caches, monkeypatch):
     b, c, tmp = caches
     pair = open_pair(b, c)
     whole = train_crosscoder(_cfg(), pair, tmp / "whole")
-    real = _crashing_at(25, monkeypatch)
-    with pytest.raises(_Crash):
-        train_crosscoder(_cfg(), pair, tmp / "gpu")
-    monkeypatch.setattr(crosscoder_run, "paired_factory", real)
+    _interrupt(pair, tmp / "gpu", monkeypatch)
     newest = ckpt.list_checkpoints(tmp / "gpu" / "checkpoints")[-1]
 
     def on_cuda(state):
@@ -336,10 +339,7 @@ def test_cuda_crosscoder_checkpoint_resumes_on_the_other_device(caches, monkeypa
     b, c, tmp = caches
     pair = open_pair(b, c)
     whole = train_crosscoder(_cfg(tf32=False), pair, tmp / "whole")
-    real = _crashing_at(25, monkeypatch)
-    with pytest.raises(_Crash):
-        train_crosscoder(_cfg(device=first, tf32=False), pair, tmp / "cut")
-    monkeypatch.setattr(crosscoder_run, "paired_factory", real)
+    _interrupt(pair, tmp / "cut", monkeypatch, _cfg(device=first, tf32=False))
     resumed = train_crosscoder(_cfg(device=second, tf32=False), pair, tmp / "cut")
     assert resumed.resumed_from_step == 20
     assert json.loads(resumed.run_json.read_text())["numerics"]["device"].startswith(second)
