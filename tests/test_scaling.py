@@ -172,7 +172,7 @@ def test_finetune_starts_from_the_parents_normalised_weights(tmp_path):
     def source(start):
         yield other_raw
 
-    run = fresh_run(TrainConfig(arch="relu", d_sae=16, total_tokens=4096, batch_size=4096), source, 8, parent)
+    run = fresh_run(TrainConfig(arch="relu", d_sae=16, total_tokens=4096, batch_size=4096, device="cpu"), source, 8, parent)
     assert run.state.scale_factor == pytest.approx(scale_factor_of(other_raw.norm(dim=-1), 8), rel=1e-5)
     for name, p in norm_sae.state_dict().items():
         assert torch.allclose(run.sae.state_dict()[name], p, atol=1e-5), name

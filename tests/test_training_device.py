@@ -14,6 +14,8 @@ from sae_transfer.errors import UserError
 from sae_transfer.sae import SAEConfig, make_sae
 from sae_transfer.storage import checkpoints as ckpt
 from sae_transfer.training import TrainConfig
+from sae_transfer.training import device as device_mod
+from sae_transfer.training import loop as loop_mod
 from sae_transfer.training.loop import TrainingRun, train_step
 from sae_transfer.training.run import fresh_run, train_sae
 from sae_transfer.training.sources import in_memory_factory
@@ -33,6 +35,7 @@ FACTORIES = {"zeros", "ones", "empty", "full", "arange", "tensor", "randn", "ran
 def _cfg(arch: str, **fields) -> TrainConfig:
     base = dict(arch=arch, d_sae=64, total_tokens=256 * 12, batch_size=256, lr=3e-3, log_every_steps=4,
                 checkpoint_every_tokens=0, scale_estimate_tokens=1024, dead_window_tokens=512, **ARCHS[arch])
+    base["device"] = "cpu"  # None would mean CUDA when available: these tests mean the CPU unless they name a device
     return TrainConfig(**{**base, **fields})
 
 
@@ -248,6 +251,60 @@ def test_bad_device_or_dtype_is_one_clear_error(tmp_path):
         train_sae(_cfg("relu", device="tpu"), in_memory_factory(acts, 256), D, tmp_path / "b", progress=False)
     with pytest.raises(ValueError, match="dtype='float16'"):
         _cfg("relu", dtype="float16")
+
+
+def _tf32_flags() -> tuple:
+    return (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+
+
+def test_resolving_a_cuda_run_leaves_the_process_tf32_flags_alone(monkeypatch):
+    monkeypatch.setattr(device_mod, "resolve_device", lambda name: torch.device("cuda", 0))  # a GPU run, faked
+    before = _tf32_flags()
+    numerics = device_mod.resolve_numerics(_cfg("relu", device="cuda", tf32=True))
+    assert numerics.tf32 and _tf32_flags() == before
+    assert numerics.to_dict()["float32_matmul_precision"] == "high"  # what the run trains in, not what is set now
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_training_sets_tf32_only_while_it_runs(monkeypatch, tmp_path, fail):
+    # the loop's numerics are CPU ones here; its precision context gets the CUDA numerics a GPU run would have
+    real = device_mod.run_precision
+    monkeypatch.setattr(loop_mod, "run_precision",
+                        lambda n: real(dataclasses.replace(n, device=torch.device("cuda", 0), tf32=True)))
+    acts, seen = sparse_acts(2048), []
+
+    def source(start):
+        for i, x in enumerate(in_memory_factory(acts, 256)(start), start=start):
+            seen.append(_tf32_flags())
+            if fail and i == 5:
+                raise RuntimeError("the source broke")
+            yield x
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        before = _tf32_flags()
+        if fail:
+            with pytest.raises(RuntimeError, match="the source broke"):
+                train_sae(_cfg("relu", tf32=True), source, D, tmp_path / "run", progress=False)
+        else:
+            train_sae(_cfg("relu", tf32=True), source, D, tmp_path / "run", progress=False)
+        # read on the host first (the scale estimate), then by the loop: TF32 while training
+        assert seen[0] == before and seen[-1] == (True, True, "high")
+        assert _tf32_flags() == before  # and the process's own settings afterwards
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True  # torch's defaults
+
+
+def test_precision_context_restores_the_flags_it_found():
+    numerics = device_mod.Numerics(torch.device("cuda", 0), torch.float32, False, "dense")
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with device_mod.run_precision(numerics):
+            assert _tf32_flags() == (False, False, "highest")  # a no-TF32 run computes in full fp32
+        assert _tf32_flags() == (True, True, "high")
+    finally:
+        torch.set_float32_matmul_precision("highest")
 
 
 def test_cli_rejects_a_bad_dtype_with_a_user_error(tmp_path):  # main() turns it into exit 2

@@ -61,7 +61,7 @@ def cache(tmp_path_factory):
     ("jumprelu", {"l1_coefficient": 0.02, "jumprelu_init_threshold": 0.05, "jumprelu_bandwidth": 0.05}),
 ])
 def test_every_architecture_trains_from_parquet(cache, tmp_path, arch, extra):
-    cfg = TrainConfig(arch=arch, d_sae=64, total_tokens=256 * 40, batch_size=256, lr=3e-3, log_every_steps=10,
+    cfg = TrainConfig(arch=arch, d_sae=64, total_tokens=256 * 40, batch_size=256, lr=3e-3, log_every_steps=10, device="cpu",
                       checkpoint_every_tokens=256 * 20, scale_estimate_tokens=2048, dead_window_tokens=4096, **extra)
     data = open_training_data(cache, cfg.batch_size, buffer_tokens=2048)
     result = train_sae(cfg, data.make_source, data.d_in, tmp_path / arch, metadata=data.metadata, progress=False)
@@ -80,7 +80,8 @@ def test_nonfinite_activations_name_the_shard(tmp_path):
     acts = sparse_acts(2048)
     acts[1500, 3] = float("inf")
     path = write_cache(tmp_path / "bad", acts)
-    cfg = TrainConfig(arch="topk", k=4, d_sae=32, total_tokens=2048, batch_size=256, scale_estimate_tokens=256)
+    cfg = TrainConfig(arch="topk", k=4, d_sae=32, total_tokens=2048, batch_size=256, scale_estimate_tokens=256,
+                      device="cpu")
     data = open_training_data(path, 256, buffer_tokens=512)
     with pytest.raises(UserError, match="shard"):
         train_sae(cfg, data.make_source, D, tmp_path / "run", progress=False)
@@ -89,7 +90,7 @@ def test_nonfinite_activations_name_the_shard(tmp_path):
 def test_nan_loss_names_the_step_and_keeps_checkpoint(tmp_path):
     acts = sparse_acts(4096)
     cfg = TrainConfig(arch="relu", d_sae=32, total_tokens=256 * 16, batch_size=256, checkpoint_every_tokens=256 * 4,
-                      scale_estimate_tokens=512)
+                      scale_estimate_tokens=512, device="cpu")
 
     def poisoned(start_batch):
         for i, x in enumerate(in_memory_factory(acts, 256)(start_batch), start=start_batch):
@@ -114,7 +115,7 @@ acts = load_file(sys.argv[1])["acts"]
 slow = float(sys.argv[3])
 cfg = TrainConfig(arch="relu", d_sae=64, total_tokens=128 * 80, batch_size=128, lr=3e-3, log_every_steps=5,
                   checkpoint_every_tokens=128 * 10, scale_estimate_tokens=512, dead_window_tokens=1024,
-                  resample_every_steps=25, lr_warmup_frac=0.1)
+                  resample_every_steps=25, lr_warmup_frac=0.1, device="cpu")
 def source(start):
     for x in in_memory_factory(acts, 128)(start):
         time.sleep(slow)

@@ -128,7 +128,7 @@ def test_ghost_grads_match_the_definition_by_hand():
 
 def test_resampling_revives_dead_latents_and_resets_adam():
     torch.manual_seed(0)
-    cfg = TrainConfig(arch="relu", d_sae=32, total_tokens=2560, batch_size=256, l1_coefficient=0.1)
+    cfg = TrainConfig(arch="relu", d_sae=32, total_tokens=2560, batch_size=256, l1_coefficient=0.1, device="cpu")
     sae = make_sae(SAEConfig("standard", 8, 32))
     run = TrainingRun.create(cfg, sae, 1.0)
     run.trainer.init_weights(torch.Generator().manual_seed(0), torch.zeros(8))
@@ -154,7 +154,8 @@ def _run_with_resampling(dead_window_tokens: int, steps: int = 10):
     acts = torch.randn(2048, 8, generator=torch.Generator().manual_seed(0))
     cfg = TrainConfig(arch="relu", d_sae=32, total_tokens=256 * 20, batch_size=256, resample_every_steps=5,
                       resample_rewarmup_steps=4, resample_lr_drop=0.1, dead_window_tokens=dead_window_tokens,
-                      lr_decay_frac=0.0, l1_warmup_frac=0.0, scale_estimate_tokens=512)
+                      lr_decay_frac=0.0, l1_warmup_frac=0.0, scale_estimate_tokens=512,
+                      device="cpu")
     run = fresh_run(cfg, in_memory_factory(acts, 256), 8, None)
     with torch.no_grad():
         run.sae.b_enc[:3] = -1e3  # dead once dead_window_tokens have passed
@@ -241,7 +242,8 @@ def test_jumprelu_threshold_gets_straight_through_gradient():
 
 def test_grad_clipping_bounds_the_update_norm(monkeypatch):
     acts = torch.randn(512, 8) * 100
-    cfg = TrainConfig(arch="relu", d_sae=16, total_tokens=512, batch_size=256, grad_clip=1e-3, normalize_activations=False)
+    cfg = TrainConfig(arch="relu", d_sae=16, total_tokens=512, batch_size=256, grad_clip=1e-3, normalize_activations=False,
+                      device="cpu")
     run = fresh_run(cfg, in_memory_factory(acts, 256), 8, None)
     seen = []
     original = run.optimizer.step
@@ -262,7 +264,7 @@ def test_same_seed_same_weights_on_cpu(tmp_path):
 
     acts = torch.randn(4096, 8)
     cfg = TrainConfig(arch="topk", d_sae=32, k=4, total_tokens=256 * 12, batch_size=256, log_every_steps=5,
-                      checkpoint_every_tokens=0, scale_estimate_tokens=1024)
+                      checkpoint_every_tokens=0, scale_estimate_tokens=1024, device="cpu")
     a = train_sae(cfg, in_memory_factory(acts, 256), 8, tmp_path / "a", progress=False)
     b = train_sae(cfg, in_memory_factory(acts, 256), 8, tmp_path / "b", progress=False)
     c = train_sae(dataclasses.replace(cfg, seed=1), in_memory_factory(acts, 256, seed=1), 8, tmp_path / "c", progress=False)
@@ -331,7 +333,7 @@ def test_batch_topk_candidate_shortcut_is_exact():
 def test_ghost_grads_in_loop_reach_dead_latents():
     acts = torch.randn(1024, 8)
     cfg = TrainConfig(arch="relu", d_sae=32, total_tokens=256 * 4, batch_size=256, ghost_grads=True,
-                      dead_window_tokens=256, scale_estimate_tokens=256, grad_clip=0.0)
+                      dead_window_tokens=256, scale_estimate_tokens=256, grad_clip=0.0, device="cpu")
     run = fresh_run(cfg, in_memory_factory(acts, 256), 8, None)
     with torch.no_grad():
         run.sae.b_enc[:5] = -8.0  # never fire
@@ -386,7 +388,7 @@ def test_first_reconstruction_is_no_worse_than_the_decoder_bias_alone(arch, sae_
 def test_b_dec_auto_init_is_zeros_for_relu_and_the_geometric_median_otherwise(arch, expect_zero):
     acts = torch.randn(1024, 8, generator=torch.Generator().manual_seed(0)) + 3.0
     cfg = TrainConfig(arch=arch, d_sae=32, k=4, total_tokens=256, batch_size=256, scale_estimate_tokens=1024,
-                      normalize_activations=False)
+                      normalize_activations=False, device="cpu")
     run = fresh_run(cfg, in_memory_factory(acts, 256, shuffle=False), 8, None)
     expected = torch.zeros(8) if expect_zero else _scipy_geometric_median(acts)
     assert torch.allclose(run.sae.b_dec, expected, atol=1e-3)

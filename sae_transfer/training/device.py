@@ -5,6 +5,8 @@ Plain torch: imports neither prefect nor duckdb."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +31,14 @@ class Numerics:
         """JSON-ready form for run.json."""
         return {"device": str(self.device), "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
                 "tf32": self.tf32, "sparse_kernels": self.sparse_kernels,
-                "float32_matmul_precision": torch.get_float32_matmul_precision()}
+                "float32_matmul_precision": self.float32_matmul_precision()}
+
+    def float32_matmul_precision(self) -> str:
+        """torch's float32 matmul precision while this run trains (`run_precision` sets it on
+        CUDA; on CPU the process's own setting applies)."""
+        if self.device.type == "cuda":
+            return "high" if self.tf32 else "highest"
+        return torch.get_float32_matmul_precision()
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -42,13 +51,9 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def resolve_numerics(cfg: TrainConfig) -> Numerics:
-    """The run's Numerics; switches TF32 on or off for CUDA matmuls as cfg.tf32 asks
-    (a process-wide torch setting, so a TF32 choice never depends on what ran before)."""
+    """The run's Numerics (TF32 is switched on or off only while training: `run_precision`)."""
     device = resolve_device(cfg.device)
     tf32 = cfg.tf32 and device.type == "cuda"
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
     kernels = cfg.sparse_kernels
     if kernels == "auto":
         # CPU: the torch.sparse products are fastest (bench_train.py). CUDA, by count: at
@@ -58,6 +63,24 @@ def resolve_numerics(cfg: TrainConfig) -> Numerics:
         # bench_train.py --device cuda --sparse-kernels csr,dense.
         kernels = "dense" if device.type == "cuda" else "csr"
     return Numerics(device, _DTYPES[cfg.dtype], tf32, kernels)
+
+
+@contextmanager
+def run_precision(numerics: Numerics) -> Iterator[None]:
+    """For the duration of a training run, let CUDA fp32 matmuls use TF32 or not as
+    numerics.tf32 says (so a run never depends on what ran before it); afterwards, even when
+    the run raises, restore the process-wide torch settings that were in force (so later
+    evaluations in the same process compute in their own precision). Nothing changes on CPU."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = torch.get_float32_matmul_precision(), matmul.allow_tf32, cudnn.allow_tf32
+    try:
+        if numerics.device.type == "cuda":
+            torch.set_float32_matmul_precision(numerics.float32_matmul_precision())
+            matmul.allow_tf32 = cudnn.allow_tf32 = numerics.tf32
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[0])
+        matmul.allow_tf32, cudnn.allow_tf32 = saved[1], saved[2]
 
 
 def synchronize(device: torch.device) -> None:

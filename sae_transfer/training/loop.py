@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from sae_transfer.errors import UserError
 from sae_transfer.sae import SAE, metrics
 from sae_transfer.training.config import TrainConfig
-from sae_transfer.training.device import Numerics, resolve_numerics
+from sae_transfer.training.device import Numerics, resolve_numerics, run_precision
 from sae_transfer.training.schedules import lr_multiplier, rewarmup_multiplier
 from sae_transfer.training.sources import device_batches
 from sae_transfer.training.trainers import StepLoss, Trainer, make_trainer
@@ -178,38 +178,39 @@ def train_loop(
 
     Batches reach the device through `device_batches` (pinned, read ahead on CUDA). The only
     host syncs are at log and checkpoint steps: the non-finite check, the log row, the
-    checkpoint itself."""
+    checkpoint itself. TF32 is set as run.numerics says for the loop only (`run_precision`)."""
     cfg, st = run.cfg, run.state
     bar = tqdm(total=cfg.total_tokens, initial=st.tokens, unit="tok", unit_scale=True, disable=not progress, smoothing=0.1)
     last_row: dict = {}
     t_last = time.perf_counter()
     it = device_batches(batches, run.numerics.device)
-    try:
-        while st.step < cfg.total_steps:
-            raw_BD = next(it, None)
-            if raw_BD is None:
-                raise UserError(f"activation data ran out at step {st.step} of {cfg.total_steps}; "
-                                "lower --tokens or allow more epochs")
-            tokens_before = st.tokens
-            x_BD, out = train_step(run, raw_BD)
-            log_now = is_log_step(cfg, st.step - 1)
-            checkpoint_now = checkpoint_due(cfg, tokens_before, st.tokens) or st.step == cfg.total_steps
-            if log_now or checkpoint_now:
-                run.nonfinite.check(cfg.batch_size)  # waits for the device: the timing below is honest
-            now = time.perf_counter()
-            st.elapsed_s += now - t_last
-            t_last = now
-            if log_now:
-                last_row = evaluate(run, x_BD, out)
-                on_log(last_row)
-                bar.set_postfix(l0=f"{last_row['l0']:.1f}", ev=f"{last_row['explained_variance']:.3f}", refresh=False)
-            bar.update(x_BD.shape[0])
-            if checkpoint_now:
-                on_checkpoint(run)
-                t_last = time.perf_counter()
-    finally:
-        close = getattr(it, "close", None)
-        if close is not None:
-            close()
-        bar.close()
+    with run_precision(run.numerics):
+        try:
+            while st.step < cfg.total_steps:
+                raw_BD = next(it, None)
+                if raw_BD is None:
+                    raise UserError(f"activation data ran out at step {st.step} of {cfg.total_steps}; "
+                                    "lower --tokens or allow more epochs")
+                tokens_before = st.tokens
+                x_BD, out = train_step(run, raw_BD)
+                log_now = is_log_step(cfg, st.step - 1)
+                checkpoint_now = checkpoint_due(cfg, tokens_before, st.tokens) or st.step == cfg.total_steps
+                if log_now or checkpoint_now:
+                    run.nonfinite.check(cfg.batch_size)  # waits for the device: the timing below is honest
+                now = time.perf_counter()
+                st.elapsed_s += now - t_last
+                t_last = now
+                if log_now:
+                    last_row = evaluate(run, x_BD, out)
+                    on_log(last_row)
+                    bar.set_postfix(l0=f"{last_row['l0']:.1f}", ev=f"{last_row['explained_variance']:.3f}", refresh=False)
+                bar.update(x_BD.shape[0])
+                if checkpoint_now:
+                    on_checkpoint(run)
+                    t_last = time.perf_counter()
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+            bar.close()
     return last_row
