@@ -407,3 +407,37 @@ def test_cli_trains_from_two_caches_and_errors_in_one_line(caches, capsys):
                            "crosscoder", "--out", str(tmp / "x"), "--d-sae", "8",
                            "--tokens", "1k", "--base-acts", str(b)], capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "--chat-acts" in proc.stderr, proc.stderr
+
+
+class _DeviceTensor(torch.Tensor):
+    """A tensor that behaves as if it lived on a GPU: `.numpy()` refuses until `.cpu()`."""
+
+    def numpy(self, *args, **kwargs):
+        raise TypeError("can't convert cuda:0 device type tensor to numpy. Use Tensor.cpu() first.")
+
+    def cpu(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor)
+
+
+def test_crosscoder_tables_bring_a_device_crosscoders_table_to_the_host(caches, monkeypatch):
+    import dataclasses
+
+    from sae_transfer.diffing import stage
+
+    b, c, tmp = caches
+    pair = open_pair(b, c)
+    result = train_crosscoder(_cfg(), pair, tmp / "run")
+
+    def on_device(cc, *args):
+        table = latent_table(cc, *args)
+        tensors = [f.name for f in dataclasses.fields(table) if isinstance(getattr(table, f.name), torch.Tensor)]
+        return dataclasses.replace(table, **{name: getattr(table, name).as_subclass(_DeviceTensor) for name in tensors})
+
+    monkeypatch.setattr(stage, "latent_table", on_device)
+    plan = stage.DiffingPlan(stats_tokens=512, batch_tokens=256, device="cpu")
+    out = stage.crosscoder_tables(result.crosscoder_dir, pair, plan, "cc")
+    latents = out["crosscoder_latents"][0]
+    assert latents.num_rows == 32 and latents.column("rho").null_count == 0
+    fired_chat_only = sum(k == "chat_only" and n > 0 for k, n in zip(latents.column("latent_class").to_pylist(),
+                                                                       latents.column("fire_count").to_pylist()))
+    assert out["latent_scaling"][0].num_rows == fired_chat_only

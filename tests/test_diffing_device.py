@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sae_transfer.diffing import examples as ex
+from sae_transfer.diffing import latent_scaling as ls_mod
 from sae_transfer.diffing import latent_stats as ls
 from sae_transfer.diffing.crosscoder import CrossCoder
 from sae_transfer.diffing.latent_scaling import crosscoder_scaling, sae_scaling
@@ -80,3 +81,66 @@ def test_latent_scaling_and_crosscoder_step_equal_the_cpu_answer(device):
         results[d] = (run.sae.W_dec.detach().cpu(), sc.count_L.cpu())
     torch.testing.assert_close(results[device][0], results["cpu"][0], rtol=1e-4, atol=1e-5)
     assert torch.equal(results[device][1], results["cpu"][1])
+
+
+class _OneDevicePerOp(torch.overrides.TorchFunctionMode):
+    """Fails any torch call whose tensor operands (0-dim CPU scalars aside) live on different
+    devices — what CUDA would refuse — so a CPU-only host can check device placement against
+    the "meta" device."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        found = set()
+
+        def visit(a):
+            if isinstance(a, torch.Tensor) and not (a.dim() == 0 and a.device.type == "cpu"):
+                found.add(a.device.type)
+            elif isinstance(a, (list, tuple)):
+                for b in a:
+                    visit(b)
+
+        visit(args)
+        visit(list(kwargs.values()))
+        if len(found) > 1 and getattr(func, "__name__", "") not in ("to", "copy_", "cpu"):
+            raise AssertionError(f"{getattr(func, '__name__', func)} mixes devices {sorted(found)}")
+        return func(*args, **kwargs)
+
+
+def test_latent_scaler_sums_on_the_directions_device_whatever_the_batches():
+    d_LD = torch.randn(3, D, device="meta")  # stands for the GPU: the [B, D] @ [D, L] product stays there
+    scaler = ls_mod.LatentScaler(d_LD)
+    with _OneDevicePerOp():
+        scaler.update(torch.rand(8, 3), torch.randn(8, D), own_LD=torch.randn(3, D))
+    assert {t.device.type for t in (scaler.num_L, scaler.f2_L, scaler.count_L)} == {"meta"}
+
+
+def _stream(parts, done):
+    yield from parts
+    done.append(True)  # reached only when the consumer asks for more after the last batch
+
+
+def test_latent_scaling_brings_host_batches_to_the_dictionarys_device():
+    sae, acts = _sae_and_acts()
+    meta_sae = relu_sae(sae.W_enc.detach(), sae.W_dec.detach(), b_enc_F=sae.b_enc.detach()).to("meta")
+    done: list = []
+    # every batch is summed on the dictionary's device; only the final [L] results would come back to
+    # the host, which a meta tensor cannot do
+    with _OneDevicePerOp(), pytest.raises(NotImplementedError, match="meta"):
+        sae_scaling(meta_sae, _stream([acts[:512], acts[512:1024]], done), torch.arange(F))
+    assert done == [True]  # (a crosscoder's threshold reads a value, so it cannot run on meta: the CUDA test covers it)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_latent_scaling_results_are_on_the_host(device):  # batches on the host or the device alike
+    sae, acts = _sae_and_acts()
+    applied = relu_sae(sae.W_enc.detach(), sae.W_dec.detach(), b_enc_F=sae.b_enc.detach()).to(device)
+    res = sae_scaling(applied, [acts[:512], acts[512:1024].to(device)], torch.arange(F))
+    cpu = sae_scaling(relu_sae(sae.W_enc.detach(), sae.W_dec.detach(), b_enc_F=sae.b_enc.detach()), [acts[:1024]],
+                      torch.arange(F))
+    assert {t.device.type for t in (res.beta_error_L, res.beta_activation_L, res.count_L)} == {"cpu"}
+    torch.testing.assert_close(res.beta_error_L, cpu.beta_error_L, rtol=1e-4, atol=1e-5)
+    assert torch.equal(res.count_L, cpu.count_L)
+    cc = CrossCoder.create(D, F, 4)
+    x_B2D = torch.randn(256, 2, D, generator=torch.Generator().manual_seed(1))
+    sc = crosscoder_scaling(cc.to(device), [x_B2D[:128], x_B2D[128:].to(device)], torch.arange(F))
+    assert {t.device.type for t in (sc.nu_error_L, sc.nu_recon_L, sc.count_L)} == {"cpu"}

@@ -38,30 +38,41 @@ from sae_transfer.sae.base import SAE
 
 
 class LatentScaler:
-    """Streaming sums for β of L latents with directions d_LD (float64 accumulation)."""
+    """Streaming sums for β of L latents with directions d_LD (float64 accumulation).
+
+    The sums live on d_LD's device and every batch is brought there: at 4096 × 131072 latents
+    the per-batch float64 product y @ d.T is a GPU's work, never the host's. `beta` and
+    `counts` hand back the small [L] results on the CPU."""
 
     def __init__(self, d_LD: torch.Tensor):
         self.d_LD = d_LD.detach().double()
+        self.device = self.d_LD.device
         L = d_LD.shape[0]
-        self.num_L = torch.zeros(L, dtype=torch.float64)  # Σ f ⟨d, y⟩
-        self.f2_L = torch.zeros(L, dtype=torch.float64)  # Σ f²
-        self.count_L = torch.zeros(L, dtype=torch.int64)  # tokens with f > 0
+        self.num_L = torch.zeros(L, dtype=torch.float64, device=self.device)  # Σ f ⟨d, y⟩
+        self.f2_L = torch.zeros(L, dtype=torch.float64, device=self.device)  # Σ f²
+        self.count_L = torch.zeros(L, dtype=torch.int64, device=self.device)  # tokens with f > 0
 
     def update(self, f_BL: torch.Tensor, y_BD: torch.Tensor, own_LD: torch.Tensor | None = None) -> None:
         """Add a batch: codes f [B, L], common target y [B, D], and optionally each latent's own
         contribution direction own [L, D] added back to its target (y_j = y + f_j·own_j)."""
-        f_BL, y_BD = f_BL.detach().double().cpu(), y_BD.detach().double().cpu()
+        f_BL = f_BL.detach().to(self.device, torch.float64)
+        y_BD = y_BD.detach().to(self.device, torch.float64)
         f2_L = f_BL.pow(2).sum(0)
         self.num_L += ((y_BD @ self.d_LD.T) * f_BL).sum(0)
         if own_LD is not None:
-            self.num_L += (self.d_LD * own_LD.detach().double().cpu()).sum(-1) * f2_L
+            self.num_L += (self.d_LD * own_LD.detach().to(self.device, torch.float64)).sum(-1) * f2_L
         self.f2_L += f2_L
         self.count_L += (f_BL > 0).sum(0)
 
     def beta(self) -> torch.Tensor:
-        """β [L] (float64); NaN for a latent that never fired or has a zero direction."""
+        """β [L] (float64, CPU); NaN for a latent that never fired or has a zero direction."""
         denom_L = self.d_LD.pow(2).sum(-1) * self.f2_L
-        return torch.where(denom_L > 0, self.num_L / denom_L.clamp_min(1e-300), torch.full_like(denom_L, float("nan")))
+        beta_L = torch.where(denom_L > 0, self.num_L / denom_L.clamp_min(1e-300), torch.full_like(denom_L, float("nan")))
+        return beta_L.cpu()
+
+    def counts(self) -> torch.Tensor:
+        """Tokens on which each latent fired [L] (int64, CPU)."""
+        return self.count_L.cpu()
 
 
 @dataclass(frozen=True)
@@ -107,25 +118,30 @@ class CrosscoderScaling:
 @torch.no_grad()
 def crosscoder_scaling(cc: CrossCoder, batches: Iterable[torch.Tensor], latents_L: torch.Tensor) -> CrosscoderScaling:
     """Latent Scaling of `latents_L` over paired batches x [B, 2, D] in training units (e.g.
-    `paired.iter_paired(...).x_BMD`), with the inference threshold."""
-    latents_L = torch.as_tensor(latents_L, dtype=torch.int64)
+    `paired.iter_paired(...).x_BMD`), with the inference threshold. Batches are brought to the
+    crosscoder's device; the results are on the CPU."""
+    latents_L = torch.as_tensor(latents_L, dtype=torch.int64).cpu()
     dec_MFD = cc.decoders_MFD().detach()
-    d_chat_LD = dec_MFD[1, latents_L]
+    device = dec_MFD.device
+    idx_L = latents_L.to(device)
+    d_chat_LD = dec_MFD[1, idx_L]
     scalers = {name: LatentScaler(d_chat_LD) for name in ("eb", "ec", "rb", "rc")}
     n = 0
+    own_base_LD, own_chat_LD = dec_MFD[0, idx_L], d_chat_LD
     for x_BMD in batches:
+        x_BMD = x_BMD.to(device)
         f_BF = cc.encode(x_BMD.flatten(1))
         x_hat_BMD = cc.split(cc.decode(f_BF))
-        f_BL = f_BF[:, latents_L]
+        f_BL = f_BF[:, idx_L]
         err_BMD = x_BMD - x_hat_BMD
-        scalers["eb"].update(f_BL, err_BMD[:, 0], own_LD=dec_MFD[0, latents_L])
-        scalers["ec"].update(f_BL, err_BMD[:, 1], own_LD=dec_MFD[1, latents_L])
+        scalers["eb"].update(f_BL, err_BMD[:, 0], own_LD=own_base_LD)
+        scalers["ec"].update(f_BL, err_BMD[:, 1], own_LD=own_chat_LD)
         scalers["rb"].update(f_BL, x_hat_BMD[:, 0])
         scalers["rc"].update(f_BL, x_hat_BMD[:, 1])
         n += x_BMD.shape[0]
     b = {name: s.beta() for name, s in scalers.items()}
     return CrosscoderScaling(latents_L, b["eb"], b["ec"], b["rb"], b["rc"], b["eb"] / b["ec"], b["rb"] / b["rc"],
-                             scalers["eb"].count_L, n)
+                             scalers["eb"].counts(), n)
 
 
 @dataclass(frozen=True)
@@ -142,15 +158,19 @@ class SAEScaling:
 @torch.no_grad()
 def sae_scaling(sae: SAE, batches: Iterable[torch.Tensor], latents_L: torch.Tensor) -> SAEScaling:
     """Latent Scaling of an SAE's `latents_L` over activation batches x [B, D] given in the
-    SAE's input units (for another model: r·x, see sae.scaling.cross_model_ratio)."""
-    latents_L = torch.as_tensor(latents_L, dtype=torch.int64)
-    d_LD = sae.W_dec.detach()[latents_L]
+    SAE's input units (for another model: r·x, see sae.scaling.cross_model_ratio). Batches are
+    brought to the SAE's device; the results are on the CPU."""
+    latents_L = torch.as_tensor(latents_L, dtype=torch.int64).cpu()
+    device = sae.W_dec.device
+    idx_L = latents_L.to(device)
+    d_LD = sae.W_dec.detach()[idx_L]
     act, err = LatentScaler(d_LD), LatentScaler(d_LD)
     n = 0
     for x_BD in batches:
+        x_BD = x_BD.to(device)
         f_BF = sae.encode(x_BD)
-        f_BL = f_BF[:, latents_L]
+        f_BL = f_BF[:, idx_L]
         act.update(f_BL, x_BD - sae.b_dec)
         err.update(f_BL, x_BD - sae.decode(f_BF), own_LD=d_LD)
         n += x_BD.shape[0]
-    return SAEScaling(latents_L, act.beta(), err.beta(), act.count_L, n)
+    return SAEScaling(latents_L, act.beta(), err.beta(), act.counts(), n)

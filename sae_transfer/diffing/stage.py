@@ -7,6 +7,7 @@ Shape suffixes as in the package docstring (B batch, D d_model, F latents, L sel
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +47,17 @@ class DiffingPlan:
         """The plan of a study's DiffingSection, on `device`."""
         return cls(stats_tokens=section.stats_tokens, examples_k=section.examples_k, top_latents=section.top_latents,
                    device=device)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A result tensor as a NumPy column, wherever it was computed."""
+    return t.detach().cpu().numpy()
+
+
+def _on_host(obj):
+    """A dataclass of tensors (e.g. a crosscoder's LatentTable) with every tensor on the CPU."""
+    return dataclasses.replace(obj, **{f.name: getattr(obj, f.name).cpu() for f in dataclasses.fields(obj)
+                                       if isinstance(getattr(obj, f.name), torch.Tensor)})
 
 
 def _add(out: Tables, name: str, table: pa.Table) -> None:
@@ -90,8 +102,8 @@ def sae_scaling_table(loaded, cache: str, label: str, plan: DiffingPlan) -> pa.T
     batches = (b.acts_BD.to(device, torch.float32)
                for b in api.row_stream(cache, plan.batch_tokens, max_tokens=plan.stats_tokens))
     res = sae_scaling(sae, batches, torch.arange(sae.d_sae))
-    cols = {"latent": res.latents_L.numpy(), "beta_activation": res.beta_activation_L.numpy(),
-            "beta_error": res.beta_error_L.numpy(), "fire_count": res.count_L.numpy()}
+    cols = {"latent": _np(res.latents_L), "beta_activation": _np(res.beta_activation_L),
+            "beta_error": _np(res.beta_error_L), "fire_count": _np(res.count_L)}
     const = {"dictionary": loaded.info["sae_id"], "dictionary_model": loaded.info.get("sae_model"), "hook": info["hook"],
              "kind": "sae", "model": label, "n_tokens": res.n_tokens}
     return columns_table("latent_scaling", cols, const)
@@ -116,7 +128,7 @@ def crosscoder_tables(cc_dir: str | Path, pair, plan: DiffingPlan, sae_id: str, 
     latents, and `latent_examples` of every latent on the paired tokens (model = "paired")."""
     device = api.device_of(plan.device)
     cc = load_crosscoder(cc_dir).to(device)
-    table = latent_table(cc)
+    table = _on_host(latent_table(cc))  # computed where the crosscoder is, tabulated on the host
     ex_cfg = ex.ExamplesConfig(k=plan.examples_k, batch_tokens=plan.batch_tokens, device=plan.device)
     acts = ex.collect_max_acts(cc, _paired_batches(pair, plan), ex_cfg)
     counts_F = acts.hist_FH.sum(1)
@@ -125,11 +137,11 @@ def crosscoder_tables(cc_dir: str | Path, pair, plan: DiffingPlan, sae_id: str, 
     dictionary = {"dictionary": sae_id, "dictionary_model": f"{pair.meta.get('base_model')} + {pair.meta.get('chat_model')}",
                   "hook": pair.hook}
     latents = columns_table("crosscoder_latents", {
-        "latent": np.arange(cc.d_sae), "norm_base": table.norm_base_F.numpy(), "norm_chat": table.norm_chat_F.numpy(),
-        "rho": table.rho_F.numpy(), "delta_norm": table.delta_norm_F.numpy(), "dec_cos": table.cosine_F.numpy(),
+        "latent": np.arange(cc.d_sae), "norm_base": _np(table.norm_base_F), "norm_chat": _np(table.norm_chat_F),
+        "rho": _np(table.rho_F), "delta_norm": _np(table.delta_norm_F), "dec_cos": _np(table.cosine_F),
         "latent_class": np.array([CLASSES[i] for i in table.class_F.tolist()], dtype=object),
-        "fire_count": counts_F.numpy(), "frequency": (counts_F / max(acts.n_tokens, 1)).numpy(),
-        "mean_act_firing": np.where(counts_F.numpy() > 0, sums_F.numpy() / np.maximum(counts_F.numpy(), 1), np.nan),
+        "fire_count": _np(counts_F), "frequency": _np(counts_F / max(acts.n_tokens, 1)),
+        "mean_act_firing": np.where(_np(counts_F) > 0, _np(sums_F) / np.maximum(_np(counts_F), 1), np.nan),
     }, {**dictionary, "chat_only_min": t.chat_only_min, "base_only_max": t.base_only_max,
         "shared_min": t.shared_min, "shared_max": t.shared_max, "n_tokens": acts.n_tokens})
     chat_only = (table.class_F == CLASSES.index("chat_only")) & (counts_F > 0)
@@ -137,11 +149,11 @@ def crosscoder_tables(cc_dir: str | Path, pair, plan: DiffingPlan, sae_id: str, 
     x_batches = (b.acts_BD.to(device).view(-1, 2, cc.d_model) for b in _paired_batches(pair, plan))
     sc = crosscoder_scaling(cc, x_batches, latents_L)
     scaling = columns_table("latent_scaling", {
-        "latent": sc.latents_L.numpy(), "beta_error_base": sc.beta_error_base_L.numpy(),
-        "beta_error_chat": sc.beta_error_chat_L.numpy(), "beta_recon_base": sc.beta_recon_base_L.numpy(),
-        "beta_recon_chat": sc.beta_recon_chat_L.numpy(), "nu_error": sc.nu_error_L.numpy(),
-        "nu_recon": sc.nu_recon_L.numpy(), "verdict": np.array(sc.verdicts(), dtype=object),
-        "fire_count": sc.count_L.numpy(),
+        "latent": _np(sc.latents_L), "beta_error_base": _np(sc.beta_error_base_L),
+        "beta_error_chat": _np(sc.beta_error_chat_L), "beta_recon_base": _np(sc.beta_recon_base_L),
+        "beta_recon_chat": _np(sc.beta_recon_chat_L), "nu_error": _np(sc.nu_error_L),
+        "nu_recon": _np(sc.nu_recon_L), "verdict": np.array(sc.verdicts(), dtype=object),
+        "fire_count": _np(sc.count_L),
     }, {**dictionary, "kind": "crosscoder", "n_tokens": sc.n_tokens})
     examples = _paired_examples(cc, pair, acts, ex_cfg, dictionary, chat_model)
     return {"crosscoder_latents": [latents], "latent_scaling": [scaling], "latent_examples": [examples]}
