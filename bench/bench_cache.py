@@ -168,7 +168,7 @@ def bench_rss(tmp: Path, n_small: int, d: int) -> None:
 def sync(device: str) -> None:
     """Wait for queued GPU work, so wall times are honest (no-op on CPU)."""
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(torch.device(device))  # that GPU, not the current one
 
 
 def bench_caching(tmp: Path, args) -> None:

@@ -37,14 +37,19 @@ def build_model(folder: Path, d_model: int, layers: int, vocab: int) -> Path:
 
 
 def timed(fn) -> float:
-    """Wall time of one call (seconds), synchronising CUDA around it."""
-    if torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+    """Wall time of one call (seconds), synchronising every GPU around it (the model may be on
+    any cuda:N, not only the current device)."""
+    _sync_all()
     start = time.perf_counter()
     fn()
-    if torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+    _sync_all()
     return time.perf_counter() - start
+
+
+def _sync_all() -> None:
+    if torch.cuda.is_initialized():
+        for i in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(i)
 
 
 def interleaved(fns: dict, repeats: int) -> list[dict[str, float]]:

@@ -116,8 +116,8 @@ def encode_only(sae, n_tokens: int, d_model: int, cfg) -> float:
 
 
 def _sync(device) -> None:
-    if device and str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+    if device and torch.device(device).type == "cuda":
+        torch.cuda.synchronize(torch.device(device))  # that GPU, not the current one
 
 
 def _config(args):

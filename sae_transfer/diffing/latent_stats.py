@@ -38,6 +38,7 @@ import torch
 
 from sae_transfer.models import check_device
 from sae_transfer.sae.base import SAE
+from sae_transfer.sae.metrics import column_sum
 from sae_transfer.sae.scaling import cross_model_ratio, rescaled, training_scale
 
 DENSITY_EPS = 1e-10  # added before log10 so silent latents get a finite density (SAELens)
@@ -95,6 +96,20 @@ class ModelLatentStats:
         return self.act_mass_F / total if total > 0 else torch.zeros_like(self.act_mass_F)
 
 
+def same_device(a: torch.device | str, b: torch.device | str) -> bool:
+    """Whether two device names mean one device: "cuda" is the current GPU, so it equals
+    cuda:N for that N (torch.device("cuda", 0) != torch.device("cuda") compares the names)."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.index == b.index:
+        return True
+    if a.type == "cuda":
+        current = torch.cuda.current_device() if torch.cuda.is_available() else 0
+        return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+    return a.index in (None, 0) and b.index in (None, 0)  # "cpu" and "cpu:0"
+
+
 def applied_sae(sae: SAE, s_eval: float, device: torch.device | str = "cpu") -> tuple[SAE, float]:
     """(the SAE as applied to a model whose scale is s_eval, in float32 on `device`; r).
 
@@ -102,7 +117,7 @@ def applied_sae(sae: SAE, s_eval: float, device: torch.device | str = "cpu") -> 
     r = cross_model_ratio(s_eval, training_scale(sae))
     used = rescaled(sae, r)
     w = used.W_enc
-    if w.device != torch.device(device) or w.dtype != torch.float32:
+    if not same_device(w.device, device) or w.dtype != torch.float32:
         used = copy.deepcopy(used) if used is sae else used  # .to() moves a module in place
         used = used.to(device=device, dtype=torch.float32)
     return used, r
@@ -127,12 +142,13 @@ class _Sums:
         e_BD = x_BD - sae.decode(feats_BF)
         self.n += x_BD.shape[0]
         fired_BF = feats_BF != 0 if floor_F is None else feats_BF > floor_F
-        self.count_F += fired_BF.sum(0)
-        self.sum_fired_F += (feats_BF * fired_BF).sum(0, dtype=torch.float64)
-        self.sum_f_F += feats_BF.sum(0, dtype=torch.float64)
-        self.sum_f2_F += feats_BF.pow(2).sum(0, dtype=torch.float64)
+        # column sums widen (int64, float64) in row chunks: never an 8-byte copy of [B, F]
+        self.count_F += column_sum(fired_BF)
+        self.sum_fired_F += column_sum(feats_BF * fired_BF, torch.float64)
+        self.sum_f_F += column_sum(feats_BF, torch.float64)
+        self.sum_f2_F += column_sum(feats_BF.pow(2), torch.float64)
         # Σ_t f_tj <d_j, e_t> for every j: one [B, D] x [D, F] product
-        self.cross_F += (feats_BF * (e_BD @ sae.W_dec.T)).sum(0, dtype=torch.float64)
+        self.cross_F += column_sum(feats_BF * (e_BD @ sae.W_dec.T), torch.float64)
         self.max_F = torch.maximum(self.max_F, feats_BF.max(0).values)
         self.sum_x_D += x_BD.sum(0, dtype=torch.float64)
         self.sum_x2 += x_BD.pow(2).sum(dtype=torch.float64)

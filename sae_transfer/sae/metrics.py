@@ -7,10 +7,38 @@ from __future__ import annotations
 
 import torch
 
+# Rows per chunk of a [B, F] reduction: a sum into a wider dtype (bool -> int64, fp32 -> fp64)
+# first copies its whole input into that dtype (8 bytes x B x F: 8 GiB at 8192 x 131072), so
+# the reductions below widen at most this many elements at a time.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def column_sum(x_BF: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x_BF.sum(0, dtype=dtype) [F] (bool counts as int64), widening CHUNK_ELEMENTS at a time."""
+    rows = max(1, CHUNK_ELEMENTS // max(x_BF.shape[-1], 1))
+    if x_BF.shape[0] <= rows:
+        return x_BF.sum(0, dtype=dtype)
+    out = x_BF[:rows].sum(0, dtype=dtype)
+    for i in range(rows, x_BF.shape[0], rows):
+        out += x_BF[i:i + rows].sum(0, dtype=dtype)
+    return out
+
+
+def count_nonzero_columns(x_BF: torch.Tensor) -> torch.Tensor:
+    """torch.count_nonzero(x_BF, dim=0) [F] (int64) without an int64 copy of [B, F]."""
+    return column_sum(x_BF != 0) if x_BF.dtype != torch.bool else column_sum(x_BF)
+
+
+def count_true(mask: torch.Tensor) -> torch.Tensor:
+    """mask.sum() (0-d int64) of a bool tensor of any size, without an int64 copy of it."""
+    flat = mask.reshape(-1, mask.shape[-1]) if mask.dim() > 1 else mask.reshape(1, -1)
+    return column_sum(flat).sum()
+
 
 def l0(feats_BF: torch.Tensor) -> torch.Tensor:
     """Mean number of active (non-zero) features per token."""
-    return (feats_BF != 0).sum(dim=-1, dtype=torch.float32).mean()
+    flat = feats_BF.reshape(-1, feats_BF.shape[-1])
+    return count_true(flat != 0).float() / flat.shape[0]  # NaN for no tokens, as a mean of nothing
 
 
 def mse(x_BD: torch.Tensor, x_hat_BD: torch.Tensor) -> torch.Tensor:

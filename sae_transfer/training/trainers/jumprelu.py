@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from sae_transfer.sae.metrics import column_sum, count_nonzero_columns, count_true
 from sae_transfer.training.schedules import sparsity_multiplier
 from sae_transfer.training.trainers.base import StepLoss, Trainer, addmm_fp32, mse_of
 from sae_transfer.training.trainers.topk import _sparse_FB as sparse_FB
@@ -142,8 +143,8 @@ class JumpReluTrainer(Trainer):
         g1_BE = torch.cat([g_xhat_BD.mul_(2.0 / B), ones_B1], dim=1)
         g_dec_FE = torch.mm(feats_BF.T, g1_BE.to(cdt)).float()
         fired_F = g_dec_FE[:, D] > 0
-        sparsity = active_BF.sum() / B
-        counts_F = active_BF.sum(0) if detail else None
+        sparsity = count_true(active_BF) / B
+        counts_F = column_sum(active_BF) if detail else None
         torch.mm(g_xhat_BD.to(cdt), sae.W_dec.T.to(cdt), out=g_BF)  # dL/df
         window_BF = torch.sub(pre_BF, theta_F, out=feats_BF).abs_() < eps / 2
         if self.sparse_kernels == "csr":  # from the few (token, latent) pairs inside the window
@@ -180,7 +181,7 @@ class JumpReluTrainer(Trainer):
                 sparsity = torch.tanh(scaled_BF).float().sum() / x_BD.shape[0]
         coeff = cfg.l1_coefficient * sparsity_multiplier(step, cfg.total_steps, cfg.l1_warmup_frac)
         with torch.no_grad():
-            counts_F = torch.count_nonzero(feats_BF, dim=0) if detail else None
+            counts_F = count_nonzero_columns(feats_BF) if detail else None
             fired_F = feats_BF.detach().sum(0) > 0  # active features are > threshold > 0
         return StepLoss(mse + coeff * sparsity, mse.detach(), sparsity.detach(), x_hat_BD.detach(), fired_F, counts_F)
 

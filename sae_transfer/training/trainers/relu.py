@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from sae_transfer.sae.metrics import count_nonzero_columns
 from sae_transfer.training.schedules import sparsity_multiplier
 from sae_transfer.training.trainers.base import StepLoss, Trainer, addmm_fp32, mse_of
 from sae_transfer.training.tricks import ghost_grad_loss
@@ -38,7 +39,7 @@ class ReluTrainer(Trainer):
             if self.cfg.ghost_grads and dead_F is not None:
                 loss = loss + ghost_grad_loss(x_BD, x_hat_BD, pre_BF, sae.W_dec, dead_F, mse)
         with torch.no_grad():
-            counts_F = torch.count_nonzero(feats_BF, dim=0) if detail else None
+            counts_F = count_nonzero_columns(feats_BF) if detail else None
             fired_F = feats_BF.detach().sum(0) > 0
         return StepLoss(loss, mse.detach(), sparsity.detach(), x_hat_BD.detach(), fired_F, counts_F)
 
@@ -78,7 +79,7 @@ class ReluTrainer(Trainer):
         sparsity = torch.dot(feat_sum_F, norms_F) / B
         coeff = self.coefficient(step)
         fired_F = feat_sum_F > 0
-        counts_F = torch.count_nonzero(feats_BF, dim=0) if detail else None
+        counts_F = count_nonzero_columns(feats_BF) if detail else None
         g_W_dec = g_dec_FE[:, :D].contiguous()
         g_W_dec.addcmul_(sae.W_dec, (feat_sum_F * (coeff / B) / norms_F.clamp_min(1e-12)).unsqueeze(1))
         # d/dpre = (g x̂ W_decᵀ + λ‖W_dec‖/B) · 1[f > 0]: one matmul, one fused mask pass
