@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 
-from sae_transfer.activations import CacheConfig
+from sae_transfer.activations import CacheConfig, dataset_metas
 from sae_transfer.activations import cache_activations as cache
 from sae_transfer.corpus import CorpusConfig
+from sae_transfer.plan import cache_bytes, load_shape, require_free_space
+from sae_transfer.storage.activations import dataset_dir, is_complete
 from sae_transfer.study import CorpusSection, ModelLoading
 from sae_transfer.tasks._cache import cached, run_name
 from sae_transfer.tasks.records import ActsRecord
@@ -27,7 +29,24 @@ def cache_activations(
         dtype=act_dtype, model_dtype=loading.dtype, prepend_bos=corpus.prepend_bos, revision=revision,
         device=loading.device, split="train", trust_remote_code=loading.trust_remote_code,
     )
+    check_disk(cfg, out_dir)
     done = cache(cfg, out_dir, progress=False)
     for d in done:
         get_run_logger().info("%s %s: %s (%d tokens)", model, d.hook, "reused" if d.reused else "cached", d.n_tokens)
     return [ActsRecord(path=str(d.path), model=model, hook=d.hook, n_tokens=d.n_tokens, reused=d.reused) for d in done]
+
+
+def check_disk(cfg: CacheConfig, out_dir: str) -> None:
+    """Refuse, in one line and before the model loads, a cache that would not fit the free space
+    of `out_dir` (complete datasets need nothing; partial ones count what they already hold)."""
+    paths = [dataset_dir(out_dir, meta) for meta in dataset_metas(cfg).values()]
+    todo = [p for p in paths if not is_complete(p)]
+    if not todo:
+        return
+    d_model = load_shape(cfg.model, cfg.revision, cfg.trust_remote_code).d_model
+    held = sum(f.stat().st_size for p in todo if p.is_dir() for f in p.rglob("*") if f.is_file())
+    needed = cache_bytes(cfg.n_tokens, d_model, cfg.dtype, len(todo)) - held
+    require_free_space(
+        needed, out_dir, f"caching {cfg.n_tokens} tokens x {len(todo)} hook(s) x d_model {d_model} of {cfg.model}",
+        "lower the token budget (corpus.train_tokens, or diffing.tokens for a diffing corpus) or set results_root "
+        "to a disk with room (a live activation source that skips the cache is not available yet)")

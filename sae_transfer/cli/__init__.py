@@ -26,9 +26,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-from sae_transfer.cli import cache_cmd, crosscoder_cmd, diff_cmd, eval_cmd, models_cmd, study_cmd, train_cmd  # noqa: E402
+from sae_transfer.cli import cache_cmd, crosscoder_cmd, diff_cmd, eval_cmd, models_cmd, plan_cmd, study_cmd, train_cmd  # noqa: E402
 
-for _module in (models_cmd, cache_cmd, train_cmd, eval_cmd, study_cmd, diff_cmd, crosscoder_cmd):
+for _module in (models_cmd, cache_cmd, train_cmd, eval_cmd, study_cmd, plan_cmd, diff_cmd, crosscoder_cmd):
     _module.register(app)
 
 
