@@ -451,7 +451,7 @@ def human_seconds(s: float | None) -> str:
         return ""
     if s < 0.01:
         return "<0.01 s"
-    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+    for unit, size in (("y", 365.25 * 86400), ("d", 86400), ("h", 3600), ("min", 60)):
         if s >= size:
             return f"{s / size:.3g} {unit}"
     return f"{s:.2g} s"
