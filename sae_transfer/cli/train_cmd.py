@@ -1,5 +1,6 @@
-"""`sae-transfer train` and `sae-transfer finetune`: train an SAE on cached activations, or
-fine-tune an existing SAE on another model's activations. Both resume; both print the SAE folder."""
+"""`sae-transfer train` and `sae-transfer finetune`: train an SAE on cached activations (or on
+live activations of a model: --model/--hook/--corpus), or fine-tune an existing SAE on another
+model's activations. Both resume; both print the SAE folder."""
 
 from __future__ import annotations
 
@@ -43,8 +44,14 @@ def _report(result, quiet: bool) -> None:
 
 
 def train(
-    acts: Path = typer.Option(..., "--acts", help="Activation dataset folder (from `sae-transfer cache`) "
-                              "or a .safetensors file with 'acts'."),
+    acts: Path | None = typer.Option(None, "--acts", help="Activation dataset folder (from `sae-transfer cache`) "
+                                     "or a .safetensors file with 'acts'. Or train live: --model/--hook/--corpus."),
+    model: str | None = typer.Option(None, "--model", help="Train on live activations of this model "
+                                     "(local folder or Hub id; with --hook and --corpus) instead of --acts."),
+    hook: str | None = typer.Option(None, "--hook", help="Hook to train on (live), e.g. blocks.6.hook_resid_post."),
+    corpus: str | None = typer.Option(None, "--corpus", help="Text source (live): stdlib, a .txt/.jsonl/.parquet "
+                                      "file or folder, or a Hub dataset id; its train split is used."),
+    context_size: int = typer.Option(128, "--context-size", min=2, help="Tokens per sequence, BOS included (live)."),
     arch: str = typer.Option("relu", "--arch", help="relu | topk | batchtopk | jumprelu"),
     d_sae: int = typer.Option(..., "--d-sae", min=1, help="Number of features."),
     tokens: str = typer.Option(..., "--tokens", help="Training tokens, e.g. 50M."),
@@ -68,7 +75,8 @@ def train(
     log_every: int = typer.Option(50, "--log-every", min=1, help="Training-log row every N steps."),
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(0, "--threads", min=0, help="torch threads (0: default)."),
-    buffer_tokens: str = typer.Option("256k", "--buffer-tokens", help="Shuffle-buffer size in tokens."),
+    buffer_tokens: str = typer.Option("256k", "--buffer-tokens",
+                                      help="Shuffle-buffer size in tokens (live: activations held on the device)."),
     device: str | None = typer.Option(None, "--device", help=_DEVICE_HELP),
     dtype: str = typer.Option("float32", "--dtype", help=_DTYPE_HELP),
     tf32: bool = typer.Option(True, "--tf32/--no-tf32", help=_TF32_HELP),
@@ -76,11 +84,14 @@ def train(
                                        help="topk/batchtopk/jumprelu kernels: csr | dense | auto (csr on CPU, dense on CUDA)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary; print only the SAE folder."),
 ) -> None:
-    """Train an SAE from cached activations (resumes from the newest checkpoint in --out); print the SAE folder."""
-    from sae_transfer.training.api import train_on_dataset
+    """Train an SAE from cached activations, or from live activations of --model (resumes from the
+    newest checkpoint in --out); print the SAE folder."""
+    from sae_transfer.training.api import train_live, train_on_dataset
     from sae_transfer.training.data import open_training_data
 
-    open_training_data(acts, batch_size)  # the input first: a missing or empty dataset is the error to name
+    live = _live_or_cached(acts, model, hook, corpus)
+    if not live:
+        open_training_data(acts, batch_size)  # the input first: a missing or empty dataset is the error to name
     require(lr is None or lr > 0, "--lr", lr, "the learning rate must be > 0, e.g. 4e-4")
     require(k is None or k <= d_sae, "--k", k, f"at most --d-sae ({d_sae}) features can be active")
     fields = dict(
@@ -91,9 +102,26 @@ def train(
         checkpoint_every_tokens=parse_count(checkpoint_every, "--checkpoint-every", minimum=0),
         log_every_steps=log_every, num_threads=threads, device=device, dtype=dtype, tf32=tf32, sparse_kernels=sparse_kernels,
     )
-    result = train_on_dataset(acts, out, _train_config(fields), buffer_tokens=parse_count(buffer_tokens, "--buffer-tokens"),
-                              progress=not quiet)
+    cfg, buffer = _train_config(fields), parse_count(buffer_tokens, "--buffer-tokens")
+    if live:
+        result = train_live(model, hook, corpus, out, cfg, context_size=context_size, buffer_tokens=buffer, progress=not quiet)
+    else:
+        result = train_on_dataset(acts, out, cfg, buffer_tokens=buffer, progress=not quiet)
     _report(result, quiet)
+
+
+def _live_or_cached(acts: Path | None, model: str | None, hook: str | None, corpus: str | None) -> bool:
+    """True for live training (--model/--hook/--corpus), False for --acts; one line when neither or both."""
+    if acts is not None and model is not None:
+        raise UserError("pass either --acts (cached activations) or --model/--hook/--corpus (live), not both")
+    if acts is not None:
+        return False
+    if model is None:
+        raise UserError("pass --acts (cached activations) or --model with --hook and --corpus (live activations)")
+    missing = [flag for flag, value in (("--hook", hook), ("--corpus", corpus)) if value is None]
+    if missing:
+        raise UserError(f"live training with --model needs {' and '.join(missing)}")
+    return True
 
 
 def finetune(

@@ -1,5 +1,6 @@
 """Entry points for the CLI and the pipeline tasks: train or fine-tune an SAE on one cached
-activation dataset into a run folder (see `run.train_sae` for the folder layout)."""
+activation dataset, or on live activations of a model, into a run folder (see `run.train_sae`
+for the folder layout)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from sae_transfer.corpus import CorpusConfig
 from sae_transfer.errors import UserError
 from sae_transfer.sae.io import load_sae
 from sae_transfer.storage.fingerprint import sha256_file
@@ -15,6 +17,7 @@ from sae_transfer.storage.sae_format import WEIGHTS_FILE
 from sae_transfer.study import SAESection
 from sae_transfer.training.config import RUNTIME_FIELDS, TrainConfig, finetune_defaults
 from sae_transfer.training.data import open_training_data
+from sae_transfer.training.live import FORWARD_TOKENS, REFILL_PARTS, open_live_data
 from sae_transfer.training.run import Parent, RunResult, parent_sae_arch, train_sae
 
 BUFFER_TOKENS = 262_144  # shuffle-buffer size of the training reader, in tokens
@@ -31,6 +34,23 @@ def train_on_dataset(acts_path: str | Path, out_dir: str | Path, cfg: TrainConfi
     """Train an SAE with `cfg` on a cached dataset (d_sae = expansion x d_model when `expansion` is
     given, else cfg.d_sae); resumable. Returns the RunResult (sae_dir, metrics, ...)."""
     data = open_training_data(acts_path, cfg.batch_size, seed=cfg.seed, buffer_tokens=buffer_tokens)
+    if expansion is not None:
+        cfg = dataclasses.replace(cfg, d_sae=expansion * data.d_in)
+    return train_sae(cfg, data.make_source, data.d_in, out_dir, metadata=data.metadata, progress=progress)
+
+
+def train_live(model, hook: str, corpus: CorpusConfig | str | Path, out_dir: str | Path, cfg: TrainConfig, *,
+               expansion: int | None = None, context_size: int = 128, buffer_tokens: int = BUFFER_TOKENS,
+               refill_parts: int = REFILL_PARTS, forward_tokens: int = FORWARD_TOKENS, n_tokens: int | None = None,
+               prepend_bos: bool = True, model_dtype: str = "float32", progress: bool = False) -> RunResult:
+    """Train an SAE with `cfg` on live activations of `model` (a loaded model or a spec) at `hook`
+    over the corpus's train split, with no cache on disk; resumable (see training/live.py).
+    The model runs on cfg.device. `n_tokens` bounds the corpus tokens tokenised (default:
+    cfg.total_tokens, one pass with no repeats; fewer makes the stream loop over epochs)."""
+    data = open_live_data(model, hook, corpus, cfg.batch_size, seed=cfg.seed, buffer_tokens=buffer_tokens,
+                          context_size=context_size, n_tokens=n_tokens or cfg.total_tokens, refill_parts=refill_parts,
+                          forward_tokens=forward_tokens, prepend_bos=prepend_bos, device=cfg.device,
+                          model_dtype=model_dtype)
     if expansion is not None:
         cfg = dataclasses.replace(cfg, d_sae=expansion * data.d_in)
     return train_sae(cfg, data.make_source, data.d_in, out_dir, metadata=data.metadata, progress=progress)
