@@ -49,3 +49,34 @@ def test_column_sums_never_widen_the_whole_batch(monkeypatch):
     for fn in (lambda: metrics.column_sum(mask), lambda: metrics.column_sum(x, torch.float64),
                lambda: metrics.count_true(mask), lambda: metrics.count_nonzero_columns(x)):
         assert largest_allocation(fn) <= 8 * (1 << 18) + x.numel()  # a chunk widened (+ a bool mask of x)
+
+
+def test_chunked_ce_and_kl_equal_the_whole_batch_answer():
+    from sae_transfer.evals import splice
+    from sae_transfer.evals.transfer import chunked_logit_stats
+
+    gen = torch.Generator().manual_seed(0)
+    clean_BSV, patched_BSV = (torch.randn(5, 7, 300, generator=gen) * 3 for _ in range(2))
+    tok_BS = torch.randint(0, 300, (5, 7), generator=gen)
+    p_clean = torch.softmax(clean_BSV, dim=-1)
+    whole_c, whole_p = splice.logit_stats(clean_BSV, tok_BS, p_clean), splice.logit_stats(patched_BSV, tok_BS, p_clean)
+    for chunk in (1, 14, 20, 10_000):  # one sequence, two, two with a ragged end, all at once
+        c = chunked_logit_stats(clean_BSV, tok_BS, clean_BSV, chunk_tokens=chunk)
+        p = chunked_logit_stats(patched_BSV, tok_BS, clean_BSV, chunk_tokens=chunk)
+        torch.testing.assert_close(p.loss_BS, whole_p.loss_BS, rtol=0, atol=1e-6)
+        torch.testing.assert_close(p.kl_from(c), whole_p.kl_from(whole_c), rtol=0, atol=1e-6)
+        torch.testing.assert_close(c.kl_from(c), torch.zeros(5, 7), rtol=0, atol=1e-6)
+
+
+def test_chunked_logit_stats_peak_does_not_grow_with_the_batch():
+    from sae_transfer.evals import splice
+    from sae_transfer.evals.transfer import chunked_logit_stats
+
+    V, S = 100_000, 64
+    for B in (4, 8):
+        clean, patched = torch.randn(B, S, V).bfloat16(), torch.randn(B, S, V).bfloat16()
+        tok = torch.randint(0, V, (B, S))
+        chunked = largest_allocation(lambda: chunked_logit_stats(patched, tok, clean, chunk_tokens=S))  # noqa: B023
+        whole = largest_allocation(lambda: splice.logit_stats(patched, tok, torch.softmax(clean.float(), -1)))  # noqa: B023
+        assert chunked <= 4 * S * V * 1.01  # one sequence's float32 logits
+        assert whole >= 4 * B * S * V  # the whole batch's

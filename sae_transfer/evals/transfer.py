@@ -31,7 +31,7 @@ POLICIES = ("excluded", "included")
 class EvalConfig:
     """How a transfer evaluation runs."""
 
-    batch_tokens: int = EvalSection().batch_tokens  # tokens per forward batch; logits of this many tokens are held 3x in float32
+    batch_tokens: int = EvalSection().batch_tokens  # tokens per forward batch; their clean and patched logits are held
     outliers: OutlierRule = field(default_factory=OutlierRule)  # threshold rule on scaled norms
     n_bootstrap: int = 1000  # resamples of sequences for the ce_loss_score interval
     ci_level: float = 0.95  # percentile interval level
@@ -204,21 +204,19 @@ def evaluate_saes(model, saes: dict, toks: TokenSet, hook: str, norms: NormStats
         outlier_BS = norms.outlier_NS[sl].to(device)
         masks = {"excluded": counted_BS & ~outlier_BS, "included": counted_BS}
         masks = {p: masks[p] for p in cfg.policies}
-        x_BSD, logits = splice.clean_pass(model, tok_BS, hook)
-        p_clean = torch.softmax(logits.float(), dim=-1)
-        clean = splice.logit_stats(logits, tok_BS, p_clean)
-        del logits
-        zero = splice.logit_stats(splice.zero_logits(model, tok_BS, hook, x_BSD), tok_BS, p_clean)
+        x_BSD, clean_logits = splice.clean_pass(model, tok_BS, hook)  # kept in the model's dtype
+        clean = chunked_logit_stats(clean_logits, tok_BS, clean_logits)
+        zero = chunked_logit_stats(splice.zero_logits(model, tok_BS, hook, x_BSD), tok_BS, clean_logits)
         kl_zero = zero.kl_from(clean)
-        zero_seg = ({p: _zero_at(model, tok_BS, hook, x_BSD, m, p_clean).loss_BS for p, m in masks.items()}
+        zero_seg = ({p: _zero_at(model, tok_BS, hook, x_BSD, m, clean_logits).loss_BS for p, m in masks.items()}
                     if cfg.zero_segment else {})
         for sid, sae in saes.items():
             x_hat_BSD, l0_BS = apply_sae(sae, x_BSD)
             for policy, mask_BS in masks.items():
                 acc = sums[(sid, policy)]
                 acc.recon.add(x_BSD[mask_BS], x_hat_BSD[mask_BS], l0_BS[mask_BS])
-                spliced = splice.logit_stats(
-                    splice.spliced_logits(model, tok_BS, hook, x_hat_BSD, mask_BS, x_BSD), tok_BS, p_clean)
+                spliced = chunked_logit_stats(
+                    splice.spliced_logits(model, tok_BS, hook, x_hat_BSD, mask_BS, x_BSD), tok_BS, clean_logits)
                 extra = {"zero_seg": zero_seg[policy]} if cfg.zero_segment else {}
                 acc.add(splice.loss_mask(mask_BS, valid_BS), clean=clean.loss_BS, zero=zero.loss_BS,
                         sae=spliced.loss_BS, kl_zero=kl_zero, kl_sae=spliced.kl_from(clean), **extra)
@@ -233,10 +231,30 @@ def evaluate_saes(model, saes: dict, toks: TokenSet, hook: str, norms: NormStats
     }
 
 
-def _zero_at(model, tok_BS, hook: str, x_BSD: torch.Tensor, mask_BS: torch.Tensor, p_clean):
+def _zero_at(model, tok_BS, hook: str, x_BSD: torch.Tensor, mask_BS: torch.Tensor, clean_logits):
     """Logit stats with the hook zeroed only at `mask_BS` (segment-only zero ablation)."""
     zeros = torch.zeros_like(x_BSD)
-    return splice.logit_stats(splice.spliced_logits(model, tok_BS, hook, zeros, mask_BS, x_BSD), tok_BS, p_clean)
+    return chunked_logit_stats(splice.spliced_logits(model, tok_BS, hook, zeros, mask_BS, x_BSD), tok_BS, clean_logits)
+
+
+LOGIT_CHUNK_TOKENS = 512  # tokens whose float32 [tokens, vocab] temporaries exist at once (1/8 of the default batch)
+
+
+def chunked_logit_stats(logits_BSV: torch.Tensor, tokens_BS: torch.Tensor, clean_logits_BSV: torch.Tensor,
+                        chunk_tokens: int = LOGIT_CHUNK_TOKENS) -> splice.LogitStats:
+    """`splice.logit_stats(logits, tokens, softmax(clean_logits))`, a few sequences at a time: the
+    float32 copies, the logsumexp temporary and p_clean exist for ~chunk_tokens tokens only, so
+    beyond the two passes' own logits the peak does not grow with batch x vocabulary."""
+    B, S = tokens_BS.shape
+    rows = max(1, chunk_tokens // max(S, 1))
+    parts = []
+    for b in range(0, B, rows):
+        p_clean = torch.softmax(clean_logits_BSV[b:b + rows].float(), dim=-1)
+        parts.append(splice.logit_stats(logits_BSV[b:b + rows], tokens_BS[b:b + rows], p_clean))
+        del p_clean
+    if len(parts) == 1:
+        return parts[0]
+    return splice.LogitStats(*(torch.cat([getattr(p, f) for p in parts]) for f in ("loss_BS", "lse_BS", "dot_BS")))
 
 
 def _token_errors(sl: slice, x_BSD, x_hat_BSD, l0_BS, counted_BS, outlier_BS, norms: NormStats) -> dict[str, torch.Tensor]:
