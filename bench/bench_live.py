@@ -1,0 +1,80 @@
+"""Live-activation training throughput against its two parts, measured in one run.
+
+Prints forward tokens/s (the model over the corpus to the hook, as the live source runs it),
+training tokens/s (the same SAE on the same activations held in memory), live tokens/s (the
+SAE trained from the live source) and the ratio live / (1 / (1/forward + 1/train)): the
+pipeline with no overlap between forward and training runs at that harmonic rate, so 1.0
+means the live source adds nothing on top of the two parts' own costs.
+
+    python bench/bench_live.py --model path/to/hf-folder --hook blocks.1.hook_resid_pre
+    python bench/bench_live.py --model m --hook h --corpus data.jsonl --tokens 200k --device cuda
+
+Absolute numbers move with machine load; compare the ratio (check `uptime` first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from sae_transfer.models import load_model
+from sae_transfer.training.config import TrainConfig
+from sae_transfer.training.live import open_live_data
+from sae_transfer.training.run import train_sae
+from sae_transfer.training.sources import in_memory_factory
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--hook", required=True)
+    ap.add_argument("--corpus", default="stdlib")
+    ap.add_argument("--tokens", type=int, default=131_072, help="training tokens per measurement")
+    ap.add_argument("--context-size", type=int, default=128)
+    ap.add_argument("--buffer-tokens", type=int, default=32_768)
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--expansion", type=int, default=8)
+    ap.add_argument("--arch", default="topk")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+
+    model = load_model(args.model, device=args.device)
+    data = open_live_data(model, args.hook, args.corpus, args.batch_size, buffer_tokens=args.buffer_tokens,
+                          context_size=args.context_size, n_tokens=args.tokens)
+    live = data.make_source.__self__
+    cfg = TrainConfig(arch=args.arch, d_sae=args.expansion * data.d_in, k=32, batch_size=args.batch_size,
+                      total_tokens=args.tokens, checkpoint_every_tokens=0, log_every_steps=10**9,
+                      scale_estimate_tokens=min(65_536, args.tokens), device=args.device)
+
+    # forward: every chunk of one epoch, timed; the activations are then the in-memory training data
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    t0 = time.perf_counter()
+    chunks = [live._chunk(g) for g in range(live.chunks_per_epoch)]
+    sync()
+    fwd = live.forward_tokens_run / (time.perf_counter() - t0)
+    acts_ND = torch.cat([c.cpu() for c in chunks])
+    live._chunks.clear()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mem = train_sae(cfg, in_memory_factory(acts_ND, args.batch_size), data.d_in, Path(tmp) / "mem", progress=False)
+        train = json.loads(mem.run_json.read_text())["timings"]["tokens_per_s"]
+        fresh = open_live_data(model, args.hook, args.corpus, args.batch_size, buffer_tokens=args.buffer_tokens,
+                               context_size=args.context_size, n_tokens=args.tokens)
+        run = train_sae(cfg, fresh.make_source, data.d_in, Path(tmp) / "live", progress=False)
+        live_tps = json.loads(run.run_json.read_text())["timings"]["tokens_per_s"]
+    bound = 1 / (1 / fwd + 1 / train)
+    print(f"device {args.device}  d_in {data.d_in}  d_sae {cfg.d_sae}  {args.arch}  batch {args.batch_size}  "
+          f"buffer {args.buffer_tokens}  tokens {args.tokens}")
+    print(f"forward  {fwd:12,.0f} tok/s")
+    print(f"train    {train:12,.0f} tok/s")
+    print(f"live     {live_tps:12,.0f} tok/s")
+    print(f"live / (1/(1/fwd + 1/train)) = {live_tps / bound:.3f}")
+
+
+if __name__ == "__main__":
+    main()
