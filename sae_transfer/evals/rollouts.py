@@ -200,9 +200,17 @@ def check_rollout_ce(ce_clean: float, vocab_size: int, model_id: str) -> None:
             "and that generation and evaluation load the same weights")
 
 
+ALPACA_SHUFFLE_SEED = 42  # the study's alpaca_transfer_script.py: load_dataset("tatsu-lab/alpaca").shuffle(seed=42)
+
+
 def load_prompts(source: str, limit: int | None = None, column: str = "prompt") -> list[str]:
-    """Prompts from a local JSONL ({"prompt": ...} per line), "demo" (held-out docstrings of the
-    built-in corpus), or a Hugging Face dataset id (downloads; only when named)."""
+    """Prompts from a local JSONL ({"prompt": ...} per line) or Parquet, "demo" (held-out
+    docstrings of the built-in corpus), or a Hugging Face dataset id (downloads; only when named).
+
+    Alpaca-shaped rows (`instruction` and `input` fields, as tatsu-lab/alpaca, from the Hub or a
+    local file) are chosen as the study chose them: the rows shuffled with seed 42, those with a
+    non-empty `input` left out, the `instruction` alone as the prompt. The chat model's own chat
+    template is applied downstream (`segments.prompt_roles`)."""
     if source == "demo":
         try:
             from sae_transfer.demo.chat import instruction_pairs
@@ -217,17 +225,46 @@ def load_prompts(source: str, limit: int | None = None, column: str = "prompt") 
             rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}: a line is not JSON ({exc.msg}): write one {{\"prompt\": ...}} object per line") from None
+        if rows and column not in rows[0] and _is_alpaca(rows[0]):
+            import datasets
+
+            return _alpaca_prompts(datasets.Dataset.from_list(rows), limit)
         if rows and column not in rows[0]:
             raise UserError(f"{source} rows have no {column!r} field; fields: {sorted(rows[0])}")
         prompts = [r[column] for r in rows]
     else:
         import datasets
 
+        local = source.endswith(".parquet")
+        if local and not Path(source).expanduser().is_file():
+            raise UserError(f"instruction file {source!r} does not exist: pass a .parquet with a {column!r} column")
         try:
-            ds = datasets.load_dataset(source, split="train")
+            ds = (datasets.load_dataset("parquet", data_files=str(Path(source).expanduser()), split="train") if local
+                  else datasets.load_dataset(source, split="train"))
         except Exception as exc:  # the Hub raises many types
             raise UserError(f"could not open instruction set {source!r}: {str(exc).splitlines()[0]}") from exc
+        if column not in ds.column_names and _is_alpaca(ds.column_names):
+            return _alpaca_prompts(ds, limit)
         col = column if column in ds.column_names else "instruction"
+        if col not in ds.column_names:
+            raise UserError(f"instruction set {source!r} has no {column!r} column; columns: {ds.column_names}")
         prompts = list(ds[col])
     prompts = [p for p in prompts if p and p.strip()]
     return prompts[:limit] if limit else prompts
+
+
+def _is_alpaca(fields) -> bool:
+    return {"instruction", "input"} <= set(fields)
+
+
+def _alpaca_prompts(ds, limit: int | None) -> list[str]:
+    """The study's Alpaca prompts: `ds.shuffle(seed=42)`, rows whose `input` is empty, their
+    `instruction` (the study's first 100 shuffled rows hold 55 such rows: `limit` 55 gives its set)."""
+    prompts = []
+    for row in ds.shuffle(seed=ALPACA_SHUFFLE_SEED, keep_in_memory=True):
+        if (row["input"] or "").strip() or not (row["instruction"] or "").strip():
+            continue
+        prompts.append(row["instruction"])
+        if limit and len(prompts) >= limit:
+            break
+    return prompts

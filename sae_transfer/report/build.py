@@ -14,6 +14,7 @@ import pandas as pd
 
 from sae_transfer.report import plots
 from sae_transfer.report.findings import findings
+from sae_transfer.report.published import beside_ours, published_note, published_pair, published_rows
 from sae_transfer.storage import catalog
 from sae_transfer.storage.layout import StudyLayout
 
@@ -85,6 +86,9 @@ def collect_sections(results_dir: str | Path, base: str, chat: str, *, scatter_r
                      for policy, part in transfer.groupby("outlier_policy", sort=False)],
                     [("transfer matrix, outliers excluded", plots.transfer_heatmap(transfer))] if not transfer.empty else []),
         ]
+        if (note := published_note(base, chat)) is not None:  # a pair the study used: its numbers beside ours
+            sections.append(Section("published", "The study's published numbers", note, [("published vs ours", beside_ours(
+                published_rows(base, chat), transfer, published_pair(base, chat)["hook"]))]))
         scatter = _q(con, "mse_vs_norm", pair + [scatter_rows])
         sections.append(Section("outliers", "Outlier-norm activations",
                                 "Tokens whose scaled norm (mean norm rescaled to sqrt(d_model)) passes the threshold, "
