@@ -6,17 +6,19 @@ Prefect's content-keyed cache when they exist."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from prefect.futures import PrefectFuture
 
-from sae_transfer.storage.fingerprint import hash_payload
+from sae_transfer import plan
+from sae_transfer.storage.fingerprint import fingerprint, hash_payload
 from sae_transfer.storage.layout import StudyLayout, slug
 from sae_transfer.study import StudyConfig
 from sae_transfer.tasks._cache import code_version
 from sae_transfer.tasks.activations import cache_activations
 from sae_transfer.tasks.evaluate import pair_threshold
 from sae_transfer.tasks.records import ActsRecord, PairRecord
-from sae_transfer.tasks.sae import TRAINING_CODE, finetune_sae, train_sae
+from sae_transfer.tasks.sae import TRAINING_CODE, finetune_sae, finetune_sae_live, train_sae, train_sae_live
 
 
 def run_dir(layout: StudyLayout, role: str, hook: str, *key) -> str:
@@ -27,11 +29,12 @@ def run_dir(layout: StudyLayout, role: str, hook: str, *key) -> str:
 
 @dataclass
 class StudySAEs:
-    """What `submit_saes` submitted: activation records (role -> hook -> record), SAE futures
+    """What `submit_saes` submitted: activation records (role -> hook -> record; None when the
+    SAEs trained live), SAE futures
     (hook -> role -> future; roles base, chat and, when fine-tuning is on, finetuned) and the
     pair's threshold futures (hook -> future)."""
 
-    acts: dict[str, dict[str, ActsRecord]]
+    acts: dict[str, dict[str, ActsRecord]] | None
     saes: dict[str, dict[str, PrefectFuture]]
     thresholds: dict[str, PrefectFuture]
 
@@ -49,23 +52,62 @@ def cache_pair(config: StudyConfig, pair: PairRecord, corpus=None, wait_for=None
                                      ("chat", pair.chat, config.pair.chat_revision))}
 
 
+def training_source(config: StudyConfig) -> str:
+    """'cache' or 'live': `sae.source`, with 'auto' resolved from the models' configurations and
+    the results folder's free disk (`plan.training_source`)."""
+    if config.sae.source != "auto":
+        return config.sae.source
+    return plan.training_source(config, plan.study_shapes(config))
+
+
 def submit_saes(config: StudyConfig, pair: PairRecord) -> StudySAEs:
-    """Submit the caches, every hook's SAEs and thresholds; waits only for the caches (training
-    needs their records), never for an SAE."""
+    """Submit the caches (when the SAEs train from them), every hook's SAEs and thresholds; waits
+    only for the caches (training needs their records), never for an SAE."""
+    source = training_source(config)
+    sae = config.sae.model_copy(update={"source": source})  # 'auto' keys its SAEs as what it resolved to
     layout, settings = StudyLayout(config.results_dir), config.eval_settings
-    caches = cache_pair(config, pair)
+    caches = cache_pair(config, pair) if source == "cache" else {}
     thresholds = {h: pair_threshold.submit(pair.base, h, settings) for h in config.hooks}
     acts = {role: {a.hook: a for a in fut.result()} for role, fut in caches.items()}
     saes: dict[str, dict[str, PrefectFuture]] = {}
     for hook in config.hooks:
-        by_role = saes[hook] = {
-            role: train_sae.submit(acts[role][hook], config.sae, role,
-                                   run_dir(layout, role, hook, acts[role][hook].path, config.sae.model_dump(), config.seed),
-                                   config.seed, device=config.device)
-            for role in ("base", "chat")}
-        if config.finetune.enabled:
-            ft_dir = run_dir(layout, "finetuned", hook, acts["chat"][hook].path, config.sae.model_dump(),
-                             config.finetune.model_dump(), config.seed)
-            by_role["finetuned"] = finetune_sae.submit(by_role["base"], acts["chat"][hook], config.finetune, ft_dir,
-                                                       config.seed, device=config.device)
-    return StudySAEs(acts=acts, saes=saes, thresholds=thresholds)
+        if source == "cache":
+            saes[hook] = _cached_saes(config, sae, layout, acts, hook)
+        else:
+            saes[hook] = _live_saes(config, sae, layout, pair, hook)
+    return StudySAEs(acts=acts or None, saes=saes, thresholds=thresholds)
+
+
+def _cached_saes(config: StudyConfig, sae, layout: StudyLayout, acts: dict, hook: str) -> dict[str, PrefectFuture]:
+    by_role = {role: train_sae.submit(acts[role][hook], sae, role,
+                                      run_dir(layout, role, hook, acts[role][hook].path, sae.model_dump(), config.seed),
+                                      config.seed, device=config.device)
+               for role in ("base", "chat")}
+    if config.finetune.enabled:
+        ft_dir = run_dir(layout, "finetuned", hook, acts["chat"][hook].path, sae.model_dump(),
+                         config.finetune.model_dump(), config.seed)
+        by_role["finetuned"] = finetune_sae.submit(by_role["base"], acts["chat"][hook], config.finetune, ft_dir,
+                                                   config.seed, device=config.device)
+    return by_role
+
+
+def _live_saes(config: StudyConfig, sae, layout: StudyLayout, pair: PairRecord, hook: str) -> dict[str, PrefectFuture]:
+    """SAEs trained on live activations: each run folder is named by the model's content, the
+    corpus section, the SAE settings and the seed (what its stream and training depend on)."""
+    models = {"base": pair.base, "chat": pair.chat}
+    inputs = {role: (_content(spec), config.corpus.model_dump()) for role, spec in models.items()}
+    by_role = {role: train_sae_live.submit(models[role], hook, config.corpus, config.loading, sae, role,
+                                           run_dir(layout, role, hook, *inputs[role], sae.model_dump(), config.seed),
+                                           config.seed)
+               for role in ("base", "chat")}
+    if config.finetune.enabled:
+        ft_dir = run_dir(layout, "finetuned", hook, *inputs["chat"], sae.model_dump(), config.finetune.model_dump(),
+                         config.seed)
+        by_role["finetuned"] = finetune_sae_live.submit(by_role["base"], pair.chat, hook, config.corpus, config.loading,
+                                                        config.finetune, sae.buffer_tokens, ft_dir, config.seed)
+    return by_role
+
+
+def _content(spec: str) -> str:
+    """A model's identity for a run folder's name: its folder's content hash, or the Hub spec."""
+    return fingerprint(spec) if Path(spec).expanduser().exists() else spec

@@ -37,11 +37,12 @@ from sae_transfer.tasks.report import build_report, record_run
 
 def _diffing(config: StudyConfig, study: StudySAEs, pair, made) -> list:
     """Submit the diffing stage of every hook: SAE latents, the crosscoder, the causal check. On a
-    separate diffing corpus both models are cached on it first (after the study's own caches)."""
+    separate diffing corpus, or when the SAEs trained live (no study caches), both models are
+    cached first on `diffing.tokens` tokens of it."""
     d, results, layout = config.diffing, str(config.results_dir), StudyLayout(config.results_dir)
     acts = study.acts
-    if d.corpus:
-        corpus = config.corpus.model_copy(update={"source": d.corpus, "train_tokens": d.tokens})
+    if d.corpus or acts is None:  # its own corpus, or its share of the study corpus when the SAEs trained live
+        corpus = config.corpus.model_copy(update={"source": d.corpus or config.corpus.source, "train_tokens": d.tokens})
         acts = {role: {a.hook: a for a in fut.result()} for role, fut in cache_pair(config, pair, corpus).items()}
     out = []
     for hook in config.hooks:

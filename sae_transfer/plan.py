@@ -22,6 +22,7 @@ Time = FLOPs / (rate x utilisation), with the rate a published dense figure for 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import shutil
@@ -268,6 +269,22 @@ def _cached_dataset(root: Path, spec: str, hook: str, tokens: int, cfg: StudyCon
     return False
 
 
+FREE_FRACTION = 0.8  # the share of free disk 'auto' lets the caches take (SAE runs and tables need the rest)
+
+
+def cache_pair_bytes(cfg: StudyConfig, shapes: dict[str, ModelShape]) -> int:
+    """Bytes of both models' training caches (corpus.train_tokens at every hook)."""
+    return sum(cache_bytes(cfg.corpus.train_tokens, shapes[r].d_model, cfg.act_dtype, len(cfg.hooks)) for r in ("base", "chat"))
+
+
+def training_source(cfg: StudyConfig, shapes: dict[str, ModelShape]) -> str:
+    """Where the study's SAEs train from: `sae.source`, with 'auto' resolved to 'cache' when both
+    models' caches fit FREE_FRACTION of the results folder's free disk, else 'live'."""
+    if cfg.sae.source != "auto":
+        return cfg.sae.source
+    return "cache" if cache_pair_bytes(cfg, shapes) <= FREE_FRACTION * free_bytes(cfg.results_dir) else "live"
+
+
 def plan_steps(cfg: StudyConfig, shapes: dict[str, ModelShape]) -> list[Step]:
     """Every step the study's DAG submits, with its cost (see the module doc for the formulas)."""
     steps: list[Step] = []
@@ -287,7 +304,9 @@ def plan_steps(cfg: StudyConfig, shapes: dict[str, ModelShape]) -> list[Step]:
                               _forward_flops(s, tokens, deepest), cached=cached,
                               note=f"{n_hooks} hook(s) x {s.d_model} x {act_b} B, {corpus}"))
 
-    caches(cfg.corpus.source, cfg.corpus.train_tokens, "")
+    live = training_source(cfg, shapes) == "live"
+    if not live:
+        caches(cfg.corpus.source, cfg.corpus.train_tokens, "")
     ev, sae = cfg.eval, cfg.sae
     n_saes = 3 if cfg.finetune.enabled else 2
     logits = ev.batch_tokens * shapes["base"].vocab * 4 * 3
@@ -342,9 +361,9 @@ def plan_steps(cfg: StudyConfig, shapes: dict[str, ModelShape]) -> list[Step]:
                       3.0 * base.n_params, note="reads both checkpoints tensor by tensor"))
     if cfg.diffing.enabled:
         dcfg = cfg.diffing
-        if dcfg.corpus:
-            caches(dcfg.corpus, dcfg.tokens, " (diffing corpus)")
-        rows = min(dcfg.stats_tokens, dcfg.tokens if dcfg.corpus else cfg.corpus.train_tokens)
+        if dcfg.corpus or live:  # live training: diffing caches its own (smaller) share of the study corpus
+            caches(dcfg.corpus or cfg.corpus.source, dcfg.tokens, " (diffing corpus)")
+        rows = min(dcfg.stats_tokens, dcfg.tokens if dcfg.corpus or live else cfg.corpus.train_tokens)
         for hook in cfg.hooks:
             d = base.d_model
             F = sae.expansion * d
@@ -367,6 +386,11 @@ def plan_steps(cfg: StudyConfig, shapes: dict[str, ModelShape]) -> list[Step]:
                 steps.append(Step("causal-check", hook, tokens, passes * tokens, 10_000,
                                   chat.n_params * model_b + min(tokens, ev.batch_tokens) * chat.vocab * 4 * 3, 0,
                                   passes * _forward_flops(chat, tokens), note=f"{passes} passes: clean + one per ablated latent"))
+    if live:  # the training steps run the model themselves: its forward passes, no cache on disk
+        s = shapes["base"]
+        steps = [dataclasses.replace(st, model_tokens=st.tokens, flops=st.flops + _forward_flops(s, st.tokens, cfg.hooks[0]),
+                                     note=f"{st.note}; live activations") if st.step in ("train-sae", "finetune-sae") else st
+                 for st in steps]
     return steps
 
 

@@ -60,6 +60,12 @@ class SAESection(_Section):
     batch_size: int = Field(4096, ge=1, description="tokens per step in pre-training")
     train_tokens: int = Field(
         1_200_000, gt=0, description="pre-training token budget per SAE (epochs over the cache if larger)")
+    source: Literal["auto", "cache", "live"] = Field(
+        "auto", description="training activations (and fine-tuning's): 'cache' writes corpus.train_tokens per model "
+        "to disk first; 'live' runs the model through a shuffle buffer, nothing on disk; 'auto': the cache when both "
+        "models' caches fit the results folder's free disk, else live")
+    buffer_tokens: int = Field(
+        262_144, ge=1, description="shuffle buffer of live training, in tokens (the cache reader's, so both mix alike)")
 
 
 class FinetuneSection(_Section):

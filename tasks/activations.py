@@ -48,5 +48,5 @@ def check_disk(cfg: CacheConfig, out_dir: str) -> None:
     needed = cache_bytes(cfg.n_tokens, d_model, cfg.dtype, len(todo)) - held
     require_free_space(
         needed, out_dir, f"caching {cfg.n_tokens} tokens x {len(todo)} hook(s) x d_model {d_model} of {cfg.model}",
-        "lower the token budget (corpus.train_tokens, or diffing.tokens for a diffing corpus) or set results_root "
-        "to a disk with room (a live activation source that skips the cache is not available yet)")
+        "train from live activations (sae.source: live), lower the token budget (corpus.train_tokens, or "
+        "diffing.tokens for a diffing corpus) or set results_root to a disk with room")

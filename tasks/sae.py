@@ -1,14 +1,17 @@
-"""Tasks: train an SAE on cached activations; fine-tune an existing SAE on another model's."""
+"""Tasks: train an SAE on cached or live activations; fine-tune an existing SAE on another
+model's (cached or live)."""
 
 from __future__ import annotations
 
 from prefect import get_run_logger, task
 
+from sae_transfer.corpus import CorpusConfig
+from sae_transfer.models import check_device, load_model
 from sae_transfer.storage.layout import RunLayout
-from sae_transfer.study import FinetuneSection, SAESection
+from sae_transfer.study import CorpusSection, FinetuneSection, ModelLoading, SAESection
 from sae_transfer.tasks._cache import cached, run_name
 from sae_transfer.tasks.records import ActsRecord, SAERecord
-from sae_transfer.training.api import finetune_on_dataset, sae_train_config, train_on_dataset
+from sae_transfer.training.api import finetune_live, finetune_on_dataset, sae_train_config, train_live, train_on_dataset
 
 # What a trained SAE depends on: flows also put its hash into the run folder's name, so a
 # trainer fix trains a new SAE instead of finding the old run complete.
@@ -17,11 +20,17 @@ TRAINING_CODE = ("sae_transfer.sae", "sae_transfer.training", "sae_transfer.stor
 _CODE = cached(*TRAINING_CODE)
 
 
-def _record(result, acts: ActsRecord, role: str, parent: str | None = None) -> SAERecord:
+def _record(result, model: str, hook: str, role: str, parent: str | None = None) -> SAERecord:
     return SAERecord(
-        path=str(result.sae_dir), run_dir=str(RunLayout.holding(result.sae_dir).root), model=acts.model, hook=acts.hook,
+        path=str(result.sae_dir), run_dir=str(RunLayout.holding(result.sae_dir).root), model=model, hook=hook,
         role=role, finetuned_from=parent, tokens=int(result.metrics.get("tokens", 0)), final_metrics=result.metrics,
     )
+
+
+def _live_inputs(model: str, corpus: CorpusSection, loading: ModelLoading):
+    """(the loaded model, the corpus) a live source reads."""
+    m = load_model(model, device=check_device(loading.device), dtype=loading.dtype, trust_remote_code=loading.trust_remote_code)
+    return m, CorpusConfig(source=corpus.source, text_column=corpus.text_column, seed=corpus.seed)
 
 
 @task(name="train-sae", task_run_name=run_name("train-sae", "role", "acts.hook"), **_CODE)
@@ -30,7 +39,20 @@ def train_sae(acts: ActsRecord, sae: SAESection, role: str, out_dir: str, seed: 
     on `device` (the study's; None: CUDA when available, else CPU)."""
     result = train_on_dataset(acts.path, out_dir, sae_train_config(sae, seed, device), expansion=sae.expansion)
     get_run_logger().info("%s SAE %s: %s", role, "reused" if result.skipped else "trained", result.metrics)
-    return _record(result, acts, role)
+    return _record(result, acts.model, acts.hook, role)
+
+
+@task(name="train-sae", task_run_name=run_name("train-sae", "role", "hook"), **_CODE)
+def train_sae_live(model: str, hook: str, corpus: CorpusSection, loading: ModelLoading, sae: SAESection, role: str,
+                   out_dir: str, seed: int = 0) -> SAERecord:
+    """Train an SAE of the study's architecture on live activations of `model` at `hook` (a shuffle
+    buffer over forward passes of the corpus's train split, nothing on disk; resumes if interrupted)."""
+    m, text = _live_inputs(model, corpus, loading)
+    result = train_live(m, hook, text, out_dir, sae_train_config(sae, seed, loading.device), expansion=sae.expansion,
+                        context_size=corpus.context_size, buffer_tokens=sae.buffer_tokens, prepend_bos=corpus.prepend_bos,
+                        model_dtype=loading.dtype)
+    get_run_logger().info("%s SAE (live) %s: %s", role, "reused" if result.skipped else "trained", result.metrics)
+    return _record(result, model, hook, role)
 
 
 @task(name="finetune-sae", task_run_name=run_name("finetune-sae", "acts.hook"), **_CODE)
@@ -41,4 +63,16 @@ def finetune_sae(parent: SAERecord, acts: ActsRecord, finetune: FinetuneSection,
     result = finetune_on_dataset(parent.path, acts.path, out_dir, total_tokens=finetune.tokens,
                                  batch_size=finetune.batch_size, seed=seed, device=device)
     get_run_logger().info("fine-tuned SAE %s: %s", "reused" if result.skipped else "trained", result.metrics)
-    return _record(result, acts, "finetuned", parent=parent.path)
+    return _record(result, acts.model, acts.hook, "finetuned", parent=parent.path)
+
+
+@task(name="finetune-sae", task_run_name=run_name("finetune-sae", "hook"), **_CODE)
+def finetune_sae_live(parent: SAERecord, model: str, hook: str, corpus: CorpusSection, loading: ModelLoading,
+                      finetune: FinetuneSection, buffer_tokens: int, out_dir: str, seed: int = 0) -> SAERecord:
+    """Fine-tune `parent` on live activations of `model` at `hook` with the study's recipe."""
+    m, text = _live_inputs(model, corpus, loading)
+    result = finetune_live(parent.path, m, hook, text, out_dir, context_size=corpus.context_size, buffer_tokens=buffer_tokens,
+                           prepend_bos=corpus.prepend_bos, model_dtype=loading.dtype, total_tokens=finetune.tokens,
+                           batch_size=finetune.batch_size, seed=seed, device=loading.device)
+    get_run_logger().info("fine-tuned SAE (live) %s: %s", "reused" if result.skipped else "trained", result.metrics)
+    return _record(result, model, hook, "finetuned", parent=parent.path)

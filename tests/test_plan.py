@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from transformers import MistralConfig
 from typer.testing import CliRunner
 
 from sae_transfer import plan as plan_mod
@@ -81,13 +82,15 @@ def test_cache_proceeds_when_the_disk_has_room(tiny, tmp_path, monkeypatch):
     assert record.n_tokens == TOKENS and not record.reused
 
 
-def test_mistral_cache_is_800m_tokens_x_4096_x_2_bytes_per_model():
-    from transformers import MistralConfig
+# Mistral-7B's shape, as its config.json gives it (no download: the plan reads only the config)
+MISTRAL = MistralConfig(hidden_size=4096, num_hidden_layers=32, vocab_size=32000, intermediate_size=14336,
+                        num_attention_heads=32, num_key_value_heads=8)
 
+
+def test_mistral_cache_is_800m_tokens_x_4096_x_2_bytes_per_model():
     cfg = load_study(example_config("mistral-7b"))
-    mistral = MistralConfig(hidden_size=4096, num_hidden_layers=32, vocab_size=32000, intermediate_size=14336,
-                            num_attention_heads=32, num_key_value_heads=8)
-    result = plan_study(cfg, gpu="h100", shapes={"base": mistral, "chat": mistral}, rate=RATE, device="cpu")
+    cfg = cfg.model_copy(update={"sae": cfg.sae.model_copy(update={"source": "cache"})})  # the cache, asked for
+    result = plan_study(cfg, gpu="h100", shapes={"base": MISTRAL, "chat": MISTRAL}, rate=RATE, device="cpu")
     assert 7.0e9 < result.shapes["base"].n_params < 7.5e9
     caches = _cache_steps(result)
     assert [s.target for s in caches] == ["base", "chat"]
@@ -98,6 +101,20 @@ def test_mistral_cache_is_800m_tokens_x_4096_x_2_bytes_per_model():
     assert totals["total_disk_bytes"] > 13e12 and totals["total_gpu_seconds"] > 3600
     transfer = next(s for s in result.steps if s.step == "transfer")
     assert transfer.device_bytes > 4096 * 32000 * 12  # eval batch's logits held 3x in float32
+
+
+def test_auto_source_trains_live_when_the_caches_do_not_fit(monkeypatch):
+    cfg = load_study(example_config("mistral-7b"))
+    assert cfg.sae.source == "auto"
+    shapes = {"base": MISTRAL, "chat": MISTRAL}
+    monkeypatch.setattr(plan_mod, "free_bytes", lambda folder: 20 * 10**12)  # 20 TB: 2 x 6.6 TB fit in 80 %
+    assert plan_mod.training_source(cfg, plan_mod.study_shapes(cfg, shapes)) == "cache"
+    monkeypatch.setattr(plan_mod, "free_bytes", lambda folder: 2 * 10**12)  # a 2 TB disk
+    assert plan_mod.training_source(cfg, plan_mod.study_shapes(cfg, shapes)) == "live"
+    result = plan_study(cfg, gpu="h100", shapes=shapes, rate=RATE, device="cpu")
+    assert result.totals()["total_disk_bytes"] < 10**12  # no 6.6 TB caches: only the diffing share is cached
+    train = [s for s in result.steps if s.step == "train-sae"]
+    assert train and all(s.model_tokens == s.tokens == 800_000_000 for s in train)
 
 
 def test_plan_cli_json_and_table(tiny, monkeypatch):

@@ -56,13 +56,9 @@ def train_live(model, hook: str, corpus: CorpusConfig | str | Path, out_dir: str
     return train_sae(cfg, data.make_source, data.d_in, out_dir, metadata=data.metadata, progress=progress)
 
 
-def finetune_on_dataset(parent_sae: str | Path, acts_path: str | Path, out_dir: str | Path, *,
-                        buffer_tokens: int = BUFFER_TOKENS, progress: bool = False, **overrides) -> RunResult:
-    """Fine-tune the SAE folder `parent_sae` on another model's activations with the seed
-    study's recipe (`finetune_defaults`: LR and sparsity coefficient from the parent's run.json);
-    `overrides` are TrainConfig fields (total_tokens, batch_size, seed, device, lr, ...).
-    run.json records the parent's path and weights hash."""
-    parent_sae = Path(parent_sae)
+def _finetune_setup(parent_sae: Path, overrides: dict) -> tuple[TrainConfig, Parent]:
+    """The seed study's fine-tuning config for `parent_sae` (`finetune_defaults`: LR and sparsity
+    coefficient from the parent's run.json) with `overrides`, and the parent's identity."""
     base = load_sae(parent_sae)
     fields = dict(arch=parent_sae_arch(parent_sae), d_sae=base.d_sae, k=base.cfg.k or TrainConfig.k)
     try:
@@ -70,8 +66,28 @@ def finetune_on_dataset(parent_sae: str | Path, acts_path: str | Path, out_dir: 
                                 **{k: v for k, v in overrides.items() if v is not None})
     except (TypeError, ValueError) as exc:
         raise UserError(f"bad fine-tuning settings: {exc}") from None
+    return cfg, Parent(path=parent_sae.resolve(), weights_sha256=sha256_file(parent_sae / WEIGHTS_FILE))
+
+
+def finetune_on_dataset(parent_sae: str | Path, acts_path: str | Path, out_dir: str | Path, *,
+                        buffer_tokens: int = BUFFER_TOKENS, progress: bool = False, **overrides) -> RunResult:
+    """Fine-tune the SAE folder `parent_sae` on another model's cached activations with the seed
+    study's recipe; `overrides` are TrainConfig fields (total_tokens, batch_size, seed, device,
+    lr, ...). run.json records the parent's path and weights hash."""
+    cfg, parent = _finetune_setup(Path(parent_sae), overrides)
     data = open_training_data(acts_path, cfg.batch_size, seed=cfg.seed, buffer_tokens=buffer_tokens)
-    parent = Parent(path=parent_sae.resolve(), weights_sha256=sha256_file(parent_sae / WEIGHTS_FILE))
+    return train_sae(cfg, data.make_source, data.d_in, out_dir, metadata=data.metadata, parent=parent, progress=progress)
+
+
+def finetune_live(parent_sae: str | Path, model, hook: str, corpus: CorpusConfig | str | Path, out_dir: str | Path, *,
+                  context_size: int = 128, buffer_tokens: int = BUFFER_TOKENS, prepend_bos: bool = True,
+                  model_dtype: str = "float32", progress: bool = False, **overrides) -> RunResult:
+    """Fine-tune `parent_sae` as `finetune_on_dataset` does, on live activations of `model` at
+    `hook` over the corpus's train split (training/live.py): no cache on disk."""
+    cfg, parent = _finetune_setup(Path(parent_sae), overrides)
+    data = open_live_data(model, hook, corpus, cfg.batch_size, seed=cfg.seed, buffer_tokens=buffer_tokens,
+                          context_size=context_size, n_tokens=cfg.total_tokens, prepend_bos=prepend_bos,
+                          device=cfg.device, model_dtype=model_dtype)
     return train_sae(cfg, data.make_source, data.d_in, out_dir, metadata=data.metadata, parent=parent, progress=progress)
 
 
