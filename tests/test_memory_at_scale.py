@@ -80,3 +80,61 @@ def test_chunked_logit_stats_peak_does_not_grow_with_the_batch():
         whole = largest_allocation(lambda: splice.logit_stats(patched, tok, torch.softmax(clean.float(), -1)))  # noqa: B023
         assert chunked <= 4 * S * V * 1.01  # one sequence's float32 logits
         assert whole >= 4 * B * S * V  # the whole batch's
+
+
+def _flatten_topk_dense(pre_BF: torch.Tensor, n_keep: int) -> torch.Tensor:
+    """The old BatchTopK answer: sort the whole batch (relu(pre).flatten().topk), scattered back to [B, F]."""
+    vals, idx = torch.relu(pre_BF).flatten().topk(n_keep, sorted=False)
+    return torch.zeros(pre_BF.numel(), dtype=vals.dtype).scatter_(0, idx, vals).view_as(pre_BF)
+
+
+@pytest.mark.parametrize("case", ["random", "one_huge_row", "three_huge_rows", "ramp", "few_positive", "k_ge_F"])
+def test_batch_topk_without_a_full_sort_keeps_exactly_what_the_full_sort_keeps(case):
+    from sae_transfer.sae.base import SAEConfig
+    from sae_transfer.sae.batchtopk import BatchTopKSAE, batch_topk
+    from sae_transfer.training.trainers.topk import select_batch_topk
+
+    gen = torch.Generator().manual_seed(sum(map(ord, case)))
+    B, F, k = 48, 300, 3
+    pre = torch.randn(B, F, generator=gen, dtype=torch.float64)
+    if case == "one_huge_row":  # a BOS-like token: its row holds far more than 4k of the batch's largest
+        pre[5] += 50
+    elif case == "three_huge_rows":  # rows that need different widenings: c = 12 -> 24 -> .. -> F
+        pre[0, :20] += 30
+        pre[17, :100] += 30
+        pre[40] += 30
+    elif case == "ramp":  # every row shifted: the top rows are cut off, the bottom ones settled at once
+        pre += torch.linspace(0, 8, B, dtype=torch.float64)[:, None]
+    elif case == "few_positive":  # fewer positive values than B·k: zeros fill the rest
+        pre -= 3.2
+    elif case == "k_ge_F":
+        k = F + 7
+    n_keep = min(B * k, B * F)
+    ref = _flatten_topk_dense(pre, n_keep)
+    vals, flat = batch_topk(pre, n_keep, 4 * k)
+    assert vals.numel() == n_keep and flat.unique().numel() == n_keep
+    assert torch.equal(torch.zeros(B * F, dtype=vals.dtype).scatter_(0, flat, vals).view(B, F), ref)
+    assert torch.equal(vals.sort().values, torch.relu(pre).flatten().topk(n_keep).values.sort().values)
+    vals32, token, latent = select_batch_topk(pre, k)
+    dense = torch.zeros(B, F, dtype=torch.float64)
+    dense[token, latent] = vals32.double()
+    assert torch.equal(dense, ref.float().double()) and torch.all((token * F + latent).diff() > 0)  # CSR order
+    sae = BatchTopKSAE(SAEConfig("batchtopk", 4, F, k=k))
+    pre_req = pre.clone().requires_grad_()
+    out = sae.activation(pre_req.view(4, B // 4, F))  # [B, S, F]: every leading dim is tokens
+    assert torch.equal(out.view(B, F), ref)
+    out.sum().backward()
+    assert torch.equal(pre_req.grad, (ref > 0).double())
+
+
+def test_batch_topk_fallback_never_allocates_the_whole_batch():
+    from sae_transfer.sae.batchtopk import batch_topk
+
+    B, F, k = 512, 16384, 32
+    gen = torch.Generator().manual_seed(0)
+    pre = torch.randn(B, F, generator=gen)
+    pre[7] += 20  # one token beats the cut-off with all its 4k candidates: the case that sorted B·F values
+    assert largest_allocation(lambda: torch.relu(pre).flatten().topk(B * k, sorted=False)) >= 4 * B * F  # the old fallback
+    for p in (pre, torch.randn(B, F, generator=gen)):
+        peak = largest_allocation(lambda: batch_topk(p, B * k, 4 * k))  # noqa: B023
+        assert peak <= B * F // 8  # an eighth of a byte per element (8 bytes each would be 64 MiB)

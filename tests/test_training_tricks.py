@@ -2,6 +2,7 @@
 ghost grads (pre-activation form), resampling, sparse TopK gradients, JumpReLU STE, clipping."""
 
 import dataclasses
+import sys
 
 import numpy as np
 import pytest
@@ -395,3 +396,83 @@ def test_b_dec_auto_init_is_zeros_for_relu_and_the_geometric_median_otherwise(ar
     explicit = fresh_run(dataclasses.replace(cfg, init_b_dec="geometric_median"), in_memory_factory(acts, 256, shuffle=False),
                          8, None)
     assert torch.allclose(explicit.sae.b_dec, _scipy_geometric_median(acts), atol=1e-3)
+
+
+def _count_host_reads(monkeypatch) -> list[str]:
+    """Record every tensor -> host read (item, int, float, bool, tolist, nonzero) made from the package."""
+    calls: list[str] = []
+    for name in ("item", "tolist", "nonzero", "__int__", "__float__", "__bool__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            caller = caller.replace("\\", "/")
+            if "/sae_transfer/" in caller and "/tests/" not in caller:
+                calls.append(f"{_name} from {caller.rsplit('/', 1)[-1]}:{sys._getframe(1).f_lineno}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["topk", "relu"])
+def test_dead_latent_steps_read_nothing_back_from_the_device_between_log_steps(monkeypatch, arch):
+    """Once latents are dead, AuxK / ghost grads run every step on masks, with no host sync:
+    the tracker reads the longest silence once, then not again for window tokens."""
+    acts = torch.randn(256 * 8, 8, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(arch=arch, d_sae=32, k=4, total_tokens=256 * 8, batch_size=256, ghost_grads=arch == "relu",
+                      aux_coefficient=1 / 32, dead_window_tokens=256, scale_estimate_tokens=256, grad_clip=0.0,
+                      log_every_steps=1000, resample_every_steps=0, device="cpu")
+    run = fresh_run(cfg, in_memory_factory(acts, 256), 8, None)
+    run.dead.resync_tokens = 256 * 100  # a window of one batch would re-read every step
+    with torch.no_grad():
+        run.sae.b_enc[:5] = -8.0  # never fire
+    batches = iter(in_memory_factory(acts, 256)(0))
+    train_step(run, next(batches))  # step 0 (a log step); afterwards latents 0-4 count as dead
+    train_step(run, next(batches))  # reads the longest silence once: dead latents seen
+    assert run.dead.dead_mask()[:5].all()
+    steps = [next(batches) for _ in range(3)]  # (drawing CPU batches is no device read)
+    calls = _count_host_reads(monkeypatch)
+    outs = [train_step(run, raw)[1] for raw in steps]
+    assert calls == [], calls
+    for out in outs:  # the dead-latent term did run: AuxK adds 1/32 (its weights are 0), ghost grads add the MSE
+        if arch == "topk":
+            assert out.loss.item() == pytest.approx(out.mse.item() + 1 / 32, rel=1e-5)
+        else:  # MSE + L1 term + ghost term (= the MSE)
+            assert out.loss.item() >= 2 * out.mse.item() * (1 - 1e-5)
+    assert run.dead.any_dead(exact=True)  # and a log step can still ask exactly
+
+
+def test_dead_latent_losses_on_masks_equal_the_index_form_and_vanish_with_no_dead_latent():
+    from sae_transfer.training.trainers.topk import aux_k_loss
+
+    gen = torch.Generator().manual_seed(0)
+    B, D, F = 16, 6, 40
+    x = torch.randn(B, D, generator=gen, dtype=torch.float64)
+    x_hat = x * 0.5
+    pre = torch.randn(B, F, generator=gen, dtype=torch.float64).requires_grad_()
+    W_dec = torch.randn(F, D, generator=gen, dtype=torch.float64).requires_grad_()
+    for n_dead, aux_k in ((7, 3), (7, 20), (0, 3)):
+        dead = torch.zeros(F, dtype=torch.bool)
+        dead[torch.randperm(F, generator=gen)[:n_dead]] = True
+        idx = dead.nonzero().squeeze(-1)
+        for fn in (lambda: aux_k_loss(x, x_hat, pre, W_dec, dead, aux_k),  # noqa: B023
+                   lambda: ghost_grad_loss(x, x_hat, pre, W_dec, dead, torch.tensor(0.3, dtype=torch.float64))):  # noqa: B023
+            pre.grad = W_dec.grad = None
+            loss = fn()
+            loss.backward()
+            if n_dead == 0:
+                assert loss.item() == 0.0 and not pre.grad.any() and not W_dec.grad.any()
+            else:
+                assert loss.item() > 0 and torch.isfinite(pre.grad).all() and torch.isfinite(W_dec.grad).all()
+                assert not pre.grad[:, ~dead].any() and pre.grad[:, dead].any()
+    # AuxK by hand on the dead latents alone (the old index form)
+    dead = torch.zeros(F, dtype=torch.bool)
+    dead[[1, 4, 9, 30]] = True
+    idx = dead.nonzero().squeeze(-1)
+    with torch.no_grad():
+        v, i = pre[:, idx].topk(3, dim=-1)
+        e_hat = (torch.relu(v)[..., None] * W_dec[idx[i]]).sum(1)
+        r = x - x_hat
+        expected = (e_hat - r).pow(2).sum(-1).mean() / r.pow(2).sum(-1).mean()
+    assert aux_k_loss(x, x_hat, pre, W_dec, dead, 3).item() == pytest.approx(expected.item(), rel=1e-12)

@@ -34,20 +34,28 @@ class DeadTracker:
 
     A latent is dead once it has gone `window_tokens` tokens without firing. `any_dead()`
     answers on the host from an upper bound on the longest silence, so it waits on the device
-    only when some latent may really be dead (not on every step of a healthy run)."""
+    only when some latent may really be dead (not on every step of a healthy run), and once it
+    has seen a dead latent it answers True without waiting for the next `resync_tokens` tokens
+    (default: window_tokens) or until asked with exact=True (at log steps). Meanwhile the
+    latents may have revived and `dead_mask()` be all False: the dead-latent losses (AuxK,
+    ghost grads) are then exactly 0, computed on the device."""
 
-    def __init__(self, d_sae: int, window_tokens: int, device: torch.device | str = "cpu"):
+    def __init__(self, d_sae: int, window_tokens: int, device: torch.device | str = "cpu", resync_tokens: int | None = None):
         self.window_tokens = window_tokens
+        self.resync_tokens = window_tokens if resync_tokens is None else resync_tokens
         self.since_fired_F = torch.zeros(d_sae, dtype=torch.int64, device=device)
         self.fire_count_F = torch.zeros(d_sae, dtype=torch.float64, device=device)  # firings in the density window
         self.counted_tokens = 0  # tokens in the density window
         self._silence_bound = 0  # host: >= since_fired_F.max()
+        self._seen_dead = False  # the last read of since_fired_F.max() found a dead latent
+        self._tokens_since_read = 0
 
     def update(self, fired_F: torch.Tensor, n_tokens: int) -> None:
         """Record one batch of n_tokens: fired_F[f] is True if latent f fired on any of them."""
         self.since_fired_F += n_tokens
         self.since_fired_F.masked_fill_(fired_F, 0)
         self._silence_bound += n_tokens
+        self._tokens_since_read += n_tokens
 
     def add_counts(self, fire_count_F: torch.Tensor, n_tokens: int) -> None:
         """Add a batch to the density estimate: fire_count_F[f] = tokens on which f fired.
@@ -62,12 +70,18 @@ class DeadTracker:
         """Bool [F]: latents that have not fired for window_tokens tokens."""
         return self.since_fired_F >= self.window_tokens
 
-    def any_dead(self) -> bool:
-        """Whether some latent is dead (exact; reads the device only when the bound allows one)."""
+    def any_dead(self, exact: bool = False) -> bool:
+        """Whether some latent may be dead: False only if none is. Reads the device (one host
+        sync) only when the bound allows a dead latent and either `exact` or no dead latent was
+        seen in the last resync_tokens tokens; with exact=True the answer is exact."""
         if self._silence_bound < self.window_tokens:
             return False
+        if self._seen_dead and not exact and self._tokens_since_read < self.resync_tokens:
+            return True
         self._silence_bound = int(self.since_fired_F.max())
-        return self._silence_bound >= self.window_tokens
+        self._seen_dead = self._silence_bound >= self.window_tokens
+        self._tokens_since_read = 0
+        return self._seen_dead
 
     def log10_density(self) -> torch.Tensor:
         """log10 of each latent's firing frequency in the current window (−10 for never), on the CPU."""
@@ -88,6 +102,7 @@ class DeadTracker:
         self.fire_count_F.copy_(tensors["dead.fire_count"])
         self.counted_tokens = int(tensors["dead.counted_tokens"])
         self._silence_bound = int(tensors["dead.since_fired"].max()) if tensors["dead.since_fired"].numel() else 0
+        self._seen_dead, self._tokens_since_read = False, 0
 
 
 def ghost_grad_loss(
@@ -102,17 +117,19 @@ def ghost_grad_loss(
     exp(pre-activation) — not exp(ReLU(pre)), the GPT-2-small post's erratum — try to model
     the residual x − x̂. Their output is rescaled to half the residual's norm, and the loss
     is rescaled to equal `mse_loss`, so it only supplies a gradient direction (0 when no
-    latent is dead)."""
-    dead_idx = dead_F.nonzero().squeeze(-1)
-    if dead_idx.numel() == 0:
-        return x_BD.new_zeros(())
+    latent is dead).
+
+    Masks, not indices: no host sync (the live latents' exp is 0, from a pre-activation of −inf)."""
+    any_dead = dead_F.any()
     residual_BD = (x_BD - x_hat_BD).detach()
     wide = torch.promote_types(pre_BF.dtype, W_dec_FD.dtype)  # bf16 pre-activations are widened
-    ghost_out_BD = torch.exp(pre_BF.index_select(1, dead_idx).to(wide)) @ W_dec_FD.index_select(0, dead_idx).to(wide)
-    scale_B1 = residual_BD.norm(dim=-1, keepdim=True) / (2 * ghost_out_BD.norm(dim=-1, keepdim=True).clamp_min(1e-30))
+    act_BF = torch.exp(pre_BF.masked_fill(~dead_F, float("-inf")).to(wide))
+    ghost_out_BD = act_BF @ W_dec_FD.to(wide)
+    ghost_norm_B1 = torch.where(any_dead, ghost_out_BD.norm(dim=-1, keepdim=True), 1.0)  # no dead latent: a finite scale
+    scale_B1 = residual_BD.norm(dim=-1, keepdim=True) / (2 * ghost_norm_B1.clamp_min(1e-30))
     ghost_out_BD = ghost_out_BD * scale_B1.detach()
     ghost_mse = (ghost_out_BD - residual_BD).pow(2).sum(-1).mean()
-    return ghost_mse * (mse_loss.detach() / ghost_mse.detach().clamp_min(1e-12))
+    return torch.where(any_dead, ghost_mse * (mse_loss.detach() / ghost_mse.detach().clamp_min(1e-12)), 0.0)
 
 
 @torch.no_grad()

@@ -132,16 +132,16 @@ def sparse_decode(vals_N, crow_B1, latent_N, token_N, W_dec_FD) -> torch.Tensor:
 def aux_k_loss(x_BD, x_hat_BD, pre_BF, W_dec_FD, dead_F, aux_k: int) -> torch.Tensor:
     """AuxK (Gao et al.): the top-`aux_k` dead latents model the residual x − x̂; returns their
     squared error normalised by the residual's, so it is O(1) whatever the MSE scale (0 when
-    no latent is dead)."""
-    dead_idx = dead_F.nonzero().squeeze(-1)
-    if dead_idx.numel() == 0:
-        return x_BD.new_zeros(())
+    no latent is dead).
+
+    No host sync: the top-k runs over the pre-activations with the live latents masked to −inf;
+    where fewer than aux_k latents are dead the extra picks are live ones of weight relu(−inf) = 0."""
     residual_BD = (x_BD - x_hat_BD).detach()
-    pre_dead_BG = pre_BF.index_select(1, dead_idx)
-    vals_BK, idx_BK = pre_dead_BG.topk(min(aux_k, dead_idx.numel()), dim=-1, sorted=False)
+    vals_BK, idx_BK = pre_BF.masked_fill(~dead_F, float("-inf")).topk(min(aux_k, pre_BF.shape[-1]), dim=-1, sorted=False)
     weights_BK = torch.relu(vals_BK).to(W_dec_FD.dtype)
-    e_hat_BD = F_nn.embedding_bag(dead_idx[idx_BK], W_dec_FD, per_sample_weights=weights_BK, mode="sum")
-    return (e_hat_BD - residual_BD).pow(2).sum(-1).mean() / residual_BD.pow(2).sum(-1).mean().clamp_min(1e-12)
+    e_hat_BD = F_nn.embedding_bag(idx_BK, W_dec_FD, per_sample_weights=weights_BK, mode="sum")
+    loss = (e_hat_BD - residual_BD).pow(2).sum(-1).mean() / residual_BD.pow(2).sum(-1).mean().clamp_min(1e-12)
+    return torch.where(dead_F.any(), loss, 0.0)
 
 
 def norm_scores(pre_BF: torch.Tensor, W_dec_FD: torch.Tensor) -> torch.Tensor:
