@@ -14,8 +14,10 @@ Prints:
     python bench/bench_cache.py --device cuda --dtype bfloat16 --d-model 2048 --layers 16 \
         --context 2048 --tokens 131072 --batch-tokens 16384 --sections 3,5
 
-Without --model a Llama of --d-model / --layers (default 256 x 4, random weights) is built in a
-temp folder. `make bench` runs the CPU defaults.
+Without --model a Llama of --d-model / --layers (default 256 x 4, random weights) is built
+directly on --device in --dtype (only its config and tokenizer go to a temp folder; no weights
+are written). The Mistral-7B shape: --d-model 4096 --layers 32 --vocab 32000 --mlp 14336
+--heads 32 --kv-heads 8. `make bench` runs the CPU defaults.
 """
 
 from __future__ import annotations
@@ -178,12 +180,20 @@ def bench_caching(tmp: Path, args) -> None:
     from sae_transfer.models import load_model
 
     model_dir = args.model
-    if model_dir is None:
-        from tests._tiny import tiny_model_dir
-
-        model_dir = str(tiny_model_dir(tmp, d_model=args.d_model, n_layers=args.layers, vocab=4096, name="bench-llama"))
     device, context = args.device, args.context
-    model = load_model(model_dir, device=device, dtype=args.dtype, attn_implementation=args.attn_implementation)
+    if model_dir is None:  # random weights built on the device in the model dtype; only config + tokenizer on disk
+        from _random_llama import boot, random_llama
+
+        from tests._tiny import build_tokenizer
+
+        model_dir = str(tmp / "bench-llama")
+        hf_model = random_llama(Path(model_dir), build_tokenizer(4096), d_model=args.d_model, layers=args.layers,
+                                vocab=args.vocab, mlp=args.mlp or 2 * args.d_model, heads=args.heads or 4,
+                                kv_heads=args.kv_heads or (2 if not args.heads else None),
+                                max_positions=max(512, context), device=device, dtype=args.dtype, special_ids=True)
+        model = boot(Path(model_dir), hf_model, device, args.dtype, args.attn_implementation)
+    else:
+        model = load_model(model_dir, device=device, dtype=args.dtype, attn_implementation=args.attn_implementation)
     n_layers = model.cfg.n_layers
     corpus = CorpusConfig(max_docs=2000 if args.tokens <= 65536 else None)
     seqs = tokenize_sequences(corpus, model.tokenizer, context_size=context, n_tokens=args.tokens)
@@ -209,6 +219,9 @@ def bench_caching(tmp: Path, args) -> None:
     t_hf = best_of(hf_forward, 2)
     print(f"    bare forward, bridge, no hooks : {seqs.n_tokens / t_bare:9.0f} tokens/s")
     print(f"    bare forward, HF model directly: {seqs.n_tokens / t_hf:9.0f} tokens/s")
+    figures = {"bench": "cache", "device": _device_name(device), "d_model": model.cfg.d_model, "layers": n_layers,
+               "vocab": model.cfg.d_vocab, "dtype": args.dtype, "tokens": seqs.n_tokens, "context": context,
+               "bare_tokens_per_s": seqs.n_tokens / t_bare, "hf_tokens_per_s": seqs.n_tokens / t_hf, "cases": []}
     deep = f"blocks.{n_layers - 1}.hook_resid_post"
     mid = f"blocks.{n_layers // 2}.hook_resid_pre"
     store = "bfloat16" if args.dtype == "bfloat16" else "float32"
@@ -243,6 +256,15 @@ def bench_caching(tmp: Path, args) -> None:
         t_case = min(tc for _, tc in pairs)
         print(f"    {label:31s}: {seqs.n_tokens / t_case:9.0f} tokens/s, ratio to bare forward "
               f"{ratios[1]:5.2f} (median of 3 paired runs; goal >= 0.90)")
+        figures["cases"].append({"case": label, "hooks": list(hooks), "stop_early": stop, "storage": dtype,
+                                 "tokens_per_s": seqs.n_tokens / t_case, "ratio_to_bare": ratios[1], "goal": 0.90})
+    from _random_llama import peak_gib
+
+    figures["peak_gib"] = peak_gib(device)
+    if figures["peak_gib"] is not None:
+        print(f"    peak GPU memory (torch.cuda.max_memory_allocated): {figures['peak_gib']:.1f} GiB")
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
 
 
 def _device_name(device: str) -> str:
@@ -262,6 +284,11 @@ def main() -> None:
                         help="attention kernel of the model (auto: SDPA on CUDA, eager on CPU)")
     parser.add_argument("--d-model", type=int, default=256, help="width of the built Llama")
     parser.add_argument("--layers", type=int, default=4, help="layers of the built Llama")
+    parser.add_argument("--vocab", type=int, default=None, help="vocabulary of the built Llama (default: its tokenizer's)")
+    parser.add_argument("--mlp", type=int, default=None, help="MLP width of the built Llama (default 2 * d_model)")
+    parser.add_argument("--heads", type=int, default=None, help="attention heads of the built Llama (default 4)")
+    parser.add_argument("--kv-heads", type=int, default=None, help="KV heads of the built Llama (default 2; with --heads: all)")
+    parser.add_argument("--json", type=Path, default=None, help="also write section [5]'s figures here")
     parser.add_argument("--context", type=int, default=128, help="tokens per sequence in [5]")
     parser.add_argument("--tokens", type=int, default=16_384, help="tokens cached per run in [5]")
     parser.add_argument("--batch-tokens", type=int, default=4096, help="tokens per forward pass in [5]")

@@ -3,8 +3,10 @@ relative to one bare forward pass over the same tokens. Target: <= 3.3x.
 
     python bench/bench_eval.py [--d-model 256] [--layers 8] [--vocab 8192] [--tokens 8192] [--hook H]
     python bench/bench_eval.py --device cuda --dtype bfloat16 --d-model 4096 --layers 32 --context 1024 --tokens 16384
+    python bench/bench_eval.py ... --d-model 4096 --layers 32 --vocab 32000 --mlp 14336 --kv-heads 8   # Mistral-7B shape
 
-Builds a random Llama of the given size in a temporary folder (or pass --model DIR), evaluates
+Builds a random Llama of the given size directly on --device in --dtype (only its config and
+tokenizer go to a temporary folder; or pass --model DIR), evaluates
 one random ReLU SAE at the middle layer's resid_pre, and prints the ratios measured in this run.
 The bare forward runs on the same model object (same device, dtype and attention kernel).
 `make bench` runs it on the CPU; --device cuda prints the same ratios on a GPU.
@@ -13,6 +15,7 @@ The bare forward runs on the same model object (same device, dtype and attention
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -20,20 +23,15 @@ from pathlib import Path
 import torch
 
 
-def build_model(folder: Path, d_model: int, layers: int, vocab: int) -> Path:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+def build_model(folder: Path, d_model: int, layers: int, vocab: int, *, mlp: int | None = None, kv_heads: int | None = None,
+                device: str = "cpu", dtype: str = "float32"):
+    """A random Llama (seed 0) built on `device` in `dtype`; only its config and tokenizer are
+    written to `folder`. Returns (folder, model)."""
+    from _random_llama import random_llama, word_level_tokenizer
 
-    # a word-level vocabulary of `vocab` entries: only its size matters for the timing
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2").save_pretrained(folder)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=4 * d_model, num_hidden_layers=layers,
-                      num_attention_heads=max(1, d_model // 64), num_key_value_heads=max(1, d_model // 64),
-                      max_position_embeddings=2048, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    return folder
+    model = random_llama(folder, word_level_tokenizer(vocab), d_model=d_model, layers=layers, vocab=vocab, mlp=mlp,
+                         kv_heads=kv_heads, device=device, dtype=dtype)
+    return folder, model
 
 
 def timed(fn) -> float:
@@ -84,11 +82,21 @@ def main() -> None:
     ap.add_argument("--attn-implementation", default="auto", choices=["auto", "eager", "sdpa"],
                     help="attention kernel (auto: SDPA on CUDA, eager on CPU)")
     ap.add_argument("--hook", default=None, help="default: the middle block's resid_pre")
+    ap.add_argument("--mlp", type=int, default=None, help="MLP width of the built Llama (default 4 * d_model)")
+    ap.add_argument("--kv-heads", type=int, default=None, help="KV heads of the built Llama (default: as many as heads)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = args.model or build_model(Path(tmp) / "bench-llama", args.d_model, args.layers, args.vocab)
-        model = load_model(str(folder), device=args.device, dtype=args.dtype, attn_implementation=args.attn_implementation)
+        if args.model:
+            model = load_model(str(args.model), device=args.device, dtype=args.dtype,
+                               attn_implementation=args.attn_implementation)
+        else:  # built on the device in the model dtype; no weights written
+            from _random_llama import boot
+
+            folder, hf_model = build_model(Path(tmp) / "bench-llama", args.d_model, args.layers, args.vocab, mlp=args.mlp,
+                                           kv_heads=args.kv_heads, device=args.device, dtype=args.dtype)
+            model = boot(folder, hf_model, args.device, args.dtype, args.attn_implementation)
         d, n_layers, vocab = model.cfg.d_model, model.cfg.n_layers, model.cfg.d_vocab
         hook = args.hook or f"blocks.{n_layers // 2}.hook_resid_pre"
         gen = torch.Generator().manual_seed(0)
@@ -123,6 +131,21 @@ def main() -> None:
         ratios = [r[name] / r["bare"] for r in rounds]
         print(f"{label:48s} median {median(ratios):.2f}x  (per-round ratios {', '.join(f'{x:.2f}' for x in ratios)})")
     print("target: CE eval, one policy <= 3.3x")
+    from _random_llama import peak_gib
+
+    peak = peak_gib(args.device)
+    if peak is not None:
+        print(f"peak GPU memory (torch.cuda.max_memory_allocated): {peak:.1f} GiB")
+    if args.json:
+        bare_s = median([r["bare"] for r in rounds])
+        args.json.write_text(json.dumps({
+            "bench": "eval", "device": where, "d_model": d, "layers": n_layers, "vocab": vocab, "dtype": args.dtype,
+            "tokens": tokens.numel(), "hook": hook, "bare_s": bare_s, "bare_tokens_per_s": tokens.numel() / bare_s,
+            "eval_one_tokens_per_s": tokens.numel() / median([r["one"] for r in rounds]),
+            "eval_one_ratio": median([r["one"] / r["bare"] for r in rounds]),
+            "eval_both_ratio": median([r["both"] / r["bare"] for r in rounds]),
+            "norm_ratio": median([r["norm"] / r["bare"] for r in rounds]), "target_one_ratio": 3.3, "peak_gib": peak,
+        }, indent=2))
 
 
 if __name__ == "__main__":

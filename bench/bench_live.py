@@ -8,6 +8,8 @@ means the live source adds nothing on top of the two parts' own costs.
 
     python bench/bench_live.py --model path/to/hf-folder --hook blocks.1.hook_resid_pre
     python bench/bench_live.py --model m --hook h --corpus data.jsonl --tokens 200k --device cuda
+    python bench/bench_live.py --d-model 4096 --mlp 14336 --kv-heads 8 --vocab 32000 --dtype bfloat16 \
+        --hook blocks.16.hook_resid_pre --device cuda     # random Mistral-7B shape, its first 16 blocks
 
 Absolute numbers move with machine load; compare the ratio (check `uptime` first).
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,8 +34,16 @@ from sae_transfer.training.sources import in_memory_factory
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", default=None, help="HF folder or Hub id; or build a random Llama with --d-model")
     ap.add_argument("--hook", required=True)
+    ap.add_argument("--d-model", type=int, default=None, help="build a random Llama of this width (instead of --model)")
+    ap.add_argument("--layers", type=int, default=None, help="layers of the built Llama (default: the hook's block + 1)")
+    ap.add_argument("--vocab", type=int, default=None, help="vocabulary of the built Llama (default: its tokenizer's)")
+    ap.add_argument("--mlp", type=int, default=None, help="MLP width of the built Llama (default 4 * d_model)")
+    ap.add_argument("--heads", type=int, default=None, help="attention heads of the built Llama (default d_model // 64)")
+    ap.add_argument("--kv-heads", type=int, default=None, help="KV heads of the built Llama (default: as many as heads)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     ap.add_argument("--corpus", default="stdlib")
     ap.add_argument("--tokens", type=int, default=131_072, help="training tokens per measurement")
     ap.add_argument("--context-size", type=int, default=128)
@@ -42,10 +53,32 @@ def main() -> None:
     ap.add_argument("--arch", default="topk")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
+    if (args.model is None) == (args.d_model is None):
+        ap.error("pass --model or --d-model (a random Llama), not both")
 
-    model = load_model(args.model, device=args.device)
+    with tempfile.TemporaryDirectory() as build_dir:
+        if args.model:
+            model = load_model(args.model, device=args.device, dtype=args.dtype)
+        else:  # random weights built on the device in the model dtype; only config + tokenizer on disk
+            from _random_llama import boot, random_llama
+
+            from sae_transfer.models import layer_of
+
+            sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests._tiny
+            from tests._tiny import build_tokenizer
+
+            layers = args.layers or (layer_of(args.hook) or 0) + 1
+            hf_model = random_llama(Path(build_dir), build_tokenizer(4096), d_model=args.d_model, layers=layers,
+                                    vocab=args.vocab, mlp=args.mlp, heads=args.heads, kv_heads=args.kv_heads,
+                                    max_positions=max(2048, args.context_size), device=args.device, dtype=args.dtype,
+                                    special_ids=True)
+            model = boot(Path(build_dir), hf_model, args.device, args.dtype)
+        run_bench(model, args)
+
+
+def run_bench(model, args) -> None:
     data = open_live_data(model, args.hook, args.corpus, args.batch_size, buffer_tokens=args.buffer_tokens,
-                          context_size=args.context_size, n_tokens=args.tokens)
+                          context_size=args.context_size, n_tokens=args.tokens, model_dtype=args.dtype)
     live = data.make_source.__self__
     cfg = TrainConfig(arch=args.arch, d_sae=args.expansion * data.d_in, k=32, batch_size=args.batch_size,
                       total_tokens=args.tokens, checkpoint_every_tokens=0, log_every_steps=10**9,
@@ -64,7 +97,7 @@ def main() -> None:
         mem = train_sae(cfg, in_memory_factory(acts_ND, args.batch_size), data.d_in, Path(tmp) / "mem", progress=False)
         train = json.loads(mem.run_json.read_text())["timings"]["tokens_per_s"]
         fresh = open_live_data(model, args.hook, args.corpus, args.batch_size, buffer_tokens=args.buffer_tokens,
-                               context_size=args.context_size, n_tokens=args.tokens)
+                               context_size=args.context_size, n_tokens=args.tokens, model_dtype=args.dtype)
         run = train_sae(cfg, fresh.make_source, data.d_in, Path(tmp) / "live", progress=False)
         live_tps = json.loads(run.run_json.read_text())["timings"]["tokens_per_s"]
     bound = 1 / (1 / fwd + 1 / train)
@@ -74,6 +107,16 @@ def main() -> None:
     print(f"train    {train:12,.0f} tok/s")
     print(f"live     {live_tps:12,.0f} tok/s")
     print(f"live / (1/(1/fwd + 1/train)) = {live_tps / bound:.3f}")
+    dev = torch.device(args.device)
+    peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
+    if peak is not None:
+        print(f"peak GPU memory (torch.cuda.max_memory_allocated): {peak:.1f} GiB")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "bench": "live", "device": args.device, "d_in": data.d_in, "d_sae": cfg.d_sae, "arch": args.arch,
+            "layers": model.cfg.n_layers, "dtype": args.dtype, "hook": args.hook, "batch": args.batch_size,
+            "tokens": args.tokens, "forward_tokens_per_s": fwd, "train_tokens_per_s": train, "live_tokens_per_s": live_tps,
+            "live_over_bound": live_tps / bound, "peak_gib": peak}, indent=2))
 
 
 if __name__ == "__main__":
