@@ -138,3 +138,22 @@ def test_batch_topk_fallback_never_allocates_the_whole_batch():
     for p in (pre, torch.randn(B, F, generator=gen)):
         peak = largest_allocation(lambda: batch_topk(p, B * k, 4 * k))  # noqa: B023
         assert peak <= B * F // 8  # an eighth of a byte per element (8 bytes each would be 64 MiB)
+
+
+def test_select_batch_topk_fallback_never_allocates_the_whole_batch():
+    """The trainers' selection (CSR order, fp32) on an input that cut off the 4k candidates of a
+    token: it widens that token's candidates, never sorting or copying the B·F values."""
+    from sae_transfer.training.trainers.topk import select_batch_topk
+
+    B, F, k = 512, 16384, 32
+    gen = torch.Generator().manual_seed(1)
+    pre = torch.randn(B, F, generator=gen)
+    pre[[3, 300]] += 20  # BOS-like tokens: every one of their 4k candidates beats the batch cut-off
+    cand = pre.topk(4 * k, dim=-1).values
+    assert (cand.min(-1).values > cand.flatten().topk(B * k).values.min()).any()  # the fallback input
+    peak = largest_allocation(lambda: select_batch_topk(pre, k))
+    assert peak <= B * F // 8  # an eighth of a byte per element: no [B, F] buffer of any dtype
+    vals, token, latent = select_batch_topk(pre, k)
+    ref_vals, ref_flat = torch.relu(pre).flatten().topk(B * k)
+    assert torch.equal(token * F + latent, ref_flat.sort().values)  # exact (no ties in random floats)
+    assert torch.equal(vals.sort().values, ref_vals.sort().values)

@@ -418,29 +418,48 @@ def _count_host_reads(monkeypatch) -> list[str]:
 @pytest.mark.parametrize("arch", ["topk", "relu"])
 def test_dead_latent_steps_read_nothing_back_from_the_device_between_log_steps(monkeypatch, arch):
     """Once latents are dead, AuxK / ghost grads run every step on masks, with no host sync:
-    the tracker reads the longest silence once, then not again for window tokens."""
-    acts = torch.randn(256 * 8, 8, generator=torch.Generator().manual_seed(0))
-    cfg = TrainConfig(arch=arch, d_sae=32, k=4, total_tokens=256 * 8, batch_size=256, ghost_grads=arch == "relu",
+    the tracker reads the longest silence on log steps only (one read there), never between."""
+    n_steps = 8
+    acts = torch.randn(256 * n_steps, 8, generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(arch=arch, d_sae=32, k=4, total_tokens=256 * n_steps, batch_size=256, ghost_grads=arch == "relu",
                       aux_coefficient=1 / 32, dead_window_tokens=256, scale_estimate_tokens=256, grad_clip=0.0,
-                      log_every_steps=1000, resample_every_steps=0, device="cpu")
+                      log_every_steps=1000, resample_every_steps=0, device="cpu")  # log steps: 0 and the last, 7
     run = fresh_run(cfg, in_memory_factory(acts, 256), 8, None)
-    run.dead.resync_tokens = 256 * 100  # a window of one batch would re-read every step
     with torch.no_grad():
         run.sae.b_enc[:5] = -8.0  # never fire
-    batches = iter(in_memory_factory(acts, 256)(0))
-    train_step(run, next(batches))  # step 0 (a log step); afterwards latents 0-4 count as dead
-    train_step(run, next(batches))  # reads the longest silence once: dead latents seen
-    assert run.dead.dead_mask()[:5].all()
-    steps = [next(batches) for _ in range(3)]  # (drawing CPU batches is no device read)
+    batches = [x for x, _ in zip(in_memory_factory(acts, 256)(0), range(n_steps))]  # (CPU batches: no device read)
+    train_step(run, batches[0])  # step 0 (a log step); afterwards latents 0-4 count as dead
     calls = _count_host_reads(monkeypatch)
-    outs = [train_step(run, raw)[1] for raw in steps]
-    assert calls == [], calls
+    outs = [train_step(run, raw)[1] for raw in batches[1:-1]]  # steps 1-6: six non-log steps, a dead window each
+    assert calls == [], calls  # nothing at all, the tracker included
+    assert run.dead.dead_mask()[:5].all()
     for out in outs:  # the dead-latent term did run: AuxK adds 1/32 (its weights are 0), ghost grads add the MSE
         if arch == "topk":
             assert out.loss.item() == pytest.approx(out.mse.item() + 1 / 32, rel=1e-5)
         else:  # MSE + L1 term + ghost term (= the MSE)
             assert out.loss.item() >= 2 * out.mse.item() * (1 - 1e-5)
-    assert run.dead.any_dead(exact=True)  # and a log step can still ask exactly
+    del calls[:]  # (the .item() calls above)
+    train_step(run, batches[-1])  # step 7, the last: a log step
+    assert [c for c in calls if " from tricks.py:" in c] == [calls[0]] and len(calls) == 1, calls  # one read, the tracker's
+
+
+def test_dead_tracker_reads_the_device_only_when_asked_exactly(monkeypatch):
+    tracker = DeadTracker(6, window_tokens=100)
+    fired = torch.tensor([True, True, False, True, True, True])
+    calls = _count_host_reads(monkeypatch)
+    for step in range(500):  # 50 windows of 10 batches: latent 2 dead from the tenth batch on
+        tracker.update(fired, 10)
+        assert tracker.any_dead() == (step >= 9)  # may be dead, from the host bound alone
+    assert calls == []
+    assert tracker.any_dead(exact=True) and len(calls) == 1  # exact: one read
+    tracker.update(torch.ones(6, dtype=torch.bool), 10)  # all revived
+    assert tracker.any_dead()  # the bound still allows a dead latent (no read), and the mask says none is
+    assert len(calls) == 1 and not tracker.dead_mask().any()
+    assert not tracker.any_dead(exact=True) and len(calls) == 2
+    for _ in range(9):  # the exact read tightened the bound to 10: 90 more tokens cannot make a latent dead
+        tracker.update(fired, 10)
+        assert not tracker.any_dead() and not tracker.any_dead(exact=True)
+    assert len(calls) == 2
 
 
 def test_dead_latent_losses_on_masks_equal_the_index_form_and_vanish_with_no_dead_latent():

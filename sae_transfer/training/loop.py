@@ -107,8 +107,9 @@ def train_step(run: TrainingRun, raw_BD: torch.Tensor) -> tuple[torch.Tensor, St
     if raw_BD.device != run.numerics.device or raw_BD.dtype != torch.float32:
         raw_BD = raw_BD.to(run.numerics.device, torch.float32, non_blocking=True)
     x_BD = raw_BD * st.scale_factor if st.scale_factor != 1.0 else raw_BD
-    dead_F = run.dead.dead_mask() if run.dead.any_dead() else None
-    out = run.trainer.loss(x_BD, st.step, dead_F, detail=is_log_step(cfg, st.step))
+    log_step = is_log_step(cfg, st.step)
+    dead_F = run.dead.dead_mask() if run.dead.any_dead(exact=log_step) else None  # a host read on log steps only
+    out = run.trainer.loss(x_BD, st.step, dead_F, detail=log_step)
     run.nonfinite.record(out.loss.detach(), st.step)
     if not out.grads_done:
         run.optimizer.zero_grad(set_to_none=True)

@@ -34,28 +34,24 @@ class DeadTracker:
 
     A latent is dead once it has gone `window_tokens` tokens without firing. `any_dead()`
     answers on the host from an upper bound on the longest silence, so it waits on the device
-    only when some latent may really be dead (not on every step of a healthy run), and once it
-    has seen a dead latent it answers True without waiting for the next `resync_tokens` tokens
-    (default: window_tokens) or until asked with exact=True (at log steps). Meanwhile the
-    latents may have revived and `dead_mask()` be all False: the dead-latent losses (AuxK,
-    ghost grads) are then exactly 0, computed on the device."""
+    only when asked with exact=True (the loop asks so at log steps only) and the bound allows a
+    dead latent. Between those reads it answers True whenever the bound allows one: the latents
+    may then all be alive and `dead_mask()` all False, and the dead-latent losses (AuxK, ghost
+    grads) are exactly 0, computed on the device, so a run syncs for dead latents only on log
+    steps."""
 
-    def __init__(self, d_sae: int, window_tokens: int, device: torch.device | str = "cpu", resync_tokens: int | None = None):
+    def __init__(self, d_sae: int, window_tokens: int, device: torch.device | str = "cpu"):
         self.window_tokens = window_tokens
-        self.resync_tokens = window_tokens if resync_tokens is None else resync_tokens
         self.since_fired_F = torch.zeros(d_sae, dtype=torch.int64, device=device)
         self.fire_count_F = torch.zeros(d_sae, dtype=torch.float64, device=device)  # firings in the density window
         self.counted_tokens = 0  # tokens in the density window
         self._silence_bound = 0  # host: >= since_fired_F.max()
-        self._seen_dead = False  # the last read of since_fired_F.max() found a dead latent
-        self._tokens_since_read = 0
 
     def update(self, fired_F: torch.Tensor, n_tokens: int) -> None:
         """Record one batch of n_tokens: fired_F[f] is True if latent f fired on any of them."""
         self.since_fired_F += n_tokens
         self.since_fired_F.masked_fill_(fired_F, 0)
         self._silence_bound += n_tokens
-        self._tokens_since_read += n_tokens
 
     def add_counts(self, fire_count_F: torch.Tensor, n_tokens: int) -> None:
         """Add a batch to the density estimate: fire_count_F[f] = tokens on which f fired.
@@ -71,17 +67,15 @@ class DeadTracker:
         return self.since_fired_F >= self.window_tokens
 
     def any_dead(self, exact: bool = False) -> bool:
-        """Whether some latent may be dead: False only if none is. Reads the device (one host
-        sync) only when the bound allows a dead latent and either `exact` or no dead latent was
-        seen in the last resync_tokens tokens; with exact=True the answer is exact."""
+        """Whether some latent may be dead: False only if none is. Never reads the device unless
+        `exact`; then one host sync, only when the bound allows a dead latent, and the answer
+        is exact (and tightens the bound to the longest silence)."""
         if self._silence_bound < self.window_tokens:
             return False
-        if self._seen_dead and not exact and self._tokens_since_read < self.resync_tokens:
+        if not exact:
             return True
         self._silence_bound = int(self.since_fired_F.max())
-        self._seen_dead = self._silence_bound >= self.window_tokens
-        self._tokens_since_read = 0
-        return self._seen_dead
+        return self._silence_bound >= self.window_tokens
 
     def log10_density(self) -> torch.Tensor:
         """log10 of each latent's firing frequency in the current window (−10 for never), on the CPU."""
@@ -102,7 +96,6 @@ class DeadTracker:
         self.fire_count_F.copy_(tensors["dead.fire_count"])
         self.counted_tokens = int(tensors["dead.counted_tokens"])
         self._silence_bound = int(tensors["dead.since_fired"].max()) if tensors["dead.since_fired"].numel() else 0
-        self._seen_dead, self._tokens_since_read = False, 0
 
 
 def ghost_grad_loss(

@@ -18,6 +18,7 @@ import copy
 import torch
 import torch.nn.functional as F_nn
 
+from sae_transfer.sae.batchtopk import batch_topk
 from sae_transfer.training.trainers.base import StepLoss, Trainer, mse_of
 
 
@@ -42,19 +43,14 @@ def select_topk(pre_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
 def select_batch_topk(pre_BF: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The B·k largest ReLU(pre) of the whole batch, as (vals fp32, token, latent) in CSR order.
 
-    Exact but cheap: take each token's top 4k first and select among those; only if some
-    token's 4k-th candidate beats the batch cut-off (it might hold more) use the full batch.
-    That check is the one host sync per step BatchTopK needs."""
+    Exact but cheap (`batch_topk`): each token offers its top 4k candidates and the batch's
+    selection is made among those; a token whose 4k-th candidate beats the cut-off (it might
+    hold more) offers 8k, 16k, .. until none does. Never sorts the B·F values. One host read
+    per round: one per step unless some token holds more than 4k of the batch's largest, then
+    at most ceil(log2(F / 4k)) in all (exactness without a B·F sort needs a data-dependent width)."""
     B, F = pre_BF.shape
     n_keep = min(k * B, B * F)
-    c = min(F, 4 * k)
-    cand_vals_BC, cand_idx_BC = torch.relu(pre_BF).topk(c, dim=-1, sorted=False)
-    vals_N, pos_N = cand_vals_BC.flatten().topk(n_keep, sorted=False)
-    cut = vals_N.min()
-    if c < F and bool((cand_vals_BC.min(dim=-1).values > cut).any()):
-        vals_N, flat_N = torch.relu(pre_BF).flatten().topk(n_keep, sorted=False)
-    else:
-        flat_N = (pos_N // c) * F + cand_idx_BC.flatten()[pos_N]
+    vals_N, flat_N = batch_topk(pre_BF, n_keep, 4 * k)
     flat_N, order_N = flat_N.sort()
     return vals_N[order_N].float(), flat_N // F, flat_N % F
 
