@@ -25,7 +25,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # Fresh Prefect databases migrate for 25-35 s on a 2-core machine; the 20 s default times out.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: setup demo test lint test-latest lock bench clean
+.PHONY: setup demo test lint test-real-size test-latest lock bench clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,10 @@ demo: setup
 # The linter first (ruff, configured in pyproject.toml), then the suite.
 test: lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The whole study at Qwen1.5-0.5B's real widths (random weights, 2 blocks): ~8 min on 2 cores.
+test-real-size: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS) -m real_size
 
 lint: setup
 	$(BIN)/ruff check .

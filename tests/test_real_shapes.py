@@ -20,7 +20,7 @@ from sae_transfer.study import parse_study
 from tests._qwen_shape import D_MODEL, qwen_shape_pair
 from tests._tiny import tiny_corpus_dir
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.real_size]  # opt-in: make test-real-size
 
 HOOK = "blocks.1.hook_resid_pre"
 EXPANSION = 32  # 32 x 1024 = 32768 latents, as the study's Qwen SAEs
