@@ -11,6 +11,7 @@ from pathlib import Path
 from prefect.futures import PrefectFuture
 
 from sae_transfer import plan
+from sae_transfer.model_shapes import study_shapes
 from sae_transfer.storage.fingerprint import fingerprint, hash_payload
 from sae_transfer.storage.layout import StudyLayout, slug
 from sae_transfer.study import StudyConfig
@@ -57,7 +58,7 @@ def training_source(config: StudyConfig) -> str:
     the results folder's free disk (`plan.training_source`)."""
     if config.sae.source != "auto":
         return config.sae.source
-    return plan.training_source(config, plan.study_shapes(config))
+    return plan.training_source(config, study_shapes(config))
 
 
 def submit_saes(config: StudyConfig, pair: PairRecord) -> StudySAEs:

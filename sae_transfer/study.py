@@ -95,7 +95,8 @@ class EvalSection(_Section):
 
     tokens: int = Field(16_384, gt=0, description="eval tokens per (SAE, model) pair (the study used ~100k)")
     batch_tokens: int = Field(
-        4096, ge=1, description="tokens per forward batch; memory ~ batch_tokens x vocabulary x 12 B of float32 logits")
+        4096, ge=1, description="tokens per forward batch; logits of batch_tokens x vocabulary in the model dtype "
+        "(CE/KL in 512-token chunks)")
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples for the CE-loss-recovered interval")
     position_multiples: list[int] = Field(
         [1, 2, 4], description="context multiples for position curves (sizes the model cannot take are skipped)")

@@ -7,7 +7,8 @@ from prefect import get_run_logger, task
 from sae_transfer.activations import CacheConfig, dataset_metas
 from sae_transfer.activations import cache_activations as cache
 from sae_transfer.corpus import CorpusConfig
-from sae_transfer.plan import cache_bytes, load_shape, require_free_space
+from sae_transfer.model_shapes import load_shape
+from sae_transfer.plan import cache_bytes, require_free_space
 from sae_transfer.storage.activations import dataset_dir, is_complete
 from sae_transfer.study import CorpusSection, ModelLoading
 from sae_transfer.tasks._cache import cached, run_name

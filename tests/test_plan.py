@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from sae_transfer import plan as plan_mod
 from sae_transfer.cli import app
 from sae_transfer.errors import UserError
+from sae_transfer.model_shapes import study_shapes
 from sae_transfer.plan import ROW_OVERHEAD_BYTES, plan_study
 from sae_transfer.storage.layout import StudyLayout
 from sae_transfer.study import example_config, load_study, parse_study
@@ -108,9 +109,9 @@ def test_auto_source_trains_live_when_the_caches_do_not_fit(monkeypatch):
     assert cfg.sae.source == "auto"
     shapes = {"base": MISTRAL, "chat": MISTRAL}
     monkeypatch.setattr(plan_mod, "free_bytes", lambda folder: 20 * 10**12)  # 20 TB: 2 x 6.6 TB fit in 80 %
-    assert plan_mod.training_source(cfg, plan_mod.study_shapes(cfg, shapes)) == "cache"
+    assert plan_mod.training_source(cfg, study_shapes(cfg, shapes)) == "cache"
     monkeypatch.setattr(plan_mod, "free_bytes", lambda folder: 2 * 10**12)  # a 2 TB disk
-    assert plan_mod.training_source(cfg, plan_mod.study_shapes(cfg, shapes)) == "live"
+    assert plan_mod.training_source(cfg, study_shapes(cfg, shapes)) == "live"
     result = plan_study(cfg, gpu="h100", shapes=shapes, rate=RATE, device="cpu")
     assert result.totals()["total_disk_bytes"] < 10**12  # no 6.6 TB caches: only the diffing share is cached
     train = [s for s in result.steps if s.step == "train-sae"]

@@ -17,10 +17,8 @@ from sae_transfer.storage.sae_format import WEIGHTS_FILE
 from sae_transfer.study import SAESection
 from sae_transfer.training.config import RUNTIME_FIELDS, TrainConfig, finetune_defaults
 from sae_transfer.training.data import open_training_data
-from sae_transfer.training.live import FORWARD_TOKENS, REFILL_PARTS, open_live_data
+from sae_transfer.training.live import BUFFER_TOKENS, FORWARD_TOKENS, REFILL_PARTS, open_live_data
 from sae_transfer.training.run import Parent, RunResult, parent_sae_arch, train_sae
-
-BUFFER_TOKENS = 262_144  # shuffle-buffer size of the training reader, in tokens
 
 
 def sae_train_config(sae: SAESection, seed: int = 0, device: str | None = None) -> TrainConfig:

@@ -11,7 +11,10 @@ from safetensors.torch import load_file
 from sae_transfer.errors import UserError
 from sae_transfer.storage.activations import ActivationDataset
 from sae_transfer.storage.activations_read import ActivationReader
+from sae_transfer.study import SAESection
 from sae_transfer.training.sources import SourceFactory, in_memory_factory
+
+BUFFER_TOKENS = SAESection().buffer_tokens  # shuffle buffer of the cached and the live reader alike
 
 
 @dataclass(frozen=True)
@@ -24,7 +27,7 @@ class TrainingData:
     n_tokens: int  # tokens available per epoch
 
 
-def open_training_data(path: str | Path, batch_size: int, seed: int = 0, buffer_tokens: int = 262_144) -> TrainingData:
+def open_training_data(path: str | Path, batch_size: int, seed: int = 0, buffer_tokens: int = BUFFER_TOKENS) -> TrainingData:
     """TrainingData for a dataset folder written by `sae-transfer cache`, or a .safetensors file."""
     path = Path(path)
     if path.suffix == ".safetensors":

@@ -53,9 +53,8 @@ import torch
 from sae_transfer.corpus import CorpusConfig, corpus_fingerprint, tokenize_sequences
 from sae_transfer.errors import UserError
 from sae_transfer.models import check_hooks, load_model, model_identity
-from sae_transfer.training.data import TrainingData
+from sae_transfer.training.data import BUFFER_TOKENS, TrainingData
 
-BUFFER_TOKENS = 262_144  # activations held (the cache reader's shuffle buffer: the same mixing)
 REFILL_PARTS = 2  # refill when 1/REFILL_PARTS of the buffer has been read (2: half, as dictionary_learning)
 FORWARD_TOKENS = 16_384  # tokens per forward pass (the cache's batch_tokens)
 

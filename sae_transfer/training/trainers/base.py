@@ -70,8 +70,8 @@ class Trainer:
     def loss(self, x_BD: torch.Tensor, step: int, dead_F: torch.Tensor | None,
              detail: bool = True) -> StepLoss:  # pragma: no cover
         """The objective on one batch of scaled activations (fp32, on the SAE's device);
-        dead_F marks dead latents, or is None when none is dead (the loop knows that on the
-        host, so no step waits on the device to ask); detail=True also counts firings per
+        dead_F marks dead latents (it may be all False between log steps), or is None when none
+        can be dead (the loop knows that on the host, so no step waits on the device to ask); detail=True also counts firings per
         latent (a full pass: only on logging steps)."""
         raise NotImplementedError
 
