@@ -157,3 +157,29 @@ def test_select_batch_topk_fallback_never_allocates_the_whole_batch():
     ref_vals, ref_flat = torch.relu(pre).flatten().topk(B * k)
     assert torch.equal(token * F + latent, ref_flat.sort().values)  # exact (no ties in random floats)
     assert torch.equal(vals.sort().values, ref_vals.sort().values)
+
+
+@pytest.mark.cuda
+def test_on_cuda_the_chunked_paths_stay_on_the_device_and_equal_the_cpu_answer():
+    # every new kernel path (column sums, chunked CE/KL, BatchTopK's selection) on the GPU: results
+    # on the device, equal to the same computation on the CPU
+    from sae_transfer.evals.transfer import chunked_logit_stats
+    from sae_transfer.sae.batchtopk import batch_topk
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 130, generator=gen).relu()
+    cuda_sum = metrics.column_sum(x.cuda() > 0)
+    assert cuda_sum.is_cuda and torch.equal(cuda_sum.cpu(), metrics.column_sum(x > 0))
+    clean, patched = (torch.randn(4, 9, 500, generator=gen) for _ in range(2))
+    tok = torch.randint(0, 500, (4, 9), generator=gen)
+    cpu = chunked_logit_stats(patched, tok, clean, chunk_tokens=10)
+    dev = chunked_logit_stats(patched.cuda(), tok.cuda(), clean.cuda(), chunk_tokens=10)
+    assert dev.loss_BS.is_cuda
+    torch.testing.assert_close(dev.loss_BS.cpu(), cpu.loss_BS, rtol=1e-5, atol=1e-5)
+    pre = torch.randn(64, 512, generator=gen)
+    pre[3] += 20.0  # one BOS-like row forces the widening path
+    (vals_cpu, idx_cpu), (vals_dev, idx_dev) = batch_topk(pre, 64 * 4, 16), batch_topk(pre.cuda(), 64 * 4, 16)
+    assert vals_dev.is_cuda and idx_dev.is_cuda  # unordered: compare as index-sorted sets
+    order_cpu, order_dev = idx_cpu.argsort(), idx_dev.cpu().argsort()
+    assert torch.equal(idx_dev.cpu()[order_dev], idx_cpu[order_cpu])
+    torch.testing.assert_close(vals_dev.cpu()[order_dev], vals_cpu[order_cpu])

@@ -188,3 +188,14 @@ def test_cli_trains_live_and_refuses_acts_with_model(setup, monkeypatch, capsys)
 def test_small_buffer_is_refused(setup):
     with pytest.raises(live_mod.UserError, match="buffer-tokens"):
         _live(setup, batch_size=256, buffer=128)
+
+
+@pytest.mark.cuda
+def test_live_stream_on_cuda_is_the_cpu_stream_on_the_device(setup):
+    # the model, the buffer and the batches stay on the GPU; the rows are the CPU stream's
+    cpu = torch.cat(list(_live(setup, batch_size=256, seed=3, epochs=1).make_source(0)))
+    data = open_live_data(str(setup["model_dir"]), HOOK, setup["corpus"], 256, seed=3, buffer_tokens=BUFFER,
+                          context_size=S, n_tokens=N_TOKENS, epochs=1, device="cuda")
+    batches = list(data.make_source(0))
+    assert all(b.is_cuda for b in batches)
+    torch.testing.assert_close(torch.cat(batches).cpu(), cpu, atol=1e-4, rtol=1e-4)
