@@ -138,8 +138,29 @@ def load_model(
         ) from exc
     bridge.eval()
     check_family(bridge, spec)
+    align_bos(bridge)
     apply_attention(bridge, attn_implementation, device or default_device())
     return bridge
+
+
+def align_bos(bridge) -> None:
+    """Give a tokenizer without a BOS token the BOS its model's config names.
+
+    TransformerLens makes a tokenizer's eos its BOS when it has none. Qwen1.5 has no BOS token and
+    its chat models end turns with <|im_end|>, so the base model would get <|endoftext|> at position
+    0 and the chat model <|im_end|>: every sequence of the pair would differ at its first token
+    (paired crosscoder caches are refused) and the chat model would read a turn end where its base
+    read a document start. Both configs say bos_token_id 151643 (<|endoftext|>): use that. A tokenizer
+    with its own BOS token, or a config with none, is left alone."""
+    tok = getattr(bridge, "tokenizer", None)
+    config = getattr(getattr(bridge, "original_model", None), "config", None)
+    bos_id = getattr(config, "bos_token_id", None)
+    if tok is None or not isinstance(bos_id, int) or tok.bos_token_id == bos_id:
+        return
+    if tok.bos_token != tok.eos_token or not 0 <= bos_id < len(tok):  # its own BOS, or an id outside the vocabulary
+        return
+    tok.bos_token = tok.convert_ids_to_tokens(bos_id)
+    log.info("tokenizer has no BOS token: using the model config's bos_token_id %d (%s)", bos_id, tok.bos_token)
 
 
 def hook_names(model) -> list[str]:

@@ -62,10 +62,10 @@ def build_qwen_shape_tokenizer(chat: bool):
     core.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_IDS])
     tok = PreTrainedTokenizerFast(
         tokenizer_object=core,
-        # Qwen1.5-Chat's own eos is <|im_end|>; with no BOS, TransformerLens makes the eos the BOS, so the
-        # chat model would get a different BOS id than the base and the paired diffing caches would differ
-        # at every position 0 (diffing/paired.py refuses them). Both keep <|endoftext|> here.
-        eos_token=ENDOFTEXT,
+        # As in Qwen1.5: no BOS token; the base ends documents with <|endoftext|>, the chat model ends
+        # turns with <|im_end|> (its eos). TransformerLens would make each eos the BOS;
+        # `models.align_bos` gives both the configs' bos_token_id (<|endoftext|>) instead.
+        eos_token=IM_END if chat else ENDOFTEXT,
         pad_token=ENDOFTEXT,
         additional_special_tokens=[IM_START, IM_END],
         clean_up_tokenization_spaces=False,
@@ -76,8 +76,8 @@ def build_qwen_shape_tokenizer(chat: bool):
     return tok
 
 
-def qwen_shape_config(n_layers: int = 2):
-    """Qwen1.5-0.5B's config.json values with `n_layers` blocks."""
+def qwen_shape_config(n_layers: int = 2, chat: bool = False):
+    """Qwen1.5-0.5B's (or -Chat's) config.json values with `n_layers` blocks."""
     from transformers import Qwen2Config
 
     return Qwen2Config(
@@ -85,7 +85,7 @@ def qwen_shape_config(n_layers: int = 2):
         num_attention_heads=16, num_key_value_heads=16, hidden_act="silu", max_position_embeddings=32_768,
         max_window_layers=21, rms_norm_eps=1e-6, rope_theta=1_000_000.0, sliding_window=32_768,
         use_sliding_window=False, tie_word_embeddings=False, initializer_range=0.02, attention_dropout=0.0,
-        bos_token_id=SPECIAL_IDS[ENDOFTEXT], eos_token_id=SPECIAL_IDS[ENDOFTEXT], torch_dtype="float32",
+        bos_token_id=SPECIAL_IDS[ENDOFTEXT], eos_token_id=SPECIAL_IDS[IM_END if chat else ENDOFTEXT], torch_dtype="float32",
     )
 
 
@@ -106,6 +106,7 @@ def qwen_shape_pair(root: Path, n_layers: int = 2, seed: int = 0, perturb: float
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * (perturb * float(p.std()) if p.numel() > 1 else perturb))
+    model.config.eos_token_id = SPECIAL_IDS[IM_END]  # Qwen1.5-0.5B-Chat's config.json
     model.save_pretrained(chat)
     build_qwen_shape_tokenizer(chat=True).save_pretrained(chat)
     return base, chat

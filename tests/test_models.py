@@ -110,3 +110,40 @@ def test_cli_hooks_lists_and_checks(monkeypatch, capsys, tiny_model_dir, bridge)
     assert code == 0 and out.split() == ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
     code, _, err = _run_cli(monkeypatch, capsys, "hooks", "--model", str(tiny_model_dir), "--check", "blocks.0.hook_resid_pree")
     assert code == 2 and "blocks.0.hook_resid_pre," in err and err.count("\n") == 1
+
+
+def _booted(tokenizer, bos_token_id):
+    """What TransformerLens leaves for a tokenizer without a BOS token: its eos as the BOS."""
+    from types import SimpleNamespace
+
+    if tokenizer.bos_token is None:
+        tokenizer.bos_token = tokenizer.eos_token
+    return SimpleNamespace(tokenizer=tokenizer, original_model=SimpleNamespace(config=SimpleNamespace(bos_token_id=bos_token_id)))
+
+
+def test_qwen_chat_gets_the_configs_bos_not_its_turn_end():
+    """Qwen1.5 has no BOS token; its chat tokenizer's eos is <|im_end|>. Base and chat must both
+    start sequences with the configs' bos_token_id (<|endoftext|>), or every paired sequence differs
+    at position 0."""
+    from sae_transfer.models import align_bos
+    from tests._qwen_shape import ENDOFTEXT, IM_END, SPECIAL_IDS, build_qwen_shape_tokenizer
+
+    bos = SPECIAL_IDS[ENDOFTEXT]
+    chat = _booted(build_qwen_shape_tokenizer(chat=True), bos)
+    base = _booted(build_qwen_shape_tokenizer(chat=False), bos)
+    assert chat.tokenizer.bos_token == IM_END  # what the bridge alone would prepend
+    for bridge in (chat, base):
+        align_bos(bridge)
+        assert bridge.tokenizer.bos_token_id == bos
+    assert chat.tokenizer.eos_token == IM_END  # generation still stops at the end of a turn
+
+
+def test_a_tokenizer_with_its_own_bos_is_left_alone(tmp_path):
+    from sae_transfer.models import align_bos
+
+    tok = train_tokenizer(TEXTS, vocab_size=300)
+    own = tok.bos_token_id
+    assert own is not None and own != tok.eos_token_id
+    bridge = _booted(tok, bos_token_id=own + 1)
+    align_bos(bridge)
+    assert bridge.tokenizer.bos_token_id == own
