@@ -79,7 +79,7 @@ def main() -> None:
 def run_bench(model, args) -> None:
     data = open_live_data(model, args.hook, args.corpus, args.batch_size, buffer_tokens=args.buffer_tokens,
                           context_size=args.context_size, n_tokens=args.tokens, model_dtype=args.dtype)
-    live = data.make_source.__self__
+    live = data.live
     cfg = TrainConfig(arch=args.arch, d_sae=args.expansion * data.d_in, k=32, batch_size=args.batch_size,
                       total_tokens=args.tokens, checkpoint_every_tokens=0, log_every_steps=10**9,
                       scale_estimate_tokens=min(65_536, args.tokens), device=args.device)

@@ -73,7 +73,7 @@ def test_any_start_batch_continues_the_stream_recomputing_at_most_one_buffer(set
             break
     for b in (0, 37, 70):
         data = _live(setup)
-        live = data.make_source.__self__
+        live = data.live
         src = iter(data.make_source(b))
         first = next(src)
         assert live.forward_tokens_run <= BUFFER  # the refill holding batch b only
@@ -108,7 +108,7 @@ def test_killed_run_resumes_to_the_same_weights_recomputing_one_buffer(setup):
 
     # what an uninterrupted stream computes while yielding batches 40..59 (the part after the checkpoint)
     probe = _live(setup)
-    live = probe.make_source.__self__
+    live = probe.live
     for i, _ in enumerate(probe.make_source(0)):
         if i == 39:
             before = live.forward_tokens_run
@@ -127,7 +127,7 @@ def test_killed_run_resumes_to_the_same_weights_recomputing_one_buffer(setup):
     w1, w2 = load_sae(whole.sae_dir), load_sae(resumed.sae_dir)
     for name, tensor in w1.state_dict().items():
         torch.testing.assert_close(w2.state_dict()[name], tensor, atol=1e-6, rtol=0)
-    recomputed = resumed_data.make_source.__self__.forward_tokens_run - (after - before)
+    recomputed = resumed_data.live.forward_tokens_run - (after - before)
     assert 0 <= recomputed <= BUFFER
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from sae_transfer.corpus import CorpusConfig
@@ -17,8 +18,9 @@ from sae_transfer.storage.sae_format import WEIGHTS_FILE
 from sae_transfer.study import SAESection
 from sae_transfer.training.config import RUNTIME_FIELDS, TrainConfig, finetune_defaults
 from sae_transfer.training.data import open_training_data
-from sae_transfer.training.live import BUFFER_TOKENS, FORWARD_TOKENS, REFILL_PARTS, open_live_data
-from sae_transfer.training.run import Parent, RunResult, parent_sae_arch, train_sae
+from sae_transfer.training.group import Member, train_group
+from sae_transfer.training.live import BUFFER_TOKENS, FORWARD_TOKENS, REFILL_PARTS, open_live_data, open_live_stream
+from sae_transfer.training.run import Parent, RunResult, SAERunSpec, parent_sae_arch, train_sae
 
 
 def sae_train_config(sae: SAESection, seed: int = 0, device: str | None = None) -> TrainConfig:
@@ -52,6 +54,62 @@ def train_live(model, hook: str, corpus: CorpusConfig | str | Path, out_dir: str
     if expansion is not None:
         cfg = dataclasses.replace(cfg, d_sae=expansion * data.d_in)
     return train_sae(cfg, data.make_source, data.d_in, out_dir, metadata=data.metadata, progress=progress)
+
+
+@dataclass(frozen=True)
+class LiveRun:
+    """One SAE of a group trained from one live stream (`train_live_group`)."""
+
+    hook: str
+    cfg: TrainConfig
+    out_dir: str | Path
+    expansion: int | None = None  # d_sae = expansion x the hook's width (else cfg.d_sae)
+    parent: Parent | None = None  # fine-tune this SAE (see `finetune_run`)
+    variant: str | None = None  # the swept settings that set it apart, recorded in cfg.json ("variant")
+
+
+def finetune_run(parent_sae: str | Path, hook: str, out_dir: str | Path, variant: str | None = None,
+                 **overrides) -> LiveRun:
+    """A LiveRun fine-tuning `parent_sae` with the seed study's recipe (as `finetune_live`)."""
+    cfg, parent = _finetune_setup(Path(parent_sae), overrides)
+    return LiveRun(hook, cfg, out_dir, parent=parent, variant=variant)
+
+
+def train_live_group(model, corpus: CorpusConfig | str | Path, runs: list[LiveRun], *, context_size: int = 128,
+                     buffer_tokens: int = BUFFER_TOKENS, refill_parts: int = REFILL_PARTS,
+                     forward_tokens: int = FORWARD_TOKENS, prepend_bos: bool = True, model_dtype: str = "float32",
+                     progress: bool = False) -> list[RunResult]:
+    """Train (or fine-tune) every run of `runs` from one live stream of `model` over all their
+    hooks: one forward pass per batch, whatever the number of SAEs (training/group.py). Each run
+    gets its own folder, checkpoints, resume and run.json, and trains exactly what `train_live`
+    would train alone with its settings. The runs share the batch size, the seed (the stream's
+    shuffle) and the device; the corpus is tokenised for the largest token budget."""
+    if not runs:
+        raise UserError("nothing to train: no runs given")
+    for field in ("batch_size", "seed", "device"):
+        values = {getattr(r.cfg, field) for r in runs}
+        if len(values) > 1:
+            raise UserError(f"SAEs trained from one stream share its {field}; got {sorted(map(str, values))}: "
+                            f"give them one {field} (or train them apart)")
+    first = runs[0].cfg
+    hooks = list(dict.fromkeys(r.hook for r in runs))
+    stream = open_live_stream(model, hooks, corpus, first.batch_size, seed=first.seed, buffer_tokens=buffer_tokens,
+                              context_size=context_size, n_tokens=max(r.cfg.total_tokens for r in runs),
+                              refill_parts=refill_parts, forward_tokens=forward_tokens, prepend_bos=prepend_bos,
+                              device=first.device, model_dtype=model_dtype)
+    members = []
+    for r in runs:
+        data = stream.data(r.hook)
+        cfg = dataclasses.replace(r.cfg, d_sae=r.expansion * data.d_in) if r.expansion is not None else r.cfg
+        meta = {**data.metadata, **({"variant": r.variant} if r.variant else {})}
+        members.append(Member(SAERunSpec(cfg, data.make_source, data.d_in, meta, r.parent), Path(r.out_dir), r.hook))
+    # fresh runs each read the stream's start for their scale estimate: computed once, kept until training passes it
+    stream.live.pin_start(max(r.cfg.scale_estimate_tokens for r in runs))
+    try:
+        results, _ = train_group(members, stream.live.batches, progress=progress)
+    finally:
+        stream.live.unpin()
+    return [RunResult(d.artifact_dir, d.run_json, d.metrics, d.resumed_from_step, d.skipped) for d in results]
 
 
 def _finetune_setup(parent_sae: Path, overrides: dict) -> tuple[TrainConfig, Parent]:

@@ -25,6 +25,7 @@ class TrainingData:
     d_in: int  # activation width
     metadata: dict  # model_name, hook_name, context_size, prepend_bos, dataset_path
     n_tokens: int  # tokens available per epoch
+    live: object = None  # the LiveActivations behind a live source (its counters), else None
 
 
 def open_training_data(path: str | Path, batch_size: int, seed: int = 0, buffer_tokens: int = BUFFER_TOKENS) -> TrainingData:

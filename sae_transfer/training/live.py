@@ -63,7 +63,7 @@ _EPOCH_ORDER, _CHUNK_PERM, _REFILL_PERM = 0, 1, 2
 
 
 class _StopForward(Exception):
-    """Raised from the hook: the layers after it are not needed."""
+    """Raised from the last hook: the layers after it are not needed."""
 
 
 @dataclass(frozen=True)
@@ -82,12 +82,17 @@ def _draw(seed: int, stream: int, index: int, n: int) -> np.ndarray:
 
 
 class LiveActivations:
-    """A model, a hook and tokenised sequences, turned into a seeded, resumable activation stream.
+    """A model, one or more hooks and tokenised sequences, turned into a seeded, resumable
+    activation stream.
 
-    `source(start_batch)` is the SourceFactory. `forward_tokens_run` counts the tokens sent
-    through the model (tests and benches read it)."""
+    Several hooks share every forward pass (it stops after the last of them) and every draw: hook
+    h's batches are exactly those a stream of h alone (same seed, sizes and sequences) yields, so
+    SAEs trained from one multi-hook stream equal SAEs trained from one stream each.
+    `source(start_batch)` is the SourceFactory of a one-hook stream, `source_of(hook)` that of
+    one hook of several, `batches(start_batch)` yields {hook: batch}. `forward_tokens_run` counts
+    the tokens sent through the model (tests and benches read it)."""
 
-    def __init__(self, model, hook: str, tokens_NS: torch.Tensor, batch_size: int, seed: int = 0,
+    def __init__(self, model, hook: str | list[str], tokens_NS: torch.Tensor, batch_size: int, seed: int = 0,
                  config: LiveConfig = LiveConfig(), epochs: int | None = None):
         if tokens_NS.ndim != 2 or tokens_NS.shape[0] == 0:
             raise UserError("no token sequences to run the model on")
@@ -97,7 +102,10 @@ class LiveActivations:
         if config.buffer_tokens < max(batch_size, config.refill_parts * S):
             raise UserError(f"buffer of {config.buffer_tokens} tokens is smaller than a batch ({batch_size}) or than "
                             f"{config.refill_parts} sequences of {S}: raise --buffer-tokens")
-        self.model, self.hook, self.tokens_NS, self.batch_size, self.seed = model, hook, tokens_NS, batch_size, seed
+        hooks = [hook] if isinstance(hook, str) else list(dict.fromkeys(hook))
+        if not hooks:
+            raise UserError("no hook to stream: name at least one")
+        self.model, self.hooks, self.tokens_NS, self.batch_size, self.seed = model, hooks, tokens_NS, batch_size, seed
         self.config, self.epochs = config, epochs
         self.device = next(model.parameters()).device
         self.n_seqs, self.context_size = N, S
@@ -105,31 +113,51 @@ class LiveActivations:
         self.chunks_per_epoch = math.ceil(N / self.chunk_seqs)
         self.forward_seqs = max(1, config.forward_tokens // S)
         self.forward_tokens_run = 0
-        self._chunks: OrderedDict[int, torch.Tensor] = OrderedDict()  # the newest chunks' activations
+        self._chunks: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()  # the newest chunks' activations
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its sequence order)
-        self.d_in = int(self._forward(tokens_NS[:1, :2]).shape[-1])  # a 2-token probe: the hook's width
+        self._pinned = 0  # chunks below this index are kept (pin_start)
+        probe = self._forward(tokens_NS[:1, :2])  # a 2-token probe: each hook's width
+        self.d_in_by_hook = {h: int(a.shape[-1]) for h, a in probe.items()}
         self.forward_tokens_run = 0
 
-    # -- forward passes ---------------------------------------------------------------
-    def _forward(self, ids_BS: torch.Tensor) -> torch.Tensor:
-        """The hook's activations [b*S, D] float32 on the model's device; stops after the hook."""
-        got: list[torch.Tensor] = []
+    @property
+    def hook(self) -> str:
+        """The hook of a one-hook stream."""
+        if len(self.hooks) != 1:
+            raise ValueError(f"this stream has {len(self.hooks)} hooks: name one (source_of)")
+        return self.hooks[0]
 
-        def capture(acts, hook):
-            if acts.dim() != 3:
-                raise UserError(f"hook {self.hook!r} gives shape {tuple(acts.shape)}: only [batch, pos, d] hooks can train")
-            got.append(acts.detach().to(torch.float32, copy=True))
-            raise _StopForward
+    @property
+    def d_in(self) -> int:
+        """The width of a one-hook stream."""
+        return self.d_in_by_hook[self.hook]
+
+    # -- forward passes ---------------------------------------------------------------
+    def _forward(self, ids_BS: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every hook's activations {hook: [b*S, D]} float32 on the model's device; stops after the
+        last hook fired."""
+        got: dict[str, torch.Tensor] = {}
+
+        def capture_as(name: str):  # by the name asked for (the bridge may call its hook point otherwise)
+            def capture(acts, hook):
+                if acts.dim() != 3:
+                    raise UserError(f"hook {name!r} gives shape {tuple(acts.shape)}: only [batch, pos, d] hooks can train")
+                got[name] = acts.detach().to(torch.float32, copy=True).reshape(-1, acts.shape[-1])
+                if len(got) == len(self.hooks):
+                    raise _StopForward
+            return capture
 
         with torch.no_grad():  # not inference_mode: the trainer saves its input for backward
             try:
-                self.model.run_with_hooks(ids_BS.to(self.device), return_type=None, fwd_hooks=[(self.hook, capture)])
+                self.model.run_with_hooks(ids_BS.to(self.device), return_type=None,
+                                          fwd_hooks=[(h, capture_as(h)) for h in self.hooks])
             except _StopForward:
                 pass
-        if not got:
-            raise UserError(f"hook {self.hook!r} did not fire in a forward pass: pick a hook on the model's main path")
+        missing = [h for h in self.hooks if h not in got]
+        if missing:
+            raise UserError(f"hook {missing[0]!r} did not fire in a forward pass: pick a hook on the model's main path")
         self.forward_tokens_run += ids_BS.numel()
-        return got[0].reshape(-1, got[0].shape[-1])
+        return got
 
     # -- chunks -----------------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> np.ndarray:
@@ -147,8 +175,8 @@ class LiveActivations:
         n, m = self.chunk_tokens(g), self.config.refill_parts
         return j * n // m, (j + 1) * n // m
 
-    def _chunk(self, g: int) -> torch.Tensor:
-        """Chunk g's activations [tokens, D] on the device (computed, or kept from a recent refill)."""
+    def _chunk(self, g: int) -> dict[str, torch.Tensor]:
+        """Chunk g's activations {hook: [tokens, D]} on the device (computed, or kept from a recent refill)."""
         if g in self._chunks:
             self._chunks.move_to_end(g)
             return self._chunks[g]
@@ -156,14 +184,30 @@ class LiveActivations:
         seqs = torch.from_numpy(self._epoch_order(e)[i * self.chunk_seqs:(i + 1) * self.chunk_seqs].copy())
         parts = [self._forward(self.tokens_NS.index_select(0, seqs[s:s + self.forward_seqs]))
                  for s in range(0, len(seqs), self.forward_seqs)]
-        acts_ND = torch.cat(parts) if len(parts) > 1 else parts[0]
-        if self.config.check_finite and not bool(torch.isfinite(acts_ND).all()):  # one sync per chunk
-            raise UserError(f"non-finite activations at {self.hook!r} in chunk {g} (epoch {e}): "
-                            "run the model in float32 or check its weights")
-        self._chunks[g] = acts_ND
+        acts = {h: torch.cat([p[h] for p in parts]) if len(parts) > 1 else parts[0][h] for h in self.hooks}
+        if self.config.check_finite:
+            finite = torch.stack([torch.isfinite(a).all() for a in acts.values()]).tolist()  # one sync per chunk
+            for h, ok in zip(self.hooks, finite):
+                if not ok:
+                    raise UserError(f"non-finite activations at {h!r} in chunk {g} (epoch {e}): "
+                                    "run the model in float32 or check its weights")
+        self._chunks[g] = acts
+        evictable = [c for c in self._chunks if c >= self._pinned]
+        while len(evictable) > self.config.refill_parts:
+            del self._chunks[evictable.pop(0)]
+        return acts
+
+    def pin_start(self, tokens: int) -> None:
+        """Keep the chunks behind the stream's first `tokens` tokens until a refill past them (or
+        `unpin`): several runs reading the stream's start (a group's scale estimates, then its
+        training from batch 0) compute it once."""
+        r, _ = self.locate(max(tokens - 1, 0))
+        self._pinned = r + 1  # refill r reads chunks <= r
+
+    def unpin(self) -> None:
+        self._pinned = 0
         while len(self._chunks) > self.config.refill_parts:
             self._chunks.popitem(last=False)
-        return acts_ND
 
     # -- refills ----------------------------------------------------------------------
     def _refill_chunks(self, r: int) -> list[tuple[int, int]]:
@@ -179,15 +223,20 @@ class LiveActivations:
         """Refills in the stream (None: endless)."""
         return None if self.epochs is None else self.epochs * self.chunks_per_epoch + self.config.refill_parts - 1
 
-    def refill(self, r: int) -> torch.Tensor:
-        """The tokens refill r emits, in emission order [n, D] on the device."""
-        pieces = []
+    def refill(self, r: int) -> dict[str, torch.Tensor]:
+        """The tokens refill r emits, in emission order {hook: [n, D]} on the device."""
+        if self._pinned and r >= self._pinned:  # past the pinned start: its chunks are evictable again
+            self._pinned = 0
+        pieces: dict[str, list[torch.Tensor]] = {h: [] for h in self.hooks}
         for g, j in sorted(self._refill_chunks(r)):  # oldest chunk first: it may be evicted by the newest
             lo, hi = self._part(g, j)
             perm = torch.from_numpy(_draw(self.seed, _CHUNK_PERM, g, self.chunk_tokens(g))[lo:hi]).to(self.device)
-            pieces.append(self._chunk(g).index_select(0, perm))
-        acts_ND = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-        return acts_ND.index_select(0, torch.from_numpy(_draw(self.seed, _REFILL_PERM, r, acts_ND.shape[0])).to(self.device))
+            chunk = self._chunk(g)
+            for h in self.hooks:
+                pieces[h].append(chunk[h].index_select(0, perm))
+        n = sum(p.shape[0] for p in pieces[self.hooks[0]])
+        order = torch.from_numpy(_draw(self.seed, _REFILL_PERM, r, n)).to(self.device)
+        return {h: (torch.cat(p) if len(p) > 1 else p[0]).index_select(0, order) for h, p in pieces.items()}
 
     def locate(self, token: int) -> tuple[int, int]:
         """(refill, offset in it) of the stream's `token`-th token (integer arithmetic only)."""
@@ -201,29 +250,43 @@ class LiveActivations:
 
     # -- batches ----------------------------------------------------------------------
     def source(self, start_batch: int = 0) -> LiveSource:
-        return LiveSource(self, start_batch)
+        """Batches of a one-hook stream from batch `start_batch` (the SourceFactory)."""
+        return LiveSource(self, start_batch, self.hook)
+
+    def source_of(self, hook: str):
+        """The SourceFactory of one hook of this stream."""
+        if hook not in self.hooks:
+            raise ValueError(f"{hook!r} is not streamed here ({', '.join(self.hooks)})")
+        return lambda start_batch=0: LiveSource(self, start_batch, hook)
+
+    def batches(self, start_batch: int = 0) -> LiveSource:
+        """{hook: batch} from batch `start_batch`: every hook's batch b, from one forward pass."""
+        return LiveSource(self, start_batch, None)
 
 
 class LiveSource:
-    """Raw acts_BD batches from batch `start_batch` of a LiveActivations stream; `batches_yielded`
-    counts from the stream's start."""
+    """Raw acts_BD batches (of `hook`; of every hook as {hook: batch} when None) from batch
+    `start_batch` of a LiveActivations stream; `batches_yielded` counts from the stream's start."""
 
-    def __init__(self, live: LiveActivations, start_batch: int = 0):
-        self.live, self.batches_yielded = live, start_batch
+    def __init__(self, live: LiveActivations, start_batch: int = 0, hook: str | None = None):
+        self.live, self.batches_yielded, self.hook = live, start_batch, hook
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[torch.Tensor | dict[str, torch.Tensor]]:
         live, B = self.live, self.live.batch_size
+        hooks = live.hooks if self.hook is None else [self.hook]
         r, offset = live.locate(self.batches_yielded * B)
         end = live.n_refills()
-        held: torch.Tensor | None = None
+        held: dict[str, torch.Tensor] | None = None
         while end is None or r < end:
-            fresh = live.refill(r)[offset:]
+            refill = live.refill(r)
+            fresh = {h: refill[h][offset:] for h in hooks}
             r, offset = r + 1, 0
-            held = fresh if held is None or held.shape[0] == 0 else torch.cat([held, fresh])
-            while held.shape[0] >= B:
-                batch, held = held[:B], held[B:]
+            held = fresh if held is None or held[hooks[0]].shape[0] == 0 else {h: torch.cat([held[h], fresh[h]]) for h in hooks}
+            while held[hooks[0]].shape[0] >= B:
+                batch = {h: a[:B] for h, a in held.items()}
+                held = {h: a[B:] for h, a in held.items()}
                 self.batches_yielded += 1
-                yield batch
+                yield batch if self.hook is None else batch[self.hook]
         # the last partial batch of a finite stream is dropped, as the cache reader does
 
 
@@ -231,9 +294,27 @@ def _as_corpus(corpus: CorpusConfig | str | Path) -> CorpusConfig:
     return corpus if isinstance(corpus, CorpusConfig) else CorpusConfig(source=str(corpus))
 
 
-def open_live_data(
+@dataclass(frozen=True)
+class LiveStream:
+    """One live stream over one or more hooks of a model, with each hook's cfg.json metadata."""
+
+    live: LiveActivations
+    metadata: dict[str, dict]  # hook -> what an SAE trained on it records (model, hook, corpus, ...)
+    n_tokens: int  # corpus tokens in one epoch
+
+    @property
+    def hooks(self) -> list[str]:
+        return self.live.hooks
+
+    def data(self, hook: str) -> TrainingData:
+        """The one-hook view an SAE trains on (the shape `open_training_data` returns)."""
+        return TrainingData(self.live.source_of(hook), self.live.d_in_by_hook[hook], self.metadata[hook], self.n_tokens,
+                            live=self.live)
+
+
+def open_live_stream(
     model,
-    hook: str,
+    hooks: list[str],
     corpus: CorpusConfig | str | Path,
     batch_size: int,
     seed: int = 0,
@@ -248,15 +329,16 @@ def open_live_data(
     device: str | None = None,
     model_dtype: str = "float32",
     revision: str | None = None,
-) -> TrainingData:
-    """TrainingData that runs `model` (a loaded model, or a spec `load_model` boots) over the
-    corpus's train split (its first `n_tokens` tokens, whole sequences; None or a smaller corpus: all of it) and streams `hook`'s
-    activations; the same shape as `open_training_data`. `epochs=None` loops forever."""
+) -> LiveStream:
+    """A LiveStream that runs `model` (a loaded model, or a spec `load_model` boots) over the
+    corpus's train split (its first `n_tokens` tokens, whole sequences; None or a smaller corpus:
+    all of it) and streams every hook of `hooks` from the same forward passes. `epochs=None`
+    loops forever."""
     corpus = _as_corpus(corpus)
     spec = str(model) if isinstance(model, (str, Path)) else None
     if spec is not None:
         model = load_model(spec, revision=revision, device=device, dtype=model_dtype)
-    check_hooks(model, [hook])
+    check_hooks(model, list(hooks))
     try:
         seqs = tokenize_sequences(corpus, model.tokenizer, context_size=context_size, n_tokens=n_tokens, split="train",
                                   prepend_bos=prepend_bos)
@@ -268,7 +350,7 @@ def open_live_data(
     tokens_NS = seqs.tokens_NS
     if n_tokens is not None and tokens_NS.numel() > n_tokens and n_tokens >= context_size:
         tokens_NS = tokens_NS[: n_tokens // context_size]  # whole sequences only
-    live = LiveActivations(model, hook, tokens_NS, batch_size, seed,
+    live = LiveActivations(model, list(hooks), tokens_NS, batch_size, seed,
                            LiveConfig(buffer_tokens=buffer_tokens, refill_parts=refill_parts, forward_tokens=forward_tokens),
                            epochs=epochs)
     if spec is not None:
@@ -281,7 +363,6 @@ def open_live_data(
     meta = {
         "model_name": name,
         "model_revision": revision_id,
-        "hook_name": hook,
         "context_size": context_size,
         "prepend_bos": prepend_bos,
         "dataset_path": None,
@@ -291,5 +372,12 @@ def open_live_data(
         "buffer_tokens": buffer_tokens,
         "refill_parts": refill_parts,
     }
-    data = TrainingData(live.source, live.d_in, meta, int(tokens_NS.numel()))
-    return data
+    return LiveStream(live, {h: {**meta, "hook_name": h} for h in live.hooks}, int(tokens_NS.numel()))
+
+
+def open_live_data(model, hook: str, corpus: CorpusConfig | str | Path, batch_size: int, seed: int = 0,
+                   buffer_tokens: int = BUFFER_TOKENS, context_size: int = 128, **options) -> TrainingData:
+    """TrainingData streaming `hook`'s activations live (`open_live_stream` with one hook); the same
+    shape as `open_training_data`. Options as `open_live_stream`."""
+    stream = open_live_stream(model, [hook], corpus, batch_size, seed, buffer_tokens, context_size, **options)
+    return stream.data(hook)

@@ -167,6 +167,61 @@ def checkpoint_due(cfg: TrainConfig, tokens_before: int, tokens_after: int) -> b
     return every > 0 and tokens_before // every != tokens_after // every
 
 
+class Loop:
+    """Steps one run towards cfg.total_steps: logs every log_every_steps, checkpoints every
+    checkpoint_every_tokens and at the end. `train_loop` drives one Loop from its own batches;
+    `train_group` (training/group.py) drives several from one stream.
+
+    The only host syncs are at log and checkpoint steps: the non-finite check, the log row, the
+    checkpoint itself. `elapsed_s` counts from `start_clock` (or the previous step) to the end
+    of each step."""
+
+    def __init__(self, run: TrainingRun, on_log: Callable[[dict], None], on_checkpoint: Callable[[TrainingRun], None],
+                 progress: bool = True):
+        self.run, self.on_log, self.on_checkpoint = run, on_log, on_checkpoint
+        self.bar = tqdm(total=run.cfg.total_tokens, initial=run.state.tokens, unit="tok", unit_scale=True,
+                        disable=not progress, smoothing=0.1)
+        self.last_row: dict = {}
+        self.t_last = time.perf_counter()
+
+    @property
+    def done(self) -> bool:
+        return self.run.state.step >= self.run.cfg.total_steps
+
+    def start_clock(self) -> None:
+        """Count the next step's time from now (a group's other work is not this run's)."""
+        self.t_last = time.perf_counter()
+
+    def step(self, raw_BD: torch.Tensor) -> None:
+        run = self.run
+        cfg, st = run.cfg, run.state
+        tokens_before = st.tokens
+        x_BD, out = train_step(run, raw_BD)
+        log_now = is_log_step(cfg, st.step - 1)
+        checkpoint_now = checkpoint_due(cfg, tokens_before, st.tokens) or st.step == cfg.total_steps
+        if log_now or checkpoint_now:
+            run.nonfinite.check(cfg.batch_size)  # waits for the device: the timing below is honest
+        now = time.perf_counter()
+        st.elapsed_s += now - self.t_last
+        self.t_last = now
+        if log_now:
+            self.last_row = evaluate(run, x_BD, out)
+            self.on_log(self.last_row)
+            self.bar.set_postfix(l0=f"{self.last_row['l0']:.1f}", ev=f"{self.last_row['explained_variance']:.3f}",
+                                 refresh=False)
+        self.bar.update(x_BD.shape[0])
+        if checkpoint_now:
+            self.on_checkpoint(run)
+            self.t_last = time.perf_counter()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def ran_out(step: int, total_steps: int) -> UserError:
+    return UserError(f"activation data ran out at step {step} of {total_steps}; lower --tokens or allow more epochs")
+
+
 def train_loop(
     run: TrainingRun,
     batches: Iterable[torch.Tensor],
@@ -174,44 +229,22 @@ def train_loop(
     on_checkpoint: Callable[[TrainingRun], None],
     progress: bool = True,
 ) -> dict:
-    """Train until cfg.total_steps; logs every log_every_steps, checkpoints every
-    checkpoint_every_tokens and at the end. Returns the last log row.
+    """Train until cfg.total_steps (see `Loop`). Returns the last log row.
 
-    Batches reach the device through `device_batches` (pinned, read ahead on CUDA). The only
-    host syncs are at log and checkpoint steps: the non-finite check, the log row, the
-    checkpoint itself. TF32 is set as run.numerics says for the loop only (`run_precision`)."""
-    cfg, st = run.cfg, run.state
-    bar = tqdm(total=cfg.total_tokens, initial=st.tokens, unit="tok", unit_scale=True, disable=not progress, smoothing=0.1)
-    last_row: dict = {}
-    t_last = time.perf_counter()
+    Batches reach the device through `device_batches` (pinned, read ahead on CUDA). TF32 is set
+    as run.numerics says for the loop only (`run_precision`)."""
+    loop = Loop(run, on_log, on_checkpoint, progress)
     it = device_batches(batches, run.numerics.device)
     with run_precision(run.numerics):
         try:
-            while st.step < cfg.total_steps:
+            while not loop.done:
                 raw_BD = next(it, None)
                 if raw_BD is None:
-                    raise UserError(f"activation data ran out at step {st.step} of {cfg.total_steps}; "
-                                    "lower --tokens or allow more epochs")
-                tokens_before = st.tokens
-                x_BD, out = train_step(run, raw_BD)
-                log_now = is_log_step(cfg, st.step - 1)
-                checkpoint_now = checkpoint_due(cfg, tokens_before, st.tokens) or st.step == cfg.total_steps
-                if log_now or checkpoint_now:
-                    run.nonfinite.check(cfg.batch_size)  # waits for the device: the timing below is honest
-                now = time.perf_counter()
-                st.elapsed_s += now - t_last
-                t_last = now
-                if log_now:
-                    last_row = evaluate(run, x_BD, out)
-                    on_log(last_row)
-                    bar.set_postfix(l0=f"{last_row['l0']:.1f}", ev=f"{last_row['explained_variance']:.3f}", refresh=False)
-                bar.update(x_BD.shape[0])
-                if checkpoint_now:
-                    on_checkpoint(run)
-                    t_last = time.perf_counter()
+                    raise ran_out(run.state.step, run.cfg.total_steps)
+                loop.step(raw_BD)
         finally:
             close = getattr(it, "close", None)
             if close is not None:
                 close()
-            bar.close()
-    return last_row
+            loop.close()
+    return loop.last_row

@@ -161,59 +161,85 @@ class DriveResult:
     skipped: bool  # True when a complete run was already there
 
 
+class OpenRun:
+    """A run folder opened for training (see `drive_run`): `result` when a complete run of the
+    same learning config is already there, else `run` (fresh, or restored from the newest
+    checkpoint) ready for a Loop with `on_log` / `on_checkpoint`, and `finish` to write the
+    artifact and, last, run.json."""
+
+    def __init__(self, spec: RunSpec, out_dir: str | Path):
+        self.spec, self.out = spec, Path(out_dir)
+        self.folder = RunLayout(self.out)
+        self.artifact = self.out / spec.artifact_dir
+        self.result: DriveResult | None = None
+        self.run: TrainingRun | None = None
+        self.resumed_from: int | None = None
+        self.pending: list[dict] = []
+        wanted = spec.learning_config(spec.config())
+        done = read_manifest(self.folder.manifest)
+        if done is not None:
+            if spec.learning_config(done.get("config") or {}) != wanted:
+                raise UserError(f"{self.out} holds a finished {spec.name} run with a different config; "
+                                "choose another --out or delete it")
+            self.result = DriveResult(self.artifact, self.folder.manifest, done["final_metrics"], None, True)
+            return
+        found = ckpt.list_checkpoints(self.folder.checkpoints)
+        state = ckpt.read_state(found[-1]) if found else None
+        if state is not None and not (same_learning_config(state["config"], spec.train)
+                                      and spec.learning_config(state.get("run_config") or spec.config()) == wanted):
+            raise UserError(f"{self.out} holds checkpoints of a {spec.name} run with a different config; "
+                            "choose another --out or delete it")
+        if state is None:
+            self.run = spec.fresh()
+            ckpt.truncate_log(self.folder.training_log, -1)
+        else:
+            self.run = spec.shell()
+            restore(self.run, ckpt.load_checkpoint(found[-1], device=self.run.numerics.device))
+            ckpt.truncate_log(self.folder.training_log, self.run.state.step)
+            self.resumed_from = state["loop"]["step"]
+            log.info("resuming %s %s from step %d", spec.name, self.out, self.run.state.step)
+        self.t0 = time.perf_counter()
+
+    def on_log(self, row: dict) -> None:
+        self.pending.append(row)
+
+    def on_checkpoint(self, run: TrainingRun) -> None:
+        # log part first: after a crash, parts past the newest checkpoint are deleted on resume
+        ckpt.append_log_rows(self.folder.training_log, self.pending, run.state.step)
+        self.pending.clear()
+        _write_checkpoint(self.folder, run, self.spec.config(), reader_position=run.state.step)
+
+    def finish(self, last_row: dict, **timings) -> DriveResult:
+        """Write the artifact and run.json (`timings` adds to its timings, e.g. a group's)."""
+        run, spec = self.run, self.spec
+        final, extra = spec.finish(run, last_row, self.artifact)
+        ckpt.write_json_atomic(self.folder.manifest, {
+            "status": "complete",
+            "config": spec.config(),
+            "tokens": run.state.tokens,
+            "steps": run.state.step,
+            "numerics": run.numerics.to_dict(),  # device, compute dtype, TF32, sparse kernels of this call
+            "timings": {"train_s": run.state.elapsed_s, "wall_s_this_call": time.perf_counter() - self.t0,
+                        "tokens_per_s": run.state.tokens / max(run.state.elapsed_s, 1e-9), **timings},
+            "final_metrics": final,
+            "resample_steps": run.state.resample_steps,
+            **extra,
+        })
+        return DriveResult(self.artifact, self.folder.manifest, final, self.resumed_from, False)
+
+
 def drive_run(spec: RunSpec, out_dir: str | Path, progress: bool = True) -> DriveResult:
     """Train `spec` into the run folder out_dir (sae_transfer.storage.layout.RunLayout, with the
     artifact in out_dir/spec.artifact_dir): return a complete run of the same learning config
     untouched, else resume from the newest checkpoint (its tensors loaded onto this run's
     device), else start fresh; checkpoint as the loop asks, then write the artifact and,
     last, run.json."""
-    out = Path(out_dir)
-    folder = RunLayout(out)
-    artifact = out / spec.artifact_dir
-    wanted = spec.learning_config(spec.config())
-    done = read_manifest(folder.manifest)
-    if done is not None:
-        if spec.learning_config(done.get("config") or {}) != wanted:
-            raise UserError(f"{out} holds a finished {spec.name} run with a different config; choose another --out or delete it")
-        return DriveResult(artifact, folder.manifest, done["final_metrics"], None, True)
-    found = ckpt.list_checkpoints(folder.checkpoints)
-    state = ckpt.read_state(found[-1]) if found else None
-    if state is not None and not (same_learning_config(state["config"], spec.train)
-                                  and spec.learning_config(state.get("run_config") or spec.config()) == wanted):
-        raise UserError(f"{out} holds checkpoints of a {spec.name} run with a different config; "
-                        "choose another --out or delete it")
-    if state is None:
-        run = spec.fresh()
-        ckpt.truncate_log(folder.training_log, -1)
-    else:
-        run = spec.shell()
-        restore(run, ckpt.load_checkpoint(found[-1], device=run.numerics.device))
-        ckpt.truncate_log(folder.training_log, run.state.step)
-        log.info("resuming %s %s from step %d", spec.name, out, run.state.step)
-    pending: list[dict] = []
-
-    def on_checkpoint(r: TrainingRun) -> None:
-        # log part first: after a crash, parts past the newest checkpoint are deleted on resume
-        ckpt.append_log_rows(folder.training_log, pending, r.state.step)
-        pending.clear()
-        _write_checkpoint(folder, r, spec.config(), reader_position=r.state.step)
-
-    t0 = time.perf_counter()
-    last = train_loop(run, spec.batches(run.state.step), pending.append, on_checkpoint, progress=progress)
-    final, extra = spec.finish(run, last, artifact)
-    ckpt.write_json_atomic(folder.manifest, {
-        "status": "complete",
-        "config": spec.config(),
-        "tokens": run.state.tokens,
-        "steps": run.state.step,
-        "numerics": run.numerics.to_dict(),  # device, compute dtype, TF32, sparse kernels of this call
-        "timings": {"train_s": run.state.elapsed_s, "wall_s_this_call": time.perf_counter() - t0,
-                    "tokens_per_s": run.state.tokens / max(run.state.elapsed_s, 1e-9)},
-        "final_metrics": final,
-        "resample_steps": run.state.resample_steps,
-        **extra,
-    })
-    return DriveResult(artifact, folder.manifest, final, None if state is None else state["loop"]["step"], False)
+    opened = OpenRun(spec, out_dir)
+    if opened.result is not None:
+        return opened.result
+    run = opened.run
+    last = train_loop(run, spec.batches(run.state.step), opened.on_log, opened.on_checkpoint, progress=progress)
+    return opened.finish(last)
 
 
 def read_manifest(path: Path) -> dict | None:
