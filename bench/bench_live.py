@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--expansion", type=int, default=8)
     ap.add_argument("--arch", default="topk")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--group", type=int, default=3, help="also train this many SAEs (k = 32, 64, 128) from one stream, "
+                    "against one; 1: skip")
     args = ap.parse_args()
     if (args.model is None) == (args.d_model is None):
         ap.error("pass --model or --d-model (a random Llama), not both")
@@ -87,7 +89,7 @@ def run_bench(model, args) -> None:
     # forward: every chunk of one epoch, timed; the activations are then the in-memory training data
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     t0 = time.perf_counter()
-    chunks = [live._chunk(g) for g in range(live.chunks_per_epoch)]
+    chunks = [live._chunk(g)[args.hook] for g in range(live.chunks_per_epoch)]
     sync()
     fwd = live.forward_tokens_run / (time.perf_counter() - t0)
     acts_ND = torch.cat([c.cpu() for c in chunks])
@@ -111,12 +113,43 @@ def run_bench(model, args) -> None:
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
     if peak is not None:
         print(f"peak GPU memory (torch.cuda.max_memory_allocated): {peak:.1f} GiB")
+    group = run_group(model, args, cfg) if args.group > 1 else None
     if args.json:
-        args.json.write_text(json.dumps({
+        args.json.write_text(json.dumps({"group": group,
             "bench": "live", "device": args.device, "d_in": data.d_in, "d_sae": cfg.d_sae, "arch": args.arch,
             "layers": model.cfg.n_layers, "dtype": args.dtype, "hook": args.hook, "batch": args.batch_size,
             "tokens": args.tokens, "forward_tokens_per_s": fwd, "train_tokens_per_s": train, "live_tokens_per_s": live_tps,
             "live_over_bound": live_tps / bound, "peak_gib": peak}, indent=2))
+
+
+def run_group(model, args, cfg) -> dict:
+    """Per-batch cost of N SAEs from one stream against one: the stream's share (forward passes and
+    buffer) and each SAE's steps, both measured in the same process; ideal N: forward + N steps."""
+    import dataclasses
+
+    from sae_transfer.training.api import LiveRun, train_live_group
+
+    ks = [32 * 2**i for i in range(args.group)]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in (1, args.group):
+            runs = [LiveRun(args.hook, dataclasses.replace(cfg, k=k), Path(tmp) / f"n{n}-k{k}") for k in ks[:n]]
+            results = train_live_group(model, args.corpus, runs, context_size=args.context_size,
+                                       buffer_tokens=args.buffer_tokens, model_dtype=args.dtype)
+            timings = [json.loads(r.run_json.read_text())["timings"] for r in results]
+            batches = timings[0]["group_batches"]
+            out[n] = {"stream_ms": 1e3 * timings[0]["group_stream_s"] / batches,
+                      "step_ms": [1e3 * t["group_member_step_s"] / batches for t in timings]}
+    one, many = out[1], out[args.group]
+    ideal = one["stream_ms"] + sum(many["step_ms"])
+    actual = many["stream_ms"] + sum(many["step_ms"])
+    print(f"\nseveral SAEs from one stream (k = {', '.join(map(str, ks))}), per batch of {args.batch_size}:")
+    for n in (1, args.group):
+        steps = " + ".join(f"{s:.1f}" for s in out[n]["step_ms"])
+        print(f"  N={n}: stream {out[n]['stream_ms']:.1f} ms + steps {steps} ms")
+    print(f"  N={args.group} / (one stream + its {args.group} steps) = {actual / ideal:.3f}   "
+          f"(1.0: the stream is paid once; {args.group} separate runs would pay it {args.group}x)")
+    return {"per_batch_ms": out, "n_over_ideal": actual / ideal}
 
 
 if __name__ == "__main__":

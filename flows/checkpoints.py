@@ -25,7 +25,7 @@ def _study_saes(config: StudyConfig) -> tuple[dict[str, list[SAERecord]], dict[s
     """(hook -> SAE records, hook -> the pair's threshold) of the study: its own tasks, served
     from Prefect's cache when the study has run (trained here when it has not)."""
     study = submit_saes(config, prepare_pair(config.pair))
-    saes = {hook: [fut.result() for fut in study.of(hook)] for hook in config.hooks}
+    saes = {hook: [_resolved(s) for s in study.of(hook)] for hook in config.hooks}
     return saes, {hook: fut.result() for hook, fut in study.thresholds.items()}
 
 

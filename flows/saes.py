@@ -19,7 +19,7 @@ from sae_transfer.tasks._cache import code_version
 from sae_transfer.tasks.activations import cache_activations
 from sae_transfer.tasks.evaluate import pair_threshold
 from sae_transfer.tasks.records import ActsRecord, PairRecord
-from sae_transfer.tasks.sae import TRAINING_CODE, finetune_sae, finetune_sae_live, train_sae, train_sae_live
+from sae_transfer.tasks.sae import TRAINING_CODE, finetune_sae, finetune_saes_live, train_sae, train_saes_live
 
 
 def run_dir(layout: StudyLayout, role: str, hook: str, *key) -> str:
@@ -28,20 +28,43 @@ def run_dir(layout: StudyLayout, role: str, hook: str, *key) -> str:
     return str(layout.sae_run(f"{role}-{slug(hook)}-{hash_payload(code_version(*TRAINING_CODE), *key)}"))
 
 
+class Pick:
+    """Item `index` of a task future whose result is a list (one SAE of a group trained from one
+    stream); resolved when asked, so submitting downstream work never waits for training."""
+
+    def __init__(self, future: PrefectFuture, index: int):
+        self.future, self.index = future, index
+
+    def result(self):
+        return self.future.result()[self.index]
+
+
 @dataclass
 class StudySAEs:
     """What `submit_saes` submitted: activation records (role -> hook -> record; None when the
-    SAEs trained live), SAE futures
-    (hook -> role -> future; roles base, chat and, when fine-tuning is on, finetuned) and the
-    pair's threshold futures (hook -> future)."""
+    SAEs trained live), SAEs (hook -> key -> future or Pick; keys `base`, `chat`, `finetuned`, each
+    suffixed `[variant]` for a sweep's SAEs) and the pair's threshold futures (hook -> future)."""
 
     acts: dict[str, dict[str, ActsRecord]] | None
-    saes: dict[str, dict[str, PrefectFuture]]
+    saes: dict[str, dict[str, PrefectFuture | Pick]]
     thresholds: dict[str, PrefectFuture]
+    first_variant: str | None = None  # label of the sweep's first variant (None: no sweep)
 
-    def of(self, hook: str) -> list[PrefectFuture]:
-        """The SAEs of `hook` in the study's order: base, chat, fine-tuned."""
-        return list(self.saes[hook].values())
+    def of(self, hook: str) -> list:
+        """Every SAE of `hook` (the transfer matrix covers them all), variant by variant in the
+        sweep's order, each as base, chat, fine-tuned. A future is passed on as it is; one SAE
+        of a group trained from one stream waits for its group."""
+        return [s.result() if isinstance(s, Pick) else s for s in self.saes[hook].values()]
+
+    def primary(self, hook: str) -> list:
+        """The first variant's base, chat and fine-tuned SAEs (the study's own without a sweep):
+        the ones the diffing stage compares."""
+        keys = [_key(role, self.first_variant) for role in ("base", "chat", "finetuned")]
+        return [s.result() if isinstance(s, Pick) else s for k, s in self.saes[hook].items() if k in keys]
+
+
+def _key(role: str, variant: str | None) -> str:
+    return f"{role}[{variant}]" if variant else role
 
 
 def cache_pair(config: StudyConfig, pair: PairRecord, corpus=None, wait_for=None) -> dict[str, PrefectFuture]:
@@ -62,51 +85,65 @@ def training_source(config: StudyConfig) -> str:
 
 
 def submit_saes(config: StudyConfig, pair: PairRecord) -> StudySAEs:
-    """Submit the caches (when the SAEs train from them), every hook's SAEs and thresholds; waits
-    only for the caches (training needs their records), never for an SAE."""
+    """Submit the caches (when the SAEs train from them), every hook's SAEs (every variant of
+    `sae.sweep`) and thresholds; waits only for the caches (training needs their records),
+    never for an SAE."""
     source = training_source(config)
     sae = config.sae.model_copy(update={"source": source})  # 'auto' keys its SAEs as what it resolved to
     layout, settings = StudyLayout(config.results_dir), config.eval_settings
     caches = cache_pair(config, pair) if source == "cache" else {}
     thresholds = {h: pair_threshold.submit(pair.base, h, settings) for h in config.hooks}
     acts = {role: {a.hook: a for a in fut.result()} for role, fut in caches.items()}
-    saes: dict[str, dict[str, PrefectFuture]] = {}
-    for hook in config.hooks:
-        if source == "cache":
-            saes[hook] = _cached_saes(config, sae, layout, acts, hook)
-        else:
-            saes[hook] = _live_saes(config, sae, layout, pair, hook)
-    return StudySAEs(acts=acts or None, saes=saes, thresholds=thresholds)
+    if source == "cache":
+        saes = {hook: _cached_saes(config, sae, layout, acts, hook) for hook in config.hooks}
+    else:
+        saes = _live_saes(config, sae, layout, pair)
+    return StudySAEs(acts=acts or None, saes=saes, thresholds=thresholds, first_variant=sae.variants()[0][0])
 
 
 def _cached_saes(config: StudyConfig, sae, layout: StudyLayout, acts: dict, hook: str) -> dict[str, PrefectFuture]:
-    by_role = {role: train_sae.submit(acts[role][hook], sae, role,
-                                      run_dir(layout, role, hook, acts[role][hook].path, sae.model_dump(), config.seed),
-                                      config.seed, device=config.device)
-               for role in ("base", "chat")}
-    if config.finetune.enabled:
-        ft_dir = run_dir(layout, "finetuned", hook, acts["chat"][hook].path, sae.model_dump(),
-                         config.finetune.model_dump(), config.seed)
-        by_role["finetuned"] = finetune_sae.submit(by_role["base"], acts["chat"][hook], config.finetune, ft_dir,
-                                                   config.seed, device=config.device)
-    return by_role
+    out: dict[str, PrefectFuture] = {}
+    for variant, vsae in sae.variants():
+        by_role = {role: train_sae.submit(acts[role][hook], vsae, role,
+                                          run_dir(layout, role, hook, acts[role][hook].path, vsae.model_dump(), config.seed),
+                                          config.seed, device=config.device, variant=variant)
+                   for role in ("base", "chat")}
+        if config.finetune.enabled:
+            ft_dir = run_dir(layout, "finetuned", hook, acts["chat"][hook].path, vsae.model_dump(),
+                             config.finetune.model_dump(), config.seed)
+            by_role["finetuned"] = finetune_sae.submit(by_role["base"], acts["chat"][hook], config.finetune, ft_dir,
+                                                       config.seed, device=config.device)
+        out.update({_key(role, variant): fut for role, fut in by_role.items()})
+    return out
 
 
-def _live_saes(config: StudyConfig, sae, layout: StudyLayout, pair: PairRecord, hook: str) -> dict[str, PrefectFuture]:
-    """SAEs trained on live activations: each run folder is named by the model's content, the
-    corpus section, the SAE settings and the seed (what its stream and training depend on)."""
+def _live_saes(config: StudyConfig, sae, layout: StudyLayout, pair: PairRecord) -> dict[str, dict[str, Pick]]:
+    """SAEs trained on live activations, every hook and every variant of a model from one stream
+    (one `train-saes-live` task per model, one `finetune-saes-live` for the fine-tunes). Each run
+    folder is named by the model's content, the corpus section, the SAE settings and the seed
+    (what its stream and training depend on)."""
     models = {"base": pair.base, "chat": pair.chat}
     inputs = {role: (_content(spec), config.corpus.model_dump()) for role, spec in models.items()}
-    by_role = {role: train_sae_live.submit(models[role], hook, config.corpus, config.loading, sae, role,
-                                           run_dir(layout, role, hook, *inputs[role], sae.model_dump(), config.seed),
-                                           config.seed)
-               for role in ("base", "chat")}
+    planned = [(hook, variant, vsae) for hook in config.hooks for variant, vsae in sae.variants()]
+
+    def runs(role: str) -> list[dict]:
+        return [{"hook": hook, "variant": variant, "sae": vsae,
+                 "out_dir": run_dir(layout, role, hook, *inputs[role], vsae.model_dump(), config.seed)}
+                for hook, variant, vsae in planned]
+
+    groups = {role: train_saes_live.submit(models[role], config.corpus, config.loading, runs(role), role,
+                                           sae.buffer_tokens, config.seed)
+              for role in ("base", "chat")}
     if config.finetune.enabled:
-        ft_dir = run_dir(layout, "finetuned", hook, *inputs["chat"], sae.model_dump(), config.finetune.model_dump(),
-                         config.seed)
-        by_role["finetuned"] = finetune_sae_live.submit(by_role["base"], pair.chat, hook, config.corpus, config.loading,
-                                                        config.finetune, sae.buffer_tokens, ft_dir, config.seed)
-    return by_role
+        ft_dirs = [run_dir(layout, "finetuned", hook, *inputs["chat"], vsae.model_dump(), config.finetune.model_dump(),
+                           config.seed) for hook, _, vsae in planned]
+        groups["finetuned"] = finetune_saes_live.submit(groups["base"], pair.chat, config.corpus, config.loading,
+                                                        config.finetune, sae.buffer_tokens, ft_dirs, config.seed)
+    saes: dict[str, dict[str, Pick]] = {hook: {} for hook in config.hooks}
+    for i, (hook, variant, _) in enumerate(planned):
+        for role, group in groups.items():
+            saes[hook][_key(role, variant)] = Pick(group, i)
+    return saes
 
 
 def _content(spec: str) -> str:

@@ -47,7 +47,7 @@ def _diffing(config: StudyConfig, study: StudySAEs, pair, made) -> list:
     out = []
     for hook in config.hooks:
         base, chat = acts["base"][hook], acts["chat"][hook]
-        diff = diff_saes.submit(study.of(hook), base, chat, d, config.device, results)
+        diff = diff_saes.submit(study.primary(hook), base, chat, d, config.device, results)
         out.append(diff)
         if d.crosscoder:
             plan = config.crosscoder_plan
@@ -56,7 +56,7 @@ def _diffing(config: StudyConfig, study: StudySAEs, pair, made) -> list:
             crosscoder = train_crosscoder.submit(base, chat, plan, config.device, cc_dir)
             out.append(diff_crosscoder.submit(crosscoder, base, chat, d, config.device, results))
         if d.causal and made is not None:
-            out.append(causal_check.submit(study.of(hook), pair.chat, hook, diff, made, config.loading, results))
+            out.append(causal_check.submit(study.primary(hook), pair.chat, hook, diff, made, config.loading, results))
     return out
 
 
@@ -71,7 +71,8 @@ def _evaluations(config: StudyConfig, study: StudySAEs, pair, made) -> list:
             pending.append(evaluate_transfer.submit(saes, model, hook, settings, results, threshold=thr))
             pending.append(position_curves.submit(saes, model, hook, settings, results, threshold=thr))
         if made is not None:
-            pending.append(evaluate_segments.submit(saes[:2], pair.chat, hook, settings, made, results, threshold=thr))
+            base_chat = study.primary(hook)[:2]
+            pending.append(evaluate_segments.submit(base_chat, pair.chat, hook, settings, made, results, threshold=thr))
     return pending
 
 

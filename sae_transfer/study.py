@@ -4,6 +4,7 @@ budgets, SAE settings and outlier rules. It is the `transfer_study` flow's param
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import tomllib
 from pathlib import Path
@@ -66,6 +67,39 @@ class SAESection(_Section):
         "models' caches fit the results folder's free disk, else live")
     buffer_tokens: int = Field(
         262_144, ge=1, description="shuffle buffer of live training, in tokens (the cache reader's, so both mix alike)")
+    sweep: dict[str, list] = Field(
+        {}, description="settings to sweep, e.g. {l1_coefficient: [2, 5, 12]}: one SAE per combination, per model and "
+        "hook, every one in the transfer matrix; trained live, all from one forward pass per model")
+
+    @model_validator(mode="after")
+    def _check_sweep(self) -> SAESection:
+        for key, values in self.sweep.items():
+            if key not in SWEEPABLE:
+                why = ("the SAEs of a sweep share one stream, batched once" if key in ("batch_size", "buffer_tokens")
+                       else "it is not a setting of one SAE")
+                raise ValueError(f"sae.sweep cannot vary {key!r} ({why}); sweep any of {', '.join(SWEEPABLE)}")
+            if not isinstance(values, list) or not values:
+                raise ValueError(f"sae.sweep.{key} must be a non-empty list of values, e.g. [2, 5, 12]")
+            for v in values:
+                SAESection(**{key: v})  # each value valid on its own (range, architecture name)
+        return self
+
+    def variants(self) -> list[tuple[str | None, SAESection]]:
+        """(label, settings) of every SAE the section asks for: itself (label None) without a sweep,
+        else one per combination of the swept values, labelled `key=value,...` (the settings keep no
+        sweep, so adding a value to a sweep never re-trains the SAEs already trained)."""
+        if not self.sweep:
+            return [(None, self)]
+        keys = list(self.sweep)
+        out = []
+        for combo in itertools.product(*(self.sweep[k] for k in keys)):
+            label = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in zip(keys, combo))
+            out.append((label, self.model_copy(update={"sweep": {}, **dict(zip(keys, combo))})))
+        return out
+
+
+# What `sae.sweep` may vary: the settings of one SAE (not of the stream they share).
+SWEEPABLE = ("arch", "expansion", "l1_coefficient", "k", "lr", "train_tokens")
 
 
 class FinetuneSection(_Section):

@@ -30,6 +30,7 @@ _PROVENANCE = [
     ("sae_id", _STR),  # SAE folder name (the run folder for <run>/sae) + ":" + weights sha256 prefix
     ("sae_model", _STR),  # model the SAE was trained on (cfg metadata model_name)
     ("sae_finetuned_from", _STR),  # parent SAE folder (cfg metadata finetuned_from); null if trained from scratch
+    ("sae_variant", _STR),  # the swept settings that set it apart (cfg metadata variant, e.g. "l1_coefficient=2"); null: no sweep
     ("model_id", _STR),  # evaluated model: Hub id or local folder
     ("model_revision", _STR),  # Hub revision, "sha256:<weights hash>" or checkpoint step
     ("hook", _STR),  # hook point, e.g. blocks.6.hook_resid_pre

@@ -102,7 +102,7 @@ def run_name(prefix: str, *params: str):
         v = values.get(name, "")
         if field:
             v = v.get(field, "") if isinstance(v, dict) else getattr(v, field, "")
-        return str(v).rstrip("/").split("/")[-1]
+        return "" if v is None else str(v).rstrip("/").split("/")[-1]
 
     def name() -> str:
         from prefect.runtime import task_run

@@ -46,6 +46,7 @@ class SAERecord(_Record):
     finetuned_from: str | None = None  # parent SAE folder for fine-tunes
     tokens: int = 0  # tokens trained on
     final_metrics: dict = {}
+    variant: str | None = None  # the swept settings that set it apart (sae.sweep), e.g. "l1_coefficient=2"
 
 
 class RowsRecord(_Record):

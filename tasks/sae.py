@@ -1,5 +1,6 @@
-"""Tasks: train an SAE on cached or live activations; fine-tune an existing SAE on another
-model's (cached or live)."""
+"""Tasks: train an SAE on cached activations, or every SAE of a model (all hooks, every variant
+of a sweep) from one live stream; fine-tune existing SAEs on another model's activations (cached,
+or live from one stream)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ from sae_transfer.storage.layout import RunLayout
 from sae_transfer.study import CorpusSection, FinetuneSection, ModelLoading, SAESection
 from sae_transfer.tasks._cache import cached, run_name
 from sae_transfer.tasks.records import ActsRecord, SAERecord
-from sae_transfer.training.api import finetune_live, finetune_on_dataset, sae_train_config, train_live, train_on_dataset
+from sae_transfer.training.api import (
+    LiveRun,
+    finetune_on_dataset,
+    finetune_run,
+    sae_train_config,
+    train_live_group,
+    train_on_dataset,
+)
 
 # What a trained SAE depends on: flows also put its hash into the run folder's name, so a
 # trainer fix trains a new SAE instead of finding the old run complete.
@@ -20,10 +28,11 @@ TRAINING_CODE = ("sae_transfer.sae", "sae_transfer.training", "sae_transfer.stor
 _CODE = cached(*TRAINING_CODE)
 
 
-def _record(result, model: str, hook: str, role: str, parent: str | None = None) -> SAERecord:
+def _record(result, model: str, hook: str, role: str, parent: str | None = None, variant: str | None = None) -> SAERecord:
     return SAERecord(
         path=str(result.sae_dir), run_dir=str(RunLayout.holding(result.sae_dir).root), model=model, hook=hook,
         role=role, finetuned_from=parent, tokens=int(result.metrics.get("tokens", 0)), final_metrics=result.metrics,
+        variant=variant,
     )
 
 
@@ -33,46 +42,54 @@ def _live_inputs(model: str, corpus: CorpusSection, loading: ModelLoading):
     return m, CorpusConfig(source=corpus.source, text_column=corpus.text_column, seed=corpus.seed)
 
 
-@task(name="train-sae", task_run_name=run_name("train-sae", "role", "acts.hook"), **_CODE)
-def train_sae(acts: ActsRecord, sae: SAESection, role: str, out_dir: str, seed: int = 0, device: str | None = None) -> SAERecord:
+@task(name="train-sae", task_run_name=run_name("train-sae", "role", "acts.hook", "variant"), **_CODE)
+def train_sae(acts: ActsRecord, sae: SAESection, role: str, out_dir: str, seed: int = 0, device: str | None = None,
+              variant: str | None = None) -> SAERecord:
     """Train an SAE of the study's architecture on one activation dataset (resumes if interrupted)
-    on `device` (the study's; None: CUDA when available, else CPU)."""
-    result = train_on_dataset(acts.path, out_dir, sae_train_config(sae, seed, device), expansion=sae.expansion)
+    on `device` (the study's; None: CUDA when available, else CPU). `variant` labels one SAE of a sweep."""
+    result = train_on_dataset(acts.path, out_dir, sae_train_config(sae, seed, device), expansion=sae.expansion,
+                              variant=variant)
     get_run_logger().info("%s SAE %s: %s", role, "reused" if result.skipped else "trained", result.metrics)
-    return _record(result, acts.model, acts.hook, role)
+    return _record(result, acts.model, acts.hook, role, variant=variant)
 
 
-@task(name="train-sae", task_run_name=run_name("train-sae", "role", "hook"), **_CODE)
-def train_sae_live(model: str, hook: str, corpus: CorpusSection, loading: ModelLoading, sae: SAESection, role: str,
-                   out_dir: str, seed: int = 0) -> SAERecord:
-    """Train an SAE of the study's architecture on live activations of `model` at `hook` (a shuffle
-    buffer over forward passes of the corpus's train split, nothing on disk; resumes if interrupted)."""
-    m, text = _live_inputs(model, corpus, loading)
-    result = train_live(m, hook, text, out_dir, sae_train_config(sae, seed, loading.device), expansion=sae.expansion,
-                        context_size=corpus.context_size, buffer_tokens=sae.buffer_tokens, prepend_bos=corpus.prepend_bos,
-                        model_dtype=loading.dtype)
-    get_run_logger().info("%s SAE (live) %s: %s", role, "reused" if result.skipped else "trained", result.metrics)
-    return _record(result, model, hook, role)
-
-
-@task(name="finetune-sae", task_run_name=run_name("finetune-sae", "acts.hook"), **_CODE)
+@task(name="finetune-sae", task_run_name=run_name("finetune-sae", "acts.hook", "parent.variant"), **_CODE)
 def finetune_sae(parent: SAERecord, acts: ActsRecord, finetune: FinetuneSection, out_dir: str, seed: int = 0,
                  device: str | None = None) -> SAERecord:
     """Fine-tune `parent` on `acts` with the study's recipe (same LR, 5% warm-up, 20% decay) on
     `device` (None: CUDA when available, else CPU)."""
     result = finetune_on_dataset(parent.path, acts.path, out_dir, total_tokens=finetune.tokens,
-                                 batch_size=finetune.batch_size, seed=seed, device=device)
+                                 batch_size=finetune.batch_size, seed=seed, device=device, variant=parent.variant)
     get_run_logger().info("fine-tuned SAE %s: %s", "reused" if result.skipped else "trained", result.metrics)
-    return _record(result, acts.model, acts.hook, "finetuned", parent=parent.path)
+    return _record(result, acts.model, acts.hook, "finetuned", parent=parent.path, variant=parent.variant)
 
 
-@task(name="finetune-sae", task_run_name=run_name("finetune-sae", "hook"), **_CODE)
-def finetune_sae_live(parent: SAERecord, model: str, hook: str, corpus: CorpusSection, loading: ModelLoading,
-                      finetune: FinetuneSection, buffer_tokens: int, out_dir: str, seed: int = 0) -> SAERecord:
-    """Fine-tune `parent` on live activations of `model` at `hook` with the study's recipe."""
+@task(name="train-saes-live", task_run_name=run_name("train-saes-live", "role"), **_CODE)
+def train_saes_live(model: str, corpus: CorpusSection, loading: ModelLoading, runs: list[dict], role: str,
+                    buffer_tokens: int, seed: int = 0) -> list[SAERecord]:
+    """Train every SAE of `runs` ({hook, variant, sae: SAESection, out_dir}: every hook of the study,
+    every setting of its sweep) from one live stream of `model`: one forward pass per batch for all
+    of them (training/group.py). Each resumes on its own; each record in the order of `runs`."""
     m, text = _live_inputs(model, corpus, loading)
-    result = finetune_live(parent.path, m, hook, text, out_dir, context_size=corpus.context_size, buffer_tokens=buffer_tokens,
-                           prepend_bos=corpus.prepend_bos, model_dtype=loading.dtype, total_tokens=finetune.tokens,
-                           batch_size=finetune.batch_size, seed=seed, device=loading.device)
-    get_run_logger().info("fine-tuned SAE (live) %s: %s", "reused" if result.skipped else "trained", result.metrics)
-    return _record(result, model, hook, "finetuned", parent=parent.path)
+    planned = [LiveRun(r["hook"], sae_train_config(r["sae"], seed, loading.device), r["out_dir"],
+                       expansion=r["sae"].expansion, variant=r["variant"]) for r in runs]
+    results = train_live_group(m, text, planned, context_size=corpus.context_size, buffer_tokens=buffer_tokens,
+                               prepend_bos=corpus.prepend_bos, model_dtype=loading.dtype)
+    done = sum(not r.skipped for r in results)
+    get_run_logger().info("%s SAEs (live, one stream): %d trained, %d reused", role, done, len(results) - done)
+    return [_record(res, model, r["hook"], role, variant=r["variant"]) for r, res in zip(runs, results)]
+
+
+@task(name="finetune-saes-live", task_run_name=run_name("finetune-saes-live", "model"), **_CODE)
+def finetune_saes_live(parents: list[SAERecord], model: str, corpus: CorpusSection, loading: ModelLoading,
+                       finetune: FinetuneSection, buffer_tokens: int, out_dirs: list[str], seed: int = 0) -> list[SAERecord]:
+    """Fine-tune every SAE of `parents` (into `out_dirs`, in order) on one live stream of `model`
+    with the study's recipe: one forward pass per batch for all of them."""
+    m, text = _live_inputs(model, corpus, loading)
+    planned = [finetune_run(p.path, p.hook, out, variant=p.variant, total_tokens=finetune.tokens,
+                            batch_size=finetune.batch_size, seed=seed, device=loading.device)
+               for p, out in zip(parents, out_dirs, strict=True)]
+    results = train_live_group(m, text, planned, context_size=corpus.context_size, buffer_tokens=buffer_tokens,
+                               prepend_bos=corpus.prepend_bos, model_dtype=loading.dtype)
+    get_run_logger().info("fine-tuned %d SAEs (live, one stream)", len(results))
+    return [_record(res, model, p.hook, "finetuned", parent=p.path, variant=p.variant) for p, res in zip(parents, results)]

@@ -5,6 +5,7 @@ folder resumable on its own."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -27,7 +28,8 @@ S, N_TOKENS, BUFFER = 64, 8192, 1024
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("group")
     model_dir, corpus_dir = tiny_model_dir(root), tiny_corpus_dir(root)
-    return {"root": root, "corpus": CorpusConfig(source=str(corpus_dir)), "model": load_model(str(model_dir), device="cpu")}
+    return {"root": root, "corpus": CorpusConfig(source=str(corpus_dir)), "model": load_model(str(model_dir), device="cpu"),
+            "model_dir": model_dir}
 
 
 def _cfg(**kw) -> TrainConfig:
@@ -136,3 +138,34 @@ def test_group_refuses_runs_that_cannot_share_a_stream(setup):
     same = [LiveRun(HOOKS[0], _cfg(), root / "bad" / "a"), LiveRun(HOOKS[1], _cfg(k=4), root / "bad" / "a")]
     with pytest.raises(UserError, match="same folder"):
         _group(setup, same)
+
+
+def _cli(monkeypatch, capsys, args):
+    from sae_transfer.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["sae-transfer", "train", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err.strip()
+
+
+def test_cli_trains_every_hook_and_sweep_value_from_one_stream(setup, monkeypatch, capsys):
+    out_dir = setup["root"] / "cli"
+    common = ["--model", str(setup["model_dir"]), "--corpus", setup["corpus"].source, "--context-size", str(S),
+              "--buffer-tokens", "1024", "--arch", "topk", "--d-sae", "32", "--tokens", "1024", "--batch-size", "128",
+              "--device", "cpu", "--out", str(out_dir), "-q"]
+    code, out, err = _cli(monkeypatch, capsys, [*common, "--hook", HOOKS[0], "--hook", HOOKS[1], "--sweep", "k=2,4"])
+    assert code in (0, None), err
+    folders = out.strip().splitlines()
+    assert len(folders) == 4 and len({f.rsplit("/", 2)[-2] for f in folders}) == 4
+    ks = sorted(json.loads((out_dir / f.rsplit("/", 2)[-2] / "run.json").read_text())["config"]["k"] for f in folders)
+    assert ks == [2, 2, 4, 4]
+
+    for bad, words in ((["--sweep", "batch=1,2"], "write KEY=V1,V2"), (["--sweep", "k=two"], "int values"),
+                       (["--sweep", "k=64"], "at most d_sae")):
+        code, _, err = _cli(monkeypatch, capsys, [*common, "--hook", HOOKS[0], *bad])
+        assert code == 2 and len(err.splitlines()) == 1 and words in err, err

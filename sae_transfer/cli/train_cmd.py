@@ -4,6 +4,8 @@ model's activations. Both resume; both print the SAE folder."""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from pathlib import Path
 
 import typer
@@ -48,7 +50,8 @@ def train(
                                      "or a .safetensors file with 'acts'. Or train live: --model/--hook/--corpus."),
     model: str | None = typer.Option(None, "--model", help="Train on live activations of this model "
                                      "(local folder or Hub id; with --hook and --corpus) instead of --acts."),
-    hook: str | None = typer.Option(None, "--hook", help="Hook to train on (live), e.g. blocks.6.hook_resid_post."),
+    hook: list[str] | None = typer.Option(None, "--hook", help="Hook to train on (live), e.g. blocks.6.hook_resid_post; "
+                                          "repeat it to train one SAE per hook from the same forward passes."),
     corpus: str | None = typer.Option(None, "--corpus", help="Text source (live): stdlib, a .txt/.jsonl/.parquet "
                                       "file or folder, or a Hub dataset id; its train split is used."),
     context_size: int = typer.Option(128, "--context-size", min=2, help="Tokens per sequence, BOS included (live)."),
@@ -82,14 +85,20 @@ def train(
     tf32: bool = typer.Option(True, "--tf32/--no-tf32", help=_TF32_HELP),
     sparse_kernels: str = typer.Option("auto", "--sparse-kernels",
                                        help="topk/batchtopk/jumprelu kernels: csr | dense | auto (csr on CPU, dense on CUDA)."),
+    sweep: list[str] | None = typer.Option(None, "--sweep", help="Train one SAE per value, e.g. --sweep l1=2,5,12 "
+                                           "(l1, k, lr, d-sae, arch; repeat for a grid). Live: all from one stream."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar or summary; print only the SAE folder."),
 ) -> None:
     """Train an SAE from cached activations, or from live activations of --model (resumes from the
-    newest checkpoint in --out); print the SAE folder."""
+    newest checkpoint in --out); print the SAE folder. Several --hook or a --sweep train several
+    SAEs (live: from one forward pass per batch), one run folder each under --out."""
     from sae_transfer.training.api import train_live, train_on_dataset
     from sae_transfer.training.data import open_training_data
 
-    live = _live_or_cached(acts, model, hook, corpus)
+    hooks = list(dict.fromkeys(hook or []))
+    live = _live_or_cached(acts, model, hooks[0] if hooks else None, corpus)
+    if not live and hooks:
+        raise UserError("--hook names the hooks of live training (with --model); a cached dataset holds one hook already")
     if not live:
         open_training_data(acts, batch_size)  # the input first: a missing or empty dataset is the error to name
     require(lr is None or lr > 0, "--lr", lr, "the learning rate must be > 0, e.g. 4e-4")
@@ -103,11 +112,64 @@ def train(
         log_every_steps=log_every, num_threads=threads, device=device, dtype=dtype, tf32=tf32, sparse_kernels=sparse_kernels,
     )
     cfg, buffer = _train_config(fields), parse_count(buffer_tokens, "--buffer-tokens")
-    if live:
-        result = train_live(model, hook, corpus, out, cfg, context_size=context_size, buffer_tokens=buffer, progress=not quiet)
+    variants = sweep_variants(sweep or [])
+    for label, changes in variants:
+        _train_config({**fields, **changes})  # every variant valid before anything trains
+        require(changes.get("k", cfg.k) <= changes.get("d_sae", cfg.d_sae), "--sweep", label,
+                "at most d_sae features can be active: lower k or raise d-sae")
+    if live and (len(hooks) > 1 or sweep):
+        from sae_transfer.training.api import LiveRun, train_live_group
+
+        runs = [LiveRun(h, dataclasses.replace(cfg, **changes), out / _run_folder(h, label), variant=label)
+                for h in hooks for label, changes in variants]
+        results = train_live_group(model, corpus, runs, context_size=context_size, buffer_tokens=buffer, progress=not quiet)
+        for result in results:
+            _report(result, quiet)
+    elif live:
+        _report(train_live(model, hooks[0], corpus, out, cfg, context_size=context_size, buffer_tokens=buffer,
+                           progress=not quiet), quiet)
+    elif sweep:
+        for label, changes in variants:
+            _report(train_on_dataset(acts, out / _run_folder(None, label), dataclasses.replace(cfg, **changes),
+                                     buffer_tokens=buffer, progress=not quiet, variant=label), quiet)
     else:
-        result = train_on_dataset(acts, out, cfg, buffer_tokens=buffer, progress=not quiet)
-    _report(result, quiet)
+        _report(train_on_dataset(acts, out, cfg, buffer_tokens=buffer, progress=not quiet), quiet)
+
+
+# --sweep keys: the flag names of `train` (and TrainConfig's own names), with how to read a value
+_SWEEP_KEYS = {"l1": ("l1_coefficient", float), "l1_coefficient": ("l1_coefficient", float), "k": ("k", int),
+               "lr": ("lr", float), "d-sae": ("d_sae", int), "d_sae": ("d_sae", int), "arch": ("arch", str)}
+
+
+def sweep_variants(specs: list[str]) -> list[tuple[str | None, dict]]:
+    """`["l1=2,5", "k=16,32"]` -> one (label, TrainConfig changes) per combination; [(None, {})]
+    without a sweep. One line on a bad spec."""
+    axes = []
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        key = key.strip()
+        if not sep or key not in _SWEEP_KEYS or not values.strip():
+            raise UserError(f"--sweep {spec!r}: write KEY=V1,V2,... with KEY one of l1, k, lr, d-sae, arch "
+                            "(e.g. --sweep l1=2,5,12)")
+        field, kind = _SWEEP_KEYS[key]
+        try:
+            axes.append([(field, kind(v.strip())) for v in values.split(",") if v.strip()])
+        except ValueError:
+            raise UserError(f"--sweep {spec!r}: {key} takes {kind.__name__} values, e.g. {key}=2,5") from None
+    if not axes:
+        return [(None, {})]
+    out = []
+    for combo in itertools.product(*axes):
+        label = ",".join(f"{f}={v:g}" if isinstance(v, float) else f"{f}={v}" for f, v in combo)
+        out.append((label, dict(combo)))
+    return out
+
+
+def _run_folder(hook: str | None, variant: str | None) -> str:
+    """The run folder of one SAE of a multi-SAE `train` under --out."""
+    from sae_transfer.storage.layout import slug
+
+    return "-".join(slug(part) for part in (hook, variant) if part) or "sae"
 
 
 def _live_or_cached(acts: Path | None, model: str | None, hook: str | None, corpus: str | None) -> bool:

@@ -45,6 +45,7 @@ def load_saes(folders: list[str], hook: str) -> list[LoadedSAE]:
             "sae_id": f"{name}:{weights_hash(folder)}",
             "sae_model": meta.get("model_name"),
             "sae_finetuned_from": meta.get("finetuned_from"),
+            "sae_variant": meta.get("variant"),
         }
         out.append(LoadedSAE(sae, info, meta.get("context_size"), spec))
     return out

@@ -63,20 +63,35 @@ def _q(con, name: str, params: list) -> pd.DataFrame:
     return con.execute(sql, params[:n]).df()
 
 
+def split_sweep(transfer: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
+    """The transfer table without its `variant` column when no SAE belongs to a sweep, and the
+    variant the findings describe (the first label in order), or None."""
+    if "variant" not in transfer.columns:
+        return transfer, None
+    labels = sorted(transfer["variant"].dropna().unique())
+    if not labels:
+        return transfer.drop(columns=["variant"]), None
+    return transfer, labels[0]
+
+
 def collect_sections(results_dir: str | Path, base: str, chat: str, *, scatter_rows: int = 4000) -> list[Section]:
     """Run every report query on the catalog and draw the figures."""
     con = catalog.connect(results_dir)
     try:
         pair = [base, chat]
-        transfer = _q(con, "transfer_table", pair)
+        transfer, first_variant = split_sweep(_q(con, "transfer_table", pair))
         named = {name: _q(con, name, pair) for name in ("outlier_table", "segments_table", "finetune_table", "drift",
                                                         "diff_class_counts", "latent_status_counts", "latent_ablation_table")}
-        sentences = findings(transfer, named["outlier_table"], named["segments_table"], named["finetune_table"], named["drift"],
+        primary = (transfer if first_variant is None
+                   else transfer[transfer["variant"].isin([first_variant])].drop(columns=["variant"]))
+        sentences = findings(primary, named["outlier_table"], named["segments_table"], named["finetune_table"], named["drift"],
                              (named["diff_class_counts"], named["latent_status_counts"], named["latent_ablation_table"]))
         sections = [
             Section("findings", "Findings", "One sentence per research question, from the tables below "
                     "(CE loss recovered with its bootstrap 95 % interval over sequences).",
-                    bullets=sentences or ["no results yet"]),
+                    bullets=(sentences or ["no results yet"]) + (
+                        [f"SAEs of a sweep: these sentences compare variant {first_variant}; the transfer matrix "
+                         "lists every variant."] if first_variant is not None else [])),
             Section("transfer", "Transfer matrix (plain text)",
                     "Every SAE spliced into every model on held-out text. CE loss recovered uses the zero-ablation baseline, "
                     "with a bootstrap 95% interval over sequences. `excluded`: outlier-norm positions are not counted and keep "
@@ -84,11 +99,11 @@ def collect_sections(results_dir: str | Path, base: str, chat: str, *, scatter_r
                     "SAE(r x) / r on the evaluated model. Greyed rows have ill-conditioned denominators and are not findings.",
                     [(f"outliers {policy}", part.drop(columns=["outlier_policy"]))
                      for policy, part in transfer.groupby("outlier_policy", sort=False)],
-                    [("transfer matrix, outliers excluded", plots.transfer_heatmap(transfer))] if not transfer.empty else []),
+                    [("transfer matrix, outliers excluded", plots.transfer_heatmap(primary))] if not primary.empty else []),
         ]
         if (note := published_note(base, chat)) is not None:  # a pair the study used: its numbers beside ours
             sections.append(Section("published", "The study's published numbers", note, [("published vs ours", beside_ours(
-                published_rows(base, chat), transfer, published_pair(base, chat)["hook"]))]))
+                published_rows(base, chat), primary, published_pair(base, chat)["hook"]))]))
         scatter = _q(con, "mse_vs_norm", pair + [scatter_rows])
         sections.append(Section("outliers", "Outlier-norm activations",
                                 "Tokens whose scaled norm (mean norm rescaled to sqrt(d_model)) passes the threshold, "

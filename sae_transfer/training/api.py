@@ -30,13 +30,19 @@ def sae_train_config(sae: SAESection, seed: int = 0, device: str | None = None) 
 
 
 def train_on_dataset(acts_path: str | Path, out_dir: str | Path, cfg: TrainConfig, *, expansion: int | None = None,
-                     buffer_tokens: int = BUFFER_TOKENS, progress: bool = False) -> RunResult:
+                     buffer_tokens: int = BUFFER_TOKENS, progress: bool = False, variant: str | None = None) -> RunResult:
     """Train an SAE with `cfg` on a cached dataset (d_sae = expansion x d_model when `expansion` is
-    given, else cfg.d_sae); resumable. Returns the RunResult (sae_dir, metrics, ...)."""
+    given, else cfg.d_sae); resumable. `variant` (one SAE of a sweep) goes into cfg.json's
+    metadata. Returns the RunResult (sae_dir, metrics, ...)."""
     data = open_training_data(acts_path, cfg.batch_size, seed=cfg.seed, buffer_tokens=buffer_tokens)
     if expansion is not None:
         cfg = dataclasses.replace(cfg, d_sae=expansion * data.d_in)
-    return train_sae(cfg, data.make_source, data.d_in, out_dir, metadata=data.metadata, progress=progress)
+    return train_sae(cfg, data.make_source, data.d_in, out_dir, metadata=_with_variant(data.metadata, variant),
+                     progress=progress)
+
+
+def _with_variant(metadata: dict, variant: str | None) -> dict:
+    return {**metadata, "variant": variant} if variant else metadata
 
 
 def train_live(model, hook: str, corpus: CorpusConfig | str | Path, out_dir: str | Path, cfg: TrainConfig, *,
@@ -101,7 +107,7 @@ def train_live_group(model, corpus: CorpusConfig | str | Path, runs: list[LiveRu
     for r in runs:
         data = stream.data(r.hook)
         cfg = dataclasses.replace(r.cfg, d_sae=r.expansion * data.d_in) if r.expansion is not None else r.cfg
-        meta = {**data.metadata, **({"variant": r.variant} if r.variant else {})}
+        meta = _with_variant(data.metadata, r.variant)
         members.append(Member(SAERunSpec(cfg, data.make_source, data.d_in, meta, r.parent), Path(r.out_dir), r.hook))
     # fresh runs each read the stream's start for their scale estimate: computed once, kept until training passes it
     stream.live.pin_start(max(r.cfg.scale_estimate_tokens for r in runs))
@@ -126,13 +132,15 @@ def _finetune_setup(parent_sae: Path, overrides: dict) -> tuple[TrainConfig, Par
 
 
 def finetune_on_dataset(parent_sae: str | Path, acts_path: str | Path, out_dir: str | Path, *,
-                        buffer_tokens: int = BUFFER_TOKENS, progress: bool = False, **overrides) -> RunResult:
+                        buffer_tokens: int = BUFFER_TOKENS, progress: bool = False, variant: str | None = None,
+                        **overrides) -> RunResult:
     """Fine-tune the SAE folder `parent_sae` on another model's cached activations with the seed
     study's recipe; `overrides` are TrainConfig fields (total_tokens, batch_size, seed, device,
     lr, ...). run.json records the parent's path and weights hash."""
     cfg, parent = _finetune_setup(Path(parent_sae), overrides)
     data = open_training_data(acts_path, cfg.batch_size, seed=cfg.seed, buffer_tokens=buffer_tokens)
-    return train_sae(cfg, data.make_source, data.d_in, out_dir, metadata=data.metadata, parent=parent, progress=progress)
+    return train_sae(cfg, data.make_source, data.d_in, out_dir, metadata=_with_variant(data.metadata, variant),
+                     parent=parent, progress=progress)
 
 
 def finetune_live(parent_sae: str | Path, model, hook: str, corpus: CorpusConfig | str | Path, out_dir: str | Path, *,

@@ -15,6 +15,7 @@ select
     hook,
     outlier_policy,
     sae_label as sae,
+    sae_variant as variant,
     model_label as model,
     round(l0, 1) as l0,
     round(100 * ce_loss_score, 2) as ce_loss_rec_pct,
@@ -34,4 +35,4 @@ select
     unreliable_reason
 from labelled
 where model_label in ('base', 'chat')
-order by hook, outlier_policy desc, sae_label, model_label
+order by hook, outlier_policy desc, sae_label, sae_variant nulls first, model_label
