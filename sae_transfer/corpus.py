@@ -226,6 +226,44 @@ def corpus_fingerprint(cfg: CorpusConfig) -> str:
     return digest.hexdigest()[:16]
 
 
+def iter_sequence_bodies(cfg: CorpusConfig, tokenizer, *, context_size: int, split: str = "train",
+                         prepend_bos: bool = True) -> Iterator[list[int]]:
+    """The split's documents, concatenated with the EOS token between them and cut into chunks of
+    `context_size` token ids (minus one when a BOS is to be prepended), in corpus order, one
+    chunk at a time: memory stays one document plus one chunk whatever the corpus size."""
+    if context_size < 2:
+        raise UserError(f"context_size must be at least 2, got {context_size}")
+    if prepend_bos and tokenizer.bos_token_id is None:
+        raise UserError("tokenizer has no BOS token: pass --no-prepend-bos or use a tokenizer with one")
+    sep = tokenizer.eos_token_id
+    body = context_size - 1 if prepend_bos else context_size
+    stream: list[int] = []
+    for doc in split_documents(iter_documents(cfg), cfg, split):
+        stream.extend(tokenizer.encode(doc.text, add_special_tokens=False))
+        if sep is not None:
+            stream.append(sep)
+        start = 0
+        while len(stream) - start >= body:
+            yield stream[start:start + body]
+            start += body
+        del stream[:start]
+
+
+def too_small(cfg: CorpusConfig, have_seqs: int, context_size: int, split: str, n_tokens: int | None) -> UserError:
+    need = "" if n_tokens is None else f"; {n_tokens} requested"
+    return UserError(
+        f"corpus {cfg.source!r} gives only {have_seqs * context_size} {split} tokens at context size {context_size}{need}: "
+        "lower the token count or context size, or use a larger corpus"
+    )
+
+
+def sequences_fingerprint(cfg: CorpusConfig, tokenizer, split: str, context_size: int, prepend_bos: bool,
+                          n_seqs: int) -> str:
+    """The identity of `n_seqs` sequences of the split as `tokenize_sequences` cuts them."""
+    payload = f"{corpus_fingerprint(cfg)}:{split}:{tokenizer_fingerprint(tokenizer)}:{context_size}:{prepend_bos}:{n_seqs}"
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
 def tokenize_sequences(
     cfg: CorpusConfig,
     tokenizer,
@@ -235,45 +273,23 @@ def tokenize_sequences(
     split: str = "train",
     prepend_bos: bool = True,
 ) -> TokenSequences:
-    """Tokenise the split's documents into [N, context_size] sequences.
-
-    Documents are concatenated with the EOS token between them and cut into chunks of
-    `context_size` (minus one when a BOS is prepended). Stops once `n_tokens` tokens are
-    collected (rounded up to whole sequences); raises UserError if the corpus is smaller.
-    """
-    if context_size < 2:
-        raise UserError(f"context_size must be at least 2, got {context_size}")
+    """Tokenise the split's documents into [N, context_size] sequences in memory
+    (`iter_sequence_bodies`; `sae_transfer.token_file` writes them to disk instead). Stops once
+    `n_tokens` tokens are collected (rounded up to whole sequences); raises UserError if the
+    corpus is smaller."""
     bos = tokenizer.bos_token_id
-    if prepend_bos and bos is None:
-        raise UserError("tokenizer has no BOS token: pass --no-prepend-bos or use a tokenizer with one")
-    sep = tokenizer.eos_token_id
-    body = context_size - 1 if prepend_bos else context_size
     n_seqs_wanted = None if n_tokens is None else -(-n_tokens // context_size)
-    stream: list[int] = []
     chunks: list[list[int]] = []
-    for doc in split_documents(iter_documents(cfg), cfg, split):
-        stream.extend(tokenizer.encode(doc.text, add_special_tokens=False))
-        if sep is not None:
-            stream.append(sep)
-        while len(stream) >= body:
-            chunks.append(stream[:body])
-            del stream[:body]
+    for chunk in iter_sequence_bodies(cfg, tokenizer, context_size=context_size, split=split, prepend_bos=prepend_bos):
+        chunks.append(chunk)
         if n_seqs_wanted is not None and len(chunks) >= n_seqs_wanted:
             break
     if not chunks or (n_seqs_wanted is not None and len(chunks) < n_seqs_wanted):
-        have = len(chunks) * context_size
-        need = "" if n_tokens is None else f"; {n_tokens} requested"
-        raise UserError(
-            f"corpus {cfg.source!r} gives only {have} {split} tokens at context size {context_size}{need}: "
-            "lower the token count or context size, or use a larger corpus"
-        )
-    if n_seqs_wanted is not None:
-        chunks = chunks[:n_seqs_wanted]
+        raise too_small(cfg, len(chunks), context_size, split, n_tokens)
     tokens = torch.tensor(chunks, dtype=torch.int64)
     roles = torch.full_like(tokens, ROLE_CODE["text"], dtype=torch.uint8)
     if prepend_bos:
         tokens = torch.cat([torch.full((len(chunks), 1), bos, dtype=torch.int64), tokens], dim=1)
         roles = torch.cat([torch.full((len(chunks), 1), ROLE_CODE["bos"], dtype=torch.uint8), roles], dim=1)
-    payload = (f"{corpus_fingerprint(cfg)}:{split}:{tokenizer_fingerprint(tokenizer)}:{context_size}:{prepend_bos}:"
-               f"{tokens.shape[0]}")
-    return TokenSequences(tokens, roles, hashlib.sha256(payload.encode()).hexdigest()[:16])
+    return TokenSequences(tokens, roles,
+                          sequences_fingerprint(cfg, tokenizer, split, context_size, prepend_bos, tokens.shape[0]))

@@ -1,8 +1,9 @@
 """Train from live activations: run the model over the corpus while the SAE trains, with no
 activation cache on disk.
 
-The stream. The corpus's train split is tokenised once (`tokenize_sequences`, as the cache
-does) into N sequences of `context_size`. Epoch e visits them in a permutation drawn from
+The stream. The corpus's train split is tokenised once into N sequences of `context_size`, cut
+as the cache cuts them, and kept on disk (`sae_transfer.token_file`: int32 rows read per chunk, so
+host memory does not grow with the token budget). Epoch e visits them in a permutation drawn from
 (seed, e), cut into *chunks* of whole sequences, `buffer_tokens / refill_parts` tokens each;
 chunks are numbered g = 0, 1, ... across epochs. A chunk's activations are one or more forward
 passes (`forward_tokens` each), captured at the hook and kept, like the model, on its device.
@@ -50,9 +51,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sae_transfer.corpus import CorpusConfig, corpus_fingerprint, tokenize_sequences
+from sae_transfer.corpus import CorpusConfig, corpus_fingerprint, sequences_fingerprint
 from sae_transfer.errors import UserError
 from sae_transfer.models import check_hooks, load_model, model_identity
+from sae_transfer.token_file import TokenFile, token_file
 from sae_transfer.training.data import BUFFER_TOKENS, TrainingData
 
 REFILL_PARTS = 2  # refill when 1/REFILL_PARTS of the buffer has been read (2: half, as dictionary_learning)
@@ -92,9 +94,9 @@ class LiveActivations:
     one hook of several, `batches(start_batch)` yields {hook: batch}. `forward_tokens_run` counts
     the tokens sent through the model (tests and benches read it)."""
 
-    def __init__(self, model, hook: str | list[str], tokens_NS: torch.Tensor, batch_size: int, seed: int = 0,
+    def __init__(self, model, hook: str | list[str], tokens_NS: torch.Tensor | TokenFile, batch_size: int, seed: int = 0,
                  config: LiveConfig = LiveConfig(), epochs: int | None = None):
-        if tokens_NS.ndim != 2 or tokens_NS.shape[0] == 0:
+        if len(tokens_NS.shape) != 2 or tokens_NS.shape[0] == 0:
             raise UserError("no token sequences to run the model on")
         N, S = tokens_NS.shape
         if config.refill_parts < 1:
@@ -116,7 +118,7 @@ class LiveActivations:
         self._chunks: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()  # the newest chunks' activations
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its sequence order)
         self._pinned = 0  # chunks below this index are kept (pin_start)
-        probe = self._forward(tokens_NS[:1, :2])  # a 2-token probe: each hook's width
+        probe = self._forward(self._rows(torch.zeros(1, dtype=torch.int64))[:, :2])  # a 2-token probe: each hook's width
         self.d_in_by_hook = {h: int(a.shape[-1]) for h, a in probe.items()}
         self.forward_tokens_run = 0
 
@@ -159,6 +161,12 @@ class LiveActivations:
         self.forward_tokens_run += ids_BS.numel()
         return got
 
+    def _rows(self, seqs: torch.Tensor) -> torch.Tensor:
+        """Token ids of sequences `seqs` [len, S] (from memory, or read from a TokenFile)."""
+        if isinstance(self.tokens_NS, torch.Tensor):
+            return self.tokens_NS.index_select(0, seqs)
+        return self.tokens_NS.rows(seqs.numpy())
+
     # -- chunks -----------------------------------------------------------------------
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if self._order is None or self._order[0] != epoch:
@@ -182,7 +190,7 @@ class LiveActivations:
             return self._chunks[g]
         e, i = divmod(g, self.chunks_per_epoch)
         seqs = torch.from_numpy(self._epoch_order(e)[i * self.chunk_seqs:(i + 1) * self.chunk_seqs].copy())
-        parts = [self._forward(self.tokens_NS.index_select(0, seqs[s:s + self.forward_seqs]))
+        parts = [self._forward(self._rows(seqs[s:s + self.forward_seqs]))
                  for s in range(0, len(seqs), self.forward_seqs)]
         acts = {h: torch.cat([p[h] for p in parts]) if len(parts) > 1 else parts[0][h] for h in self.hooks}
         if self.config.check_finite:
@@ -339,17 +347,13 @@ def open_live_stream(
     if spec is not None:
         model = load_model(spec, revision=revision, device=device, dtype=model_dtype)
     check_hooks(model, list(hooks))
-    try:
-        seqs = tokenize_sequences(corpus, model.tokenizer, context_size=context_size, n_tokens=n_tokens, split="train",
-                                  prepend_bos=prepend_bos)
-    except UserError:
-        if n_tokens is None:
-            raise
-        # a corpus smaller than n_tokens: all of it (the stream loops over epochs)
-        seqs = tokenize_sequences(corpus, model.tokenizer, context_size=context_size, split="train", prepend_bos=prepend_bos)
-    tokens_NS = seqs.tokens_NS
-    if n_tokens is not None and tokens_NS.numel() > n_tokens and n_tokens >= context_size:
-        tokens_NS = tokens_NS[: n_tokens // context_size]  # whole sequences only
+    tokens = token_file(corpus, model.tokenizer, context_size=context_size, n_tokens=n_tokens, split="train",
+                        prepend_bos=prepend_bos)  # on disk, read by row: host memory does not grow with n_tokens
+    if n_tokens is not None and tokens.n_tokens > n_tokens and n_tokens >= context_size:
+        n_seqs = n_tokens // context_size  # whole sequences only
+        tokens = tokens.head(n_seqs, sequences_fingerprint(corpus, model.tokenizer, "train", context_size, prepend_bos,
+                                                           n_seqs))
+    tokens_NS = tokens
     live = LiveActivations(model, list(hooks), tokens_NS, batch_size, seed,
                            LiveConfig(buffer_tokens=buffer_tokens, refill_parts=refill_parts, forward_tokens=forward_tokens),
                            epochs=epochs)
@@ -367,12 +371,12 @@ def open_live_stream(
         "prepend_bos": prepend_bos,
         "dataset_path": None,
         "corpus_fingerprint": corpus_fingerprint(corpus),
-        "tokens_fingerprint": seqs.fingerprint,
+        "tokens_fingerprint": tokens.fingerprint,
         "activation_source": "live",
         "buffer_tokens": buffer_tokens,
         "refill_parts": refill_parts,
     }
-    return LiveStream(live, {h: {**meta, "hook_name": h} for h in live.hooks}, int(tokens_NS.numel()))
+    return LiveStream(live, {h: {**meta, "hook_name": h} for h in live.hooks}, tokens.n_tokens)
 
 
 def open_live_data(model, hook: str, corpus: CorpusConfig | str | Path, batch_size: int, seed: int = 0,
