@@ -214,14 +214,19 @@ def plan_steps(cfg: StudyConfig, shapes: dict[str, ModelShape]) -> list[Step]:
     ev, sae = cfg.eval, cfg.sae
     n_saes = 3 if cfg.finetune.enabled else 2
     logits = ev.batch_tokens * shapes["base"].vocab * 4 * 3
+    variants = sae.variants()
+    n_saes *= len(variants)
     for hook in cfg.hooks:
-        for role in ("base", "chat"):
-            d = shapes[role].d_model
-            steps.append(_sae_train_step("train-sae", f"{role} {hook}", d, sae.expansion * d, sae.train_tokens, sae.batch_size))
-        if cfg.finetune.enabled:
-            d = shapes["base"].d_model
-            steps.append(_sae_train_step("finetune-sae", f"base->chat {hook}", d, sae.expansion * d, cfg.finetune.tokens,
-                                         cfg.finetune.batch_size))
+        for label, v in variants:
+            tag = f" [{label}]" if label else ""
+            for role in ("base", "chat"):
+                d = shapes[role].d_model
+                steps.append(_sae_train_step("train-sae", f"{role} {hook}{tag}", d, v.expansion * d, v.train_tokens,
+                                             v.batch_size))
+            if cfg.finetune.enabled:
+                d = shapes["base"].d_model
+                steps.append(_sae_train_step("finetune-sae", f"base->chat {hook}{tag}", d, v.expansion * d,
+                                             cfg.finetune.tokens, cfg.finetune.batch_size))
         s = shapes["base"]
         steps.append(Step("pair-threshold", f"base {hook}", ev.tokens, ev.tokens, 0, s.n_params * model_b
                           + _batch_activations(s, ev.batch_tokens, cfg.dtype), 0, _forward_flops(s, ev.tokens, hook)))
@@ -290,11 +295,31 @@ def plan_steps(cfg: StudyConfig, shapes: dict[str, ModelShape]) -> list[Step]:
                 steps.append(Step("causal-check", hook, tokens, passes * tokens, 10_000,
                                   chat.n_params * model_b + min(tokens, ev.batch_tokens) * chat.vocab * 4 * 3, 0,
                                   passes * _forward_flops(chat, tokens), note=f"{passes} passes: clean + one per ablated latent"))
-    if live:  # the training steps run the model themselves: its forward passes, no cache on disk
-        s = shapes["base"]
-        steps = [dataclasses.replace(st, model_tokens=st.tokens, flops=st.flops + _forward_flops(s, st.tokens, cfg.hooks[0]),
-                                     note=f"{st.note}; live activations") if st.step in ("train-sae", "finetune-sae") else st
-                 for st in steps]
+    if live:
+        steps = _live_streams(cfg, shapes, steps)
+    return steps
+
+
+def _live_streams(cfg: StudyConfig, shapes: dict[str, ModelShape], steps: list[Step]) -> list[Step]:
+    """Live training: each model trains all its SAEs (every hook, every variant) from one stream,
+    the fine-tunes from one stream of the chat model. The stream's forward passes (up to the
+    deepest hook, for the largest token budget) and its token file (int32, on the local disk) are
+    charged to the group's first step; the others read the same stream."""
+    groups: dict[str, list[int]] = {}
+    for i, st in enumerate(steps):
+        if st.step in ("train-sae", "finetune-sae"):
+            groups.setdefault("finetune" if st.step == "finetune-sae" else st.target.split()[0], []).append(i)
+    for group, members in groups.items():
+        shape = shapes["chat" if group in ("chat", "finetune") else "base"]
+        deepest = max(cfg.hooks, key=lambda h: hook_blocks(h, shape.n_layers))
+        tokens = max(steps[i].tokens for i in members)
+        first = steps[members[0]]
+        steps[members[0]] = dataclasses.replace(
+            first, model_tokens=tokens, flops=first.flops + _forward_flops(shape, tokens, deepest),
+            disk_bytes=first.disk_bytes + 4 * tokens,
+            note=f"{first.note}; live: one stream (forward to {deepest}) for {len(members)} SAE(s)")
+        for i in members[1:]:
+            steps[i] = dataclasses.replace(steps[i], note=f"{steps[i].note}; live: the same stream")
     return steps
 
 

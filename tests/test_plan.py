@@ -137,3 +137,18 @@ def test_unknown_gpu_is_one_line(tiny):
     _, cfg = tiny
     with pytest.raises(UserError, match="h100"):
         plan_study(cfg, gpu="v100", rate=RATE)
+
+
+def test_live_sweep_plans_one_forward_stream_per_model(monkeypatch):
+    """Every hook and sweep value of a model trains from one stream: the plan charges its forward
+    passes (and its token file) once per model, not once per SAE."""
+    cfg = load_study(example_config("mistral-7b"))
+    cfg = cfg.model_copy(update={"hooks": ["blocks.8.hook_resid_pre", "blocks.16.hook_resid_pre"],
+                                 "sae": cfg.sae.model_copy(update={"source": "live", "sweep": {"l1_coefficient": [2, 5, 12]}})})
+    result = plan_study(cfg, gpu="h100", shapes={"base": MISTRAL, "chat": MISTRAL}, rate=RATE, device="cpu")
+    train = [s for s in result.steps if s.step == "train-sae"]
+    assert len(train) == 2 * 2 * 3  # models x hooks x variants
+    streams = [s for s in train if s.model_tokens]
+    assert len(streams) == 2 and all(s.model_tokens == 800_000_000 for s in streams)
+    assert "6 SAE(s)" in streams[0].note and "blocks.16" in streams[0].note
+    assert {s.target.split()[0] for s in streams} == {"base", "chat"}
