@@ -40,7 +40,7 @@ if [ "$SMOKE" = 1 ]; then
   EVAL=(--tokens 1024 --context 64 --batch-tokens 512 --repeats 1)
   EVAL_SMALL=(--d-model 64 --layers 2 --vocab 512); EVAL_BIG=(--d-model 128 --layers 4 --vocab 1000 --mlp 320 --kv-heads 1)
   LIVE=(--d-model 128 --mlp 320 --heads 4 --kv-heads 1 --vocab 1000 --hook blocks.2.hook_resid_pre --tokens 8192
-        --context-size 64 --buffer-tokens 4096 --batch-size 256 --expansion 4)
+        --context-size 64 --buffer-tokens 4096 --batch-size 256 --expansion 4 --group 2)
   BF=(--dtype bfloat16); TL=(180 100 60 90 60 90 300)  # a loaded shared CPU: pytest alone took 14-60 s
 else
   DEV=(--device cuda); T=()
@@ -50,7 +50,7 @@ else
   EVAL=(--tokens 16384 --context 1024 --batch-tokens 8192 --repeats 3)
   EVAL_SMALL=(--d-model 2048 --layers 16 --vocab 32000); EVAL_BIG=("${M7B[@]}" --layers 32)
   LIVE=("${M7B[@]}" --hook blocks.16.hook_resid_pre --tokens 262144 --context-size 1024 --buffer-tokens 131072
-        --batch-size 4096 --expansion 8)  # 17 blocks built, 16 run up to the hook
+        --batch-size 4096 --expansion 8 --group 1)  # 17 blocks built, 16 run up to the hook; no group: its slot is 60 s
   BF=(--dtype bfloat16); TL=(100 110 35 75 30 60 60)  # 470 s of section limits + start-up < 8 min
 fi
 
