@@ -24,8 +24,6 @@ from prefect_dask.task_runners import PrefectDaskFuture
 
 from sae_transfer.errors import UserError
 
-log = logging.getLogger(__name__)
-
 ALWAYS_RUNS = "always-runs"  # bookkeeping tasks (records, report): no device, no resource
 CONNECT_TIMEOUT_S = 10  # an unreachable scheduler fails in seconds, not after the default 30 s
 WORKER_WAIT_S = 60  # how long a scheduler may take to see its first worker
@@ -35,8 +33,12 @@ def local_cluster(n_workers: int, gpus: list[str], resource: str | None):
     """A Dask cluster on this host: `n_workers` single-threaded worker processes, each offering
     one `resource` (its device: a GPU, or the CPU share it runs one heavy step on), with
     cores / workers torch threads, the flow's Prefect API and, with several GPUs, a GPU of its
-    own (CUDA_VISIBLE_DEVICES, set before the worker process imports torch)."""
+    own (CUDA_VISIBLE_DEVICES, set before the worker process imports torch). Its scheduler runs
+    in this process: distributed's own INFO lines (about 150 a run: workers joining, leaving, the
+    dashboard) are kept out of the flow's log, warnings and errors still show."""
     from distributed import Nanny, Scheduler, SpecCluster
+
+    logging.getLogger("distributed").setLevel(logging.WARNING)
 
     threads = str(max(1, (os.cpu_count() or 1) // n_workers))
     workers = {}
@@ -46,10 +48,10 @@ def local_cluster(n_workers: int, gpus: list[str], resource: str | None):
             env["PREFECT_API_URL"] = os.environ["PREFECT_API_URL"]  # shared_api's server, not one per worker
         if len(gpus) > 1:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
-        workers[i] = {"cls": Nanny, "options": {"nthreads": 1, "env": env, "host": "127.0.0.1",
+        workers[i] = {"cls": Nanny, "options": {"nthreads": 1, "env": env, "host": "127.0.0.1", "silence_logs": logging.WARNING,
                                                 "resources": {resource: 1} if resource else None}}
     scheduler = {"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": ":0"}}
-    return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR, name="sae-transfer")
+    return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.WARNING, name="sae-transfer")
 
 
 class StudyDaskRunner(DaskTaskRunner):

@@ -119,3 +119,49 @@ def test_task_records_on_the_store_serve_every_worker(prefect_harness, s3_store,
     assert again == [(0, "Cached"), (1, "Cached"), (4, "Cached")]
     local = parse_study({"results_root": str(tmp_path)})
     assert "result_storage" not in _runs.flow_options(local)  # local results: Prefect's local storage, as before
+
+
+def test_runner_option_overrides_the_config():
+    from sae_transfer.cli.study_cmd import _with_runner
+
+    cfg = parse_study({"runner": {"workers": 4}})
+    assert _with_runner(cfg, None, None) is cfg
+    on_cluster = _with_runner(cfg, "tcp://gpu-host:8786", None).runner
+    assert (on_cluster.kind, on_cluster.address, on_cluster.workers) == ("dask", "tcp://gpu-host:8786", 4)
+    local = _with_runner(_with_runner(cfg, "tcp://gpu-host:8786", None), "dask", 2).runner
+    assert (local.kind, local.address, local.workers) == ("dask", None, 2)
+    with pytest.raises(UserError, match="--runner 'ray'"):
+        _with_runner(cfg, "ray", None)
+
+
+def test_every_heavy_step_asks_for_the_gpu_and_bookkeeping_does_not():
+    from sae_transfer.tasks import activations, diffing, evaluate, report, sae
+    from sae_transfer.tasks import checkpoints as ckpt_tasks
+
+    runner = _dask.StudyDaskRunner(gpu_resource="GPU")
+    heavy_steps = [activations.cache_activations, sae.train_sae, sae.train_sae_live, sae.finetune_sae,
+                   sae.finetune_sae_live, evaluate.evaluate_transfer, evaluate.tag_outliers, evaluate.make_rollouts,
+                   diffing.train_crosscoder, diffing.checkpoint_drift]
+    assert all(runner.resources_of(t) == {"GPU": 1} for t in heavy_steps)  # every train-sae of a sweep too
+    for t in (report.build_report, report.record_run, ckpt_tasks.record_checkpoint, ckpt_tasks.publish_watch):
+        assert runner.resources_of(t) is None, t.name
+    assert _dask.StudyDaskRunner(gpu_resource=None).resources_of(sae.train_sae) is None
+    assert runner.duplicate() == runner and runner.duplicate().gpu_resource == "GPU"
+
+
+def _worker_environment():
+    import os
+
+    return os.environ.get("CUDA_VISIBLE_DEVICES"), os.environ.get("PREFECT_API_URL"), os.environ.get("OMP_NUM_THREADS")
+
+
+def test_each_local_worker_gets_its_own_gpu_and_the_flows_api(monkeypatch):
+    from distributed import Client
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4999/api")  # the server shared_api started
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    with _dask.local_cluster(2, ["3", "5"], "GPU") as cluster, Client(cluster) as client:
+        seen = sorted(client.run(_worker_environment).values())
+        offered = [info["resources"] for info in client.scheduler_info()["workers"].values()]
+    assert seen == [("3", "http://127.0.0.1:4999/api", "4"), ("5", "http://127.0.0.1:4999/api", "4")]
+    assert offered == [{"GPU": 1}, {"GPU": 1}]
