@@ -1,6 +1,10 @@
 """Wall time of the whole study on each task runner: threads, worker processes (the default) and
 a Dask LocalCluster, first run and cached re-run, measured in one run.
 
+`threads` is Prefect's ThreadPoolTaskRunner with one thread (the steps one after another in the
+flow's own process): with two, two model loads in one process race (transformers' meta-device
+init: "Cannot copy out of meta tensor"), which is why the project runs heavy steps in processes.
+
     python bench/bench_runners.py                      # tiny preset, 2 workers each
     python bench/bench_runners.py --preset default --runners processes dask
 
@@ -51,7 +55,7 @@ def timed(config, runner_name: str, workers: int) -> float:
 
     options = flow_options(config)
     if runner_name == "threads":
-        options["task_runner"] = ThreadPoolTaskRunner(max_workers=workers)
+        options["task_runner"] = ThreadPoolTaskRunner(max_workers=1)
     start = time.perf_counter()
     transfer_study.with_options(**options)(config)
     return time.perf_counter() - start
@@ -60,7 +64,7 @@ def timed(config, runner_name: str, workers: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=["tiny", "default"], default="tiny", help="demo pair size and budgets")
-    ap.add_argument("--workers", type=int, default=2, help="threads, processes or Dask workers of each runner")
+    ap.add_argument("--workers", type=int, default=2, help="processes or Dask workers (threads: always 1)")
     ap.add_argument("--runners", nargs="+", default=["threads", "processes", "dask"],
                     choices=["threads", "processes", "dask"])
     args = ap.parse_args()
