@@ -1,9 +1,11 @@
-"""Flow helpers: the worker-process task runner, one Prefect API for the flow and its workers,
-and per-step timings read back from that API."""
+"""Flow helpers: the task runner a study config names (worker processes, or a Dask cluster through
+`_dask`), where Prefect keeps its task-result records, one Prefect API for the flow and its
+workers, and per-step timings read back from that API."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import multiprocessing
 import os
 
@@ -13,7 +15,9 @@ from prefect.context import get_run_context
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 from prefect.task_runners import ProcessPoolTaskRunner
 
-ALWAYS_RUNS = "always-runs"  # tag of cheap bookkeeping tasks that are never cached
+from sae_transfer.flows._dask import ALWAYS_RUNS, check_cluster, dask_runner
+
+RESULTS_DIR = ".prefect-results"  # task-result records under a results root that is a URL
 DEFAULT_CPU_WORKERS = 2  # worker processes on a machine without CUDA GPUs (memory: one model each)
 
 
@@ -47,6 +51,62 @@ def worker_pool(workers: int | None = None) -> ProcessPoolTaskRunner:
     return ProcessPoolTaskRunner(max_workers=workers, initializer=_init_worker, initargs=(workers, gpus))
 
 
+def task_runner(runner):
+    """The task runner a study's `runner` section names (a RunnerSection): `worker_pool`, or a
+    Dask runner on a LocalCluster of `runner.workers` (same default count) or at `runner.address`.
+    A Dask address is checked first (call inside `shared_api`): one line naming what to fix."""
+    if runner.kind == "processes":
+        return worker_pool(runner.workers)
+    if runner.address:
+        check_cluster(runner.address, runner.gpu_resource, api_configured=_api_configured_by_user())
+        return dask_runner(0, [], runner.address, runner.gpu_resource)
+    gpus = _visible_gpus()
+    workers = runner.workers or len(gpus) or DEFAULT_CPU_WORKERS
+    return dask_runner(workers, gpus, None, runner.gpu_resource)
+
+
+def _is_url(root: str) -> bool:
+    return "://" in root and not root.startswith("file://")
+
+
+def task_records(config):
+    """Where Prefect keeps the task-result records (cache hits) of `config`'s study: None (Prefect's
+    local storage, as on one machine) unless `runner.result_storage` or a URL `results_root`
+    names a store, then an fsspec `RemoteFileSystem` there, so every worker sees every record.
+    Prefect only hands a storage to out-of-process workers by its id, so it is saved (basepath
+    only: credentials stay in each worker's environment) in the current API; call inside
+    `shared_api`."""
+    url = config.runner.result_storage or (
+        f"{config.results_root.rstrip('/')}/{RESULTS_DIR}" if _is_url(config.results_root) else None)
+    if url is None:
+        return None
+    from prefect.filesystems import RemoteFileSystem
+
+    storage = RemoteFileSystem(basepath=url.rstrip("/"))
+    storage.save(f"sae-transfer-results-{hashlib.sha256(url.encode()).hexdigest()[:12]}", overwrite=True)
+    return storage
+
+
+def flow_options(config) -> dict:
+    """`Flow.with_options` arguments that run a flow of `config`'s study where its runner section
+    says, with its task-result records where every worker sees them (inside `shared_api`)."""
+    options = {"task_runner": task_runner(config.runner)}
+    storage = task_records(config)
+    if storage is not None:
+        options.update(result_storage=storage, result_serializer="json")
+    return options
+
+
+_EPHEMERAL: set[str] = set()  # API URLs of the temporary servers `shared_api` started in this process
+
+
+def _api_configured_by_user() -> bool:
+    """True when the Prefect API is a server the user configured (other hosts may reach it), not
+    the temporary one `shared_api` started on this host's loopback."""
+    url = get_current_settings().api.url
+    return bool(url) and url not in _EPHEMERAL
+
+
 @contextlib.contextmanager
 def shared_api():
     """One Prefect API for the flow and its worker processes. With a server configured
@@ -62,10 +122,12 @@ def shared_api():
     server.start(timeout=get_current_settings().server.ephemeral.startup_timeout_seconds)
     previous = os.environ.get("PREFECT_API_URL")
     os.environ["PREFECT_API_URL"] = server.api_url  # what the workers' environment is built from
+    _EPHEMERAL.add(server.api_url)
     try:
         with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
             yield
     finally:
+        _EPHEMERAL.discard(server.api_url)
         if previous is None:
             os.environ.pop("PREFECT_API_URL", None)
         else:

@@ -21,7 +21,7 @@ from sae_transfer.tasks.models import prepare_pair
 from sae_transfer.tasks.records import SAERecord
 
 
-def _study_saes(config: StudyConfig) -> tuple[dict[str, list[SAERecord]], dict[str, dict]]:
+def study_saes(config: StudyConfig) -> tuple[dict[str, list[SAERecord]], dict[str, dict]]:
     """(hook -> SAE records, hook -> the pair's threshold) of the study: its own tasks, served
     from Prefect's cache when the study has run (trained here when it has not)."""
     study = submit_saes(config, prepare_pair(config.pair))
@@ -91,5 +91,5 @@ def evaluate_checkpoint(config: StudyConfig, checkpoint: str, step: int = -1,
     provide them (cache hits once the study has run)."""
     check_checkpoint(checkpoint)
     if saes is None or thresholds is None:
-        saes, thresholds = _study_saes(config)
+        saes, thresholds = study_saes(config)
     return finish_checkpoint(config, checkpoint, step, submit_checkpoint(config, checkpoint, step, saes, thresholds))

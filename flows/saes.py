@@ -10,7 +10,7 @@ from pathlib import Path
 
 from prefect.futures import PrefectFuture
 
-from sae_transfer import plan
+from sae_transfer import plan, remote
 from sae_transfer.model_shapes import study_shapes
 from sae_transfer.storage.fingerprint import fingerprint, hash_payload
 from sae_transfer.storage.layout import StudyLayout, slug
@@ -81,7 +81,10 @@ def training_source(config: StudyConfig) -> str:
     the results folder's free disk (`plan.training_source`)."""
     if config.sae.source != "auto":
         return config.sae.source
-    return plan.training_source(config, study_shapes(config))
+    pair = config.pair
+    local = {role: str(remote.config_copy(spec)) for role, spec in (("base", pair.base), ("chat", pair.chat))
+             if remote.is_remote(spec)}  # a model on a store: its config.json is all a plan reads
+    return plan.training_source(config, study_shapes(config.model_copy(update={"pair": pair.model_copy(update=local)})))
 
 
 def submit_saes(config: StudyConfig, pair: PairRecord) -> StudySAEs:

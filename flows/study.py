@@ -14,7 +14,7 @@ from prefect import flow
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import wait
 
-from sae_transfer.flows._runs import current_run_id, shared_api, step_timings, worker_pool
+from sae_transfer.flows._runs import current_run_id, flow_options, shared_api, step_timings, worker_pool
 from sae_transfer.flows.checkpoints import finish_checkpoint, submit_checkpoint
 from sae_transfer.flows.saes import StudySAEs, cache_pair, run_dir, submit_saes
 from sae_transfer.flows.watch import new_checkpoints
@@ -111,11 +111,18 @@ def transfer_study(config: StudyConfig) -> dict:
             "steps": len(steps), "cached_steps": sum(steps), "checkpoints": [c.path for c in new]}
 
 
+@flow(name="study_on_runner", log_prints=True)
+def study_on_runner(config: StudyConfig) -> dict:
+    """`transfer_study` as a subflow on the task runner and result store `config.runner` names:
+    the deployment entrypoint, since a flow's task runner is fixed before its parameters are read."""
+    return transfer_study.with_options(**flow_options(config))(config)
+
+
 def run_study(config: StudyConfig) -> str:
-    """Run `transfer_study` from this process (its own Prefect API unless a server is configured,
-    `config.runner.workers` worker processes) and describe the outcome."""
+    """Run `transfer_study` from this process (its own Prefect API unless a server is configured;
+    worker processes or a Dask cluster, as `config.runner` says) and describe the outcome."""
     with shared_api():
-        out = transfer_study.with_options(task_runner=worker_pool(config.runner.workers))(config)
+        out = transfer_study.with_options(**flow_options(config))(config)
     return (f"study {config.name}: {out['steps']} steps ({out['cached_steps']} cached) in {out['seconds']} s\n"
             f"report: {out['report']}\nresults: {out['results']} "
             f"(try: sae-transfer sql \"select * from metrics\" --results {out['results']})")

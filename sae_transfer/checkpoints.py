@@ -1,4 +1,5 @@
-"""Finding fine-tuning checkpoints: subfolders of a local folder, or a Hub repo's revisions."""
+"""Finding fine-tuning checkpoints: subfolders of a local folder or of an object-store prefix, or a
+Hub repo's revisions."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from sae_transfer import remote
 from sae_transfer.errors import UserError
 from sae_transfer.models import ModelRef, is_local, parse_model_spec
 from sae_transfer.storage.fingerprint import fingerprint
@@ -17,7 +19,8 @@ _STEP = re.compile(r"(\d+)(?!.*\d)")
 class Checkpoint:
     """One model checkpoint to evaluate."""
 
-    path: str  # what to load: a local folder, or "<repo>@<commit>" (pinned, so a moved branch is a new checkpoint)
+    path: str  # what to load: a local folder, "<repo>@<commit>" or "<s3 url>@<ETag fingerprint>" (pinned: a moved
+    # branch or a re-uploaded checkpoint is a new checkpoint)
     step: int  # training step parsed from the folder or branch/tag name; -1 when the name has no number
     ref: str | None = None  # Hub branch or tag the commit was listed under (None for local folders)
 
@@ -29,7 +32,11 @@ def step_of(name: str) -> int:
 
 
 def scan_folder(folder: str | Path) -> list[Checkpoint]:
-    """Hugging Face checkpoint folders (with config.json) directly inside `folder`, by step."""
+    """Hugging Face checkpoint folders (with config.json) directly inside `folder` (a local folder,
+    or an s3:// prefix: each pinned to its objects' ETags), by step."""
+    if remote.is_remote(str(folder)):
+        found = [Checkpoint(url, step_of(name)) for name, url in remote.scan(str(folder))]
+        return sorted(found, key=lambda c: (c.step, c.path))
     root = Path(folder)
     if not root.is_dir():
         raise UserError(f"checkpoint folder {str(root)!r} does not exist: "
@@ -58,8 +65,8 @@ def scan_hub(repo: str) -> list[Checkpoint]:
 
 def checkpoint_id(spec: str) -> str:
     """The id a checkpoint is recorded under, by the watcher and by its evaluation alike: a local
-    folder's content fingerprint (a re-saved folder is a new checkpoint), else the Hub spec
-    itself (`repo@commit` as the watcher pins it)."""
+    folder's content fingerprint (a re-saved folder is a new checkpoint), else the pinned spec
+    itself (`repo@commit`, or `s3://…@<ETag fingerprint>`, as the watcher pins it)."""
     if is_local(spec):
         return fingerprint(Path(spec).expanduser())
     return parse_model_spec(spec).spec

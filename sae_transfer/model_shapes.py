@@ -69,9 +69,10 @@ def load_shape(spec: str, revision: str | None = None, trust_remote_code: bool =
     """A model's shape from its configuration only: a local folder, the Hub cache, or the Hub."""
     from transformers import AutoConfig
 
+    from sae_transfer import remote
     from sae_transfer.models import parse_model_spec
 
-    local = Path(spec).expanduser()
+    local = remote.config_copy(spec) if remote.is_remote(spec) else Path(spec).expanduser()
     ref = parse_model_spec(str(local), None) if local.is_dir() else parse_model_spec(spec, revision)
     name, rev = ref.name, ref.revision
     try:

@@ -13,6 +13,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 
+from sae_transfer import remote
 from sae_transfer.attention import apply_attention
 from sae_transfer.errors import UserError
 
@@ -46,7 +47,10 @@ def check_device(device: str | None) -> str:
 
 def _looks_local(spec: str) -> bool:
     """A path, not a Hub id: explicit path syntax, an existing path, more slashes than
-    `org/name` has, or a first component that is a local folder (`artifacts/demo/base`)."""
+    `org/name` has, or a first component that is a local folder (`artifacts/demo/base`). A URL on an
+    object store is not local: like a Hub id, it is pinned to a revision (`remote.pin`)."""
+    if remote.is_remote(spec):
+        return False
     path = Path(spec).expanduser()
     if spec.startswith((".", "/", "~", "\\")) or path.exists() or spec.count("/") > 1:
         return True
@@ -76,7 +80,11 @@ def parse_model_spec(spec: str, revision: str | None = None) -> ModelRef:
     """`org/name@rev` -> ModelRef("org/name", "rev"), the one place a spec's `@` is split.
 
     Local folders are never split (a folder name may contain `@`). `revision`, when given,
-    must agree with the spec's own `@rev` (UserError otherwise)."""
+    must agree with the spec's own `@rev` (UserError otherwise). A store URL's revision is its
+    content fingerprint (`s3://b/m@<16 hex>`, `remote.split_pin`)."""
+    if remote.is_remote(spec):
+        url, fp = remote.split_pin(spec)
+        return ModelRef(url, fp or revision)
     if _looks_local(spec) or "@" not in spec:
         return ModelRef(spec, revision)
     name, _, rev = spec.rpartition("@")
@@ -109,6 +117,9 @@ def load_model(
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     ref = parse_model_spec(spec, revision)
+    if remote.is_remote(ref.name):  # this machine's copy, fetched once per content (remote.fetch)
+        spec = str(remote.fetch(ref.spec).path)
+        ref = ModelRef(spec)
     name, revision, device = ref.name, ref.revision, check_device(device)
     if _looks_local(spec):
         path = Path(spec).expanduser()

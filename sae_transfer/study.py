@@ -21,14 +21,14 @@ class _Section(BaseModel):
 
 
 class PairConfig(_Section):
-    """The base model and its chat fine-tune (Hub ids or local checkpoint folders)."""
+    """The base model and its chat fine-tune (Hub ids, local checkpoint folders, or s3:// prefixes of one)."""
 
-    base: str = Field("artifacts/demo-models/base", description="base model: Hub id or local HF folder")
+    base: str = Field("artifacts/demo-models/base", description="base model: Hub id, local HF folder or s3:// prefix")
     chat: str = Field("artifacts/demo-models/chat", description="chat fine-tune of `base`")
     base_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of base")
     chat_revision: str | None = Field(None, description="Hub revision of chat")
     checkpoints: str | None = Field(
-        "artifacts/demo-models/chat-checkpoints", description="folder of fine-tuning checkpoints to watch")
+        "artifacts/demo-models/chat-checkpoints", description="folder (or s3:// prefix) of fine-tuning checkpoints to watch")
     checkpoints_repo: str | None = Field(None, description="Hub repo whose revisions are checkpoints (online only)")
     build_demo: bool = Field(True, description="build the offline demo pair first if base/chat are the demo folders")
     demo_preset: Literal["default", "tiny"] = Field(
@@ -187,11 +187,31 @@ class CrosscoderPlan(_Section):
 
 
 class RunnerSection(_Section):
-    """Where the DAG's heavy steps run: worker processes of this machine, each with its own
-    threads and (on a multi-GPU host) its own GPU."""
+    """Where the DAG's heavy steps run: worker processes of this machine (the default), or a Dask
+    cluster through prefect-dask (a LocalCluster of `workers` processes on this host, or the
+    scheduler at `address`), where each heavy step asks for one `gpu_resource` of a worker."""
 
+    kind: Literal["processes", "dask"] = Field(
+        "processes", description="'processes': worker processes of this machine; 'dask': a Dask cluster (prefect-dask)")
     workers: int | None = Field(
-        None, ge=1, description="worker processes; empty: one per CUDA GPU, else 2 (each gets cores / workers threads)")
+        None, ge=1, description="worker processes (or LocalCluster workers); empty: one per CUDA GPU, else 2 "
+        "(each gets cores / workers threads)")
+    address: str | None = Field(
+        None, description="Dask scheduler to use, e.g. tcp://host:8786 (kind dask); empty: a LocalCluster on this host")
+    gpu_resource: str | None = Field(
+        "GPU", description="Dask worker resource each heavy step asks one of (start workers with --resources GPU=1, "
+        "one per GPU); empty: any worker runs any step")
+    result_storage: str | None = Field(
+        None, description="URL of Prefect's task-result records, seen by every worker (e.g. s3://bucket/prefix); "
+        "empty: <results_root>/.prefect-results when results_root is a URL, else Prefect's local storage")
+    max_checkpoints: int = Field(
+        2, ge=1, description="checkpoints the watcher evaluates at once (each evaluation fans out over hooks)")
+
+    @model_validator(mode="after")
+    def _check(self) -> RunnerSection:
+        if self.address and self.kind != "dask":
+            raise ValueError(f"address {self.address!r} is a Dask scheduler: set kind: dask, or drop address")
+        return self
 
 
 class DiffingSection(_Section):
@@ -240,7 +260,7 @@ class StudyConfig(_Section):
     act_dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="element dtype of cached activations")
     seed: int = Field(0, description="seed of SAE init, shuffling and bootstrap")
-    runner: RunnerSection = Field(RunnerSection(), description="worker processes of the DAG's heavy steps")
+    runner: RunnerSection = Field(RunnerSection(), description="where the DAG's heavy steps run (processes or Dask)")
 
     @model_validator(mode="after")
     def _check(self) -> StudyConfig:

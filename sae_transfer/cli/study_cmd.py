@@ -13,6 +13,21 @@ from sae_transfer.cli._common import print_table
 from sae_transfer.errors import UserError
 
 RESULTS_HELP = "study results folder (default: results/<study name> of --config, else results/demo)"
+RUNNER_HELP = ("where the heavy steps run, overriding the config's runner: processes (this machine's worker "
+               "processes), dask (a Dask LocalCluster here) or a Dask scheduler address such as tcp://host:8786")
+WORKERS_HELP = "worker processes, or LocalCluster workers (overrides runner.workers)"
+
+
+def _with_runner(cfg, runner: str | None, workers: int | None):
+    """`cfg` with its runner section overridden by the --runner / --workers options."""
+    update: dict = {} if workers is None else {"workers": workers}
+    if runner in ("processes", "dask"):
+        update.update(kind=runner, address=None)
+    elif runner is not None and (runner.startswith(("tcp://", "tls://", "ucx://")) or runner.rpartition(":")[2].isdigit()):
+        update.update(kind="dask", address=runner)
+    elif runner is not None:
+        raise UserError(f"--runner {runner!r}: use processes, dask, or a Dask scheduler address such as tcp://host:8786")
+    return cfg.model_copy(update={"runner": cfg.runner.model_copy(update=update)}) if update else cfg
 
 
 def _config(config: Path | None):
@@ -67,27 +82,34 @@ def register(app: typer.Typer) -> None:
         typer.echo(summary)
 
     @app.command()
-    def run(config: Path = typer.Argument(..., help="study config (.yaml or .toml); examples in sae_transfer/configs/")) -> None:
+    def run(
+        config: Path = typer.Argument(..., help="study config (.yaml or .toml); examples in sae_transfer/configs/"),
+        runner: str | None = typer.Option(None, help=RUNNER_HELP),
+        workers: int | None = typer.Option(None, min=1, help=WORKERS_HELP),
+    ) -> None:
         """Run the transfer study described by CONFIG (cached steps are skipped)."""
         from sae_transfer.flows.study import run_study
         from sae_transfer.study import load_study
 
-        typer.echo(run_study(load_study(config)))
+        typer.echo(run_study(_with_runner(load_study(config), runner, workers)))
 
     @app.command()
     def watch(
         config: Path | None = typer.Option(None, help="study config (default: the demo study)"),
-        checkpoints: Path | None = typer.Option(None, help="folder of checkpoints (default: the config's pair.checkpoints)"),
+        checkpoints: str | None = typer.Option(
+            None, help="folder or s3:// prefix of checkpoints (default: the config's pair.checkpoints)"),
+        runner: str | None = typer.Option(None, help=RUNNER_HELP),
+        workers: int | None = typer.Option(None, min=1, help=WORKERS_HELP),
     ) -> None:
-        """Evaluate every checkpoint not seen before (once each), then rebuild the report."""
-        from sae_transfer.flows._runs import shared_api
+        """Evaluate every checkpoint not seen before (once each, several at once), then rebuild the report."""
+        from sae_transfer.flows._runs import flow_options, shared_api
         from sae_transfer.flows.watch import watch_checkpoints
 
-        cfg = _config(config)
+        cfg = _with_runner(_config(config), runner, workers)
         if checkpoints is not None:
-            cfg = cfg.model_copy(update={"pair": cfg.pair.model_copy(update={"checkpoints": str(checkpoints)})})
+            cfg = cfg.model_copy(update={"pair": cfg.pair.model_copy(update={"checkpoints": checkpoints})})
         with shared_api():
-            result = watch_checkpoints(cfg)
+            result = watch_checkpoints.with_options(**flow_options(cfg))(cfg)
         typer.echo(json.dumps(result, indent=2))
 
     @app.command()

@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from sae_transfer import remote
 from sae_transfer.errors import UserError
 from sae_transfer.models import layer_of, parse_model_spec
 from sae_transfer.sae.io import load_sae
@@ -53,6 +54,8 @@ def load_saes(folders: list[str], hook: str) -> list[LoadedSAE]:
 
 def model_shape(spec: str) -> tuple[int, int, int | None]:
     """(d_model, n_layers, max positions) from a checkpoint's config, without loading weights."""
+    if remote.is_remote(spec):  # a model on an object store: its config.json, a few kB
+        spec = str(remote.config_copy(spec))
     path = Path(spec).expanduser()
     if (path / "config.json").is_file():
         cfg = json.loads((path / "config.json").read_text())

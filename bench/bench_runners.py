@@ -1,0 +1,99 @@
+"""Wall time of the whole study on each task runner: threads, worker processes (the default) and
+a Dask LocalCluster, first run and cached re-run, measured in one run.
+
+`threads` is Prefect's ThreadPoolTaskRunner with one thread (the steps one after another in the
+flow's own process): with two, two model loads in one process race (transformers' meta-device
+init: "Cannot copy out of meta tensor"), which is why the project runs heavy steps in processes.
+
+    python bench/bench_runners.py                      # tiny preset, 2 workers each
+    python bench/bench_runners.py --preset default --runners processes dask
+
+Every runner studies the same pair (built once, before any timing) into a results folder of its
+own, so each first run computes everything. Prints seconds per runner, the ratio of each to the
+processes default, and the cached re-run as a fraction of the first run. Absolute numbers move
+with machine load; compare the ratios (check `uptime` first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+TINY = {  # seconds-sized budgets (the tests' tiny study)
+    "corpus": {"context_size": 32, "train_tokens": 4096},
+    "sae": {"expansion": 4, "train_tokens": 4096, "batch_size": 256, "l1_coefficient": 1.0},
+    "finetune": {"tokens": 1024, "batch_size": 128},
+    "eval": {"tokens": 512, "bootstrap": 50, "position_multiples": [1, 2]},
+    "instructions": {"n_prompts": 2, "max_new_tokens": 6},
+    "diffing": {"crosscoder_expansion": 2, "crosscoder_k": 4, "crosscoder_tokens": 2048, "stats_tokens": 2048,
+                "examples_k": 2, "top_latents": 2, "checkpoint_finetune_tokens": 512},
+}
+
+
+def study(root: Path, pair: Path, preset: str, runner: dict):
+    from sae_transfer.study import parse_study
+
+    data = {"name": "bench", "results_root": str(root),
+            "pair": {"base": str(pair / "base"), "chat": str(pair / "chat"), "checkpoints": str(pair / "chat-checkpoints"),
+                     "build_demo": True, "demo_preset": preset},
+            "hooks": ["blocks.1.hook_resid_pre"], "runner": runner}
+    return parse_study({**data, **(TINY if preset == "tiny" else {})})
+
+
+def timed(config, runner_name: str, workers: int) -> float:
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from sae_transfer.flows._runs import flow_options
+    from sae_transfer.flows.study import transfer_study
+
+    options = flow_options(config)
+    if runner_name == "threads":
+        options["task_runner"] = ThreadPoolTaskRunner(max_workers=1)
+    start = time.perf_counter()
+    transfer_study.with_options(**options)(config)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", choices=["tiny", "default"], default="tiny", help="demo pair size and budgets")
+    ap.add_argument("--workers", type=int, default=2, help="processes or Dask workers (threads: always 1)")
+    ap.add_argument("--runners", nargs="+", default=["threads", "processes", "dask"],
+                    choices=["threads", "processes", "dask"])
+    args = ap.parse_args()
+
+    from sae_transfer.demo.build import build_demo_pair
+    from sae_transfer.demo.config import PRESETS
+    from sae_transfer.flows._runs import shared_api
+
+    work = Path(tempfile.mkdtemp(prefix="bench-runners-"))
+    os.environ.setdefault("PREFECT_HOME", str(work / "prefect"))
+    os.environ.setdefault("SAE_TRANSFER_CACHE_DIR", str(work / "cache"))
+    pair = work / "pair"
+    build_demo_pair(pair, PRESETS[args.preset], progress=False)
+    times: dict[str, tuple[float, float]] = {}
+    with shared_api():
+        for name in args.runners:
+            kind = "dask" if name == "dask" else "processes"
+            config = study(work / f"results-{name}", pair, args.preset, {"kind": kind, "workers": args.workers})
+            first = timed(config, name, args.workers)
+            again = timed(config, name, args.workers)
+            times[name] = (first, again)
+            print(f"{name:9s} first run {first:7.1f} s   cached re-run {again:6.1f} s ({again / first:.0%} of first)",
+                  flush=True)
+    base = times.get("processes")
+    if base:
+        for name, (first, again) in times.items():
+            print(f"{name:9s} / processes: first run x{first / base[0]:.2f}, cached re-run x{again / base[1]:.2f}")
+    print(f"({args.preset} preset, {args.workers} workers, {os.cpu_count()} cores; load {os.getloadavg()[0]:.1f})")
+
+
+if __name__ == "__main__":
+    main()
