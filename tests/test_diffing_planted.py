@@ -104,5 +104,8 @@ def test_control_pair_has_no_chat_only_latent(planted):
     _, paired, cc, x_NMD, _ = _train(planted, "control")
     assert paired.scale_base == paired.scale_chat
     alive_F = (cc.encode(x_NMD.flatten(1)) > 0).any(0)
-    counts = class_counts(latent_table(cc), alive_F)
+    table = latent_table(cc)
+    counts = class_counts(table, alive_F)
     assert counts["chat_only"] == 0 and counts["base_only"] == 0, counts
+    # identical models: every live latent's two decoders agree (independent draws left 0.2 here)
+    assert float(table.cosine_F[alive_F].min()) >= 0.95, float(table.cosine_F[alive_F].min())
