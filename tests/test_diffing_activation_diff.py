@@ -123,3 +123,38 @@ def test_table_rows_and_sae_alignment(tmp_path):
     assert best["latent"] == 6 and best["latent_cos"] > 0.99 and best["dictionary"] == "sae-chat"
     lat, cos = aligned_latents(torch.stack([v]), W_dec_FD, 2)
     assert int(lat[0, 0]) == 6 and float(cos[0, 0]) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_task_appends_the_table_to_the_catalog(tmp_path):
+    from sae_transfer.sae.io import save_sae
+    from sae_transfer.storage import catalog
+    from sae_transfer.study import DiffingSection
+    from sae_transfer.tasks.diffing import activation_diff as task
+    from sae_transfer.tasks.records import ActsRecord, SAERecord
+
+    x_ND, tok_N, role_N = _base()
+    hook = "blocks.1.hook_resid_pre"
+    noise_ND = 0.05 * torch.randn(N, D, generator=torch.Generator().manual_seed(7))
+    pair = _pair(tmp_path, x_ND + noise_ND + 3.0 * _unit(1) * (tok_N == 5).float()[:, None], x_ND, tok_N, role_N)
+    save_sae(relu_sae(torch.randn(D, 8)), tmp_path / "sae", metadata={"hook_name": hook, "model_name": "base"})
+    acts = {m: ActsRecord(path=str(p), model=m, hook=hook, n_tokens=N, reused=False)
+            for m, p in (("base", pair.base), ("chat", pair.chat))}
+    sae = SAERecord(path=str(tmp_path / "sae"), run_dir=str(tmp_path), model="base", hook=hook, role="base")
+    from prefect.logging import disable_run_logger
+
+    with disable_run_logger():  # the task body outside a flow run
+        rec = task.fn([sae], acts["base"], acts["chat"], DiffingSection(), "cpu", str(tmp_path / "results"))
+    assert rec.rows["activation_diff"] > 10
+    top = catalog.query(tmp_path / "results", "select token_id from activation_diff where kind = 'token' and rank = 0")
+    assert top["token_id"].tolist() == [5]
+    from sae_transfer.report.build import _q
+
+    con = catalog.connect(tmp_path / "results")
+    try:  # the report's queries see every kind of row of the newest pass
+        groups = _q(con, "activation_diff_groups", ["base", "chat"])
+        tokens = _q(con, "activation_diff_tokens", ["base", "chat"])
+    finally:
+        con.close()
+    assert set(groups["kind"]) == {"all", "role", "position", "component"}
+    assert groups[groups["kind"] == "component"]["aligned_latents"].str.contains(r":\d+ \(0\.\d+\)").all()
+    assert tokens.iloc[0]["token_id"] == 5 and tokens.iloc[0]["rel_to_typical"] > 3

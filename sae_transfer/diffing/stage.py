@@ -30,6 +30,7 @@ from sae_transfer.evals.run import chat_transcripts
 from sae_transfer.storage.activations import ROLES
 from sae_transfer.storage.activations_scan import RowBatch, read_sequences
 from sae_transfer.storage.diffing_tables import columns_table
+from sae_transfer.storage.tables import now_utc
 
 Tables = dict[str, list[pa.Table]]
 
@@ -269,5 +270,7 @@ def activation_diff_tables(pair, plan: DiffingPlan, saes: dict[str, object] | No
                                            "latent": _np(lat_KT).ravel(), "latent_cos": _np(cos_KT).ravel()}))
     const = {"hook": pair.hook, "base_model": pair.meta.get("base_model"), "chat_model": pair.meta.get("chat_model"),
              "tokens_fingerprint": pair.meta.get("corpus_fingerprint"), "n_tokens": res.n_tokens,
-             "typical_diff_norm": typical}
-    return {"activation_diff": [columns_table("activation_diff", cols, {**const, "kind": kind}) for kind, cols in parts]}
+             "typical_diff_norm": typical, "created_at": now_utc()}  # one stamp: the report picks the newest pass by it
+    # one part per computation: the catalog keeps only the newest part of a computation
+    return {"activation_diff": [pa.concat_tables([columns_table("activation_diff", cols, {**const, "kind": kind})
+                                                  for kind, cols in parts])]}
