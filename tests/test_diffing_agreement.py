@@ -46,3 +46,21 @@ def test_identical_pair_has_agreeing_decoders(tmp_path, chat_factor):
     assert float(cos_F.min()) >= 0.95, (float(cos_F.median()), float(cos_F.min()))
     counts = class_counts(table, alive_F)
     assert counts["shared"] == int(alive_F.sum()), counts
+
+
+def test_a_run_folder_from_the_independent_init_is_refused_not_reused(tmp_path):
+    import json
+
+    from sae_transfer.errors import UserError
+
+    x_ND = sparse_acts(n=2048)
+    pair = open_pair(write_acts_cache(tmp_path / "base", x_ND, model_id="base"),
+                     write_acts_cache(tmp_path / "chat", x_ND, model_id="chat"))
+    cfg = CrosscoderConfig(train=TrainConfig(**{**TRAIN.to_dict(), "adam_betas": TRAIN.adam_betas, "total_tokens": 2048}),
+                           eval_tokens=512)
+    done = train_crosscoder(cfg, pair, tmp_path / "run")
+    manifest = json.loads(done.run_json.read_text())
+    del manifest["config"]["decoder_init"]  # what a run trained before the one-draw init recorded
+    done.run_json.write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="different config"):
+        train_crosscoder(cfg, pair, tmp_path / "run")

@@ -12,6 +12,10 @@ import torch
 from sae_transfer.training.trainers.batchtopk import BatchTopKTrainer
 from sae_transfer.training.trainers.topk import select_batch_topk
 
+# How init_weights draws the two decoders, recorded in every crosscoder run's config so a run
+# folder trained before (one independent draw per model) is refused, not silently reused.
+DECODER_INIT = "one_draw_both_models"
+
 
 class CrosscoderTrainer(BatchTopKTrainer):
     """Trains a `sae_transfer.diffing.crosscoder.CrossCoder` (decoder rows [F, 2D]); the
