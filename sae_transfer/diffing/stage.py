@@ -237,25 +237,7 @@ def activation_diff_tables(pair, plan: DiffingPlan, saes: dict[str, object] | No
     bucket, the top tokens, the principal directions, and (for each SAE in `saes`, role ->
     LoadedSAE) the latents aligned with each direction."""
     res = activation_diff(iter_paired_raw(pair, plan.stats_tokens), pair.d_model, cfg, api.device_of(plan.device))
-    typical = res.typical_token_norm(cfg)
-    parts = []
-    for kind in ("all", "role", "position", "token"):
-        g = res.groups[kind]
-        idx = res.top_tokens(cfg) if kind == "token" else torch.arange(len(g.keys_G))
-        keys = g.keys_G[idx].tolist()
-        label = {"all": lambda k: "all", "role": lambda k: ROLES[k] if k < len(ROLES) else str(k),
-                 "position": bucket_label, "token": str}[kind]
-        cols = {"key": np.array([label(k) for k in keys], dtype=object), "rank": np.arange(len(keys)),
-                "count": _np(g.count_G[idx]), "mean_diff_norm": _np(g.mean_norm_G[idx]),
-                "rms_diff_norm": _np(g.rms_norm_G[idx]), "norm_of_mean": _np(g.mean_GD[idx].norm(dim=-1)),
-                "mean_base_norm": _np(g.base_norm_G[idx]),
-                "direction": (_np(g.mean_GD[idx]).ravel(), np.arange(len(keys) + 1) * pair.d_model)}
-        if kind == "token":
-            cols["token_id"] = np.asarray(keys, dtype=np.int64)
-            texts = api._token_texts(np.asarray(keys, dtype=np.int64), api.load_tokenizer(pair.meta.get("chat_model")))
-            if texts is not None:
-                cols["token"] = np.array(texts, dtype=object)
-        parts.append((kind, cols))
+    parts = [(kind, _group_columns(res, kind, cfg, pair)) for kind in ("all", "role", "position", "token")]
     k = len(res.variance_K)
     parts.append(("component", {"key": np.array([str(i) for i in range(k)], dtype=object), "rank": np.arange(k),
                                 "component": np.arange(k), "variance": _np(res.variance_K),
@@ -270,7 +252,28 @@ def activation_diff_tables(pair, plan: DiffingPlan, saes: dict[str, object] | No
                                            "latent": _np(lat_KT).ravel(), "latent_cos": _np(cos_KT).ravel()}))
     const = {"hook": pair.hook, "base_model": pair.meta.get("base_model"), "chat_model": pair.meta.get("chat_model"),
              "tokens_fingerprint": pair.meta.get("corpus_fingerprint"), "n_tokens": res.n_tokens,
-             "typical_diff_norm": typical, "created_at": now_utc()}  # one stamp: the report picks the newest pass by it
+             "typical_diff_norm": res.typical_token_norm(cfg),
+             "created_at": now_utc()}  # one stamp: the report picks the newest pass by it
     # one part per computation: the catalog keeps only the newest part of a computation
     return {"activation_diff": [pa.concat_tables([columns_table("activation_diff", cols, {**const, "kind": kind})
                                                   for kind, cols in parts])]}
+
+
+def _group_columns(res, kind: str, cfg: ActDiffConfig, pair) -> dict:
+    """`activation_diff` columns of one grouping (every group; for tokens, the top cfg.top_tokens)."""
+    g = res.groups[kind]
+    idx = res.top_tokens(cfg) if kind == "token" else torch.arange(len(g.keys_G))
+    keys = g.keys_G[idx].tolist()
+    label = {"all": lambda k: "all", "role": lambda k: ROLES[k] if k < len(ROLES) else str(k),
+             "position": bucket_label, "token": str}[kind]
+    cols = {"key": np.array([label(k) for k in keys], dtype=object), "rank": np.arange(len(keys)),
+            "count": _np(g.count_G[idx]), "mean_diff_norm": _np(g.mean_norm_G[idx]),
+            "rms_diff_norm": _np(g.rms_norm_G[idx]), "norm_of_mean": _np(g.mean_GD[idx].norm(dim=-1)),
+            "mean_base_norm": _np(g.base_norm_G[idx]),
+            "direction": (_np(g.mean_GD[idx]).ravel(), np.arange(len(keys) + 1) * pair.d_model)}
+    if kind == "token":
+        cols["token_id"] = np.asarray(keys, dtype=np.int64)
+        texts = api._token_texts(np.asarray(keys, dtype=np.int64), api.load_tokenizer(pair.meta.get("chat_model")))
+        if texts is not None:
+            cols["token"] = np.array(texts, dtype=object)
+    return cols
