@@ -171,7 +171,7 @@ def _diffing_section(con, pair: list[str], n_cards: int = 6) -> Section:
 
 
 def latent_cards(cards: pd.DataFrame) -> str:
-    """One card per top chat-leaning crosscoder latent (chat-only ones first): its class, rho,
+    """One card per top crosscoder latent (chat-only ones first, then changed ones): its class, rho,
     decoder norms, and max-activating contexts with every token shaded by its activation there."""
     if cards.empty:
         return '<p class="empty">no crosscoder latents yet</p>'
@@ -196,7 +196,9 @@ def latent_cards(cards: pd.DataFrame) -> str:
 
 
 def _cell(v) -> str:
-    return "" if v is None or (isinstance(v, float) and pd.isna(v)) else f"{v:.4g}" if isinstance(v, float) else str(v)
+    if v is None or v is pd.NA or (isinstance(v, float) and pd.isna(v)):
+        return ""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _unreliable(flag) -> bool:
