@@ -68,8 +68,9 @@ def diff_saes(saes: list[SAERecord], base_acts: ActsRecord, chat_acts: ActsRecor
 def activation_diff(saes: list[SAERecord], base_acts: ActsRecord, chat_acts: ActsRecord, diffing: DiffingSection,
                     device: str | None, results_dir: str) -> RowsRecord:
     """chat − base on the paired caches, per token, role and position bucket, with its principal
-    directions and the study SAEs' latents aligned with them (`activation_diff`)."""
-    pair = open_pair(base_acts.path, chat_acts.path, verify_tokens=False)
+    directions and the study SAEs' latents aligned with them (`activation_diff`). The token check
+    runs here: a difference of misaligned rows would be noise, not a finding."""
+    pair = open_pair(base_acts.path, chat_acts.path)
     loaded = dict(zip([s.role for s in saes], load_saes([s.path for s in saes], base_acts.hook)))
     produced = activation_diff_tables(pair, DiffingPlan.of(diffing, device), loaded)
     step = f"activation diff at {base_acts.hook}"

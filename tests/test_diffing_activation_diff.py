@@ -158,3 +158,19 @@ def test_task_appends_the_table_to_the_catalog(tmp_path):
     assert set(groups["kind"]) == {"all", "role", "position", "component"}
     assert groups[groups["kind"] == "component"]["aligned_latents"].str.contains(r":\d+ \(0\.\d+\)").all()
     assert tokens.iloc[0]["token_id"] == 5 and tokens.iloc[0]["rel_to_typical"] > 3
+
+
+def test_task_refuses_caches_of_different_tokens(tmp_path):
+    from sae_transfer.errors import UserError
+    from sae_transfer.study import DiffingSection
+    from sae_transfer.tasks.diffing import activation_diff as task
+    from sae_transfer.tasks.records import ActsRecord
+
+    x_ND, tok_N, role_N = _base()
+    hook = "blocks.1.hook_resid_pre"
+    base = write_acts_cache(tmp_path / "base", x_ND, seq_len=SEQ, model_id="base", token_ids_N=tok_N, roles_N=role_N)
+    chat = write_acts_cache(tmp_path / "chat", x_ND, seq_len=SEQ, model_id="chat", token_ids_N=(tok_N + 1) % 97,
+                            roles_N=role_N)
+    acts = [ActsRecord(path=str(p), model=m, hook=hook, n_tokens=N, reused=False) for m, p in (("base", base), ("chat", chat))]
+    with pytest.raises(UserError, match="token_id"):
+        task.fn([], acts[0], acts[1], DiffingSection(), "cpu", str(tmp_path / "results"))
