@@ -50,7 +50,7 @@ def _diffing(config: StudyConfig, study: StudySAEs, pair, made) -> list:
         diff = diff_saes.submit(study.of(hook), base, chat, d, config.device, results)
         out.append(diff)
         if d.activation_diff:
-            out.append(activation_diff.submit(study.of(hook), base, chat, d, config.device, results))
+            out.append(activation_diff.submit(study.of(hook), base, chat, d.stats_tokens, config.device, results))
         if d.crosscoder:
             plan = config.crosscoder_plan
             cc_dir = run_dir(layout, "crosscoder", hook, base.path, chat.path, plan.model_dump(),

@@ -65,14 +65,15 @@ def diff_saes(saes: list[SAERecord], base_acts: ActsRecord, chat_acts: ActsRecor
 
 
 @task(name="activation-diff", task_run_name=run_name("activation-diff", "base_acts.hook"), **_CODE)
-def activation_diff(saes: list[SAERecord], base_acts: ActsRecord, chat_acts: ActsRecord, diffing: DiffingSection,
+def activation_diff(saes: list[SAERecord], base_acts: ActsRecord, chat_acts: ActsRecord, stats_tokens: int,
                     device: str | None, results_dir: str) -> RowsRecord:
-    """chat − base on the paired caches, per token, role and position bucket, with its principal
-    directions and the study SAEs' latents aligned with them (`activation_diff`). The token check
-    runs here: a difference of misaligned rows would be noise, not a finding."""
+    """chat − base on the first `stats_tokens` paired rows (`DiffingSection.stats_tokens`, the one
+    knob of the section it reads, so the others leave its cache key alone), per token, role and
+    position bucket, with its principal directions and the study SAEs' latents aligned with them
+    (`activation_diff`). The token check runs here: a difference of misaligned rows is noise."""
     pair = open_pair(base_acts.path, chat_acts.path)
     loaded = dict(zip([s.role for s in saes], load_saes([s.path for s in saes], base_acts.hook)))
-    produced = activation_diff_tables(pair, DiffingPlan.of(diffing, device), loaded)
+    produced = activation_diff_tables(pair, DiffingPlan(stats_tokens=stats_tokens, device=device), loaded)
     step = f"activation diff at {base_acts.hook}"
     return RowsRecord(step=step, rows=_append(results_dir, step, produced))
 

@@ -143,7 +143,7 @@ def test_task_appends_the_table_to_the_catalog(tmp_path):
     from prefect.logging import disable_run_logger
 
     with disable_run_logger():  # the task body outside a flow run
-        rec = task.fn([sae], acts["base"], acts["chat"], DiffingSection(), "cpu", str(tmp_path / "results"))
+        rec = task.fn([sae], acts["base"], acts["chat"], DiffingSection().stats_tokens, "cpu", str(tmp_path / "results"))
     assert rec.rows["activation_diff"] > 10
     top = catalog.query(tmp_path / "results", "select token_id from activation_diff where kind = 'token' and rank = 0")
     assert top["token_id"].tolist() == [5]
@@ -173,4 +173,4 @@ def test_task_refuses_caches_of_different_tokens(tmp_path):
                             roles_N=role_N)
     acts = [ActsRecord(path=str(p), model=m, hook=hook, n_tokens=N, reused=False) for m, p in (("base", base), ("chat", chat))]
     with pytest.raises(UserError, match="token_id"):
-        task.fn([], acts[0], acts[1], DiffingSection(), "cpu", str(tmp_path / "results"))
+        task.fn([], acts[0], acts[1], DiffingSection().stats_tokens, "cpu", str(tmp_path / "results"))
