@@ -35,3 +35,10 @@ def test_sentence_names_the_token_that_moves_most():
     s = diffing_sentence(EMPTY, STATUS, ABLATION, None, tokens)
     assert s == ("What changed inside: the token whose activation moves most from base to chat is '<|user|>' "
                  "(mean ||chat - base|| 3, 12.0x the typical token).")
+
+
+def test_sentence_names_no_token_when_nothing_moved():
+    tokens = pd.DataFrame({"token": ["a", "b"], "mean_diff_norm": [0.0, 0.0], "rel_to_typical": [None, None]})
+    assert diffing_sentence(EMPTY, STATUS, ABLATION, None, tokens) is None
+    tokens = pd.DataFrame({"token": ["a"], "mean_diff_norm": [0.5], "rel_to_typical": [None]})  # typical token: 0
+    assert diffing_sentence(EMPTY, STATUS, ABLATION, None, tokens).endswith("is 'a' (mean ||chat - base|| 0.5).")

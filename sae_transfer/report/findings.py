@@ -186,10 +186,12 @@ def diffing_sentence(classes: pd.DataFrame, status: pd.DataFrame, ablation: pd.D
         parts.append(f"but its decoders disagree on {int(r['n_disagree'])} of {int(r['n_balanced'])} latents with balanced "
                      f"norms (median cosine {r['median_dec_cos']:.2f}), the mark of an under-trained crosscoder: "
                      "its shared/changed split is not a finding")
-    if top_tokens is not None and not top_tokens.empty:
-        r = top_tokens.iloc[0]
+    moved = top_tokens[top_tokens["mean_diff_norm"] > 0] if top_tokens is not None and not top_tokens.empty else None
+    if moved is not None and len(moved):  # identical models: no token moved, nothing to name
+        r = moved.iloc[0]
+        typical = "" if pd.isna(r["rel_to_typical"]) else f", {r['rel_to_typical']:.1f}x the typical token"
         parts.append(f"the token whose activation moves most from base to chat is {r['token']!r} "
-                     f"(mean ||chat - base|| {r['mean_diff_norm']:.3g}, {r['rel_to_typical']:.1f}x the typical token)")
+                     f"(mean ||chat - base|| {r['mean_diff_norm']:.3g}{typical})")
     base = status[status["sae"] == "base"] if not status.empty else status
     if len(base):
         r = base.iloc[0]
