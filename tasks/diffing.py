@@ -73,7 +73,8 @@ def activation_diff(saes: list[SAERecord], base_acts: ActsRecord, chat_acts: Act
     (`activation_diff`). The token check runs here: a difference of misaligned rows is noise."""
     pair = open_pair(base_acts.path, chat_acts.path)
     loaded = dict(zip([s.role for s in saes], load_saes([s.path for s in saes], base_acts.hook)))
-    produced = activation_diff_tables(pair, DiffingPlan(stats_tokens=stats_tokens, device=device), loaded)
+    produced = activation_diff_tables(pair, DiffingPlan(stats_tokens=stats_tokens, device=device), loaded,
+                                      chat_model=chat_acts.model)
     step = f"activation diff at {base_acts.hook}"
     return RowsRecord(step=step, rows=_append(results_dir, step, produced))
 

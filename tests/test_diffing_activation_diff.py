@@ -113,10 +113,16 @@ def test_table_rows_and_sae_alignment(tmp_path):
     W_dec_FD = torch.nn.functional.normalize(torch.randn(8, D, generator=torch.Generator().manual_seed(4)), dim=-1)
     W_dec_FD[6] = -v  # a latent whose decoder is the planted direction (sign ignored)
     sae = loaded(relu_sae(W_dec_FD.T.contiguous()), "sae-chat")
-    tables = activation_diff_tables(pair, DiffingPlan(device="cpu"), {"chat": sae}, ActDiffConfig(n_components=2))
+    from tests._tiny import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    tokenizer.save_pretrained(tmp_path / "tok")  # a local folder: token texts never reach for the Hub
+    tables = activation_diff_tables(pair, DiffingPlan(device="cpu"), {"chat": sae}, ActDiffConfig(n_components=2),
+                                    chat_model=str(tmp_path / "tok"))
     df = pd.concat([t.to_pandas() for t in tables["activation_diff"]])
     tokens = df[df["kind"] == "token"].sort_values("rank")
     assert tokens.iloc[0]["token_id"] == 5 and tokens.iloc[0]["key"] == "5"
+    assert tokens.iloc[0]["token"] == tokenizer.decode([5])
     assert tokens.iloc[0]["mean_diff_norm"] == pytest.approx(3.0, rel=1e-4)
     assert set(df[df["kind"] == "role"]["key"]) == {"bos", "user", "assistant"}
     best = df[(df["kind"] == "component_latent") & (df["component"] == 0)].sort_values("rank").iloc[0]

@@ -232,12 +232,14 @@ def causal_tables(sae_paths: list[str], chat: str, hook: str, made, chosen: dict
 
 
 def activation_diff_tables(pair, plan: DiffingPlan, saes: dict[str, object] | None = None,
-                           cfg: ActDiffConfig = ActDiffConfig()) -> Tables:
+                           cfg: ActDiffConfig = ActDiffConfig(), chat_model: str | None = None) -> Tables:
     """`activation_diff` rows of the paired caches: chat − base overall, per role and position
     bucket, the top tokens, the principal directions, and (for each SAE in `saes`, role ->
-    LoadedSAE) the latents aligned with each direction."""
+    LoadedSAE) the latents aligned with each direction. `chat_model` (the model spec, a local
+    folder or cached Hub id) names the tokenizer for token texts; without it they stay null."""
     res = activation_diff(iter_paired_raw(pair, plan.stats_tokens), pair.d_model, cfg, api.device_of(plan.device))
-    parts = [(kind, _group_columns(res, kind, cfg, pair)) for kind in ("all", "role", "position", "token")]
+    tokenizer = api.load_tokenizer(chat_model)
+    parts = [(kind, _group_columns(res, kind, cfg, pair, tokenizer)) for kind in ("all", "role", "position", "token")]
     k = len(res.variance_K)
     parts.append(("component", {"key": np.array([str(i) for i in range(k)], dtype=object), "rank": np.arange(k),
                                 "component": np.arange(k), "variance": _np(res.variance_K),
@@ -259,7 +261,7 @@ def activation_diff_tables(pair, plan: DiffingPlan, saes: dict[str, object] | No
                                                   for kind, cols in parts])]}
 
 
-def _group_columns(res, kind: str, cfg: ActDiffConfig, pair) -> dict:
+def _group_columns(res, kind: str, cfg: ActDiffConfig, pair, tokenizer) -> dict:
     """`activation_diff` columns of one grouping (every group; for tokens, the top cfg.top_tokens)."""
     g = res.groups[kind]
     idx = res.top_tokens(cfg) if kind == "token" else torch.arange(len(g.keys_G))
@@ -273,7 +275,7 @@ def _group_columns(res, kind: str, cfg: ActDiffConfig, pair) -> dict:
             "direction": (_np(g.mean_GD[idx]).ravel(), np.arange(len(keys) + 1) * pair.d_model)}
     if kind == "token":
         cols["token_id"] = np.asarray(keys, dtype=np.int64)
-        texts = api._token_texts(np.asarray(keys, dtype=np.int64), api.load_tokenizer(pair.meta.get("chat_model")))
+        texts = api._token_texts(np.asarray(keys, dtype=np.int64), tokenizer)
         if texts is not None:
             cols["token"] = np.array(texts, dtype=object)
     return cols
