@@ -13,8 +13,14 @@ shapes (B×2D·2D×F, B×F·F×2D, 2D×B·B×F), best of a few repeats, in the s
 
     python bench/bench_crosscoder.py                         # CPU, d_model 128 and 256
     python bench/bench_crosscoder.py --device cuda --shapes 2048x32768 --batch 4096 --k 100
+    python bench/bench_crosscoder.py --agreement --threads 1  # decoder agreement on an identical pair
 
 Absolute numbers move with machine load; compare the ratio (check `uptime` first).
+
+--agreement trains the same crosscoder twice on an identical pair (the same sparse activations
+fed as base and as chat), once with each latent's two decoder rows drawn as one direction (what
+the trainer does) and once drawn independently (what it did before, and dictionary_learning's
+default), and prints the live latents' decoder cosines: median, minimum, share below 0.95.
 """
 
 from __future__ import annotations
@@ -77,6 +83,44 @@ def time_steps(D: int, F: int, B: int, k: int, steps: int, device: str | None, k
     return statistics.median(times), run.trainer.sparse_kernels
 
 
+def identical_pair_batches(D: int, n_features: int, B: int, seed: int = 0):
+    """An endless stream of [B, 2D] batches whose two halves are the same sparse activations
+    (features firing on 3e-4 .. 10 % of tokens, so some latents fire rarely)."""
+    gen = torch.Generator().manual_seed(seed)
+    feats = torch.nn.functional.normalize(torch.randn(n_features, D, generator=gen), dim=-1)
+    rate = torch.logspace(-3.5, -1, n_features)
+    while True:
+        on = torch.rand(B, n_features, generator=gen) < rate
+        x = (on * (0.5 + torch.rand(B, n_features, generator=gen))) @ feats + 0.01 * torch.randn(B, D, generator=gen)
+        yield torch.cat([x, x], dim=-1)
+
+
+def agreement(D: int, F: int, k: int, B: int, tokens: int, independent: bool, device: str | None) -> dict:
+    """Train on an identical pair; the live latents' decoder cosine statistics."""
+    from sae_transfer.diffing.crosscoder import latent_table
+
+    train = TrainConfig(arch="batchtopk", d_sae=F, k=k, total_tokens=tokens, batch_size=B, lr=1e-3, lr_warmup_frac=0.05,
+                        log_every_steps=10**9, dead_window_tokens=20_000, device=device)
+    run = new_run(CrosscoderConfig(train=train), PairedCaches(None, None, "bench", D, B, 1.0, 1.0, {}))
+    run.trainer.init_weights(torch.Generator().manual_seed(0), torch.zeros(2 * D))
+    cc = run.sae
+    if independent:  # the chat half redrawn: each model's row its own random direction of the same norm
+        with torch.no_grad():
+            dec_FMD = cc.W_dec.view(F, 2, D)
+            dec_FMD[:, 1] = torch.nn.functional.normalize(torch.randn(F, D, generator=torch.Generator().manual_seed(1)),
+                                                          dim=-1).to(dec_FMD) * dec_FMD[:, 0].norm(dim=-1, keepdim=True)
+            cc.W_enc.copy_(cc.W_dec.T)
+    stream = identical_pair_batches(D, 3 * D, B)
+    for _ in range(train.total_steps):
+        train_step(run, next(stream))
+    with torch.no_grad():
+        x = torch.cat([next(stream) for _ in range(8)]).to(cc.W_enc.device)
+        alive = (cc.encode(x) > 0).any(0).cpu()
+    cos = latent_table(cc.cpu()).cosine_F[alive]
+    return {"alive": int(alive.sum()), "median": float(cos.median()), "min": float(cos.min()),
+            "below_0.95": float((cos < 0.95).float().mean())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="128x2048,256x4096", help="d_model x d_sae, comma separated")
@@ -86,10 +130,20 @@ def main() -> None:
     ap.add_argument("--device", default=None)
     ap.add_argument("--sparse-kernels", default="auto", choices=("auto", "csr", "dense"))
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--agreement", action="store_true", help="decoder agreement on an identical pair (module doc)")
+    ap.add_argument("--agreement-shape", default="32x128x4", help="d_model x d_sae x k for --agreement")
+    ap.add_argument("--agreement-tokens", type=int, default=300_000)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if args.agreement:
+        D, F, k = (int(v) for v in args.agreement_shape.split("x"))
+        for independent in (True, False):
+            r = agreement(D, F, k, 512, args.agreement_tokens, independent, args.device)
+            print(f"{'independent' if independent else 'one draw':>11} decoder rows: live {r['alive']}/{F}, decoder cosine "
+                  f"median {r['median']:.3f}, min {r['min']:.3f}, {100 * r['below_0.95']:.0f}% below 0.95")
+        return
     print(f"device {device}, torch threads {torch.get_num_threads()}, batch {args.batch}, k {args.k}")
     print(f"{'d_model x F':>12} {'kern':>5} {'tok/s':>9} {'GFLOP/s':>9} {'matmul':>9} {'÷matmul':>8}")
     for shape in args.shapes.split(","):

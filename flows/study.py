@@ -22,7 +22,7 @@ from sae_transfer.storage.layout import StudyLayout
 from sae_transfer.study import StudyConfig
 from sae_transfer.tasks._cache import code_version
 from sae_transfer.tasks.checkpoints import publish_watch
-from sae_transfer.tasks.diffing import causal_check, diff_crosscoder, diff_saes, train_crosscoder
+from sae_transfer.tasks.diffing import activation_diff, causal_check, diff_crosscoder, diff_saes, train_crosscoder
 from sae_transfer.tasks.evaluate import (
     evaluate_segments,
     evaluate_transfer,
@@ -49,6 +49,8 @@ def _diffing(config: StudyConfig, study: StudySAEs, pair, made) -> list:
         base, chat = acts["base"][hook], acts["chat"][hook]
         diff = diff_saes.submit(study.primary(hook), base, chat, d, config.device, results)
         out.append(diff)
+        if d.activation_diff:
+            out.append(activation_diff.submit(study.of(hook), base, chat, d.stats_tokens, config.device, results))
         if d.crosscoder:
             plan = config.crosscoder_plan
             cc_dir = run_dir(layout, "crosscoder", hook, base.path, chat.path, plan.model_dump(),

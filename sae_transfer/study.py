@@ -223,6 +223,8 @@ class DiffingSection(_Section):
         "'demo-mixed': stdlib files interleaved with demo chat transcripts); empty: the study corpus")
     tokens: int = Field(
         200_000, gt=0, description="tokens cached per model on the diffing corpus (when it is not the study corpus)")
+    activation_diff: bool = Field(
+        True, description="chat - base on the paired caches per token, role and position, with its principal directions")
     crosscoder: bool = Field(True, description="train a BatchTopK crosscoder on the paired base/chat caches (Minder et al. 2025)")
     crosscoder_expansion: int = Field(8, ge=1, description="crosscoder latents = expansion x d_model")
     crosscoder_k: int = Field(32, ge=1, description="mean active crosscoder latents per token (BatchTopK)")

@@ -141,11 +141,14 @@ CROSSCODER_LATENTS = pa.schema(
         ("rho", _F64),  # ||d^chat|| / (||d^base|| + ||d^chat||): ~1 chat-only, ~0 base-only, ~1/2 shared
         ("delta_norm", _F64),  # Minder et al.'s relative norm difference (1/2 ((c - b) / max + 1))
         ("dec_cos", _F64),  # cosine of the base and chat decoder directions
-        ("latent_class", _STR),  # base_only / chat_only / shared / other (cut-offs below)
+        ("latent_class", _STR),  # base_only / chat_only / shared / changed / other (cut-offs below)
         ("chat_only_min", _F64),  # rho cut-offs used
         ("base_only_max", _F64),
         ("shared_min", _F64),
         ("shared_max", _F64),
+        ("agree_min_cos", _F64),  # shared needs dec_cos >= this; below it, both decoders alive: changed
+        ("diff_norm", _F64),  # ||d^chat - d^base|| (training units)
+        ("chat_minus_base", pa.list_(pa.float32())),  # changed latents: d^chat/s_chat - d^base/s_base [D], model units
         ("fire_count", _I64),  # paired tokens where the latent fires
         ("frequency", _F64),  # fire_count / n_tokens
         ("mean_act_firing", _F64),  # mean activation where it fires (training units)
@@ -174,6 +177,34 @@ LATENT_SCALING = pa.schema(
     ]
 )
 
+ACTIVATION_DIFF = pa.schema(
+    _DICTIONARY[2:] + [
+        ("base_model", _STR),  # the two models whose caches were paired
+        ("chat_model", _STR),
+        ("tokens_fingerprint", _STR),  # the paired caches' corpus fingerprint
+        ("n_tokens", _I64),  # paired tokens streamed
+        ("kind", _STR),  # all / token / role / position / component / component_latent
+        ("key", _STR),  # token id, role name, position bucket ("3-6"), component index, or "all"
+        ("rank", _I64),  # within kind: 0 = largest mean_diff_norm (token), largest variance (component)
+        ("token_id", _I64),  # kind token
+        ("token", _STR),  # kind token: its text (null without a tokenizer)
+        ("count", _I64),  # tokens in the group
+        ("mean_diff_norm", _F64),  # mean ||chat - base|| over the group, raw model units
+        ("rms_diff_norm", _F64),  # sqrt(mean ||chat - base||^2)
+        ("norm_of_mean", _F64),  # ||mean (chat - base)||: a shift shared by the group's tokens
+        ("mean_base_norm", _F64),  # mean ||x_base||, to read the difference relative to the activation
+        ("typical_diff_norm", _F64),  # median over ranked tokens of their mean_diff_norm (same on every row)
+        ("component", _I64),  # kind component / component_latent: principal direction index
+        ("variance", _F64),  # variance of the difference along the component (model units^2)
+        ("variance_share", _F64),  # variance / total variance of the difference
+        ("dictionary", _STR),  # kind component_latent: the SAE whose latent aligns with the component
+        ("latent", _I64),
+        ("latent_cos", _F64),  # |cosine| of that latent's decoder with the component
+        ("direction", pa.list_(pa.float32())),  # mean difference [D] (groups) or unit component [D]
+        ("created_at", _TS),
+    ]
+)
+
 SCHEMAS: dict[str, pa.Schema] = {
     "latent_stats": LATENT_STATS,
     "latent_examples": LATENT_EXAMPLES,
@@ -183,6 +214,7 @@ SCHEMAS: dict[str, pa.Schema] = {
     "latent_ablation": LATENT_ABLATION,
     "crosscoder_latents": CROSSCODER_LATENTS,
     "latent_scaling": LATENT_SCALING,
+    "activation_diff": ACTIVATION_DIFF,
 }
 
 # Result key of each table (see sae_transfer.storage.result_keys). Every diffing table is written
@@ -201,6 +233,8 @@ KEYS: dict[str, ResultKey] = {
     "crosscoder_latents": computation("dictionary", "hook", index=("latent",)),
     # kind crosscoder (model null) or sae on one model
     "latent_scaling": computation("dictionary", "hook", "kind", "model", index=("latent",)),
+    # one pair of caches at one hook: every group, component and aligned latent of the pass
+    "activation_diff": computation("hook", "base_model", "chat_model", index=("kind", "key", "dictionary", "latent")),
 }
 
 

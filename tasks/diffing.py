@@ -15,7 +15,14 @@ from sae_transfer.diffing.api import drift_table
 from sae_transfer.diffing.crosscoder_run import CrosscoderConfig
 from sae_transfer.diffing.crosscoder_run import train_crosscoder as train
 from sae_transfer.diffing.paired import open_pair
-from sae_transfer.diffing.stage import DiffingPlan, causal_tables, chosen_latents, crosscoder_tables, sae_tables
+from sae_transfer.diffing.stage import (
+    DiffingPlan,
+    activation_diff_tables,
+    causal_tables,
+    chosen_latents,
+    crosscoder_tables,
+    sae_tables,
+)
 from sae_transfer.evals.loading import load_saes
 from sae_transfer.evals.rollouts import Rollouts
 from sae_transfer.storage import tables
@@ -55,6 +62,21 @@ def diff_saes(saes: list[SAERecord], base_acts: ActsRecord, chat_acts: ActsRecor
     counts = _append(results_dir, f"diff SAEs at {base_acts.hook}", produced)
     return DiffRecord(step=f"diff SAEs at {base_acts.hook}", rows=counts,
                       chosen={"sae_id": sae_id, "set_name": set_name, "latents": latents})
+
+
+@task(name="activation-diff", task_run_name=run_name("activation-diff", "base_acts.hook"), **_CODE)
+def activation_diff(saes: list[SAERecord], base_acts: ActsRecord, chat_acts: ActsRecord, stats_tokens: int,
+                    device: str | None, results_dir: str) -> RowsRecord:
+    """chat − base on the first `stats_tokens` paired rows (`DiffingSection.stats_tokens`, the one
+    knob of the section it reads, so the others leave its cache key alone), per token, role and
+    position bucket, with its principal directions and the study SAEs' latents aligned with them
+    (`activation_diff`). The token check runs here: a difference of misaligned rows is noise."""
+    pair = open_pair(base_acts.path, chat_acts.path)
+    loaded = dict(zip([s.role for s in saes], load_saes([s.path for s in saes], base_acts.hook)))
+    produced = activation_diff_tables(pair, DiffingPlan(stats_tokens=stats_tokens, device=device), loaded,
+                                      chat_model=chat_acts.model)
+    step = f"activation diff at {base_acts.hook}"
+    return RowsRecord(step=step, rows=_append(results_dir, step, produced))
 
 
 @task(name="train-crosscoder", task_run_name=run_name("train-crosscoder", "base_acts.hook"),

@@ -73,12 +73,27 @@ def fill(root: Path) -> None:
 def fill_diffing(root: Path) -> None:
     """Hand-made rows of the feature-level diffing tables (a crosscoder with one chat-only latent)."""
     cc = dict(dictionary="crosscoder-x:abc", dictionary_model=f"{BASE} + {CHAT}", hook=HOOK)
-    classes = ["shared", "shared", "chat_only", "base_only"]
+    classes = ["shared", "shared", "chat_only", "base_only", "changed"]
     tables.append_rows(root, "crosscoder_latents", [dict(
         cc, latent=j, norm_base=0.1 if c == "chat_only" else 1.0, norm_chat=1.0, rho=0.9 if c == "chat_only" else 0.5,
-        delta_norm=0.5, dec_cos=0.9, latent_class=c, chat_only_min=0.833, base_only_max=0.167, shared_min=0.444,
-        shared_max=0.556, fire_count=10, frequency=0.01, mean_act_firing=1.0, n_tokens=1000,
+        delta_norm=0.5, dec_cos=0.1 if c == "changed" else 0.9, latent_class=c, chat_only_min=0.833, base_only_max=0.167,
+        shared_min=0.444, shared_max=0.556, agree_min_cos=0.8, diff_norm=1.3 if c == "changed" else 0.1,
+        chat_minus_base=[0.6, 0.8] if c == "changed" else [], fire_count=10, frequency=0.01, mean_act_firing=1.0,
+        n_tokens=1000,
     ) for j, c in enumerate(classes)])
+    diff = dict(hook=HOOK, base_model=BASE, chat_model=CHAT, n_tokens=1000, typical_diff_norm=0.5)
+    tables.append_rows(root, "activation_diff", [
+        dict(diff, kind="all", key="all", rank=0, count=1000, mean_diff_norm=0.6, norm_of_mean=0.1, mean_base_norm=4.0),
+        dict(diff, kind="role", key="user", rank=0, count=400, mean_diff_norm=0.7, norm_of_mean=0.2, mean_base_norm=4.0),
+        dict(diff, kind="position", key="0", rank=0, count=10, mean_diff_norm=2.0, norm_of_mean=1.9, mean_base_norm=40.0),
+        dict(diff, kind="token", key="7", rank=0, token_id=7, token="<|user|>", count=40, mean_diff_norm=3.0,
+             norm_of_mean=2.9, mean_base_norm=4.0, direction=[1.2, 1.6]),
+        dict(diff, kind="token", key="9", rank=1, token_id=9, token="def", count=40, mean_diff_norm=0.5, norm_of_mean=0.1,
+             mean_base_norm=4.0, direction=[0.1, 0.0]),
+        dict(diff, kind="component", key="0", rank=0, component=0, variance=0.3, variance_share=0.6, direction=[0.6, 0.8]),
+        dict(diff, kind="component_latent", key="0", rank=0, component=0, dictionary="chat-sae:abc", latent=1,
+             latent_cos=0.93),
+    ])
     tables.append_rows(root, "latent_scaling", [dict(
         cc, kind="crosscoder", latent=2, nu_error=0.05, nu_recon=0.1, verdict="specific", fire_count=10, n_tokens=1000)])
     tables.append_rows(root, "latent_examples", [dict(

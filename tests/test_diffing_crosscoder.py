@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sae_transfer.diffing import crosscoder_run
-from sae_transfer.diffing.crosscoder import CLASSES, CrossCoder, Taxonomy, classify, latent_table
+from sae_transfer.diffing.crosscoder import CLASSES, CrossCoder, Taxonomy, chat_minus_base_FD, classify, latent_table
 from sae_transfer.diffing.crosscoder_io import load_crosscoder, save_crosscoder
 from sae_transfer.diffing.crosscoder_run import CrosscoderConfig, train_crosscoder
 from sae_transfer.diffing.latent_scaling import LatentScaler, sae_scaling
@@ -144,6 +144,28 @@ def test_taxonomy_uses_the_papers_cutoffs_on_rho():
     assert (torch.allclose(t.rho_F, torch.tensor([1.0, 0.0, 0.5]))
             and torch.allclose(t.delta_norm_F, torch.tensor([1.0, 0.0, 0.5])))
     assert float(t.cosine_F[2]) == pytest.approx(1.0) and torch.isnan(t.cosine_F[:2]).all()
+
+
+def test_taxonomy_reads_direction_shared_needs_agreeing_decoders_changed_points_apart():
+    cc = CrossCoder.create(2, 5, k=1)
+    with torch.no_grad():
+        cc.scales_M.copy_(torch.tensor([2.0, 4.0]))
+        cc.W_dec.copy_(torch.tensor([
+            [0.6, 0.8, 0.6, 0.8],  # 0: same direction, equal norms -> shared
+            [1.0, 0.0, 0.0, 1.0],  # 1: equal norms, orthogonal -> changed
+            [1.0, 0.0, 0.0, 1.5],  # 2: norms 1 / 1.5 (rho 0.6, outside the shared band), orthogonal -> changed
+            [1.0, 0.0, 0.9, 0.1],  # 3: equal-ish norms, cosine 0.99 -> shared
+            [1.0, 0.0, -1.0, 0.0],  # 4: opposite -> changed
+        ]))
+    t = latent_table(cc)
+    assert [CLASSES[i] for i in t.class_F] == ["shared", "changed", "changed", "shared", "changed"]
+    assert torch.allclose(t.diff_norm_F, torch.tensor([0.0, 2 ** 0.5, (1 + 1.5 ** 2) ** 0.5, 0.02 ** 0.5, 2.0]), atol=1e-6)
+    # chat-minus-base write in model units: d^chat / s_chat - d^base / s_base
+    assert torch.allclose(chat_minus_base_FD(cc)[1], torch.tensor([0.0 - 0.5, 0.25 - 0.0]))
+    # without cosines the classes are the norm-only ones, so the direction is what made 1, 2, 4 "changed"
+    assert [CLASSES[i] for i in classify(t.rho_F)] == ["shared", "shared", "other", "shared", "shared"]
+    with pytest.raises(ValueError, match="agree_min_cos"):
+        Taxonomy(agree_min_cos=1.5)
 
 
 def test_format_round_trip_and_raw_reconstruction(tmp_path):

@@ -53,7 +53,7 @@ def test_first_run_fills_every_table(study):
     assert _count(cfg, "select count(distinct segment) from metrics where segment <> 'text'") == 3
     for table in ("outliers", "outlier_summary", "token_errors", "weight_diff", "positions", "rollouts", "training_log", "runs",
                   "latent_stats", "latent_matches", "latent_drift", "latent_examples", "crosscoder_latents", "latent_scaling",
-                  "latent_ablation"):
+                  "latent_ablation", "activation_diff"):
         assert _count(cfg, f"select count(*) from {table}") > 0, table
     assert _count(cfg, "select count(*) from checkpoints where status = 'evaluated'") >= 2
     # each checkpoint also briefly fine-tuned the base SAE: per-latent drift rows per step

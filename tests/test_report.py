@@ -10,7 +10,8 @@ import pytest
 from sae_transfer.report.build import build_report
 from tests import _synthetic_results as synth
 
-SECTIONS = ["findings", "transfer", "outliers", "segments", "finetune", "weights", "positions", "training", "drift", "diffing"]
+SECTIONS = ["findings", "transfer", "outliers", "segments", "finetune", "weights", "positions", "training", "drift",
+            "activation-diff", "diffing"]
 
 
 def test_report_has_every_section_with_tables_and_figures(tmp_path):
@@ -27,7 +28,12 @@ def test_report_has_every_section_with_tables_and_figures(tmp_path):
     # one sentence per research question, numbers and intervals from the synthetic rows
     assert ("On the chat model (plain text, outliers excluded) the base SAE recovers 93.0 % [92.0, 94.0] of CE loss "
             "vs 97.0 % [96.0, 98.0] for the chat SAE") in page
-    assert "What changed inside: the crosscoder calls 1 of 4 live latents chat-only, 1 base-only and 2 shared" in page
+    assert ("What changed inside: the crosscoder calls 1 of 5 live latents chat-only, 1 base-only, 2 shared and 1 "
+            "changed") in page
+    assert "the token whose activation moves most from base to chat is &#x27;&lt;|user|&gt;&#x27;" in page
+    assert "6.0x the typical token" in page and "chat-sae:abc:1 (0.93)" in page and "&lt;NA&gt;" not in page
+    # the changed latent, grounded in the activation difference's top token along its direction
+    assert "<td>4</td><td>0.5</td><td>0.1</td><td>1.3</td><td>1</td><td>0.01</td><td>&lt;|user|&gt;</td><td>1</td>" in page
     assert "ablating 1 latents that appear on chat costs KL 0.1 nats/token vs 0.01 for a random set" in page
     assert "the base SAE fine-tuned" not in page and "recovers 96.0 % [95.0, 97.0] on the chat model" in page
     md = paths.markdown.read_text()

@@ -8,6 +8,9 @@ pays only for what it needs:
 - `crosscoder`: the BatchTopK crosscoder (Minder et al. 2025) and its latent taxonomy;
 - `crosscoder_run`: resumable crosscoder training into a run folder;
 - `latent_scaling`: Latent Scaling β and the ν ratios (Minder et al. 2025);
+- `activation_diff`: chat − base on the same tokens per token, role, position, and its principal directions;
+- `diff_sae`: an SAE trained on chat − base (a change confined to some tokens becomes one latent);
+- `planted_kinds`: more planted pairs (a token's row, a dense shift, a rotation, a rescaling);
 - per-latent statistics, SAE matching, max-activating examples and causal checks live in their
   own modules next to these.
 

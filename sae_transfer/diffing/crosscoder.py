@@ -43,14 +43,21 @@ class Taxonomy:
     base_only_max: float = 0.2 / 1.2  # ρ ≤ this: base-only (Δnorm ≤ 0.1)
     shared_min: float = 0.8 / 1.8  # shared when shared_min ≤ ρ ≤ shared_max (Δnorm 0.4..0.6)
     shared_max: float = 1 / 1.8  # everything else is "other"
+    # Direction, ours (the paper reads norms only): "shared" also needs cos(d^base, d^chat) at or
+    # above this; a latent with both decoders alive (base_only_max < ρ < chat_only_min) whose
+    # decoders point further apart is "changed". 0.8 ≈ 37°: an identical pair reaches 1.0.
+    agree_min_cos: float = 0.8
 
     def __post_init__(self) -> None:
         cuts = (self.base_only_max, self.shared_min, self.shared_max, self.chat_only_min)
         if not all(0 <= a <= b <= 1 for a, b in zip(cuts, cuts[1:])):
             raise ValueError(f"taxonomy cut-offs {cuts} must increase within [0, 1]")
+        if not -1 <= self.agree_min_cos <= 1:
+            raise ValueError(f"agree_min_cos={self.agree_min_cos}: a cosine cut-off lies in [-1, 1]")
 
 
-CLASSES = ("base_only", "shared", "chat_only", "other")  # class codes 0..3 of `classify`
+# class codes 0..4 of `classify`; "changed" came last so the older codes kept their meaning
+CLASSES = ("base_only", "shared", "chat_only", "other", "changed")
 
 
 class CrossCoder(SAE):
@@ -124,13 +131,14 @@ class LatentTable:
     rho_F: torch.Tensor  # ‖d^chat‖ / (‖d^base‖ + ‖d^chat‖); NaN for a latent with both norms 0
     delta_norm_F: torch.Tensor  # Minder et al.'s Δnorm = ½((‖d^c‖ − ‖d^b‖)/max + 1)
     cosine_F: torch.Tensor  # cos(d_j^base, d_j^chat); NaN when either norm is 0
+    diff_norm_F: torch.Tensor  # ‖d_j^chat − d_j^base‖ (how far the latent's write moved)
     class_F: torch.Tensor  # int64 index into CLASSES
     taxonomy: Taxonomy  # the cut-offs used
 
 
 @torch.no_grad()
 def latent_table(cc: CrossCoder, taxonomy: Taxonomy = Taxonomy()) -> LatentTable:
-    """ρ, Δnorm, decoder cosine and class of every latent."""
+    """ρ, Δnorm, decoder cosine, ‖d^chat − d^base‖ and class of every latent."""
     dec_MFD = cc.decoders_MFD().detach().double()
     nb_F, nc_F = dec_MFD.norm(dim=-1)
     total_F = nb_F + nc_F
@@ -141,18 +149,31 @@ def latent_table(cc: CrossCoder, taxonomy: Taxonomy = Taxonomy()) -> LatentTable
     both = (nb_F > 0) & (nc_F > 0)
     cos_F = (dec_MFD[0] * dec_MFD[1]).sum(-1) / (nb_F * nc_F).clamp_min(1e-30)
     cos_F = torch.where(both, cos_F, torch.full_like(cos_F, float("nan")))
-    return LatentTable(nb_F.float(), nc_F.float(), rho_F.float(), delta_F.float(), cos_F.float(),
-                       classify(rho_F, taxonomy), taxonomy)
+    diff_F = (dec_MFD[1] - dec_MFD[0]).norm(dim=-1)
+    return LatentTable(nb_F.float(), nc_F.float(), rho_F.float(), delta_F.float(), cos_F.float(), diff_F.float(),
+                       classify(rho_F, taxonomy, cos_F), taxonomy)
 
 
-def classify(rho_F: torch.Tensor, taxonomy: Taxonomy = Taxonomy()) -> torch.Tensor:
-    """Class index [F] (CLASSES order) of each ρ; NaN (a latent with no decoder) is "other"."""
+def classify(rho_F: torch.Tensor, taxonomy: Taxonomy = Taxonomy(), cos_F: torch.Tensor | None = None) -> torch.Tensor:
+    """Class index [F] (CLASSES order) of each latent from ρ and, when given, the decoder cosine:
+    shared needs both norms balanced and directions agreeing; a latent writing into both models
+    in directions that disagree is "changed"; NaN ρ (a latent with no decoder) is "other"."""
     t = taxonomy
     out_F = torch.full(rho_F.shape, CLASSES.index("other"), dtype=torch.int64, device=rho_F.device)
+    agree_F = torch.ones_like(rho_F, dtype=torch.bool) if cos_F is None else cos_F.to(rho_F.device) >= t.agree_min_cos
+    both_F = (rho_F > t.base_only_max) & (rho_F < t.chat_only_min)
     out_F[rho_F <= t.base_only_max] = CLASSES.index("base_only")
-    out_F[(rho_F >= t.shared_min) & (rho_F <= t.shared_max)] = CLASSES.index("shared")
+    out_F[(rho_F >= t.shared_min) & (rho_F <= t.shared_max) & agree_F] = CLASSES.index("shared")
+    out_F[both_F & ~agree_F] = CLASSES.index("changed")
     out_F[rho_F >= t.chat_only_min] = CLASSES.index("chat_only")
     return out_F
+
+
+def chat_minus_base_FD(cc: CrossCoder) -> torch.Tensor:
+    """Each latent's chat-minus-base write per unit code, in raw model units [F, D]: d^chat / s_chat
+    − d^base / s_base (the change a firing of latent j makes to chat's activation beyond base's)."""
+    dec_MFD = cc.decoders_MFD().detach()
+    return dec_MFD[1] / cc.scales_M[1] - dec_MFD[0] / cc.scales_M[0]
 
 
 def class_counts(table: LatentTable, alive_F: torch.Tensor | None = None) -> dict[str, int]:

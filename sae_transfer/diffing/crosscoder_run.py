@@ -29,7 +29,7 @@ from sae_transfer.sae import metrics
 from sae_transfer.training.config import TrainConfig
 from sae_transfer.training.loop import TrainingRun
 from sae_transfer.training.run import RunSpec, drive_run, final_dead, without_runtime
-from sae_transfer.training.trainers.crosscoder import CrosscoderTrainer
+from sae_transfer.training.trainers.crosscoder import DECODER_INIT, CrosscoderTrainer
 from sae_transfer.training.tricks import geometric_median
 
 
@@ -50,7 +50,7 @@ class CrosscoderConfig:
     def to_dict(self) -> dict:
         """JSON-ready dict (run.json, checkpoint check)."""
         return {"train": self.train.to_dict(), "taxonomy": dataclasses.asdict(self.taxonomy),
-                "buffer_tokens": self.buffer_tokens, "eval_tokens": self.eval_tokens}
+                "buffer_tokens": self.buffer_tokens, "eval_tokens": self.eval_tokens, "decoder_init": DECODER_INIT}
 
 
 @dataclass(frozen=True)

@@ -228,3 +228,21 @@ def paired_factory(pair: PairedCaches, batch_size: int, seed: int = 0, buffer_to
                    device: str | torch.device = "cpu"):
     """start_batch -> PairedSource: the SourceFactory the training loop resumes from."""
     return lambda start_batch: PairedSource(pair, batch_size, seed, buffer_tokens, start_batch, device=device)
+
+
+def iter_paired_raw(pair: PairedCaches, max_rows: int | None = None) -> Iterator[tuple[torch.Tensor, ...]]:
+    """(token_id_B, role_B, pos_B, base_BD, chat_BD) one base row group at a time, in cache order
+    and raw model units (no scale factor), for analyses of x_chat − x_base; stops after max_rows."""
+    b, c = pair.datasets()
+    rb, rc = _Rows(b), _Rows(c)
+    stop_all = pair.n_tokens if max_rows is None else min(max_rows, pair.n_tokens)
+    for start, stop in rb.group_ranges():
+        if start >= stop_all:
+            return
+        stop = min(stop, stop_all)
+        tb = rb.read(start, stop, ["token_id", "role", "pos", "norm", "act"])
+        tc = rc.read(start, stop, ["norm", "act"])
+        yield (torch.from_numpy(tb.column("token_id").to_numpy().astype(np.int64)),
+               # the role column is dictionary-encoded in ROLES order: its indices are the role codes
+               torch.from_numpy(tb.column("role").combine_chunks().indices.to_numpy(zero_copy_only=False).astype(np.int64)),
+               torch.from_numpy(tb.column("pos").to_numpy().astype(np.int64)), rb.acts(tb), rc.acts(tc))

@@ -19,15 +19,18 @@ from sae_transfer.diffing import api
 from sae_transfer.diffing import examples as ex
 from sae_transfer.diffing import latent_stats as ls
 from sae_transfer.diffing import matching as mt
-from sae_transfer.diffing.crosscoder import CLASSES, latent_table
+from sae_transfer.diffing.activation_diff import ActDiffConfig, activation_diff, aligned_latents, bucket_label
+from sae_transfer.diffing.crosscoder import CLASSES, chat_minus_base_FD, latent_table
 from sae_transfer.diffing.crosscoder_io import load_crosscoder
 from sae_transfer.diffing.latent_scaling import crosscoder_scaling, sae_scaling
-from sae_transfer.diffing.paired import iter_paired
+from sae_transfer.diffing.paired import iter_paired, iter_paired_raw
 from sae_transfer.evals.api import load_eval_model
 from sae_transfer.evals.loading import load_saes
 from sae_transfer.evals.run import chat_transcripts
+from sae_transfer.storage.activations import ROLES
 from sae_transfer.storage.activations_scan import RowBatch, read_sequences
 from sae_transfer.storage.diffing_tables import columns_table
+from sae_transfer.storage.tables import now_utc
 
 Tables = dict[str, list[pa.Table]]
 
@@ -142,8 +145,10 @@ def crosscoder_tables(cc_dir: str | Path, pair, plan: DiffingPlan, sae_id: str, 
         "latent_class": np.array([CLASSES[i] for i in table.class_F.tolist()], dtype=object),
         "fire_count": _np(counts_F), "frequency": _np(counts_F / max(acts.n_tokens, 1)),
         "mean_act_firing": np.where(_np(counts_F) > 0, _np(sums_F) / np.maximum(_np(counts_F), 1), np.nan),
+        "diff_norm": _np(table.diff_norm_F), "chat_minus_base": _changed_directions(cc, table),
     }, {**dictionary, "chat_only_min": t.chat_only_min, "base_only_max": t.base_only_max,
-        "shared_min": t.shared_min, "shared_max": t.shared_max, "n_tokens": acts.n_tokens})
+        "shared_min": t.shared_min, "shared_max": t.shared_max, "agree_min_cos": t.agree_min_cos,
+        "n_tokens": acts.n_tokens})
     chat_only = (table.class_F == CLASSES.index("chat_only")) & (counts_F > 0)
     latents_L = chat_only.nonzero().squeeze(1)
     x_batches = (b.acts_BD.to(device).view(-1, 2, cc.d_model) for b in _paired_batches(pair, plan))
@@ -157,6 +162,15 @@ def crosscoder_tables(cc_dir: str | Path, pair, plan: DiffingPlan, sae_id: str, 
     }, {**dictionary, "kind": "crosscoder", "n_tokens": sc.n_tokens})
     examples = _paired_examples(cc, pair, acts, ex_cfg, dictionary, chat_model)
     return {"crosscoder_latents": [latents], "latent_scaling": [scaling], "latent_examples": [examples]}
+
+
+def _changed_directions(cc, table) -> tuple[np.ndarray, np.ndarray]:
+    """The `chat_minus_base` list column (flat values, offsets): a changed latent's
+    d^chat/s_chat − d^base/s_base [D] in model units, an empty list for every other latent."""
+    changed_F = _np(table.class_F == CLASSES.index("changed"))
+    diff_FD = _np(chat_minus_base_FD(cc))
+    lengths_F = np.where(changed_F, cc.d_model, 0)
+    return diff_FD[changed_F].astype(np.float32).ravel(), np.concatenate([[0], np.cumsum(lengths_F)])
 
 
 @torch.inference_mode()
@@ -215,3 +229,53 @@ def causal_tables(sae_paths: list[str], chat: str, hook: str, made, chosen: dict
     toks = chat_transcripts(model, made)
     return {"latent_ablation": [api.ablation_table(model, info["model_id"], loaded[chosen["sae_id"]], toks, hook,
                                                    chosen["latents"], set_name=chosen["set_name"])]}
+
+
+def activation_diff_tables(pair, plan: DiffingPlan, saes: dict[str, object] | None = None,
+                           cfg: ActDiffConfig = ActDiffConfig(), chat_model: str | None = None) -> Tables:
+    """`activation_diff` rows of the paired caches: chat − base overall, per role and position
+    bucket, the top tokens, the principal directions, and (for each SAE in `saes`, role ->
+    LoadedSAE) the latents aligned with each direction. `chat_model` (the model spec, a local
+    folder or cached Hub id) names the tokenizer for token texts; without it they stay null."""
+    res = activation_diff(iter_paired_raw(pair, plan.stats_tokens), pair.d_model, cfg, api.device_of(plan.device))
+    tokenizer = api.load_tokenizer(chat_model)
+    parts = [(kind, _group_columns(res, kind, cfg, pair, tokenizer)) for kind in ("all", "role", "position", "token")]
+    k = len(res.variance_K)
+    parts.append(("component", {"key": np.array([str(i) for i in range(k)], dtype=object), "rank": np.arange(k),
+                                "component": np.arange(k), "variance": _np(res.variance_K),
+                                "variance_share": _np(res.variance_K / max(res.total_variance, 1e-30)),
+                                "direction": (_np(res.components_KD).ravel(), np.arange(k + 1) * pair.d_model)}))
+    for loaded in (saes or {}).values():
+        lat_KT, cos_KT = aligned_latents(res.components_KD, loaded.sae.W_dec, cfg.top_latents)
+        comp = np.repeat(np.arange(k), lat_KT.shape[1])
+        parts.append(("component_latent", {"key": np.array([str(c) for c in comp], dtype=object),
+                                           "rank": np.tile(np.arange(lat_KT.shape[1]), k), "component": comp,
+                                           "dictionary": np.array([loaded.info["sae_id"]] * len(comp), dtype=object),
+                                           "latent": _np(lat_KT).ravel(), "latent_cos": _np(cos_KT).ravel()}))
+    const = {"hook": pair.hook, "base_model": pair.meta.get("base_model"), "chat_model": pair.meta.get("chat_model"),
+             "tokens_fingerprint": pair.meta.get("corpus_fingerprint"), "n_tokens": res.n_tokens,
+             "typical_diff_norm": res.typical_token_norm(cfg),
+             "created_at": now_utc()}  # one stamp: the report picks the newest pass by it
+    # one part per computation: the catalog keeps only the newest part of a computation
+    return {"activation_diff": [pa.concat_tables([columns_table("activation_diff", cols, {**const, "kind": kind})
+                                                  for kind, cols in parts])]}
+
+
+def _group_columns(res, kind: str, cfg: ActDiffConfig, pair, tokenizer) -> dict:
+    """`activation_diff` columns of one grouping (every group; for tokens, the top cfg.top_tokens)."""
+    g = res.groups[kind]
+    idx = res.top_tokens(cfg) if kind == "token" else torch.arange(len(g.keys_G))
+    keys = g.keys_G[idx].tolist()
+    label = {"all": lambda k: "all", "role": lambda k: ROLES[k] if k < len(ROLES) else str(k),
+             "position": bucket_label, "token": str}[kind]
+    cols = {"key": np.array([label(k) for k in keys], dtype=object), "rank": np.arange(len(keys)),
+            "count": _np(g.count_G[idx]), "mean_diff_norm": _np(g.mean_norm_G[idx]),
+            "rms_diff_norm": _np(g.rms_norm_G[idx]), "norm_of_mean": _np(g.mean_GD[idx].norm(dim=-1)),
+            "mean_base_norm": _np(g.base_norm_G[idx]),
+            "direction": (_np(g.mean_GD[idx]).ravel(), np.arange(len(keys) + 1) * pair.d_model)}
+    if kind == "token":
+        cols["token_id"] = np.asarray(keys, dtype=np.int64)
+        texts = api._token_texts(np.asarray(keys, dtype=np.int64), tokenizer)
+        if texts is not None:
+            cols["token"] = np.array(texts, dtype=object)
+    return cols

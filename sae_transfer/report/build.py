@@ -81,11 +81,13 @@ def collect_sections(results_dir: str | Path, base: str, chat: str, *, scatter_r
         pair = [base, chat]
         transfer, first_variant = split_sweep(_q(con, "transfer_table", pair))
         named = {name: _q(con, name, pair) for name in ("outlier_table", "segments_table", "finetune_table", "drift",
-                                                        "diff_class_counts", "latent_status_counts", "latent_ablation_table")}
+                                                        "diff_class_counts", "latent_status_counts", "latent_ablation_table",
+                                                        "crosscoder_agreement", "activation_diff_tokens")}
         primary = (transfer if first_variant is None
                    else transfer[transfer["variant"].isin([first_variant])].drop(columns=["variant"]))
         sentences = findings(primary, named["outlier_table"], named["segments_table"], named["finetune_table"], named["drift"],
-                             (named["diff_class_counts"], named["latent_status_counts"], named["latent_ablation_table"]))
+                             tuple(named[n] for n in ("diff_class_counts", "latent_status_counts", "latent_ablation_table",
+                                                      "crosscoder_agreement", "activation_diff_tokens")))
         sections = [
             Section("findings", "Findings", "One sentence per research question, from the tables below "
                     "(CE loss recovered with its bootstrap 95 % interval over sequences).",
@@ -134,10 +136,24 @@ def collect_sections(results_dir: str | Path, base: str, chat: str, *, scatter_r
                                 [("drift", drift)],
                                 [("drift", plots.drift(drift[drift["outlier_policy"] == "excluded"]))]
                                 if not drift.empty else []))
+        sections.append(_activation_diff_section(con, pair, named["activation_diff_tokens"]))
         sections.append(_diffing_section(con, pair))
         return sections
     finally:
         con.close()
+
+
+def _activation_diff_section(con, pair: list[str], tokens: pd.DataFrame) -> Section:
+    """What moved before any dictionary: chat - base per token, role, position, and its principal directions."""
+    return Section(
+        "activation-diff", "What moved: the activation difference",
+        "Both models on the same tokens, chat minus base in raw model units (the diffing-toolkit family's baseline; "
+        "no training, so a token whose activation moves cannot hide). consistency = ||mean diff|| / mean ||diff|| "
+        "(1: every occurrence moves the same way); rel_to_typical: against the median token. Principal directions of "
+        "the centred difference, with the SAE latents whose decoders align best; a shift at every position shows as the "
+        "'all' row's norm_of_mean, not as a direction.",
+        [("tokens with the largest mean ||chat - base||", tokens),
+         ("overall, per role, per position bucket, principal directions", _q(con, "activation_diff_groups", pair))])
 
 
 def _diffing_section(con, pair: list[str], n_cards: int = 6) -> Section:
@@ -146,6 +162,7 @@ def _diffing_section(con, pair: list[str], n_cards: int = 6) -> Section:
     density, cosines = _q(con, "density_shift", pair), _q(con, "decoder_cosines", pair)
     scaling, ablation = _q(con, "latent_scaling_ratios", pair), _q(con, "latent_ablation_table", pair)
     drift = _q(con, "latent_drift_summary", pair)
+    agreement, changed = _q(con, "crosscoder_agreement", pair), _q(con, "top_changed_latents", [n_cards])
     cards = _q(con, "top_chat_latents", pair + [n_cards])
     figures = [(title, draw(df)) for title, draw, df in (
         ("firing density of every SAE latent on base vs chat", plots.density_shift, density),
@@ -154,17 +171,22 @@ def _diffing_section(con, pair: list[str], n_cards: int = 6) -> Section:
     return Section(
         "diffing", "What changed inside",
         "Per-latent diffing (Minder et al. 2025, arXiv 2504.02922): a BatchTopK crosscoder over paired base/chat "
-        "activations classes each latent by its relative decoder norm rho; Latent Scaling separates truly chat-only "
+        "activations classes each latent by its relative decoder norm rho and its decoder cosine (shared: balanced "
+        "norms, agreeing directions; changed: both decoders alive, pointing apart); Latent Scaling separates truly chat-only "
         "latents from Complete Shrinkage and Latent Decoupling; each study SAE's latents are followed from base to chat "
         "(dies / appears); ablating the chat-appearing latents measures what they do.",
-        [("crosscoder latents by class", classes), ("SAE latents from base to chat", status),
+        [("crosscoder latents by class", classes),
+         ("crosscoder decoder agreement on balanced-norm latents (disagree = true: under-trained, classes unreliable)",
+          agreement),
+         ("changed crosscoder latents (chat-minus-base direction in crosscoder_latents.chat_minus_base)", changed),
+         ("SAE latents from base to chat", status),
          ("causal check: KL(clean || ablated) on chat transcripts", ablation),
          ("latent drift of fine-tuned base SAEs (study fine-tune; brief fine-tunes per checkpoint)", drift)],
         figures, html_blocks=[latent_cards(cards)])
 
 
 def latent_cards(cards: pd.DataFrame) -> str:
-    """One card per top chat-leaning crosscoder latent (chat-only ones first): its class, rho,
+    """One card per top crosscoder latent (chat-only ones first, then changed ones): its class, rho,
     decoder norms, and max-activating contexts with every token shaded by its activation there."""
     if cards.empty:
         return '<p class="empty">no crosscoder latents yet</p>'
@@ -189,7 +211,9 @@ def latent_cards(cards: pd.DataFrame) -> str:
 
 
 def _cell(v) -> str:
-    return "" if v is None or (isinstance(v, float) and pd.isna(v)) else f"{v:.4g}" if isinstance(v, float) else str(v)
+    if v is None or v is pd.NA or (isinstance(v, float) and pd.isna(v)):
+        return ""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def _unreliable(flag) -> bool:

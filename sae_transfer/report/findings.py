@@ -169,13 +169,29 @@ def drift_sentences(drift: pd.DataFrame, policy: str = "excluded") -> list[str]:
     return out
 
 
-def diffing_sentence(classes: pd.DataFrame, status: pd.DataFrame, ablation: pd.DataFrame) -> str | None:
-    """What changed inside: crosscoder classes, SAE latents that appear or die, the causal check."""
+def diffing_sentence(classes: pd.DataFrame, status: pd.DataFrame, ablation: pd.DataFrame,
+                     agreement: pd.DataFrame | None = None, top_tokens: pd.DataFrame | None = None) -> str | None:
+    """What changed inside: crosscoder classes (with a warning when its balanced-norm latents'
+    decoders disagree), the activation difference's top token, SAE latents that appear or die,
+    the causal check."""
     parts = []
     if not classes.empty:
         n = {r["latent_class"]: int(r["n_latents"]) for _, r in classes.iterrows()}
         parts.append(f"the crosscoder calls {n.get('chat_only', 0)} of {sum(n.values())} live latents chat-only, "
-                     f"{n.get('base_only', 0)} base-only and {n.get('shared', 0)} shared")
+                     f"{n.get('base_only', 0)} base-only, {n.get('shared', 0)} shared and {n.get('changed', 0)} changed "
+                     "(both decoders alive, pointing apart)")
+    bad = agreement[agreement["disagree"].fillna(False).astype(bool)] if agreement is not None and not agreement.empty else None
+    if bad is not None and len(bad):
+        r = bad.iloc[0]
+        parts.append(f"but its decoders disagree on {int(r['n_disagree'])} of {int(r['n_balanced'])} latents with balanced "
+                     f"norms (median cosine {r['median_dec_cos']:.2f}), the mark of an under-trained crosscoder: "
+                     "its shared/changed split is not a finding")
+    moved = top_tokens[top_tokens["mean_diff_norm"] > 0] if top_tokens is not None and not top_tokens.empty else None
+    if moved is not None and len(moved):  # identical models: no token moved, nothing to name
+        r = moved.iloc[0]
+        typical = "" if pd.isna(r["rel_to_typical"]) else f", {r['rel_to_typical']:.1f}x the typical token"
+        parts.append(f"the token whose activation moves most from base to chat is {r['token']!r} "
+                     f"(mean ||chat - base|| {r['mean_diff_norm']:.3g}{typical})")
     base = status[status["sae"] == "base"] if not status.empty else status
     if len(base):
         r = base.iloc[0]
@@ -193,7 +209,8 @@ def diffing_sentence(classes: pd.DataFrame, status: pd.DataFrame, ablation: pd.D
 def findings(transfer, outliers, segments, finetune, drift, diffing=None) -> list[str]:
     """Every sentence the results support, in the order of the research questions (transfer each
     way, outliers, fine-tuning, instruction data, drift, what changed inside); `diffing` is
-    (class counts, SAE latent status counts, causal-check table) when present. Each sentence
+    (class counts, SAE latent status counts, causal-check table[, crosscoder agreement[, top
+    activation-difference tokens]]) when present. Each sentence
     compares rows of one segment, hook and outlier policy, and says which."""
     out = [*transfer_sentences(transfer, "chat"), *transfer_sentences(transfer, "base"),
            outlier_sentence(outliers, transfer), *finetune_sentences(transfer, finetune),

@@ -1,5 +1,6 @@
--- The most chat-leaning live crosscoder latents (highest rho first: chat-only ones when there
--- are any) with their max-activating contexts on the paired tokens. Parameters: ?1 base model id, ?2 chat model id (the pair the
+-- The live crosscoder latents that changed most: chat-only ones first, then "changed" ones (both
+-- decoders alive, pointing apart; most frequent first), then the most chat-leaning by rho, with
+-- their max-activating contexts on the paired tokens. Parameters: ?1 base model id, ?2 chat model id (the pair the
 -- crosscoder was trained on), ?3 number of latents.
 with cc as (
     select *
@@ -12,7 +13,8 @@ top as (
     select dictionary, latent, latent_class, rho, dec_cos, frequency, norm_base, norm_chat
     from cc
     where fire_count > 0
-    order by rho desc
+    order by latent_class = 'chat_only' desc, latent_class = 'changed' desc,
+             case when latent_class = 'changed' then frequency end desc nulls last, rho desc
     limit ?3
 ),
 
@@ -29,4 +31,4 @@ select
 from top as t
 join examples as e using (dictionary, latent)
 where e.rank < 4
-order by t.rho desc, t.latent, e.rank
+order by t.latent_class = 'chat_only' desc, t.latent_class = 'changed' desc, t.rho desc, t.latent, e.rank

@@ -1,0 +1,27 @@
+-- Do the newest crosscoder's decoders agree where its norms say "shared"? Among live latents whose
+-- relative decoder norm rho lies in the shared band, how many point their two decoders apart
+-- (cosine below the recorded agree_min_cos). Most of them apart means an under-trained (or
+-- independently initialised) crosscoder rather than a changed model. Parameters: none.
+with latest as (
+    select *
+    from crosscoder_latents
+    qualify created_at = max(created_at) over (partition by hook)
+),
+
+balanced as (
+    select *
+    from latest
+    where fire_count > 0 and rho between shared_min and shared_max
+)
+
+select
+    hook,
+    count(*) as n_balanced,
+    count(*) filter (where dec_cos < coalesce(agree_min_cos, 0.8)) as n_disagree,
+    round(median(dec_cos), 3) as median_dec_cos,
+    round(min(dec_cos), 3) as min_dec_cos,
+    any_value(coalesce(agree_min_cos, 0.8)) as agree_min_cos,
+    median(dec_cos) < any_value(coalesce(agree_min_cos, 0.8)) as disagree
+from balanced
+group by hook
+order by hook

@@ -1,0 +1,44 @@
+"""The report's "what changed inside" sentence: class counts with "changed", the warning for a
+crosscoder whose balanced-norm latents disagree, and the activation difference's top token."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from sae_transfer.report.findings import diffing_sentence
+
+CLASSES = pd.DataFrame({"latent_class": ["shared", "changed", "chat_only", "base_only"], "n_latents": [50, 3, 2, 1]})
+EMPTY = pd.DataFrame()
+STATUS = pd.DataFrame(columns=["sae", "appears_on_chat", "dies_on_chat"])  # as the report's queries return them
+ABLATION = pd.DataFrame(columns=["segment", "latent_set", "set_size", "kl_mean"])
+
+
+def _agreement(median: float, n_disagree: int) -> pd.DataFrame:
+    return pd.DataFrame({"hook": ["h"], "n_balanced": [60], "n_disagree": [n_disagree], "median_dec_cos": [median],
+                         "min_dec_cos": [0.1], "agree_min_cos": [0.8], "disagree": [median < 0.8]})
+
+
+def test_sentence_counts_changed_latents_and_trusts_an_agreeing_crosscoder():
+    s = diffing_sentence(CLASSES, STATUS, ABLATION, _agreement(0.99, 3))
+    assert "calls 2 of 56 live latents chat-only, 1 base-only, 50 shared and 3 changed" in s
+    assert "under-trained" not in s
+
+
+def test_sentence_flags_a_crosscoder_whose_balanced_latents_disagree():
+    s = diffing_sentence(CLASSES, STATUS, ABLATION, _agreement(0.21, 45))
+    assert "its decoders disagree on 45 of 60 latents with balanced norms (median cosine 0.21)" in s
+    assert "not a finding" in s
+
+
+def test_sentence_names_the_token_that_moves_most():
+    tokens = pd.DataFrame({"token": ["<|user|>"], "mean_diff_norm": [3.0], "rel_to_typical": [12.0]})
+    s = diffing_sentence(EMPTY, STATUS, ABLATION, None, tokens)
+    assert s == ("What changed inside: the token whose activation moves most from base to chat is '<|user|>' "
+                 "(mean ||chat - base|| 3, 12.0x the typical token).")
+
+
+def test_sentence_names_no_token_when_nothing_moved():
+    tokens = pd.DataFrame({"token": ["a", "b"], "mean_diff_norm": [0.0, 0.0], "rel_to_typical": [None, None]})
+    assert diffing_sentence(EMPTY, STATUS, ABLATION, None, tokens) is None
+    tokens = pd.DataFrame({"token": ["a"], "mean_diff_norm": [0.5], "rel_to_typical": [None]})  # typical token: 0
+    assert diffing_sentence(EMPTY, STATUS, ABLATION, None, tokens).endswith("is 'a' (mean ||chat - base|| 0.5).")
