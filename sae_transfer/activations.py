@@ -29,7 +29,15 @@ from sae_transfer.corpus import CorpusConfig, corpus_fingerprint, tokenize_seque
 from sae_transfer.errors import UserError
 from sae_transfer.models import DTYPES, check_hooks, load_model, model_identity
 from sae_transfer.sae.scaling import scale_factor
-from sae_transfer.storage.activations import FORMAT_VERSION, dataset_dir, dataset_key, is_complete, read_manifest
+from sae_transfer.storage.activations import (
+    FORMAT_VERSION,
+    dataset_dir,
+    dataset_key,
+    is_complete,
+    publish_dataset,
+    read_manifest,
+    staging_dir,
+)
 from sae_transfer.storage.activations_write import (
     ActivationWriter,
     BackgroundWriter,
@@ -39,6 +47,7 @@ from sae_transfer.storage.activations_write import (
     plan_ranges,
     range_rows,
 )
+from sae_transfer.storage.store import RemotePath
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +224,7 @@ class CachedDataset:
     """What `cache_activations` did for one hook."""
 
     hook: str  # hook name
-    path: Path  # the dataset folder
+    path: Path | RemotePath  # the dataset folder (a prefix on an object store)
     n_tokens: int  # rows in the finished dataset
     reused: bool  # True when a complete dataset was already there (no work done)
     resumed_rows: int  # rows kept from an interrupted earlier run
@@ -272,7 +281,10 @@ def cache_activations(cfg: CacheConfig, out_dir: str | Path, progress: bool = Tr
     check_hooks(model, todo)
     seqs = tokenize_sequences(cfg.corpus, model.tokenizer, context_size=cfg.context_size,
                               n_tokens=cfg.n_tokens, split=cfg.split, prepend_bos=cfg.prepend_bos)
-    resumed = _write_datasets(model, seqs, cfg, {h: metas[h] for h in todo}, {h: paths[h] for h in todo}, progress)
+    staged = {h: staging_dir(paths[h]) for h in todo}
+    resumed = _write_datasets(model, seqs, cfg, {h: metas[h] for h in todo}, staged, progress)
+    for h in todo:
+        publish_dataset(staged[h], paths[h])
     return [CachedDataset(h, paths[h], cfg.n_tokens, h not in todo, resumed.get(h, 0)) for h in cfg.hooks]
 
 
@@ -303,8 +315,10 @@ def cache_range(cfg: CacheConfig, out_dir: str | Path, seqs: SeqRange, progress:
     check_hooks(model, todo)
     tokens = tokenize_sequences(cfg.corpus, model.tokenizer, context_size=cfg.context_size,
                                 n_tokens=cfg.n_tokens, split=cfg.split, prepend_bos=cfg.prepend_bos)
-    resumed = _write_datasets(model, tokens, cfg, {h: metas[h] for h in todo}, {h: paths[h] for h in todo},
-                              progress, seqs)
+    staged = {h: staging_dir(paths[h]) for h in todo}
+    resumed = _write_datasets(model, tokens, cfg, {h: metas[h] for h in todo}, staged, progress, seqs)
+    for h in todo:
+        publish_dataset(staged[h], paths[h], tag=seqs.tag)
     return [CachedDataset(h, paths[h], want, h not in todo, resumed.get(h, 0)) for h in cfg.hooks]
 
 

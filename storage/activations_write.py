@@ -45,6 +45,7 @@ from sae_transfer.storage.activations import (
     role_dictionary,
 )
 from sae_transfer.storage.fingerprint import sha256_file
+from sae_transfer.storage.store import RemotePath, location
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def _write_json_durably(path: Path, obj: dict) -> None:
     _fsync_dir(path.parent)
 
 
-def _write_manifest(path: Path, meta: dict, shards: list[dict], row_bytes: int, rg_rows: int,
+def _write_manifest(path: Path | RemotePath, meta: dict, shards: list[dict], row_bytes: int, rg_rows: int,
                     scale_of: Callable[[float, int], float] | None) -> dict:
     """Write `_manifest.json` (last: it makes the dataset complete); returns it."""
     rows = sum(s["rows"] for s in shards)
@@ -124,18 +125,22 @@ def _write_manifest(path: Path, meta: dict, shards: list[dict], row_bytes: int, 
         "meta": meta,
         "shards": [{k: v for k, v in s.items() if k != "key"} for s in shards],
     }
-    _write_json_durably(path / MANIFEST, manifest)
-    (path / LEGACY_MANIFEST).unlink(missing_ok=True)
+    if isinstance(path, RemotePath):
+        (path / MANIFEST).write_bytes(json.dumps(manifest, indent=1).encode())  # one whole object
+    else:
+        _write_json_durably(path / MANIFEST, manifest)
+        (path / LEGACY_MANIFEST).unlink(missing_ok=True)
     return manifest
 
 
-def merge_ranges(path: str | Path, scale_of: Callable[[float, int], float] | None = None) -> dict:
+def merge_ranges(path: str | Path | RemotePath, scale_of: Callable[[float, int], float] | None = None) -> dict:
     """Write the one manifest of a dataset its range writers finished; returns it.
 
     Raises RuntimeError unless the recorded ranges are of one dataset and tile its sequences
     from 0 with exactly n_tokens rows (a missing, doubled or overlapping range writes nothing).
+    On an object store it reads the range records published there and writes the manifest there.
     """
-    path = Path(path)
+    path = location(path)
     ranges = sorted((json.loads(f.read_text()) for f in path.glob("_range-*.json")), key=lambda r: r["start"])
     if not ranges:
         raise RuntimeError(f"{path}: no finished range to merge")

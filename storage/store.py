@@ -76,8 +76,6 @@ class RemotePath:
     def __str__(self) -> str:
         return self.url
 
-    def __fspath__(self) -> str:  # for APIs that only format the path (logs, records)
-        return self.url
 
     def __repr__(self) -> str:
         return f"RemotePath({self.url!r})"
@@ -245,3 +243,87 @@ def clean_leftovers(root: str | Path | RemotePath, older_than_s: float = LEFTOVE
         except FileNotFoundError:  # finished or cleaned meanwhile
             continue
     return removed
+
+
+ETAGS_FILE = ".etags.json"  # in a local mirror: relative name -> [ETag, size] of the copy held
+
+
+def mirror_dir(remote: RemotePath) -> Path:
+    """This machine's local copy of a remote folder: where it is fetched to, and where a writer
+    stages what it will publish there (so a writer's own output is never downloaded again)."""
+    return local_cache_dir("objects", remote.url)
+
+
+def _etags(local: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((local / ETAGS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _save_etags(local: Path, etags: dict) -> None:
+    import json
+
+    write_bytes_atomic(local / ETAGS_FILE, json.dumps(etags, sort_keys=True).encode())
+
+
+def publish(local: Path, remote: RemotePath, names: list[str], last: list[str] = ()) -> None:
+    """Upload `names` (relative to `local`), then `last` (the manifest or marker that makes the
+    folder complete), each as a whole object; record their ETags in the mirror so reading them
+    back fetches nothing. Objects already there with the same size and ETag are not re-sent."""
+    import concurrent.futures as cf
+
+    etags = _etags(local)
+    held = {k[len(remote.key) + 1:]: i for k, i in remote.fs.find(remote.key, detail=True).items()}
+
+    def send(name: str) -> tuple[str, list]:
+        size = (local / name).stat().st_size
+        mine = etags.get(name)
+        if name in held and mine and mine == [held[name].get("ETag"), held[name].get("size")] and size == mine[1]:
+            return name, mine
+        (remote / name).put_file(local / name)
+        info = (remote / name).info()
+        return name, [info.get("ETag"), info.get("size")]
+
+    with cf.ThreadPoolExecutor(max_workers=8) as pool:  # uploads are I/O bound: several in flight
+        etags.update(dict(pool.map(send, [n for n in names if n not in last])))
+    for name in last:
+        etags.update([send(name)])
+    _save_etags(local, etags)
+
+
+def fetch(remote: RemotePath, names: list[str], local: Path | None = None) -> Path:
+    """Bring `names` of a remote folder into its local mirror (or `local`), downloading only
+    objects whose ETag or size differ from the copy held; returns the local folder. Each file
+    arrives under a temporary name and is renamed into place, so a killed fetch leaves nothing
+    a reader accepts."""
+    import concurrent.futures as cf
+
+    local = local or mirror_dir(remote)
+    local.mkdir(parents=True, exist_ok=True)
+    etags = _etags(local)
+    listing = {k[len(remote.key) + 1:]: i for k, i in remote.fs.find(remote.key, detail=True).items()}
+    missing = [n for n in names if n not in listing]
+    if missing:
+        raise FileNotFoundError(f"{remote}: no object {missing[0]!r}")
+
+    def get(name: str) -> tuple[str, list]:
+        stamp = [listing[name].get("ETag"), listing[name].get("size")]
+        target = local / name
+        if etags.get(name) == stamp and target.is_file() and target.stat().st_size == stamp[1]:
+            return name, stamp
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".tmp-{uuid.uuid4().hex}-{target.name}")
+        try:
+            remote.fs.get_file(f"{remote.key}/{name}", str(tmp))
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return name, stamp
+
+    with cf.ThreadPoolExecutor(max_workers=8) as pool:
+        etags.update(dict(pool.map(get, names)))
+    _save_etags(local, etags)
+    return local

@@ -11,8 +11,9 @@ from sae_transfer.activations import cache_activations as cache
 from sae_transfer.corpus import CorpusConfig
 from sae_transfer.model_shapes import load_shape
 from sae_transfer.plan import cache_bytes, require_free_space
-from sae_transfer.storage.activations import dataset_dir, is_complete
+from sae_transfer.storage.activations import dataset_dir, is_complete, staging_dir
 from sae_transfer.storage.activations_write import SeqRange
+from sae_transfer.storage.store import is_url
 from sae_transfer.study import CorpusSection, ModelLoading
 from sae_transfer.tasks._cache import cached, run_name
 from sae_transfer.tasks.records import ActsRecord
@@ -93,13 +94,14 @@ def check_disk(cfg: CacheConfig, out_dir: str) -> None:
     """Refuse, in one line and before the model loads, a cache that would not fit the free space
     of `out_dir` (complete datasets need nothing; partial ones count what they already hold)."""
     paths = [dataset_dir(out_dir, meta) for meta in dataset_metas(cfg).values()]
-    todo = [p for p in paths if not is_complete(p)]
+    todo = [staging_dir(p) for p in paths if not is_complete(p)]  # written here (a store's: this host's mirror)
     if not todo:
         return
     d_model = load_shape(cfg.model, cfg.revision, cfg.trust_remote_code).d_model
     held = sum(f.stat().st_size for p in todo if p.is_dir() for f in p.rglob("*") if f.is_file())
     needed = cache_bytes(cfg.n_tokens, d_model, cfg.dtype, len(todo)) - held
     require_free_space(
-        needed, out_dir, f"caching {cfg.n_tokens} tokens x {len(todo)} hook(s) x d_model {d_model} of {cfg.model}",
+        needed, out_dir if not is_url(out_dir) else todo[0].parent,
+        f"caching {cfg.n_tokens} tokens x {len(todo)} hook(s) x d_model {d_model} of {cfg.model}",
         "train from live activations (sae.source: live), lower the token budget (corpus.train_tokens, or "
         "diffing.tokens for a diffing corpus) or set results_root to a disk with room")

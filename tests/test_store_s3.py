@@ -137,3 +137,44 @@ def test_standard_variables_are_all_it_takes(remote):
     assert type(fs).__name__ == "S3FileSystem"
     assert location(remote) == RemotePath(remote) and location("file:///x/y") == Path("/x/y")
     assert str(location(remote) / "metrics") == remote + "/metrics"
+
+
+def test_activation_cache_on_the_store_reads_like_a_local_one(s3_store, monkeypatch, tmp_path):
+    """Written once on the store (shards, then the manifest), opened from a fresh host by ETag
+    fetch; a split cache (two ranges, merged on the store) has the same rows."""
+    from sae_transfer.activations import (
+        CacheConfig,
+        cache_activations,
+        cache_range,
+        dataset_metas,
+        merge_cache,
+        split_cache,
+    )
+    from sae_transfer.corpus import CorpusConfig
+    from sae_transfer.storage.activations import ActivationDataset, dataset_dir, is_complete
+    from tests._tiny import tiny_corpus_dir, tiny_model_dir
+
+    s3_store.env(monkeypatch)
+    monkeypatch.setenv("SAE_TRANSFER_CACHE_DIR", str(tmp_path / "writer-host"))
+    tiny = tiny_model_dir(tmp_path / "model", d_model=32, n_layers=2)
+    corpus = CorpusConfig(source=str(tiny_corpus_dir(tmp_path / "corpus", n_copies=1)))
+    cfg = CacheConfig(model=str(tiny), hooks=("blocks.1.hook_resid_pre",), corpus=corpus, n_tokens=1000,
+                      context_size=40, batch_tokens=120, shard_bytes=5_000, row_group_rows=64)
+    local = cache_activations(cfg, tmp_path / "local", progress=False)[0]
+    root = s3_store.url("activations")
+    remote = cache_activations(cfg, root, progress=False)[0]
+    assert isinstance(remote.path, RemotePath) and is_complete(remote.path)
+    assert cache_activations(cfg, root, progress=False)[0].reused
+    want = ActivationDataset(local.path).read_table()
+    assert ActivationDataset(remote.path).read_table().equals(want)  # the writer's host: its own mirror
+    monkeypatch.setenv("SAE_TRANSFER_CACHE_DIR", str(tmp_path / "reader-host"))
+    fresh = ActivationDataset(str(remote.path))
+    assert str(tmp_path / "reader-host") in str(fresh.path) and fresh.read_table().equals(want)
+
+    split_root = s3_store.url("split")
+    for r in split_cache(cfg, workers=2, d_model=32):
+        monkeypatch.setenv("SAE_TRANSFER_CACHE_DIR", str(tmp_path / f"worker-{r.start}"))  # no shared disk
+        cache_range(cfg, split_root, r)
+    assert not is_complete(dataset_dir(split_root, dataset_metas(cfg)[cfg.hooks[0]]))  # ranges only, no manifest
+    merged = merge_cache(cfg, split_root)[0]
+    assert ActivationDataset(merged.path).read_table().equals(want)
