@@ -255,3 +255,10 @@ class ActivationDataset:
     def __repr__(self) -> str:
         return f"ActivationDataset({str(self.path)!r}, hook={self.hook!r}, n_tokens={self.n_tokens}, d_model={self.d_model})"
 
+
+
+def local_dataset(path: str | Path | RemotePath) -> str:
+    """A local folder holding the complete dataset at `path`: the folder itself, or this host's
+    mirror of a remote one with the listed shards fetched (once per ETag). For code that opens
+    dataset folders by local path."""
+    return str(ActivationDataset(path).path)

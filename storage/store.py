@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -85,6 +87,9 @@ class RemotePath:
 
     def __hash__(self) -> int:
         return hash(self.url)
+
+    def __lt__(self, other: RemotePath) -> bool:
+        return self.url < other.url
 
     @property
     def name(self) -> str:
@@ -250,8 +255,11 @@ ETAGS_FILE = ".etags.json"  # in a local mirror: relative name -> [ETag, size] o
 
 def mirror_dir(remote: RemotePath) -> Path:
     """This machine's local copy of a remote folder: where it is fetched to, and where a writer
-    stages what it will publish there (so a writer's own output is never downloaded again)."""
-    return local_cache_dir("objects", remote.url)
+    stages what it will publish there (so a writer's own output is never downloaded again). It
+    keeps the remote names (`<cache>/objects/s3/<bucket>/<key>`), so code that names things by
+    their folder (an SAE by its run folder) names a copy as it names the original."""
+    root = Path(os.environ.get("SAE_TRANSFER_CACHE_DIR") or Path.home() / ".cache" / "sae-transfer")
+    return root / "objects" / remote.protocol / remote.key
 
 
 def _etags(local: Path) -> dict:
@@ -327,3 +335,62 @@ def fetch(remote: RemotePath, names: list[str], local: Path | None = None) -> Pa
         etags.update(dict(pool.map(get, names)))
     _save_etags(local, etags)
     return local
+
+
+def _skip(name: str) -> bool:
+    return name == ETAGS_FILE or any(p.startswith(".tmp") or p.endswith(".tmp") for p in name.split("/"))
+
+
+def local_copy(path: str | Path | RemotePath, *, exclude: tuple[str, ...] = ()) -> str:
+    """A local path holding what `path` holds: `path` itself when local; for a URL, its objects
+    fetched (once per ETag) into this machine's mirror, without names starting with `exclude`.
+    Tasks call this on inputs the science reads as folders (an SAE, a crosscoder)."""
+    place = location(path)
+    if not isinstance(place, RemotePath):
+        return str(path)
+    keys = place.fs.find(place.key, withdirs=False)
+    if not keys:
+        raise FileNotFoundError(f"{place}: nothing there")
+    if keys == [place.key]:  # a single object
+        fetch(place.parent, [place.name])
+        return str(mirror_dir(place))
+    names = [k[len(place.key) + 1:] for k in keys]
+    fetch(place, [n for n in names if not _skip(n) and not n.startswith(exclude)])
+    return str(mirror_dir(place))
+
+
+class StagedOutput:
+    """A task's output folder: `local` is where the science writes; on a store, `publish` sends
+    it there, its marker last (see `staged_output`)."""
+
+    def __init__(self, out: str | Path | RemotePath, marker: str):
+        self.target = location(out)
+        self.marker = marker
+        self.remote = isinstance(self.target, RemotePath)
+        self.local = mirror_dir(self.target) if self.remote else self.target
+
+    def remote_of(self, path: str | Path) -> str:
+        """Where a path under `local` lives once published (itself when local)."""
+        if not self.remote:
+            return str(path)
+        return str(self.target / Path(path).resolve().relative_to(self.local.resolve()).as_posix())
+
+    def publish(self) -> None:
+        if not self.remote or not self.local.is_dir():
+            return
+        names = sorted(p.relative_to(self.local).as_posix() for p in self.local.rglob("*") if p.is_file())
+        names = [n for n in names if not _skip(n) and not n.startswith("_progress")]
+        publish(self.local, self.target, names, last=[self.marker] if self.marker in names else [])
+
+
+@contextmanager
+def staged_output(out: str | Path | RemotePath, marker: str, *, exclude: tuple[str, ...] = ()) -> Iterator[StagedOutput]:
+    """Run a writer whose output folder may be on a store: locally nothing changes; on a store,
+    a complete output already there (its `marker` object exists) is fetched into the mirror
+    first (so the writer finds it done, without `exclude`d names), the writer fills the mirror,
+    and on success everything is published, `marker` last. A failed writer publishes nothing."""
+    staged = StagedOutput(out, marker)
+    if staged.remote and (staged.target / marker).exists() and not (staged.local / marker).exists():
+        local_copy(staged.target, exclude=exclude)
+    yield staged
+    staged.publish()
