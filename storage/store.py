@@ -373,7 +373,8 @@ class StagedOutput:
         """Where a path under `local` lives once published (itself when local)."""
         if not self.remote:
             return str(path)
-        return str(self.target / Path(path).resolve().relative_to(self.local.resolve()).as_posix())
+        rel = Path(path).resolve().relative_to(self.local.resolve()).as_posix()
+        return str(self.target if rel == "." else self.target / rel)
 
     def publish(self) -> None:
         if not self.remote or not self.local.is_dir():

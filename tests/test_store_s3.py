@@ -178,3 +178,40 @@ def test_activation_cache_on_the_store_reads_like_a_local_one(s3_store, monkeypa
     assert not is_complete(dataset_dir(split_root, dataset_metas(cfg)[cfg.hooks[0]]))  # ranges only, no manifest
     merged = merge_cache(cfg, split_root)[0]
     assert ActivationDataset(merged.path).read_table().equals(want)
+
+
+def test_sae_runs_on_the_store_are_published_whole_and_found_done_elsewhere(s3_store, monkeypatch, tmp_path):
+    """train-sae with an s3:// run folder: trained in the host's mirror, published with run.json
+    last; another host (no shared disk) finds it done without training, and loads it by URL."""
+    from prefect.logging import disable_run_logger
+
+    from sae_transfer.evals.loading import load_saes
+    from sae_transfer.study import SAESection
+    from sae_transfer.tasks import sae as sae_task
+    from sae_transfer.tasks.records import ActsRecord
+    from tests._tiny import write_synthetic_dataset
+
+    s3_store.env(monkeypatch)
+    monkeypatch.setenv("SAE_TRANSFER_CACHE_DIR", str(tmp_path / "host-a"))
+    local = write_synthetic_dataset(tmp_path / "acts", n_rows=2048, d_model=16, dtype="float32", shard_bytes=40_000)
+    acts_url = s3_store.url("activations", local.name)
+    for f in sorted(local.iterdir(), key=lambda p: p.name == "_manifest.json"):  # manifest last
+        (location(acts_url) / f.name).put_file(f)
+    acts = ActsRecord(path=acts_url, model="m", hook="blocks.0.hook_resid_pre", n_tokens=2048, reused=False)
+    section = SAESection(expansion=2, train_tokens=1024, batch_size=256, source="cache")
+    run_url = s3_store.url("saes", "base-run")
+    with disable_run_logger():
+        record = sae_task.train_sae.fn(acts, section, "base", run_url, device="cpu")
+    assert record.path == run_url + "/sae" and record.run_dir == run_url
+    assert (location(run_url) / "run.json").exists() and (location(run_url) / "sae" / "sae_weights.safetensors").exists()
+    import sae_transfer.training.run as run_mod
+
+    monkeypatch.setenv("SAE_TRANSFER_CACHE_DIR", str(tmp_path / "host-b"))  # another host, empty cache
+    for name in ("fresh_run", "restore"):  # a new or resumed training run would start with one of these
+        monkeypatch.setattr(run_mod, name, lambda *a, **k: pytest.fail("trained again"))
+    with disable_run_logger():
+        again = sae_task.train_sae.fn(acts, section, "base", run_url, device="cpu")
+    assert again.path == record.path and again.final_metrics == record.final_metrics
+    loaded = load_saes([record.path], "blocks.0.hook_resid_pre")[0]
+    assert loaded.sae.cfg.d_sae == 32 and loaded.info["sae_id"].startswith("base-run:")  # named by its run, as locally
+    assert list((tmp_path / "host-b").rglob("sae_weights.safetensors"))  # fetched into host b's mirror
