@@ -395,3 +395,29 @@ def staged_output(out: str | Path | RemotePath, marker: str, *, exclude: tuple[s
         local_copy(staged.target, exclude=exclude)
     yield staged
     staged.publish()
+
+
+def store_error(url: str, exc: BaseException) -> UserError:
+    """One line saying why the store behind `url` did not answer and which variable fixes it."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or "the AWS default endpoint"
+    detail = " ".join(str(exc).split())[:200]
+    name = type(exc).__name__
+    if "Credentials" in name:
+        return UserError(f"no credentials for {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)")
+    if isinstance(exc, PermissionError) or "AccessDenied" in detail or "signature" in detail.lower():
+        return UserError(f"{url}: access denied by {endpoint} ({detail}): check AWS_ACCESS_KEY_ID, "
+                         "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) and AWS_REGION")
+    if "Connect" in name or "Endpoint" in name or isinstance(exc, ConnectionError):
+        return UserError(f"cannot reach the object store of {url} at {endpoint} ({detail}): check AWS_ENDPOINT_URL")
+    return UserError(f"{url}: the object store at {endpoint} answered {name}: {detail}")
+
+
+def probe(root: Path | RemotePath) -> bool:
+    """Whether the results folder `root` exists; a store that cannot be asked is a UserError of
+    one line naming the URL and the variable to fix."""
+    if not isinstance(root, RemotePath):
+        return root.is_dir()
+    try:
+        return root.is_dir()
+    except Exception as exc:  # botocore and s3fs raise many kinds; all end in one line
+        raise store_error(root.url, exc) from None

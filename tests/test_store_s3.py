@@ -78,6 +78,9 @@ def test_sql_and_report_commands_on_an_s3_root(remote, s3_store, tmp_path):
     assert "Transfer matrix" in html or "transfer" in html.lower()
     missing = _cli("sql", "select 1", "--results", remote + "-nothing-here", env=env)
     assert missing.returncode != 0 and "does not exist" in missing.stderr
+    denied = _cli("sql", "select 1", "--results", remote, env={**env, "AWS_SECRET_ACCESS_KEY": "wrong"})
+    assert denied.returncode == 2 and denied.stderr.count("\n") == 1 and "AWS_SECRET_ACCESS_KEY" in denied.stderr
+    assert "wrong" not in denied.stderr  # the credential itself is never printed
 
 
 def test_parts_appear_whole_or_not_at_all(remote, tmp_path):

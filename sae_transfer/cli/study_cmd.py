@@ -24,10 +24,10 @@ def _config(config: Path | None):
 
 def _results(results: str | None, config: Path | None):
     """The results root: a Path, or a RemotePath for a URL (credentials from the AWS variables)."""
-    from sae_transfer.storage.store import location
+    from sae_transfer.storage.store import location, probe
 
     folder = location(results) if results else _config(config).results_dir
-    if not folder.is_dir():
+    if not probe(folder):
         raise UserError(f"results folder {str(folder)!r} does not exist: run `sae-transfer demo` or pass --results")
     return folder
 
