@@ -104,7 +104,7 @@ def main() -> None:
                 print(f"1. tiny study, first run: local {local[0]:.1f} s, s3 {remote[0]:.1f} s "
                       f"(s3/local {remote[0] / local[0]:.2f}); unchanged re-run: local {local[1]:.1f} s, "
                       f"s3 {remote[1]:.1f} s (s3/local {remote[1] / local[1]:.2f})")
-                sizes = _store_bytes(url)
+                sizes = _store_bytes(url + "/tiny")
                 objects = sizes.pop("objects")
                 total = sum(sizes.values())
                 top = ", ".join(f"{k} {v / 1024:.0f} KiB" for k, v in sorted(sizes.items(), key=lambda kv: -kv[1])[:6])
