@@ -29,8 +29,25 @@ from sae_transfer.corpus import CorpusConfig, corpus_fingerprint, tokenize_seque
 from sae_transfer.errors import UserError
 from sae_transfer.models import DTYPES, check_hooks, load_model, model_identity
 from sae_transfer.sae.scaling import scale_factor
-from sae_transfer.storage.activations import FORMAT_VERSION, dataset_dir, dataset_key, is_complete, read_manifest
-from sae_transfer.storage.activations_write import ActivationWriter, BackgroundWriter, WriterConfig
+from sae_transfer.storage.activations import (
+    FORMAT_VERSION,
+    dataset_dir,
+    dataset_key,
+    is_complete,
+    publish_dataset,
+    read_manifest,
+    staging_dir,
+)
+from sae_transfer.storage.activations_write import (
+    ActivationWriter,
+    BackgroundWriter,
+    SeqRange,
+    WriterConfig,
+    merge_ranges,
+    plan_ranges,
+    range_rows,
+)
+from sae_transfer.storage.store import RemotePath
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +224,7 @@ class CachedDataset:
     """What `cache_activations` did for one hook."""
 
     hook: str  # hook name
-    path: Path  # the dataset folder
+    path: Path | RemotePath  # the dataset folder (a prefix on an object store)
     n_tokens: int  # rows in the finished dataset
     reused: bool  # True when a complete dataset was already there (no work done)
     resumed_rows: int  # rows kept from an interrupted earlier run
@@ -264,12 +281,64 @@ def cache_activations(cfg: CacheConfig, out_dir: str | Path, progress: bool = Tr
     check_hooks(model, todo)
     seqs = tokenize_sequences(cfg.corpus, model.tokenizer, context_size=cfg.context_size,
                               n_tokens=cfg.n_tokens, split=cfg.split, prepend_bos=cfg.prepend_bos)
-    resumed = _write_datasets(model, seqs, cfg, {h: metas[h] for h in todo}, {h: paths[h] for h in todo}, progress)
+    staged = {h: staging_dir(paths[h]) for h in todo}
+    resumed = _write_datasets(model, seqs, cfg, {h: metas[h] for h in todo}, staged, progress)
+    for h in todo:
+        publish_dataset(staged[h], paths[h])
     return [CachedDataset(h, paths[h], cfg.n_tokens, h not in todo, resumed.get(h, 0)) for h in cfg.hooks]
 
 
-def _write_datasets(model, seqs, cfg: CacheConfig, metas: dict, paths: dict, progress: bool) -> dict[str, int]:
-    """Forward the sequences once, feeding every hook's writer; returns rows resumed per hook.
+def split_cache(cfg: CacheConfig, workers: int, d_model: int | None = None) -> list[SeqRange]:
+    """Sequence ranges for caching `cfg` on up to `workers` workers (`cache_range` each, then
+    `merge_cache`). With `d_model`, cuts fall where one writer closes a shard, so the split
+    dataset's shards hold the same rows and row groups as a one-worker cache's."""
+    if workers < 1:
+        raise UserError(f"workers is {workers}: split the cache over at least 1 worker")
+    row_bytes = None if d_model is None else d_model * DTYPES[cfg.dtype].itemsize
+    return plan_ranges(cfg.n_tokens, cfg.context_size, cfg.batch_tokens, workers,
+                       cfg.shard_bytes if row_bytes else None, row_bytes)
+
+
+def cache_range(cfg: CacheConfig, out_dir: str | Path, seqs: SeqRange, progress: bool = False) -> list[CachedDataset]:
+    """Cache sequences [seqs.start, seqs.stop) of every hook of `cfg` beside the other ranges'
+    writers (one worker's share of a split cache); returns per hook the rows of this range.
+    Resumes from this range's complete shards; does nothing for a complete dataset."""
+    metas = dataset_metas(cfg)
+    paths = {h: dataset_dir(out_dir, m) for h, m in metas.items()}
+    todo = [h for h in cfg.hooks if not is_complete(paths[h])]
+    want = range_rows(metas[cfg.hooks[0]], seqs)
+    if not todo:
+        return [CachedDataset(h, paths[h], want, True, 0) for h in cfg.hooks]
+    model = load_model(cfg.model, revision=cfg.revision, device=cfg.device, dtype=cfg.model_dtype,
+                       trust_remote_code=cfg.trust_remote_code,
+                       attn_implementation=check_choice(cfg.attn_implementation, cfg.hooks))
+    check_hooks(model, todo)
+    tokens = tokenize_sequences(cfg.corpus, model.tokenizer, context_size=cfg.context_size,
+                                n_tokens=cfg.n_tokens, split=cfg.split, prepend_bos=cfg.prepend_bos)
+    staged = {h: staging_dir(paths[h]) for h in todo}
+    resumed = _write_datasets(model, tokens, cfg, {h: metas[h] for h in todo}, staged, progress, seqs)
+    for h in todo:
+        publish_dataset(staged[h], paths[h], tag=seqs.tag)
+    return [CachedDataset(h, paths[h], want, h not in todo, resumed.get(h, 0)) for h in cfg.hooks]
+
+
+def merge_cache(cfg: CacheConfig, out_dir: str | Path) -> list[CachedDataset]:
+    """Write the manifest of every hook's dataset whose ranges `cache_range` finished; returns one
+    record per hook (reused for datasets already complete). RuntimeError when a range is missing."""
+    metas = dataset_metas(cfg)
+    out = []
+    for h in cfg.hooks:
+        path = dataset_dir(out_dir, metas[h])
+        done = is_complete(path)
+        manifest = read_manifest(path) if done else merge_ranges(path, scale_of=scale_factor)
+        out.append(CachedDataset(h, path, manifest["n_tokens"], done, 0))
+    return out
+
+
+def _write_datasets(model, seqs, cfg: CacheConfig, metas: dict, paths: dict, progress: bool,
+                    seq_range: SeqRange | None = None) -> dict[str, int]:
+    """Forward the sequences (of `seq_range` only, when given) once, feeding every hook's writer;
+    returns rows resumed per hook.
 
     Each hook's dataset is written by its own `BackgroundWriter` thread, which also waits for the
     batch's device-to-host copies: the main thread only launches forward passes.
@@ -282,8 +351,9 @@ def _write_datasets(model, seqs, cfg: CacheConfig, metas: dict, paths: dict, pro
     writers = {}
     for h in hooks:
         meta = dict(metas[h], d_model=int(probe.acts[h].shape[-1]), tokens_fingerprint=seqs.fingerprint, **run)
-        writers[h] = ActivationWriter(paths[h], meta, wcfg)
+        writers[h] = ActivationWriter(paths[h], meta, wcfg, seq_range)
     start_seq = min(w.next_seq for w in writers.values())
+    tokens_NS = seqs.tokens_NS if seq_range is None else seqs.tokens_NS[:seq_range.stop]
     resumed = {h: w.rows_done for h, w in writers.items()}
     S = cfg.context_size
     batch_seqs = max(1, cfg.batch_tokens // S)
@@ -291,7 +361,7 @@ def _write_datasets(model, seqs, cfg: CacheConfig, metas: dict, paths: dict, pro
     bar = tqdm(total=cfg.n_tokens, initial=min(start_seq * S, cfg.n_tokens), unit="tok", disable=not progress,
                desc="caching", leave=False)
     try:
-        for batch in iter_hook_batches(model, seqs.tokens_NS, hooks, batch_seqs=batch_seqs, store_dtype=store_dtype,
+        for batch in iter_hook_batches(model, tokens_NS, hooks, batch_seqs=batch_seqs, store_dtype=store_dtype,
                                        start_seq=start_seq, stop_early=cfg.stop_early, pipelined=True):
             rows = _batch_rows(batch, seqs, cfg.n_tokens)
             for h in hooks:

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from sae_transfer.errors import UserError
 from sae_transfer.model_shapes import ModelShape, study_shapes
+from sae_transfer.storage.store import RemotePath, location, mirror_dir
 from sae_transfer.study import SAESection, StudyConfig
 
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -418,8 +419,10 @@ def human_count(n: float) -> str:
 
 
 def free_bytes(folder: str | Path) -> int:
-    """Free bytes of the file system that holds `folder` (or would: its nearest existing parent)."""
-    path = Path(folder).expanduser().absolute()
+    """Free bytes of the file system that holds `folder` (or would: its nearest existing parent);
+    for an object-store folder, of this host's mirror of it, where its data is staged."""
+    place = location(folder)
+    path = (mirror_dir(place) if isinstance(place, RemotePath) else place).expanduser().absolute()
     while not path.exists() and path != path.parent:
         path = path.parent
     return shutil.disk_usage(path).free

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from sae_transfer.errors import UserError
+from sae_transfer.storage.store import RemotePath, location
 
 
 class _Section(BaseModel):
@@ -244,7 +245,8 @@ class StudyConfig(_Section):
     """One base-vs-chat transfer study."""
 
     name: str = Field("demo", description="results go to `<results_root>/<name>`")
-    results_root: str = Field("results", description="parent folder of every study's results")
+    results_root: str = Field(
+        "results", description="parent folder of every study's results, or an object-store prefix (s3://bucket/prefix)")
     pair: PairConfig = Field(PairConfig(), description="the base model, its chat fine-tune and their checkpoints")
     hooks: list[str] = Field(
         ["blocks.2.hook_resid_pre"], description="hook points studied (the study: middle-layer resid_pre)")
@@ -271,8 +273,9 @@ class StudyConfig(_Section):
         return self
 
     @property
-    def results_dir(self) -> Path:
-        return Path(self.results_root) / self.name
+    def results_dir(self) -> Path | RemotePath:
+        """`<results_root>/<name>`: a Path, or a RemotePath when results_root is a URL (s3://...)."""
+        return location(self.results_root) / self.name
 
     @property
     def loading(self) -> ModelLoading:

@@ -18,6 +18,11 @@ holding the same numbers reads 10-20x slower (see bench/bench_cache.py).
 
 The writer is in `sae_transfer.storage.activations_write`, the shuffling batch reader in
 `sae_transfer.storage.activations_read`.
+
+On an object store (`s3://...` roots) a dataset is written in this machine's mirror of its
+folder and published object by object, the manifest last (`publish_dataset`); opening it fetches
+the shards the manifest lists into the mirror once, by ETag (`ActivationDataset`), so every
+reader keeps working on memory-mapped local files.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import torch
 
 from sae_transfer.errors import UserError
 from sae_transfer.storage.fingerprint import sha256_file
+from sae_transfer.storage.store import RemotePath, fetch, location, mirror_dir, publish
 
 FORMAT_VERSION = 1  # bump when the row layout or metadata keys change; part of every dataset hash
 MANIFEST = "_manifest.json"
@@ -105,13 +111,43 @@ def dataset_dirname(meta: dict) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", slug) + "__" + dataset_key(meta)
 
 
-def dataset_dir(root: str | Path, meta: dict) -> Path:
-    """The folder under `root` that holds (or will hold) the dataset described by `meta`."""
-    return Path(root) / dataset_dirname(meta)
+def dataset_dir(root: str | Path | RemotePath, meta: dict) -> Path | RemotePath:
+    """The folder under `root` (a local folder or an object-store prefix) that holds (or will
+    hold) the dataset described by `meta`."""
+    return location(root) / dataset_dirname(meta)
 
 
-def read_manifest(path: str | Path) -> dict | None:
+def staging_dir(path: str | Path | RemotePath) -> Path:
+    """The local folder a writer fills for dataset `path`: the folder itself, or this machine's
+    mirror of a remote one (then `publish_dataset` sends it)."""
+    path = location(path)
+    return mirror_dir(path) if isinstance(path, RemotePath) else path
+
+
+def publish_dataset(local: Path, remote: str | Path | RemotePath, *, tag: str | None = None) -> None:
+    """Send a finished dataset (or, with `tag`, one range writer's shards and `_range-<tag>.json`)
+    from its staging folder to `remote`, the manifest (or range record) last. Nothing for a local
+    dataset, written in place."""
+    remote = location(remote)
+    if not isinstance(remote, RemotePath):
+        return
+    if tag is None:
+        names = [s["file"] for s in json.loads((local / MANIFEST).read_text())["shards"]]
+        publish(local, remote, names + [MANIFEST], last=[MANIFEST])
+    else:
+        record = f"_range-{tag}.json"
+        names = [s["file"] for s in json.loads((local / record).read_text())["shards"]]
+        publish(local, remote, names + [record], last=[record])
+
+
+def read_manifest(path: str | Path | RemotePath) -> dict | None:
     """The dataset's manifest, or None when the folder holds no complete dataset."""
+    path = location(path)
+    if isinstance(path, RemotePath):
+        try:
+            return json.loads((path / MANIFEST).read_text())
+        except FileNotFoundError:
+            return None
     file = Path(path) / MANIFEST
     if not file.is_file():
         file = Path(path) / LEGACY_MANIFEST
@@ -120,11 +156,16 @@ def read_manifest(path: str | Path) -> dict | None:
     return json.loads(file.read_text())
 
 
-def is_complete(path: str | Path) -> bool:
-    """True when `path` has a manifest and every shard it lists exists with its recorded size."""
+def is_complete(path: str | Path | RemotePath) -> bool:
+    """True when `path` has a manifest and every shard it lists exists with its recorded size
+    (on a store: from one listing, nothing downloaded but the manifest)."""
+    path = location(path)
     manifest = read_manifest(path)
     if manifest is None:
         return False
+    if isinstance(path, RemotePath):
+        sizes = {k[len(path.key) + 1:]: i.get("size") for k, i in path.fs.find(path.key, detail=True).items()}
+        return all(sizes.get(s["file"]) == s["bytes"] for s in manifest["shards"])
     return all(
         (Path(path) / s["file"]).is_file() and (Path(path) / s["file"]).stat().st_size == s["bytes"]
         for s in manifest["shards"]
@@ -156,8 +197,18 @@ class ActivationDataset:
     (element dtype name), `shards` (Paths of the shard files, in token order).
     """
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
+    def __init__(self, path: str | Path | RemotePath):
+        place = location(path)
+        self.source = place  # where the dataset lives (a remote one is read from its local mirror)
+        if isinstance(place, RemotePath):
+            remote = read_manifest(place)
+            if remote is None:
+                raise UserError(f"{place} holds no complete activation dataset: {MANIFEST} is missing "
+                                "(re-run the cache step that writes it)")
+            fetch(place, [s["file"] for s in remote["shards"]])
+            fetch(place, [MANIFEST])  # last: a reader of the mirror trusts the manifest
+            place = mirror_dir(place)
+        self.path = place
         manifest = read_manifest(self.path)
         if manifest is None:
             hint = " (an interrupted run: re-run the same `sae-transfer cache` command to finish it)" \
@@ -204,3 +255,10 @@ class ActivationDataset:
     def __repr__(self) -> str:
         return f"ActivationDataset({str(self.path)!r}, hook={self.hook!r}, n_tokens={self.n_tokens}, d_model={self.d_model})"
 
+
+
+def local_dataset(path: str | Path | RemotePath) -> str:
+    """A local folder holding the complete dataset at `path`: the folder itself, or this host's
+    mirror of a remote one with the listed shards fetched (once per ETag). For code that opens
+    dataset folders by local path."""
+    return str(ActivationDataset(path).path)

@@ -8,6 +8,14 @@ boundaries, so a new writer on the same folder keeps the recorded shards, delete
 and asks for sequences from `next_seq` on. `_manifest.json` is written (atomically) after the
 last shard; readers trust nothing else. Every name but the shards' starts with `_` or `.`, so
 pyarrow and pandas open the folder as a plain Parquet dataset.
+
+Split over workers: several writers may fill one dataset, each a `SeqRange` of sequences
+(`ActivationWriter(..., seq_range=...)`), each with its own progress log
+(`_progress-<first seq>.jsonl`) and, when done, its own `_range-<first seq>.json`; no writer
+touches another's files. `merge_ranges` then checks the ranges tile the dataset and writes the
+one manifest. A range's shards are named `shard-<tag>-NNNNN.parquet`; ranges cut where a single
+writer would close a shard (`plan_ranges`) hold exactly the rows and row groups of the single
+writer's shards, so the merged dataset reads identically (row by row, group by group).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ from sae_transfer.storage.activations import (
     role_dictionary,
 )
 from sae_transfer.storage.fingerprint import sha256_file
+from sae_transfer.storage.store import RemotePath, location
 
 log = logging.getLogger(__name__)
 
@@ -69,15 +78,131 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@dataclass(frozen=True)
+class SeqRange:
+    """The sequences [start, stop) one writer of a split dataset writes."""
+
+    start: int
+    stop: int
+
+    @property
+    def tag(self) -> str:
+        """Names this range's own files: `_progress-<tag>.jsonl`, `_range-<tag>.json`."""
+        return f"{self.start:09d}"
+
+
+def range_rows(meta: dict, seqs: SeqRange) -> int:
+    """Rows of sequences [start, stop) in a dataset of meta's n_tokens and context_size (the
+    last sequence is cut so the dataset ends at n_tokens)."""
+    S, n = int(meta["context_size"]), int(meta["n_tokens"])
+    return max(0, min(seqs.stop * S, n) - seqs.start * S)
+
+
+def _write_json_durably(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _write_manifest(path: Path | RemotePath, meta: dict, shards: list[dict], row_bytes: int, rg_rows: int,
+                    scale_of: Callable[[float, int], float] | None) -> dict:
+    """Write `_manifest.json` (last: it makes the dataset complete); returns it."""
+    rows = sum(s["rows"] for s in shards)
+    norm_mean = sum(s["norm_sum"] for s in shards) / max(1, rows)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "n_tokens": rows,
+        # E||x|| over all rows and the scale s = sqrt(d_model) / E||x|| (see DESIGN: scaling)
+        "norm_mean": norm_mean,
+        "scale_factor": scale_of(norm_mean, int(meta["d_model"]))
+        if scale_of is not None and math.isfinite(norm_mean) and norm_mean > 0 else None,
+        "row_bytes": row_bytes,
+        "row_group_rows": rg_rows,
+        "meta": meta,
+        "shards": [{k: v for k, v in s.items() if k != "key"} for s in shards],
+    }
+    if isinstance(path, RemotePath):
+        (path / MANIFEST).write_bytes(json.dumps(manifest, indent=1).encode())  # one whole object
+    else:
+        _write_json_durably(path / MANIFEST, manifest)
+        (path / LEGACY_MANIFEST).unlink(missing_ok=True)
+    return manifest
+
+
+def merge_ranges(path: str | Path | RemotePath, scale_of: Callable[[float, int], float] | None = None) -> dict:
+    """Write the one manifest of a dataset its range writers finished; returns it.
+
+    Raises RuntimeError unless the recorded ranges are of one dataset and tile its sequences
+    from 0 with exactly n_tokens rows (a missing, doubled or overlapping range writes nothing).
+    On an object store it reads the range records published there and writes the manifest there.
+    """
+    path = location(path)
+    ranges = sorted((json.loads(f.read_text()) for f in path.glob("_range-*.json")), key=lambda r: r["start"])
+    if not ranges:
+        raise RuntimeError(f"{path}: no finished range to merge")
+    meta, at = ranges[0]["meta"], 0
+    for r in ranges:
+        if r["meta"].get("dataset_key") != meta.get("dataset_key") or r["row_bytes"] != ranges[0]["row_bytes"]:
+            raise RuntimeError(f"{path}: range {r['start']}..{r['stop']} belongs to another dataset")
+        if r["start"] != at:
+            raise RuntimeError(f"{path}: sequences {at}..{r['start']} are missing or doubled")
+        at = r["stop"]
+    shards = [s for r in ranges for s in r["shards"]]
+    if sum(s["rows"] for s in shards) != int(meta["n_tokens"]):
+        raise RuntimeError(f"{path}: ranges hold {sum(s['rows'] for s in shards)} rows, n_tokens={meta['n_tokens']}")
+    rg_rows = {r["row_group_rows"] for r in ranges}
+    manifest = _write_manifest(path, meta, shards, ranges[0]["row_bytes"], max(rg_rows), scale_of)
+    for r in ranges:
+        (path / f"_range-{SeqRange(r['start'], r['stop']).tag}.json").unlink(missing_ok=True)
+    return manifest
+
+
+def plan_ranges(n_tokens: int, context_size: int, batch_tokens: int, workers: int,
+                shard_bytes: int | None = None, row_bytes: int | None = None) -> list[SeqRange]:
+    """Split a dataset's sequences into at most `workers` contiguous ranges of similar size.
+
+    Cuts fall on whole forward batches (`batch_tokens // context_size` sequences, the writer's
+    append unit); given `shard_bytes` and `row_bytes` they fall where a single writer closes a
+    shard, so each range's shards hold exactly the single writer's rows and row groups."""
+    S = context_size
+    n_seqs = -(-n_tokens // S)
+    batch = max(1, batch_tokens // S)
+    cuts = list(range(batch, n_seqs, batch))  # possible cut points: batch ends
+    if shard_bytes is not None and row_bytes is not None:
+        cuts, rows = [], 0
+        for s0 in range(0, n_seqs, batch):
+            end = min(s0 + batch, n_seqs)
+            rows += min(end * S, n_tokens) - s0 * S
+            if rows * (row_bytes + _ROW_OVERHEAD) >= shard_bytes and end < n_seqs:
+                cuts.append(end)
+                rows = 0
+    chosen, target = [], [n_seqs * k / workers for k in range(1, workers)]
+    for goal in target:  # the possible cut nearest each even share, increasing
+        best = min((c for c in cuts if not chosen or c > chosen[-1]), key=lambda c: abs(c - goal), default=None)
+        if best is not None and best not in chosen:
+            chosen.append(best)
+    bounds = [0, *chosen, n_seqs]
+    return [SeqRange(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
 class ActivationWriter:
     """Appends token rows to a dataset folder; resumes from the shards a killed run completed.
 
     `meta` must hold at least `d_model`, `dtype` and `n_tokens` (the total the finished
     dataset has); it is stored in every shard's key-value metadata and in the manifest.
+    With `seq_range`, the writer fills only those sequences, beside other writers' ranges, and
+    `finish` records the range (`_range-<tag>.json`) instead of writing the manifest.
     """
 
-    def __init__(self, path: str | Path, meta: dict, cfg: WriterConfig = WriterConfig()):
+    def __init__(self, path: str | Path, meta: dict, cfg: WriterConfig = WriterConfig(),
+                 seq_range: SeqRange | None = None):
         self.path = Path(path)
+        self.seq_range = seq_range
+        self._progress = self.path / (PROGRESS if seq_range is None else f"_progress-{seq_range.tag}.jsonl")
         self.meta = dict(meta, format_version=FORMAT_VERSION)
         self.cfg = cfg
         self.d_model = int(meta["d_model"])
@@ -86,7 +211,8 @@ class ActivationWriter:
         self.schema = activation_schema(self.d_model, meta["dtype"], self.meta)
         self.path.mkdir(parents=True, exist_ok=True)
         self.shards: list[dict] = self._recover()
-        self.next_seq: int = self.shards[-1]["end_seq"] if self.shards else 0  # first seq not yet safe
+        first = seq_range.start if seq_range else 0
+        self.next_seq: int = self.shards[-1]["end_seq"] if self.shards else first  # first seq not yet safe
         self.rows_done: int = sum(s["rows"] for s in self.shards)  # rows in complete shards
         self._writer: pq.ParquetWriter | None = None
         self._pending: list[pa.RecordBatch] = []
@@ -95,6 +221,7 @@ class ActivationWriter:
         self._shard_norm_sum = 0.0  # float64 sum of `norm` over the open shard's rows
         self._shard_first_seq = self.next_seq
         self._last_seq = self.next_seq - 1
+        self._shard_prefix = "" if seq_range is None else f"{seq_range.tag}-"  # keeps ranges' names apart
         self._shard_index = len(self.shards)  # number of the open shard
         self._finalizer: ThreadPoolExecutor | None = None  # one thread: shards finalise in order
         self._finalizing: list[Future] = []
@@ -103,7 +230,7 @@ class ActivationWriter:
     def _recover(self) -> list[dict]:
         """Shards a previous run completed (recorded and intact); delete every other shard file."""
         kept: list[dict] = []
-        progress = self.path / PROGRESS
+        progress = self._progress
         if progress.is_file():
             for line in progress.read_text().splitlines():
                 try:
@@ -118,18 +245,24 @@ class ActivationWriter:
         keep_names = {e["file"] for e in kept}
         for name in (MANIFEST, LEGACY_MANIFEST):  # describes shards about to be rewritten
             (self.path / name).unlink(missing_ok=True)
-        for file in list(self.path.glob("shard-*.parquet")) + list(self.path.glob(".*.tmp")):
+        if self.seq_range is None:
+            stale = list(self.path.glob("shard-*.parquet")) + list(self.path.glob(".*.tmp"))
+        else:  # only this range's shards: the other ranges' writers may be running
+            tag = self.seq_range.tag
+            stale = list(self.path.glob(f"shard-{tag}-*.parquet")) + list(self.path.glob(f".shard-{tag}-*.tmp"))
+            (self.path / f"_range-{tag}.json").unlink(missing_ok=True)
+        for file in stale:
             if file.name not in keep_names:
-                file.unlink()
+                file.unlink(missing_ok=True)
         self._rewrite_progress(kept)
         if kept:
             log.info("resuming %s: %d complete shards, %d rows", self.path, len(kept), sum(e["rows"] for e in kept))
         return kept
 
     def _rewrite_progress(self, entries: list[dict]) -> None:
-        tmp = self.path / f".{PROGRESS}.tmp"
+        tmp = self._progress.with_name(f".{self._progress.name}.tmp")
         tmp.write_text("".join(json.dumps(e) + "\n" for e in entries))
-        os.replace(tmp, self.path / PROGRESS)
+        os.replace(tmp, self._progress)
 
     # -- appending ----------------------------------------------------------------------
     def append(self, seq_id: np.ndarray, pos: np.ndarray, token_id: np.ndarray, role: np.ndarray,
@@ -168,7 +301,7 @@ class ActivationWriter:
             self._close_shard()
 
     def _tmp_name(self) -> Path:
-        return self.path / f".shard-{self._shard_index:05d}.parquet.tmp"
+        return self.path / f".shard-{self._shard_prefix}{self._shard_index:05d}.parquet.tmp"
 
     def _flush(self, whole_groups_only: bool) -> None:
         """Write pending rows as row groups of `rg_rows` (all of them unless `whole_groups_only`)."""
@@ -200,7 +333,7 @@ class ActivationWriter:
         self._writer.close()
         self._writer = None
         entry = {
-            "file": f"shard-{self._shard_index:05d}.parquet", "rows": self._shard_rows,
+            "file": f"shard-{self._shard_prefix}{self._shard_index:05d}.parquet", "rows": self._shard_rows,
             "first_seq": self._shard_first_seq, "end_seq": self._last_seq + 1,
             "norm_sum": self._shard_norm_sum, "key": self.meta.get("dataset_key"),
         }
@@ -222,7 +355,7 @@ class ActivationWriter:
         os.replace(tmp, final)
         _fsync_dir(self.path)
         entry = dict(entry, bytes=final.stat().st_size, sha256=sha256_file(final) if self.cfg.checksum else None)
-        with open(self.path / PROGRESS, "a") as fh:
+        with open(self._progress, "a") as fh:
             fh.write(json.dumps(entry) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
@@ -243,38 +376,26 @@ class ActivationWriter:
                 self._finalizer = None
 
     def finish(self, scale_of: Callable[[float, int], float] | None = None) -> dict:
-        """Close the last shard and write the manifest; returns the manifest dict.
+        """Close the last shard and write the manifest; returns the manifest dict. A range writer
+        records its range (`_range-<tag>.json`, returned) instead: `merge_ranges` writes the manifest.
 
         `scale_of(norm_mean, d_model)` gives the dataset's activation scale factor (the science
         owns the formula: sae_transfer.sae.scaling.scale_factor); the manifest records it, or
         None when it is not given or the mean norm is not a positive number."""
         self._close_shard()
         self._drain()
-        want = int(self.meta["n_tokens"])
+        want = int(self.meta["n_tokens"]) if self.seq_range is None else range_rows(self.meta, self.seq_range)
         if self.rows_done != want:
-            raise RuntimeError(f"{self.path}: wrote {self.rows_done} rows, metadata says n_tokens={want}")
-        norm_mean = sum(s["norm_sum"] for s in self.shards) / max(1, self.rows_done)
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "n_tokens": self.rows_done,
-            # E||x|| over all rows and the scale s = sqrt(d_model) / E||x|| (see DESIGN: scaling)
-            "norm_mean": norm_mean,
-            "scale_factor": scale_of(norm_mean, self.d_model)
-            if scale_of is not None and math.isfinite(norm_mean) and norm_mean > 0 else None,
-            "row_bytes": self.row_bytes,
-            "row_group_rows": self.rg_rows,
-            "meta": self.meta,
-            "shards": [{k: v for k, v in s.items() if k != "key"} for s in self.shards],
-        }
-        tmp = self.path / f".{MANIFEST}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(manifest, fh, indent=1)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path / MANIFEST)
-        (self.path / LEGACY_MANIFEST).unlink(missing_ok=True)
-        _fsync_dir(self.path)
-        (self.path / PROGRESS).unlink(missing_ok=True)
+            raise RuntimeError(f"{self.path}: wrote {self.rows_done} rows, expected {want}")
+        if self.seq_range is not None:
+            record = {"start": self.seq_range.start, "stop": self.seq_range.stop, "rows": self.rows_done,
+                      "meta": self.meta, "row_bytes": self.row_bytes, "row_group_rows": self.rg_rows,
+                      "shards": self.shards}
+            _write_json_durably(self.path / f"_range-{self.seq_range.tag}.json", record)
+            self._progress.unlink(missing_ok=True)
+            return record
+        manifest = _write_manifest(self.path, self.meta, self.shards, self.row_bytes, self.rg_rows, scale_of)
+        self._progress.unlink(missing_ok=True)
         return manifest
 
     def abort(self) -> None:

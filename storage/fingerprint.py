@@ -1,8 +1,13 @@
 """Content fingerprints of files and folders, cheap on re-runs.
 
-sha256 of every file's bytes, remembered per (path, size, mtime_ns) in a small JSON memo
-so an unchanged 14 GB checkpoint is hashed once, not on every run. Touching a file's
+Local files: sha256 of every file's bytes, remembered per (path, size, mtime_ns) in a small
+JSON memo so an unchanged 14 GB checkpoint is hashed once, not on every run. Touching a file's
 content changes its size or mtime, which invalidates the memo entry.
+
+Objects on a store (`s3://...`): the store's own content tag (ETag) and size of every object,
+from one listing, without downloading a byte. An ETag is an MD5 of the bytes for a single-PUT
+object and an MD5 of the parts' MD5s for a multipart one: equal content uploaded differently
+may get another fingerprint (a needless re-run), changed content never keeps it.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import json
 import os
 import threading
 from pathlib import Path
+
+from sae_transfer.storage.store import RemotePath, location
 
 _LOCK = threading.Lock()
 _SKIP_NAMES = {".DS_Store", "__pycache__"}
@@ -49,18 +56,45 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def fingerprint(path: str | Path) -> str:
-    """Content hash (16 hex chars) of a file, or of a folder's files (names + bytes).
+def _skipped(name: str) -> bool:
+    return name in _SKIP_NAMES or name.endswith(".tmp") or name.startswith(".tmp")
+
+
+def remote_objects(path: str | RemotePath) -> dict[str, dict]:
+    """Relative name -> the store's record (size, ETag, ...) of the object at `path`, or of every
+    object under that prefix; temporary names skipped. One listing, no download."""
+    path = location(path)
+    fs = path.fs
+    found = fs.find(path.key, detail=True, withdirs=False)
+    if not found:
+        raise FileNotFoundError(str(path))
+    if list(found) == [path.key]:
+        return {path.name: found[path.key]}
+    return {k[len(path.key) + 1:]: info for k, info in sorted(found.items())
+            if not any(_skipped(p) for p in k[len(path.key) + 1:].split("/"))}
+
+
+def remote_fingerprint(path: str | RemotePath) -> str:
+    """Content hash (16 hex chars) of an object or prefix from its objects' ETags and sizes."""
+    objects = remote_objects(path)
+    return hash_payload(sorted((name, str(info.get("ETag", "")).strip('"'), info.get("size"))
+                               for name, info in objects.items()))
+
+
+def fingerprint(path: str | Path | RemotePath) -> str:
+    """Content hash (16 hex chars) of a file, or of a folder's files (names + bytes); of an
+    object-store object or prefix, from the store's ETags (`remote_fingerprint`).
 
     Temporary files (`*.tmp`, names starting with `.tmp`) are ignored, so an interrupted
     writer does not change the fingerprint of what is complete.
     """
-    path = Path(path)
+    path = location(path)
+    if isinstance(path, RemotePath):
+        return remote_fingerprint(path)
     if not path.exists():
         raise FileNotFoundError(path)
     files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*")
-        if p.is_file() and p.name not in _SKIP_NAMES and not p.name.endswith(".tmp") and not p.name.startswith(".tmp")
+        p for p in path.rglob("*") if p.is_file() and not _skipped(p.name)
     )
     with _LOCK:
         memo = _load_memo()

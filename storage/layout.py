@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
+from sae_transfer.storage.store import RemotePath, location
+
 
 def slug(text: str) -> str:
     """A file-name-safe short form of a model id or hook name."""
@@ -54,9 +56,15 @@ class RunLayout:
 
 @dataclass(frozen=True)
 class StudyLayout:
-    """Paths under one study's results folder (`results/<study name>` by default)."""
+    """Paths under one study's results folder (`results/<study name>` by default), a local
+    folder or an object-store prefix (`s3://bucket/prefix/<study name>`; see storage.store)."""
 
-    root: Path
+    root: Path | RemotePath
+
+    CATALOG_FILE: ClassVar[str] = "study.duckdb"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", location(self.root))
 
     @property
     def activations(self) -> Path:
@@ -97,12 +105,7 @@ class StudyLayout:
         return self.root / "report"
 
     @property
-    def catalog(self) -> Path:
-        """The DuckDB file holding views over the Parquet tables."""
-        return self.root / "study.duckdb"
-
-    @property
-    def schema_stubs(self) -> Path:
-        """Zero-row Parquet files giving empty tables their columns."""
-        return self.root / ".catalog"
+    def catalog(self) -> Path | RemotePath:
+        """The DuckDB file holding the result tables and their views (storage.catalog)."""
+        return self.root / self.CATALOG_FILE
 

@@ -1,16 +1,16 @@
 """Result tables: every pyarrow schema declared once, an append-only part-file writer, a reader.
 
 Each table is a folder of Parquet parts under the results folder (`RESULTS/metrics/`,
-`RESULTS/outliers/`, ...). An append writes one new part `part-<utc timestamp>-<uuid>.parquet`
-to a hidden temporary name and renames it into place, so concurrent writers never lose or
-duplicate rows and readers never see a half-written file (pyarrow datasets and DuckDB globs on
-`part-*.parquet` skip the `.tmp-` names).
+`RESULTS/outliers/`, ...; RESULTS may be an `s3://` prefix, see `sae_transfer.storage.store`).
+An append writes one new part `part-<utc timestamp>-<uuid>.parquet`, encoded in memory first:
+locally to a hidden temporary name renamed into place, on an object store as one whole object.
+Concurrent writers never lose or duplicate rows and readers never see a half-written part
+(pyarrow datasets and DuckDB globs on `part-*.parquet` skip the `.tmp-` names).
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import os
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from sae_transfer.storage import diffing_tables, study_tables
 from sae_transfer.storage.result_keys import ResultKey, computation, row
+from sae_transfer.storage.store import RemotePath, location, write_bytes_atomic
 
 _STR, _F64, _I64, _BOOL = pa.string(), pa.float64(), pa.int64(), pa.bool_()
 _TS = pa.timestamp("us", tz="UTC")
@@ -235,11 +236,11 @@ def now_utc() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def table_dir(results_dir: str | Path, name: str) -> Path:
-    """Folder holding the parts of table `name`."""
+def table_dir(results_dir: str | Path | RemotePath, name: str) -> Path | RemotePath:
+    """Folder (or object-store prefix) holding the parts of table `name`."""
     if name not in SCHEMAS:
         raise KeyError(f"unknown table {name!r}; known: {sorted(SCHEMAS)}")
-    return Path(results_dir) / name
+    return location(results_dir) / name
 
 
 def to_table(name: str, rows: Iterable[Mapping] | pa.Table) -> pa.Table:
@@ -255,29 +256,30 @@ def to_table(name: str, rows: Iterable[Mapping] | pa.Table) -> pa.Table:
     return pa.Table.from_pydict(columns, schema=schema)
 
 
-def append_rows(results_dir: str | Path, name: str, rows: Iterable[Mapping] | pa.Table) -> Path | None:
+def append_rows(results_dir: str | Path | RemotePath, name: str,
+                rows: Iterable[Mapping] | pa.Table) -> Path | RemotePath | None:
     """Append rows to table `name` as one new part file; returns its path (None if no rows).
 
-    Temp file + rename in the same folder: atomic on POSIX, so a reader or a second writer
-    sees either the whole part or nothing.
+    The part is encoded in memory, then written whole (temp file + rename locally, one object
+    on a store), so a reader or a second writer sees either the whole part or nothing.
     """
     table = to_table(name, rows)
     if table.num_rows == 0:
         return None
-    folder = table_dir(results_dir, name)
-    folder.mkdir(parents=True, exist_ok=True)
     stamp = now_utc().strftime("%Y%m%dT%H%M%S%fZ")
-    final = folder / f"part-{stamp}-{uuid.uuid4().hex}.parquet"
-    tmp = folder / f".tmp-{final.name}"
-    pq.write_table(table, tmp)
-    os.replace(tmp, final)
+    final = table_dir(results_dir, name) / f"part-{stamp}-{uuid.uuid4().hex}.parquet"
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes_atomic(final, sink.getvalue().to_pybytes())
     return final
 
 
 def read_table(results_dir: str | Path, name: str) -> pa.Table:
     """All parts of table `name` as one pyarrow table (empty, with the schema, if none)."""
     folder = table_dir(results_dir, name)
-    parts = sorted(folder.glob("part-*.parquet")) if folder.is_dir() else []
+    parts = sorted(folder.glob("part-*.parquet")) if isinstance(folder, RemotePath) or folder.is_dir() else []
     if not parts:
         return SCHEMAS[name].empty_table()
-    return pads.dataset([str(p) for p in parts], schema=SCHEMAS[name], format="parquet").to_table()
+    fs = folder.fs if isinstance(folder, RemotePath) else None
+    paths = [p.key if isinstance(p, RemotePath) else str(p) for p in parts]
+    return pads.dataset(paths, schema=SCHEMAS[name], format="parquet", filesystem=fs).to_table()

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 import sae_transfer
 from sae_transfer.storage.fingerprint import fingerprint, hash_payload
+from sae_transfer.storage.store import RemotePath, location
 from sae_transfer.tasks.records import _Record
 
 # Parameters (and record fields) whose value names an INPUT file or folder: hashed by content.
@@ -34,7 +35,13 @@ _OUTPUT_PATH_NAMES = {"out_dir", "results_dir", "run_dir"}
 
 def _looks_like_path(name: str, value: object) -> bool:
     named = name in _INPUT_PATH_NAMES or name.endswith(("_path", "_paths"))
-    return named and isinstance(value, (str, Path)) and Path(value).exists()
+    return named and isinstance(value, (str, Path, RemotePath)) and location(value).exists()
+
+
+def _output_location(value: object) -> str:
+    """An output folder as it enters a key: absolute locally, the URL itself on a store."""
+    place = location(str(value))
+    return str(place if isinstance(place, RemotePath) else place.expanduser().resolve())
 
 
 def _jsonable(name: str, value: object, paths: bool = True) -> object:
@@ -55,8 +62,8 @@ def _jsonable(name: str, value: object, paths: bool = True) -> object:
         return [_jsonable(name, v, paths) for v in value]
     if paths and _looks_like_path(name, value):
         return {"path": str(value), "content": fingerprint(value)}
-    if name in _OUTPUT_PATH_NAMES and isinstance(value, (str, Path)):
-        return str(Path(value).expanduser().resolve())
+    if name in _OUTPUT_PATH_NAMES and isinstance(value, (str, Path, RemotePath)):
+        return _output_location(value)
     return value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
 
 
@@ -86,7 +93,7 @@ def cached(*code: str) -> dict:
         payload = {name: _jsonable(name, value) for name, value in sorted(parameters.items())}
         for name, value in parameters.items():  # a study config's results land under its results_dir
             if hasattr(value, "results_dir"):
-                payload[f"{name}.results_dir"] = str(Path(value.results_dir).expanduser().resolve())
+                payload[f"{name}.results_dir"] = _output_location(value.results_dir)
         return f"{context.task.name}-{hash_payload(code_version(context.task.fn.__module__, *code), payload)}"
 
     return dict(cache_key_fn=content_key, persist_result=True, result_serializer="json",

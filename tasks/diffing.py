@@ -26,7 +26,10 @@ from sae_transfer.diffing.stage import (
 from sae_transfer.evals.loading import load_saes
 from sae_transfer.evals.rollouts import Rollouts
 from sae_transfer.storage import tables
+from sae_transfer.storage.activations import local_dataset
 from sae_transfer.storage.fingerprint import sha256_file
+from sae_transfer.storage.layout import RunLayout
+from sae_transfer.storage.store import local_copy, location, staged_output
 from sae_transfer.study import CrosscoderPlan, DiffingSection, FinetuneSection, ModelLoading
 from sae_transfer.tasks._cache import cached, run_name
 from sae_transfer.tasks.records import ActsRecord, DiffRecord, RowsRecord, SAERecord
@@ -90,9 +93,10 @@ def train_crosscoder(base_acts: ActsRecord, chat_acts: ActsRecord, plan: Crossco
     cfg = CrosscoderConfig(train=TrainConfig(
         arch="batchtopk", d_sae=plan.expansion * pair.d_model, k=plan.k, lr=plan.lr, total_tokens=plan.tokens,
         batch_size=plan.batch_size, seed=plan.seed, device=device))
-    result = train(cfg, pair, out_dir)
+    with staged_output(out_dir, RunLayout.MANIFEST_FILE, exclude=(RunLayout.CHECKPOINTS_DIR,)) as out:
+        result = train(cfg, pair, out.local)
     get_run_logger().info("crosscoder %s: %s", "reused" if result.skipped else "trained", result.metrics)
-    return SAERecord(path=str(result.crosscoder_dir), run_dir=out_dir, model=f"{base_acts.model} + {chat_acts.model}",
+    return SAERecord(path=out.remote_of(result.crosscoder_dir), run_dir=out_dir, model=f"{base_acts.model} + {chat_acts.model}",
                      hook=base_acts.hook, role="crosscoder", tokens=int(result.metrics.get("tokens", 0) or 0),
                      final_metrics=result.metrics)
 
@@ -103,9 +107,10 @@ def diff_crosscoder(crosscoder: SAERecord, base_acts: ActsRecord, chat_acts: Act
     """The crosscoder's latent taxonomy, Latent Scaling of its chat-only latents, and its
     max-activating contexts on the paired tokens."""
     pair = open_pair(base_acts.path, chat_acts.path, verify_tokens=False)
-    weights = next(Path(crosscoder.path).glob("*.safetensors"))
-    sae_id = f"crosscoder-{Path(crosscoder.run_dir).name}:{sha256_file(weights)[:12]}"
-    produced = crosscoder_tables(crosscoder.path, pair, DiffingPlan.of(diffing, device), sae_id, chat_acts.model)
+    folder = local_copy(crosscoder.path)
+    weights = next(Path(folder).glob("*.safetensors"))
+    sae_id = f"crosscoder-{location(crosscoder.run_dir).name}:{sha256_file(weights)[:12]}"
+    produced = crosscoder_tables(folder, pair, DiffingPlan.of(diffing, device), sae_id, chat_acts.model)
     step = f"diff crosscoder at {base_acts.hook}"
     return RowsRecord(step=step, rows=_append(results_dir, step, produced))
 
@@ -127,8 +132,9 @@ def checkpoint_drift(base_sae: SAERecord, acts: ActsRecord, finetune: FinetuneSe
                      device: str | None, out_dir: str, results_dir: str, step: int) -> RowsRecord:
     """Briefly fine-tune the study's base SAE on one checkpoint's activations (the study's recipe,
     `tokens` tokens) and record each latent's drift from it."""
-    result = finetune_on_dataset(base_sae.path, acts.path, out_dir, total_tokens=tokens,
-                                 batch_size=finetune.batch_size, seed=seed, device=device)
+    with staged_output(out_dir, RunLayout.MANIFEST_FILE, exclude=(RunLayout.CHECKPOINTS_DIR,)) as out:
+        result = finetune_on_dataset(local_copy(base_sae.path), local_dataset(acts.path), out.local, total_tokens=tokens,
+                                     batch_size=finetune.batch_size, seed=seed, device=device)
     child, parent = load_saes([str(result.sae_dir), base_sae.path], acts.hook)
     table = drift_table(child, parent, checkpoint=acts.model, step=step)
     name = f"checkpoint drift at step {step}"

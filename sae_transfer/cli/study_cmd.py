@@ -12,7 +12,8 @@ import typer
 from sae_transfer.cli._common import print_table
 from sae_transfer.errors import UserError
 
-RESULTS_HELP = "study results folder (default: results/<study name> of --config, else results/demo)"
+RESULTS_HELP = ("study results folder or object-store prefix, e.g. s3://bucket/results/demo "
+                "(default: results/<study name> of --config, else results/demo)")
 RUNNER_HELP = ("where the heavy steps run, overriding the config's runner: processes (this machine's worker "
                "processes), dask (a Dask LocalCluster here) or a Dask scheduler address such as tcp://host:8786")
 WORKERS_HELP = "worker processes, or LocalCluster workers (overrides runner.workers)"
@@ -36,11 +37,17 @@ def _config(config: Path | None):
     return load_study(config or example_config("demo"))
 
 
-def _results(results: Path | None, config: Path | None) -> Path:
-    return results or _config(config).results_dir
+def _results(results: str | None, config: Path | None):
+    """The results root: a Path, or a RemotePath for a URL (credentials from the AWS variables)."""
+    from sae_transfer.storage.store import location, probe
+
+    folder = location(results) if results else _config(config).results_dir
+    if not probe(folder):
+        raise UserError(f"results folder {str(folder)!r} does not exist: run `sae-transfer demo` or pass --results")
+    return folder
 
 
-def _pair_from_results(results: Path, config: Path | None) -> tuple[str, str]:
+def _pair_from_results(results, config: Path | None) -> tuple[str, str]:
     """Base and chat ids: from --config, else the latest recorded run, else the demo config."""
     if config is None:
         from sae_transfer.storage import catalog
@@ -55,7 +62,7 @@ def _pair_from_results(results: Path, config: Path | None) -> tuple[str, str]:
 
 
 @contextmanager
-def _readable_tables(folder: Path):
+def _readable_tables(folder):
     """Turn DuckDB's error on a damaged result file (a truncated part-*.parquet) into one line."""
     import duckdb
 
@@ -71,7 +78,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def demo(
-        results_root: Path = typer.Option(Path("results"), help="parent folder of study results"),
+        results_root: str = typer.Option("results", help="parent folder of study results, or s3://bucket/prefix"),
     ) -> None:
         """Run the whole transfer study on the offline demo pair and print where the report is."""
         from sae_transfer.flows.study import run_study
@@ -114,15 +121,13 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def report(
-        results: Path | None = typer.Option(None, help=RESULTS_HELP),
+        results: str | None = typer.Option(None, help=RESULTS_HELP),
         config: Path | None = typer.Option(None, help="study config naming the pair (default: the latest run's)"),
     ) -> None:
         """Build the HTML + Markdown base-vs-chat report from the DuckDB catalog."""
         from sae_transfer.report.build import build_report
 
         folder = _results(results, config)
-        if not folder.is_dir():
-            raise UserError(f"results folder {str(folder)!r} does not exist: run `sae-transfer demo` or pass --results")
         with _readable_tables(folder):
             base, chat = _pair_from_results(folder, config)
             paths = build_report(folder, base, chat)
@@ -135,7 +140,7 @@ def register(app: typer.Typer) -> None:
                                     "latent_matches, latent_drift, crosscoder_latents, latent_scaling, latent_examples, "
                                     "latent_histograms, latent_ablation (the current result per key; every "
                                     "appended row is in <view>_history, e.g. metrics_history)"),
-        results: Path | None = typer.Option(None, help=RESULTS_HELP),
+        results: str | None = typer.Option(None, help=RESULTS_HELP),
         format: str = typer.Option("table", "--format", "-f", help="table, csv or json"),
         limit: int = typer.Option(200, min=0, help="rows shown in table format"),
     ) -> None:
@@ -147,8 +152,6 @@ def register(app: typer.Typer) -> None:
         if format not in {"table", "csv", "json"}:
             raise UserError(f"unknown --format {format!r}: use table, csv or json")
         folder = _results(results, None)
-        if not folder.is_dir():
-            raise UserError(f"results folder {str(folder)!r} does not exist: run `sae-transfer demo` or pass --results")
         with _readable_tables(folder):
             con = catalog.connect(folder)
         try:

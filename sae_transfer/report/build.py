@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import html
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from sae_transfer.report.findings import findings
 from sae_transfer.report.published import beside_ours, published_note, published_pair, published_rows
 from sae_transfer.storage import catalog
 from sae_transfer.storage.layout import StudyLayout
+from sae_transfer.storage.store import RemotePath, location, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,9 @@ class Section:
 
 @dataclass(frozen=True)
 class ReportPaths:
-    html: Path
-    markdown: Path
-    figures: list[Path]
+    html: Path | RemotePath
+    markdown: Path | RemotePath
+    figures: list[Path | RemotePath]
 
 
 def _q(con, name: str, params: list) -> pd.DataFrame:
@@ -256,9 +256,9 @@ def _md_table(df: pd.DataFrame) -> str:
 
 
 def render(sections: list[Section], title: str, out_dir: str | Path) -> ReportPaths:
-    """Write report.html (self-contained), report.md and the figures as PNG files."""
-    out = Path(out_dir)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
+    """Write report.html (self-contained), report.md and the figures as PNG files, each whole
+    (a local folder or an object-store prefix)."""
+    out = location(out_dir)
     parts, md, figures = [f"<h1>{html.escape(title)}</h1>"], [f"# {title}\n"], []
     for sec in sections:
         parts.append(f'<h2 id="{sec.slug}">{html.escape(sec.title)}</h2><p class="note">{html.escape(sec.note)}</p>')
@@ -271,7 +271,7 @@ def render(sections: list[Section], title: str, out_dir: str | Path) -> ReportPa
             md.append(f"\n**{caption}**\n\n{_md_table(df)}")
         for i, (caption, png) in enumerate(sec.figures):
             path = out / "figures" / f"{sec.slug}-{i}.png"
-            path.write_bytes(png)
+            write_bytes_atomic(path, png)
             figures.append(path)
             data = base64.b64encode(png).decode()
             parts.append(f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
@@ -283,14 +283,12 @@ def render(sections: list[Section], title: str, out_dir: str | Path) -> ReportPa
             f"<style>{_CSS}</style></head><body>{''.join(parts)}</body></html>")
     html_path, md_path = out / "report.html", out / "report.md"
     for path, text in ((html_path, page), (md_path, "".join(md))):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_bytes_atomic(path, text.encode())
     return ReportPaths(html_path, md_path, figures)
 
 
 def build_report(results_dir: str | Path, base: str, chat: str, title: str | None = None) -> ReportPaths:
     """Query the catalog of `results_dir` and write the report under `<results_dir>/report/`."""
-    layout = StudyLayout(Path(results_dir))
+    layout = StudyLayout(location(results_dir))
     sections = collect_sections(results_dir, base, chat)
     return render(sections, title or f"SAE transfer: {base} vs {chat}", layout.report)
