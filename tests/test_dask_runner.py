@@ -139,8 +139,8 @@ def test_every_heavy_step_asks_for_the_gpu_and_bookkeeping_does_not():
     from sae_transfer.tasks import checkpoints as ckpt_tasks
 
     runner = _dask.StudyDaskRunner(gpu_resource="GPU")
-    heavy_steps = [activations.cache_activations, sae.train_sae, sae.train_sae_live, sae.finetune_sae,
-                   sae.finetune_sae_live, evaluate.evaluate_transfer, evaluate.tag_outliers, evaluate.make_rollouts,
+    heavy_steps = [activations.cache_activations, sae.train_sae, sae.train_saes_live, sae.finetune_sae,
+                   sae.finetune_saes_live, evaluate.evaluate_transfer, evaluate.tag_outliers, evaluate.make_rollouts,
                    diffing.train_crosscoder, diffing.checkpoint_drift]
     assert all(runner.resources_of(t) == {"GPU": 1} for t in heavy_steps)  # every train-sae of a sweep too
     for t in (report.build_report, report.record_run, ckpt_tasks.record_checkpoint, ckpt_tasks.publish_watch):
