@@ -32,7 +32,8 @@ def merge_ranges(path: str | Path | RemotePath, scale_of: Callable[[float, int],
         if r["meta"].get("dataset_key") != meta.get("dataset_key") or r["row_bytes"] != ranges[0]["row_bytes"]:
             raise RuntimeError(f"{path}: range {r['start']}..{r['stop']} belongs to another dataset")
         if r["start"] != at:
-            raise RuntimeError(f"{path}: sequences {at}..{r['start']} are missing or doubled")
+            raise RuntimeError(f"{path}: sequences {at}..{r['start']} are missing or doubled (a range still running, "
+                               "or one of an earlier split with other cuts: then delete the folder and cache again)")
         at = r["stop"]
     shards = [s for r in ranges for s in r["shards"]]
     if sum(s["rows"] for s in shards) != int(meta["n_tokens"]):
