@@ -38,13 +38,12 @@ from sae_transfer.storage.activations import (
     read_manifest,
     staging_dir,
 )
+from sae_transfer.storage.activations_ranges import merge_ranges, plan_ranges
 from sae_transfer.storage.activations_write import (
     ActivationWriter,
     BackgroundWriter,
     SeqRange,
     WriterConfig,
-    merge_ranges,
-    plan_ranges,
     range_rows,
 )
 from sae_transfer.storage.store import RemotePath

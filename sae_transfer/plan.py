@@ -33,7 +33,8 @@ from pathlib import Path
 
 from sae_transfer.errors import UserError
 from sae_transfer.model_shapes import ModelShape, study_shapes
-from sae_transfer.storage.store import RemotePath, location, mirror_dir
+from sae_transfer.storage.mirror import mirror_dir
+from sae_transfer.storage.store import RemotePath, location
 from sae_transfer.study import SAESection, StudyConfig
 
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

@@ -40,7 +40,8 @@ import torch
 
 from sae_transfer.errors import UserError
 from sae_transfer.storage.fingerprint import sha256_file
-from sae_transfer.storage.store import RemotePath, fetch, location, mirror_dir, publish
+from sae_transfer.storage.mirror import fetch, mirror_dir, publish
+from sae_transfer.storage.store import RemotePath, location
 
 FORMAT_VERSION = 1  # bump when the row layout or metadata keys change; part of every dataset hash
 MANIFEST = "_manifest.json"

@@ -12,10 +12,11 @@ pyarrow and pandas open the folder as a plain Parquet dataset.
 Split over workers: several writers may fill one dataset, each a `SeqRange` of sequences
 (`ActivationWriter(..., seq_range=...)`), each with its own progress log
 (`_progress-<first seq>.jsonl`) and, when done, its own `_range-<first seq>.json`; no writer
-touches another's files. `merge_ranges` then checks the ranges tile the dataset and writes the
-one manifest. A range's shards are named `shard-<tag>-NNNNN.parquet`; ranges cut where a single
-writer would close a shard (`plan_ranges`) hold exactly the rows and row groups of the single
-writer's shards, so the merged dataset reads identically (row by row, group by group).
+touches another's files. `merge_ranges` (`sae_transfer.storage.activations_ranges`) then checks
+the ranges tile the dataset and writes the one manifest. A range's shards are named
+`shard-<tag>-NNNNN.parquet`; ranges cut where a single writer would close a shard
+(`plan_ranges`) hold exactly the rows and row groups of the single writer's shards, so the
+merged dataset reads identically (row by row, group by group).
 """
 
 from __future__ import annotations
@@ -45,11 +46,11 @@ from sae_transfer.storage.activations import (
     role_dictionary,
 )
 from sae_transfer.storage.fingerprint import sha256_file
-from sae_transfer.storage.store import RemotePath, location
+from sae_transfer.storage.store import RemotePath
 
 log = logging.getLogger(__name__)
 
-_ROW_OVERHEAD = 21  # bytes per row outside `act` (seq_id, pos, token_id, role, norm), uncompressed
+ROW_OVERHEAD = 21  # bytes per row outside `act` (seq_id, pos, token_id, role, norm), uncompressed
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,7 @@ def _write_json_durably(path: Path, obj: dict) -> None:
     _fsync_dir(path.parent)
 
 
-def _write_manifest(path: Path | RemotePath, meta: dict, shards: list[dict], row_bytes: int, rg_rows: int,
+def write_manifest(path: Path | RemotePath, meta: dict, shards: list[dict], row_bytes: int, rg_rows: int,
                     scale_of: Callable[[float, int], float] | None) -> dict:
     """Write `_manifest.json` (last: it makes the dataset complete); returns it."""
     rows = sum(s["rows"] for s in shards)
@@ -131,62 +132,6 @@ def _write_manifest(path: Path | RemotePath, meta: dict, shards: list[dict], row
         _write_json_durably(path / MANIFEST, manifest)
         (path / LEGACY_MANIFEST).unlink(missing_ok=True)
     return manifest
-
-
-def merge_ranges(path: str | Path | RemotePath, scale_of: Callable[[float, int], float] | None = None) -> dict:
-    """Write the one manifest of a dataset its range writers finished; returns it.
-
-    Raises RuntimeError unless the recorded ranges are of one dataset and tile its sequences
-    from 0 with exactly n_tokens rows (a missing, doubled or overlapping range writes nothing).
-    On an object store it reads the range records published there and writes the manifest there.
-    """
-    path = location(path)
-    ranges = sorted((json.loads(f.read_text()) for f in path.glob("_range-*.json")), key=lambda r: r["start"])
-    if not ranges:
-        raise RuntimeError(f"{path}: no finished range to merge")
-    meta, at = ranges[0]["meta"], 0
-    for r in ranges:
-        if r["meta"].get("dataset_key") != meta.get("dataset_key") or r["row_bytes"] != ranges[0]["row_bytes"]:
-            raise RuntimeError(f"{path}: range {r['start']}..{r['stop']} belongs to another dataset")
-        if r["start"] != at:
-            raise RuntimeError(f"{path}: sequences {at}..{r['start']} are missing or doubled")
-        at = r["stop"]
-    shards = [s for r in ranges for s in r["shards"]]
-    if sum(s["rows"] for s in shards) != int(meta["n_tokens"]):
-        raise RuntimeError(f"{path}: ranges hold {sum(s['rows'] for s in shards)} rows, n_tokens={meta['n_tokens']}")
-    rg_rows = {r["row_group_rows"] for r in ranges}
-    manifest = _write_manifest(path, meta, shards, ranges[0]["row_bytes"], max(rg_rows), scale_of)
-    for r in ranges:
-        (path / f"_range-{SeqRange(r['start'], r['stop']).tag}.json").unlink(missing_ok=True)
-    return manifest
-
-
-def plan_ranges(n_tokens: int, context_size: int, batch_tokens: int, workers: int,
-                shard_bytes: int | None = None, row_bytes: int | None = None) -> list[SeqRange]:
-    """Split a dataset's sequences into at most `workers` contiguous ranges of similar size.
-
-    Cuts fall on whole forward batches (`batch_tokens // context_size` sequences, the writer's
-    append unit); given `shard_bytes` and `row_bytes` they fall where a single writer closes a
-    shard, so each range's shards hold exactly the single writer's rows and row groups."""
-    S = context_size
-    n_seqs = -(-n_tokens // S)
-    batch = max(1, batch_tokens // S)
-    cuts = list(range(batch, n_seqs, batch))  # possible cut points: batch ends
-    if shard_bytes is not None and row_bytes is not None:
-        cuts, rows = [], 0
-        for s0 in range(0, n_seqs, batch):
-            end = min(s0 + batch, n_seqs)
-            rows += min(end * S, n_tokens) - s0 * S
-            if rows * (row_bytes + _ROW_OVERHEAD) >= shard_bytes and end < n_seqs:
-                cuts.append(end)
-                rows = 0
-    chosen, target = [], [n_seqs * k / workers for k in range(1, workers)]
-    for goal in target:  # the possible cut nearest each even share, increasing
-        best = min((c for c in cuts if not chosen or c > chosen[-1]), key=lambda c: abs(c - goal), default=None)
-        if best is not None and best not in chosen:
-            chosen.append(best)
-    bounds = [0, *chosen, n_seqs]
-    return [SeqRange(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
 
 
 class ActivationWriter:
@@ -297,7 +242,7 @@ class ActivationWriter:
         self._last_seq = int(seq_id[-1])
         if self._pending_rows >= self.rg_rows:
             self._flush(whole_groups_only=True)
-        if self._shard_rows * (self.row_bytes + _ROW_OVERHEAD) >= self.cfg.shard_bytes:
+        if self._shard_rows * (self.row_bytes + ROW_OVERHEAD) >= self.cfg.shard_bytes:
             self._close_shard()
 
     def _tmp_name(self) -> Path:
@@ -394,7 +339,7 @@ class ActivationWriter:
             _write_json_durably(self.path / f"_range-{self.seq_range.tag}.json", record)
             self._progress.unlink(missing_ok=True)
             return record
-        manifest = _write_manifest(self.path, self.meta, self.shards, self.row_bytes, self.rg_rows, scale_of)
+        manifest = write_manifest(self.path, self.meta, self.shards, self.row_bytes, self.rg_rows, scale_of)
         self._progress.unlink(missing_ok=True)
         return manifest
 

@@ -267,7 +267,10 @@ def build_catalog(results_dir: str | Path | RemotePath) -> Path:
     con.close()
     os.replace(tmp, target)
     if isinstance(root, RemotePath):
-        StudyLayout(root).catalog.put_file(target)
+        try:
+            StudyLayout(root).catalog.put_file(target)
+        except Exception as exc:  # read-only credentials still query the local copy
+            log.warning("could not upload the catalog to %s: %s", root, exc)
     return target
 
 

@@ -29,7 +29,8 @@ from sae_transfer.storage import tables
 from sae_transfer.storage.activations import local_dataset
 from sae_transfer.storage.fingerprint import sha256_file
 from sae_transfer.storage.layout import RunLayout
-from sae_transfer.storage.store import local_copy, location, staged_output
+from sae_transfer.storage.mirror import local_copy, staged_output
+from sae_transfer.storage.store import location
 from sae_transfer.study import CrosscoderPlan, DiffingSection, FinetuneSection, ModelLoading
 from sae_transfer.tasks._cache import cached, run_name
 from sae_transfer.tasks.records import ActsRecord, DiffRecord, RowsRecord, SAERecord

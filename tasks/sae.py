@@ -13,7 +13,7 @@ from sae_transfer.corpus import CorpusConfig
 from sae_transfer.models import check_device, load_model
 from sae_transfer.storage.activations import local_dataset
 from sae_transfer.storage.layout import RunLayout
-from sae_transfer.storage.store import StagedOutput, local_copy, staged_output
+from sae_transfer.storage.mirror import StagedOutput, local_copy, staged_output
 from sae_transfer.study import CorpusSection, FinetuneSection, ModelLoading, SAESection
 from sae_transfer.tasks._cache import cached, run_name
 from sae_transfer.tasks.records import ActsRecord, SAERecord

@@ -12,7 +12,8 @@ import pytest
 from sae_transfer.activations import CacheConfig, cache_activations, cache_range, merge_cache, split_cache
 from sae_transfer.corpus import CorpusConfig
 from sae_transfer.storage.activations import MANIFEST, ActivationDataset, is_complete
-from sae_transfer.storage.activations_write import SeqRange, plan_ranges
+from sae_transfer.storage.activations_ranges import plan_ranges
+from sae_transfer.storage.activations_write import SeqRange
 from tests._tiny import tiny_corpus_dir, tiny_model_dir
 
 HOOKS = ("blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre")

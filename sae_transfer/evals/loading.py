@@ -13,7 +13,7 @@ from sae_transfer.models import layer_of, parse_model_spec
 from sae_transfer.sae.io import load_sae
 from sae_transfer.storage.fingerprint import sha256_file
 from sae_transfer.storage.layout import RunLayout
-from sae_transfer.storage.store import local_copy
+from sae_transfer.storage.mirror import local_copy
 
 # Hooks whose width is d_model, so an SAE's d_in can be checked from the model config alone.
 _RESID_WIDTH = ("hook_resid_pre", "hook_resid_mid", "hook_resid_post", "hook_attn_out", "hook_mlp_out", "hook_in", "hook_out")
