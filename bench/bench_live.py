@@ -102,6 +102,8 @@ def run_bench(model, args) -> None:
                                context_size=args.context_size, n_tokens=args.tokens, model_dtype=args.dtype)
         run = train_sae(cfg, fresh.make_source, data.d_in, Path(tmp) / "live", progress=False)
         live_tps = json.loads(run.run_json.read_text())["timings"]["tokens_per_s"]
+        quality = {name: {k: r.metrics.get(k) for k in ("explained_variance", "l0", "dead_fraction_final")}
+                   for name, r in (("in_memory", mem), ("live", run))}
     bound = 1 / (1 / fwd + 1 / train)
     print(f"device {args.device}  d_in {data.d_in}  d_sae {cfg.d_sae}  {args.arch}  batch {args.batch_size}  "
           f"buffer {args.buffer_tokens}  tokens {args.tokens}")
@@ -109,6 +111,8 @@ def run_bench(model, args) -> None:
     print(f"train    {train:12,.0f} tok/s")
     print(f"live     {live_tps:12,.0f} tok/s")
     print(f"live / (1/(1/fwd + 1/train)) = {live_tps / bound:.3f}")
+    for name, q in quality.items():  # the same tokens, shuffled by each source's own buffer
+        print(f"{name:9s} final EV {q['explained_variance']:.4f}  L0 {q['l0']:.1f}  dead {q['dead_fraction_final']:.3f}")
     dev = torch.device(args.device)
     peak = torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None
     if peak is not None:
@@ -119,7 +123,7 @@ def run_bench(model, args) -> None:
             "bench": "live", "device": args.device, "d_in": data.d_in, "d_sae": cfg.d_sae, "arch": args.arch,
             "layers": model.cfg.n_layers, "dtype": args.dtype, "hook": args.hook, "batch": args.batch_size,
             "tokens": args.tokens, "forward_tokens_per_s": fwd, "train_tokens_per_s": train, "live_tokens_per_s": live_tps,
-            "live_over_bound": live_tps / bound, "peak_gib": peak}, indent=2))
+            "live_over_bound": live_tps / bound, "peak_gib": peak, "quality": quality}, indent=2))
 
 
 def run_group(model, args, cfg) -> dict:

@@ -189,6 +189,7 @@ class OpenRun:
                                       and spec.learning_config(state.get("run_config") or spec.config()) == wanted):
             raise UserError(f"{self.out} holds checkpoints of a {spec.name} run with a different config; "
                             "choose another --out or delete it")
+        t_setup = time.perf_counter()
         if state is None:
             self.run = spec.fresh()
             ckpt.truncate_log(self.folder.training_log, -1)
@@ -199,6 +200,9 @@ class OpenRun:
             self.resumed_from = state["loop"]["step"]
             log.info("resuming %s %s from step %d", spec.name, self.out, self.run.state.step)
         self.t0 = time.perf_counter()
+        # a fresh run reads the stream's start (scale, b_dec): on a live source those forward passes
+        # also serve the first batches, so they belong to the training rate
+        self.setup_s = self.t0 - t_setup
 
     def on_log(self, row: dict) -> None:
         self.pending.append(row)
@@ -219,8 +223,9 @@ class OpenRun:
             "tokens": run.state.tokens,
             "steps": run.state.step,
             "numerics": run.numerics.to_dict(),  # device, compute dtype, TF32, sparse kernels of this call
-            "timings": {"train_s": run.state.elapsed_s, "wall_s_this_call": time.perf_counter() - self.t0,
-                        "tokens_per_s": run.state.tokens / max(run.state.elapsed_s, 1e-9), **timings},
+            "timings": {"train_s": run.state.elapsed_s, "setup_s": self.setup_s,
+                        "wall_s_this_call": time.perf_counter() - self.t0,
+                        "tokens_per_s": run.state.tokens / max(run.state.elapsed_s + self.setup_s, 1e-9), **timings},
             "final_metrics": final,
             "resample_steps": run.state.resample_steps,
             **extra,
