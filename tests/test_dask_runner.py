@@ -160,6 +160,7 @@ def test_each_local_worker_gets_its_own_gpu_and_the_flows_api(monkeypatch):
 
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4999/api")  # the server shared_api started
     monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # a user's own setting would be kept
     with _dask.local_cluster(2, ["3", "5"], "GPU") as cluster, Client(cluster) as client:
         seen = sorted(client.run(_worker_environment).values())
         offered = [info["resources"] for info in client.scheduler_info()["workers"].values()]
