@@ -1,5 +1,7 @@
-"""Wall time of the whole study on each task runner: threads, worker processes (the default) and
-a Dask LocalCluster, first run and cached re-run, measured in one run.
+"""Wall time of the whole study on each task runner: threads, worker processes (the default), a
+Dask LocalCluster started by the flow, and a long-lived Dask cluster reached by address (started
+before the timing, as a lab's scheduler and workers are), first run and cached re-run, measured
+in one run.
 
 `threads` is Prefect's ThreadPoolTaskRunner with one thread (the steps one after another in the
 flow's own process): with two, two model loads in one process race (transformers' meta-device
@@ -17,6 +19,7 @@ with machine load; compare the ratios (check `uptime` first).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
@@ -65,12 +68,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", choices=["tiny", "default"], default="tiny", help="demo pair size and budgets")
     ap.add_argument("--workers", type=int, default=2, help="processes or Dask workers (threads: always 1)")
-    ap.add_argument("--runners", nargs="+", default=["threads", "processes", "dask"],
-                    choices=["threads", "processes", "dask"])
+    ap.add_argument("--runners", nargs="+", default=["threads", "processes", "dask", "dask-address"],
+                    choices=["threads", "processes", "dask", "dask-address"])
     args = ap.parse_args()
 
     from sae_transfer.demo.build import build_demo_pair
     from sae_transfer.demo.config import PRESETS
+    from sae_transfer.flows._dask import local_cluster
     from sae_transfer.flows._runs import shared_api
 
     work = Path(tempfile.mkdtemp(prefix="bench-runners-"))
@@ -79,19 +83,22 @@ def main() -> None:
     pair = work / "pair"
     build_demo_pair(pair, PRESETS[args.preset], progress=False)
     times: dict[str, tuple[float, float]] = {}
-    with shared_api():
+    with shared_api(), contextlib.ExitStack() as stack:
         for name in args.runners:
-            kind = "dask" if name == "dask" else "processes"
-            config = study(work / f"results-{name}", pair, args.preset, {"kind": kind, "workers": args.workers})
+            runner = {"kind": "dask" if name.startswith("dask") else "processes", "workers": args.workers}
+            if name == "dask-address":
+                cluster = stack.enter_context(local_cluster(args.workers, [], "GPU"))
+                runner["address"] = cluster.scheduler_address
+            config = study(work / f"results-{name}", pair, args.preset, runner)
             first = timed(config, name, args.workers)
             again = timed(config, name, args.workers)
             times[name] = (first, again)
-            print(f"{name:9s} first run {first:7.1f} s   cached re-run {again:6.1f} s ({again / first:.0%} of first)",
+            print(f"{name:12s} first run {first:7.1f} s   cached re-run {again:6.1f} s ({again / first:.0%} of first)",
                   flush=True)
     base = times.get("processes")
     if base:
         for name, (first, again) in times.items():
-            print(f"{name:9s} / processes: first run x{first / base[0]:.2f}, cached re-run x{again / base[1]:.2f}")
+            print(f"{name:12s} / processes: first run x{first / base[0]:.2f}, cached re-run x{again / base[1]:.2f}")
     print(f"({args.preset} preset, {args.workers} workers, {os.cpu_count()} cores; load {os.getloadavg()[0]:.1f})")
 
 

@@ -160,8 +160,34 @@ def test_each_local_worker_gets_its_own_gpu_and_the_flows_api(monkeypatch):
 
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4999/api")  # the server shared_api started
     monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # a user's own setting would be kept
     with _dask.local_cluster(2, ["3", "5"], "GPU") as cluster, Client(cluster) as client:
         seen = sorted(client.run(_worker_environment).values())
         offered = [info["resources"] for info in client.scheduler_info()["workers"].values()]
     assert seen == [("3", "http://127.0.0.1:4999/api", "4"), ("5", "http://127.0.0.1:4999/api", "4")]
     assert offered == [{"GPU": 1}, {"GPU": 1}]
+
+
+@task(name="dies-once")
+def dies_once(mark: str) -> int:
+    """Kills its own worker process the first time it runs (as a lost host would), then succeeds."""
+    import os
+    from pathlib import Path
+
+    if not Path(mark).exists():
+        Path(mark).write_text(str(os.getpid()))
+        os.kill(os.getpid(), 9)
+    return os.getpid()
+
+
+@flow
+def survives_a_lost_worker(mark: str):
+    future = dies_once.submit(mark)
+    return future.result(), future.state.name
+
+
+def test_a_worker_lost_mid_task_is_replaced_by_another(prefect_harness, tmp_path):
+    mark = tmp_path / "first-attempt"
+    pid, state = survives_a_lost_worker.with_options(task_runner=_dask.dask_runner(2, [], None, "GPU"))(str(mark))
+    assert state == "Completed"
+    assert str(pid) != mark.read_text()  # Dask re-ran the task on the surviving worker, no loop of ours

@@ -14,21 +14,6 @@ from sae_transfer.errors import UserError
 
 RESULTS_HELP = ("study results folder or object-store prefix, e.g. s3://bucket/results/demo "
                 "(default: results/<study name> of --config, else results/demo)")
-RUNNER_HELP = ("where the heavy steps run, overriding the config's runner: processes (this machine's worker "
-               "processes), dask (a Dask LocalCluster here) or a Dask scheduler address such as tcp://host:8786")
-WORKERS_HELP = "worker processes, or LocalCluster workers (overrides runner.workers)"
-
-
-def _with_runner(cfg, runner: str | None, workers: int | None):
-    """`cfg` with its runner section overridden by the --runner / --workers options."""
-    update: dict = {} if workers is None else {"workers": workers}
-    if runner in ("processes", "dask"):
-        update.update(kind=runner, address=None)
-    elif runner is not None and (runner.startswith(("tcp://", "tls://", "ucx://")) or runner.rpartition(":")[2].isdigit()):
-        update.update(kind="dask", address=runner)
-    elif runner is not None:
-        raise UserError(f"--runner {runner!r}: use processes, dask, or a Dask scheduler address such as tcp://host:8786")
-    return cfg.model_copy(update={"runner": cfg.runner.model_copy(update=update)}) if update else cfg
 
 
 def _config(config: Path | None):
@@ -71,6 +56,23 @@ def _readable_tables(folder):
     except duckdb.Error as exc:
         raise UserError(f"results in {str(folder)!r} are unreadable ({' '.join(str(exc).split())}): delete the damaged "
                         "file and re-run the step that wrote it") from None
+
+
+RUNNER_HELP = ("where the heavy steps run, overriding the config's runner: processes (this machine's worker "
+               "processes), dask (a Dask LocalCluster here) or a Dask scheduler address such as tcp://host:8786")
+WORKERS_HELP = "worker processes, or LocalCluster workers (overrides runner.workers)"
+
+
+def _with_runner(cfg, runner: str | None, workers: int | None):
+    """`cfg` with its runner section overridden by the --runner / --workers options."""
+    update: dict = {} if workers is None else {"workers": workers}
+    if runner in ("processes", "dask"):
+        update.update(kind=runner, address=None)
+    elif runner is not None and (runner.startswith(("tcp://", "tls://", "ucx://")) or runner.rpartition(":")[2].isdigit()):
+        update.update(kind="dask", address=runner)
+    elif runner is not None:
+        raise UserError(f"--runner {runner!r}: use processes, dask, or a Dask scheduler address such as tcp://host:8786")
+    return cfg.model_copy(update={"runner": cfg.runner.model_copy(update=update)}) if update else cfg
 
 
 def register(app: typer.Typer) -> None:
