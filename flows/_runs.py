@@ -51,6 +51,13 @@ def worker_pool(workers: int | None = None) -> ProcessPoolTaskRunner:
     return ProcessPoolTaskRunner(max_workers=workers, initializer=_init_worker, initargs=(workers, gpus))
 
 
+def runner_workers(runner) -> int:
+    """How many workers a study's runner section gives (its `workers`, else Prefect's pool setting,
+    else one per CUDA GPU, else 2); for a Dask scheduler at an address, what `workers` says it has."""
+    return (runner.workers or get_current_settings().tasks.runner.process_pool_max_workers
+            or len(_visible_gpus()) or DEFAULT_CPU_WORKERS)
+
+
 def task_runner(runner):
     """The task runner a study's `runner` section names (a RunnerSection): `worker_pool`, or a
     Dask runner on a LocalCluster of `runner.workers` (same default count) or at `runner.address`.

@@ -11,12 +11,18 @@ from pathlib import Path
 from prefect.futures import PrefectFuture
 
 from sae_transfer import plan, remote
+from sae_transfer.flows._runs import runner_workers
 from sae_transfer.model_shapes import study_shapes
 from sae_transfer.storage.fingerprint import fingerprint, hash_payload
 from sae_transfer.storage.layout import StudyLayout, slug
 from sae_transfer.study import StudyConfig
 from sae_transfer.tasks._cache import code_version
-from sae_transfer.tasks.activations import cache_activations
+from sae_transfer.tasks.activations import (
+    activation_ranges,
+    cache_activation_range,
+    cache_activations,
+    merge_activation_ranges,
+)
 from sae_transfer.tasks.evaluate import pair_threshold
 from sae_transfer.tasks.records import ActsRecord, PairRecord
 from sae_transfer.tasks.sae import TRAINING_CODE, finetune_sae, finetune_saes_live, train_sae, train_saes_live
@@ -68,12 +74,27 @@ def _key(role: str, variant: str | None) -> str:
 
 
 def cache_pair(config: StudyConfig, pair: PairRecord, corpus=None, wait_for=None) -> dict[str, PrefectFuture]:
-    """Both models cached at every hook on `corpus` (default: the study's): role -> future."""
-    out_dir = str(StudyLayout(config.results_dir).activations)
-    return {role: cache_activations.submit(model, config.hooks, corpus or config.corpus, config.loading, config.act_dtype,
-                                           out_dir, revision=rev, wait_for=(wait_for or {}).get(role))
+    """Both models cached at every hook on `corpus` (default: the study's): role -> future. On a
+    Dask runner each cache is split by sequence range over the workers (`cache_model`)."""
+    return {role: cache_model(config, model, rev, corpus or config.corpus, wait_for=(wait_for or {}).get(role))
             for role, model, rev in (("base", pair.base, config.pair.base_revision),
                                      ("chat", pair.chat, config.pair.chat_revision))}
+
+
+def cache_model(config: StudyConfig, model: str, revision: str | None, corpus, wait_for=None) -> PrefectFuture:
+    """One model's cache at every hook: one `cache-activations` task, or, on a Dask runner with
+    several workers, one `cache-activation-range` task per sequence range (cut where a single
+    writer closes a shard, so the dataset is the one a single writer writes) and the
+    `merge-activation-ranges` task that writes its manifest."""
+    out_dir = str(StudyLayout(config.results_dir).activations)
+    args = (model, config.hooks, corpus, config.loading, config.act_dtype, out_dir)
+    writers = runner_workers(config.runner) if config.runner.kind == "dask" else 1
+    ranges = (activation_ranges(model, config.hooks, corpus, config.loading, config.act_dtype, writers, revision=revision)
+              if writers > 1 else [])
+    if len(ranges) < 2:
+        return cache_activations.submit(*args, revision=revision, wait_for=wait_for)
+    parts = [cache_activation_range.submit(*args, start, stop, revision=revision, wait_for=wait_for) for start, stop in ranges]
+    return merge_activation_ranges.submit(*args, ranges=parts, revision=revision)
 
 
 def training_source(config: StudyConfig) -> str:
