@@ -42,3 +42,12 @@ def test_sentence_names_no_token_when_nothing_moved():
     assert diffing_sentence(EMPTY, STATUS, ABLATION, None, tokens) is None
     tokens = pd.DataFrame({"token": ["a"], "mean_diff_norm": [0.5], "rel_to_typical": [None]})  # typical token: 0
     assert diffing_sentence(EMPTY, STATUS, ABLATION, None, tokens).endswith("is 'a' (mean ||chat - base|| 0.5).")
+
+
+def test_sentence_flags_a_crosscoder_that_misses_the_activation_difference():
+    agreement = _agreement(0.98, 0).assign(diff_explained=[0.12], misses_difference=[True])
+    s = diffing_sentence(CLASSES, STATUS, ABLATION, agreement)
+    assert "its reconstructions reproduce only 12 % of the variance of the activation difference" in s
+    assert "decoders disagree" not in s
+    trusted = _agreement(0.98, 0).assign(diff_explained=[0.9], misses_difference=[False])
+    assert "reproduce only" not in diffing_sentence(CLASSES, STATUS, ABLATION, trusted)
