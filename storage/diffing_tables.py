@@ -149,6 +149,7 @@ CROSSCODER_LATENTS = pa.schema(
         ("agree_min_cos", _F64),  # shared needs dec_cos >= this; below it, both decoders alive: changed
         ("diff_norm", _F64),  # ||d^chat - d^base|| (training units)
         ("chat_minus_base", pa.list_(pa.float32())),  # changed latents: d^chat/s_chat - d^base/s_base [D], model units
+        ("diff_explained", _F64),  # share of Var(chat - base) the crosscoder's own difference reproduces (all rows)
         ("fire_count", _I64),  # paired tokens where the latent fires
         ("frequency", _F64),  # fire_count / n_tokens
         ("mean_act_firing", _F64),  # mean activation where it fires (training units)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -166,6 +167,35 @@ def test_taxonomy_reads_direction_shared_needs_agreeing_decoders_changed_points_
     assert [CLASSES[i] for i in classify(t.rho_F)] == ["shared", "shared", "other", "shared", "shared"]
     with pytest.raises(ValueError, match="agree_min_cos"):
         Taxonomy(agree_min_cos=1.5)
+
+
+def test_difference_explained_reads_what_the_crosscoder_learnt_about_chat_minus_base():
+    from sae_transfer.diffing.crosscoder import difference_explained
+
+    D = 4
+    gen = torch.Generator().manual_seed(0)
+    base_ND = torch.randn(512, D, generator=gen)
+    v = torch.tensor([0.0, 0.0, 0.0, 2.0])
+    on_N = torch.rand(512, generator=gen) < 0.3
+    chat_ND = base_ND + on_N[:, None] * v
+    x_N2D = torch.cat([base_ND, chat_ND], dim=1)
+    exact = CrossCoder.create(D, 4 * D, k=4 * D)  # latent i reads coordinate i (±) of [x_base, x_chat], writes it back
+    with torch.no_grad():
+        eye = torch.eye(2 * D)
+        exact.W_enc.copy_(torch.cat([eye, -eye], dim=1))
+        exact.W_dec.copy_(torch.cat([eye, -eye], dim=0))
+        exact.threshold.fill_(0.0)
+    assert difference_explained(exact, [x_N2D[:256], x_N2D[256:]]) == pytest.approx(1.0, abs=1e-6)
+    # the same codes with each latent writing one vector into both models: no difference written, none explained
+    same = CrossCoder.create(D, 4 * D, k=4 * D)
+    with torch.no_grad():
+        same.load_state_dict(exact.state_dict())
+        dec_MFD = same.W_dec.view(4 * D, 2, D)
+        dec_MFD[:, 1] = dec_MFD[:, 0] + dec_MFD[:, 1]
+        dec_MFD[:, 0] = dec_MFD[:, 1]
+    assert difference_explained(same, [x_N2D]) <= 0.0
+    # identical models: nothing to explain
+    assert math.isnan(difference_explained(exact, [torch.cat([base_ND, base_ND], dim=1)]))
 
 
 def test_format_round_trip_and_raw_reconstruction(tmp_path):
@@ -460,6 +490,7 @@ def test_crosscoder_tables_bring_a_device_crosscoders_table_to_the_host(caches, 
     out = stage.crosscoder_tables(result.crosscoder_dir, pair, plan, "cc")
     latents = out["crosscoder_latents"][0]
     assert latents.num_rows == 32 and latents.column("rho").null_count == 0
+    assert 0 < latents.column("diff_explained")[0].as_py() <= 1  # the caches differ, and it learnt some of it
     fired_chat_only = sum(k == "chat_only" and n > 0 for k, n in zip(latents.column("latent_class").to_pylist(),
                                                                        latents.column("fire_count").to_pylist()))
     assert out["latent_scaling"][0].num_rows == fired_chat_only

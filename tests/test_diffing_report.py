@@ -42,3 +42,31 @@ def test_sentence_names_no_token_when_nothing_moved():
     assert diffing_sentence(EMPTY, STATUS, ABLATION, None, tokens) is None
     tokens = pd.DataFrame({"token": ["a"], "mean_diff_norm": [0.5], "rel_to_typical": [None]})  # typical token: 0
     assert diffing_sentence(EMPTY, STATUS, ABLATION, None, tokens).endswith("is 'a' (mean ||chat - base|| 0.5).")
+
+
+def test_sentence_flags_a_crosscoder_that_misses_the_activation_difference():
+    agreement = _agreement(0.98, 0).assign(diff_explained=[0.12], misses_difference=[True])
+    s = diffing_sentence(CLASSES, STATUS, ABLATION, agreement)
+    assert "its reconstructions reproduce only 12 % of the variance of the activation difference" in s
+    assert "decoders disagree" not in s
+    trusted = _agreement(0.98, 0).assign(diff_explained=[0.9], misses_difference=[False])
+    assert "reproduce only" not in diffing_sentence(CLASSES, STATUS, ABLATION, trusted)
+
+
+def test_crosscoder_queries_match_the_pair_by_model_name_as_the_caches_record_it(tmp_path):
+    """The caches record a model by its folder name ("base"), the report asks with the spec
+    ("artifacts/demo-models/base"): the crosscoder's cards and changed latents must still be found."""
+    from sae_transfer.storage import catalog, tables
+
+    cc = dict(dictionary="crosscoder-x:abc", dictionary_model="base + chat", hook="h", norm_base=1.0, norm_chat=1.0,
+              rho=0.5, dec_cos=0.1, latent_class="changed", fire_count=10, frequency=0.01, chat_minus_base=[1.0, 0.0])
+    tables.append_rows(tmp_path, "crosscoder_latents", [dict(cc, latent=j) for j in range(3)])
+    tables.append_rows(tmp_path, "latent_examples", [dict(
+        dictionary="crosscoder-x:abc", hook="h", model="paired", latent=0, rank=0, activation=1.0, seq_id=0, pos=0,
+        window_start=0, token_ids=[1], tokens=["a"], acts=[1.0])])
+    pair = ["artifacts/demo-models/base", "artifacts/demo-models/chat", 6]
+    changed = catalog.query(tmp_path, catalog.load_query("top_changed_latents"), pair)
+    cards = catalog.query(tmp_path, catalog.load_query("top_chat_latents"), pair)
+    assert sorted(changed["latent"]) == [0, 1, 2] and cards["latent"].tolist() == [0]
+    other = catalog.query(tmp_path, catalog.load_query("top_changed_latents"), ["other/base2", "other/chat", 6])
+    assert other.empty

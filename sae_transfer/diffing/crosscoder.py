@@ -180,3 +180,27 @@ def class_counts(table: LatentTable, alive_F: torch.Tensor | None = None) -> dic
     """Latents per class (only the `alive_F` ones when given)."""
     cls_F = table.class_F if alive_F is None else table.class_F[alive_F]
     return {name: int((cls_F == i).sum()) for i, name in enumerate(CLASSES)}
+
+
+@torch.no_grad()
+def difference_explained(cc: CrossCoder, batches_B2D) -> float:
+    """Share of the variance of Δ = x_chat − x_base (model units) that the crosscoder's own
+    difference x̂_chat − x̂_base reproduces, 1 − E‖Δ − Δ̂‖² / E‖Δ − EΔ‖², over [B, 2D] batches in
+    training units. A crosscoder that has not learnt where the models differ (decoders still at
+    their shared init, or under-trained) scores near 0 whatever its classes say; NaN when the
+    models agree on every token (nothing to explain)."""
+    err = total = 0.0
+    first_D, n = None, 0
+    scales_M = cc.scales_M.view(1, 2, 1)
+    for x_B2D in batches_B2D:
+        x_BMD = cc.split(x_B2D.to(cc.W_enc.device, torch.float32)) / scales_M
+        x_hat_BMD = cc.split(cc.forward(x_B2D.to(cc.W_enc.device, torch.float32))) / scales_M
+        diff_BD = (x_BMD[:, 1] - x_BMD[:, 0]).double()
+        err += float((diff_BD - (x_hat_BMD[:, 1] - x_hat_BMD[:, 0]).double()).pow(2).sum())
+        total += float(diff_BD.pow(2).sum())
+        first_D = diff_BD.sum(0) if first_D is None else first_D + diff_BD.sum(0)
+        n += diff_BD.shape[0]
+    if n == 0:
+        return float("nan")
+    variance = total / n - float((first_D / n).pow(2).sum())
+    return 1 - (err / n) / variance if variance > 1e-12 * max(total / n, 1e-30) else float("nan")

@@ -20,7 +20,7 @@ from sae_transfer.diffing import examples as ex
 from sae_transfer.diffing import latent_stats as ls
 from sae_transfer.diffing import matching as mt
 from sae_transfer.diffing.activation_diff import ActDiffConfig, activation_diff, aligned_latents, bucket_label
-from sae_transfer.diffing.crosscoder import CLASSES, chat_minus_base_FD, latent_table
+from sae_transfer.diffing.crosscoder import CLASSES, chat_minus_base_FD, difference_explained, latent_table
 from sae_transfer.diffing.crosscoder_io import load_crosscoder
 from sae_transfer.diffing.latent_scaling import crosscoder_scaling, sae_scaling
 from sae_transfer.diffing.paired import iter_paired, iter_paired_raw
@@ -148,6 +148,7 @@ def crosscoder_tables(cc_dir: str | Path, pair, plan: DiffingPlan, sae_id: str, 
         "diff_norm": _np(table.diff_norm_F), "chat_minus_base": _changed_directions(cc, table),
     }, {**dictionary, "chat_only_min": t.chat_only_min, "base_only_max": t.base_only_max,
         "shared_min": t.shared_min, "shared_max": t.shared_max, "agree_min_cos": t.agree_min_cos,
+        "diff_explained": difference_explained(cc, (b.acts_BD for b in _paired_batches(pair, plan))),
         "n_tokens": acts.n_tokens})
     chat_only = (table.class_F == CLASSES.index("chat_only")) & (counts_F > 0)
     latents_L = chat_only.nonzero().squeeze(1)

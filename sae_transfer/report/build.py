@@ -162,7 +162,7 @@ def _diffing_section(con, pair: list[str], n_cards: int = 6) -> Section:
     density, cosines = _q(con, "density_shift", pair), _q(con, "decoder_cosines", pair)
     scaling, ablation = _q(con, "latent_scaling_ratios", pair), _q(con, "latent_ablation_table", pair)
     drift = _q(con, "latent_drift_summary", pair)
-    agreement, changed = _q(con, "crosscoder_agreement", pair), _q(con, "top_changed_latents", [n_cards])
+    agreement, changed = _q(con, "crosscoder_agreement", pair), _q(con, "top_changed_latents", pair + [n_cards])
     cards = _q(con, "top_chat_latents", pair + [n_cards])
     figures = [(title, draw(df)) for title, draw, df in (
         ("firing density of every SAE latent on base vs chat", plots.density_shift, density),

@@ -186,6 +186,12 @@ def diffing_sentence(classes: pd.DataFrame, status: pd.DataFrame, ablation: pd.D
         parts.append(f"but its decoders disagree on {int(r['n_disagree'])} of {int(r['n_balanced'])} latents with balanced "
                      f"norms (median cosine {r['median_dec_cos']:.2f}), the mark of an under-trained crosscoder: "
                      "its shared/changed split is not a finding")
+    blind = (agreement[agreement["misses_difference"].fillna(False).astype(bool)]
+             if agreement is not None and not agreement.empty and "misses_difference" in agreement else None)
+    if blind is not None and len(blind):
+        parts.append(f"its reconstructions reproduce only {100 * blind.iloc[0]['diff_explained']:.0f} % of the variance "
+                     "of the activation difference chat - base, so it has not learnt where the models differ and "
+                     "its classes are not a finding")
     moved = top_tokens[top_tokens["mean_diff_norm"] > 0] if top_tokens is not None and not top_tokens.empty else None
     if moved is not None and len(moved):  # identical models: no token moved, nothing to name
         r = moved.iloc[0]

@@ -1,7 +1,9 @@
--- Do the newest crosscoder's decoders agree where its norms say "shared"? Among live latents whose
--- relative decoder norm rho lies in the shared band, how many point their two decoders apart
--- (cosine below the recorded agree_min_cos). Most of them apart means an under-trained (or
--- independently initialised) crosscoder rather than a changed model. Parameters: none.
+-- Can the newest crosscoder's classes be trusted? Among live latents whose relative decoder norm
+-- rho lies in the shared band, how many point their two decoders apart (cosine below the recorded
+-- agree_min_cos): most of them apart means an under-trained (or independently initialised)
+-- crosscoder rather than a changed model. And how much of the activation difference chat - base
+-- its own reconstructions reproduce (diff_explained): near 0, it has not learnt where the models
+-- differ, and "all shared" means nothing. Parameters: none.
 with latest as (
     select *
     from crosscoder_latents
@@ -21,7 +23,9 @@ select
     round(median(dec_cos), 3) as median_dec_cos,
     round(min(dec_cos), 3) as min_dec_cos,
     any_value(coalesce(agree_min_cos, 0.8)) as agree_min_cos,
-    median(dec_cos) < any_value(coalesce(agree_min_cos, 0.8)) as disagree
+    round(any_value(diff_explained), 3) as diff_explained,
+    median(dec_cos) < any_value(coalesce(agree_min_cos, 0.8)) as disagree,
+    coalesce(any_value(diff_explained) < 0.5, false) as misses_difference
 from balanced
 group by hook
 order by hook

@@ -2,10 +2,14 @@
 -- first, with how far the write moved (||d^chat - d^base||, training units), the norm of the
 -- chat-minus-base direction in model units, and the activation difference's top token whose mean
 -- chat - base points most along that direction (the dictionary's finding grounded in the raw
--- difference). Parameters: ?1 number of latents.
+-- difference). Parameters: ?1 base model id, ?2 chat model id (the pair the crosscoder was
+-- trained on), ?3 number of latents.
 with latest as (
     select *
     from crosscoder_latents
+    -- dictionary_model is '<base> + <chat>' as the caches name them (a folder name or a full path)
+    where same_model(split_part(dictionary_model, ' + ', 1), ?1)
+        and same_model(split_part(dictionary_model, ' + ', 2), ?2)
     qualify created_at = max(created_at) over (partition by hook)
 ),
 
@@ -14,14 +18,14 @@ changed as (
     from latest
     where fire_count > 0 and latent_class = 'changed'
     order by frequency desc, latent
-    limit ?1
+    limit ?3
 ),
 
 tokens as (
     -- the newest activation-difference pass per hook: its top tokens' mean differences
     select hook, coalesce(token, cast(token_id as varchar)) as token, direction
     from activation_diff
-    where kind = 'token'
+    where kind = 'token' and same_model(base_model, ?1) and same_model(chat_model, ?2)
     qualify created_at = max(created_at) over (partition by hook)
 ),
 

@@ -5,7 +5,9 @@
 with cc as (
     select *
     from crosscoder_latents
-    where contains(dictionary_model, ?1) and contains(dictionary_model, ?2)
+    -- dictionary_model is '<base> + <chat>' as the caches name them (a folder name or a full path)
+    where same_model(split_part(dictionary_model, ' + ', 1), ?1)
+        and same_model(split_part(dictionary_model, ' + ', 2), ?2)
     qualify created_at = max(created_at) over (partition by hook)
 ),
 
