@@ -146,7 +146,7 @@ def train_ours(args, model, work: Path, x_ND: torch.Tensor) -> dict:
     out = work / "ours"
     shutil.rmtree(out, ignore_errors=True)  # a finished run would be skipped, not timed
     cfg = TrainConfig(arch="topk", k=args.k, batch_size=args.batch_size, total_tokens=args.total_tokens, seed=args.seed,
-                      num_threads=args.threads, device="cpu")
+                      num_threads=args.threads, device="cpu", **({"lr": args.lr} if args.lr else {}))
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
     result = train_live(model, args.hook, args.corpus, out, cfg, expansion=args.expansion, context_size=args.context_size)
@@ -217,6 +217,8 @@ def main() -> None:
     p.add_argument("--context-size", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=4096, help="tokens per step, both sides (a multiple of the context)")
     p.add_argument("--k", type=int, default=32)
+    p.add_argument("--lr", type=float, default=None, help="our learning rate (default: TrainConfig's, the study's 4e-4; "
+                   "sparsify picks its own from the width)")
     p.add_argument("--expansion", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads, both sides")
