@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,25 +30,17 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 
-TINY = {  # seconds-sized budgets (the tests' tiny study)
-    "corpus": {"context_size": 32, "train_tokens": 4096},
-    "sae": {"expansion": 4, "train_tokens": 4096, "batch_size": 256, "l1_coefficient": 1.0},
-    "finetune": {"tokens": 1024, "batch_size": 128},
-    "eval": {"tokens": 512, "bootstrap": 50, "position_multiples": [1, 2]},
-    "instructions": {"n_prompts": 2, "max_new_tokens": 6},
-    "diffing": {"crosscoder_expansion": 2, "crosscoder_k": 4, "crosscoder_tokens": 2048, "stats_tokens": 2048,
-                "examples_k": 2, "top_latents": 2, "checkpoint_finetune_tokens": 512},
-}
-
-
 def study(root: Path, pair: Path, preset: str, runner: dict):
     from sae_transfer.study import parse_study
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests._tiny_study
+    from tests._tiny_study import TINY_BUDGETS  # the tests' tiny study budgets
 
     data = {"name": "bench", "results_root": str(root),
             "pair": {"base": str(pair / "base"), "chat": str(pair / "chat"), "checkpoints": str(pair / "chat-checkpoints"),
                      "build_demo": True, "demo_preset": preset},
             "hooks": ["blocks.1.hook_resid_pre"], "runner": runner}
-    return parse_study({**data, **(TINY if preset == "tiny" else {})})
+    return parse_study({**data, **(TINY_BUDGETS if preset == "tiny" else {})})
 
 
 def timed(config, runner_name: str, workers: int) -> float:

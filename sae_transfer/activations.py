@@ -274,17 +274,22 @@ def cache_activations(cfg: CacheConfig, out_dir: str | Path, progress: bool = Tr
     todo = [h for h in cfg.hooks if not is_complete(paths[h])]
     if not todo:
         return [CachedDataset(h, paths[h], read_manifest(paths[h])["n_tokens"], True, 0) for h in cfg.hooks]
-    model = load_model(cfg.model, revision=cfg.revision, device=cfg.device, dtype=cfg.model_dtype,
-                       trust_remote_code=cfg.trust_remote_code,
-                       attn_implementation=check_choice(cfg.attn_implementation, cfg.hooks))
-    check_hooks(model, todo)
-    seqs = tokenize_sequences(cfg.corpus, model.tokenizer, context_size=cfg.context_size,
-                              n_tokens=cfg.n_tokens, split=cfg.split, prepend_bos=cfg.prepend_bos)
+    model, seqs = _model_and_sequences(cfg, todo)
     staged = {h: staging_dir(paths[h]) for h in todo}
     resumed = _write_datasets(model, seqs, cfg, {h: metas[h] for h in todo}, staged, progress)
     for h in todo:
         publish_dataset(staged[h], paths[h])
     return [CachedDataset(h, paths[h], cfg.n_tokens, h not in todo, resumed.get(h, 0)) for h in cfg.hooks]
+
+
+def _model_and_sequences(cfg: CacheConfig, hooks: list[str]):
+    """The model a cache run reads (checked to serve `hooks`) and the sequences it runs it on."""
+    model = load_model(cfg.model, revision=cfg.revision, device=cfg.device, dtype=cfg.model_dtype,
+                       trust_remote_code=cfg.trust_remote_code,
+                       attn_implementation=check_choice(cfg.attn_implementation, cfg.hooks))
+    check_hooks(model, hooks)
+    return model, tokenize_sequences(cfg.corpus, model.tokenizer, context_size=cfg.context_size,
+                                     n_tokens=cfg.n_tokens, split=cfg.split, prepend_bos=cfg.prepend_bos)
 
 
 def split_cache(cfg: CacheConfig, workers: int, d_model: int | None = None) -> list[SeqRange]:
@@ -308,12 +313,7 @@ def cache_range(cfg: CacheConfig, out_dir: str | Path, seqs: SeqRange, progress:
     want = range_rows(metas[cfg.hooks[0]], seqs)
     if not todo:
         return [CachedDataset(h, paths[h], want, True, 0) for h in cfg.hooks]
-    model = load_model(cfg.model, revision=cfg.revision, device=cfg.device, dtype=cfg.model_dtype,
-                       trust_remote_code=cfg.trust_remote_code,
-                       attn_implementation=check_choice(cfg.attn_implementation, cfg.hooks))
-    check_hooks(model, todo)
-    tokens = tokenize_sequences(cfg.corpus, model.tokenizer, context_size=cfg.context_size,
-                                n_tokens=cfg.n_tokens, split=cfg.split, prepend_bos=cfg.prepend_bos)
+    model, tokens = _model_and_sequences(cfg, todo)
     staged = {h: staging_dir(paths[h]) for h in todo}
     resumed = _write_datasets(model, tokens, cfg, {h: metas[h] for h in todo}, staged, progress, seqs)
     for h in todo:

@@ -126,3 +126,19 @@ def tiny_corpus_dir(tmp_path: Path, n_copies: int = 4) -> Path:
         for i, text in enumerate(_training_text()):
             (out / f"doc{copy}_{i}.py").write_text(text, encoding="utf-8")
     return out
+
+
+def run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """Run `sae-transfer ARGS` in this process: (exit code, stdout, stderr)."""
+    import sys
+
+    from sae_transfer.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["sae-transfer", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 
@@ -20,6 +18,7 @@ from sae_transfer.models import (
     model_identity,
     weights_fingerprint,
 )
+from tests._tiny import run_cli
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "class A:\n    pass\n", "import os\nprint(os.sep)\n"] * 20
 
@@ -86,29 +85,16 @@ def test_layer_of_and_identity(tiny_model_dir, tmp_path):
     assert weights_fingerprint(copy) != weights_fingerprint(tiny_model_dir)
 
 
-def _run_cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from sae_transfer.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["sae-transfer", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_cli_bad_model_path_exits_2_with_one_line(monkeypatch, capsys, tmp_path):
-    code, out, err = _run_cli(monkeypatch, capsys, "hooks", "--model", str(tmp_path / "missing"))
+    code, out, err = run_cli(monkeypatch, capsys, "hooks", "--model", str(tmp_path / "missing"))
     assert code == 2
     assert err.startswith("error: model folder") and err.count("\n") == 1
 
 
 def test_cli_hooks_lists_and_checks(monkeypatch, capsys, tiny_model_dir, bridge):
-    code, out, _ = _run_cli(monkeypatch, capsys, "hooks", "--model", str(tiny_model_dir), "--contains", "resid_pre")
+    code, out, _ = run_cli(monkeypatch, capsys, "hooks", "--model", str(tiny_model_dir), "--contains", "resid_pre")
     assert code == 0 and out.split() == ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
-    code, _, err = _run_cli(monkeypatch, capsys, "hooks", "--model", str(tiny_model_dir), "--check", "blocks.0.hook_resid_pree")
+    code, _, err = run_cli(monkeypatch, capsys, "hooks", "--model", str(tiny_model_dir), "--check", "blocks.0.hook_resid_pree")
     assert code == 2 and "blocks.0.hook_resid_pre," in err and err.count("\n") == 1
 
 

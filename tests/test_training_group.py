@@ -5,7 +5,6 @@ folder resumable on its own."""
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from sae_transfer.training import group as group_mod
 from sae_transfer.training.api import LiveRun, train_live, train_live_group
 from sae_transfer.training.config import TrainConfig
 from sae_transfer.training.live import open_live_stream
-from tests._tiny import tiny_corpus_dir, tiny_model_dir
+from tests._tiny import run_cli, tiny_corpus_dir, tiny_model_dir
 
 HOOKS = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_pre"]
 S, N_TOKENS, BUFFER = 64, 8192, 1024
@@ -141,15 +140,7 @@ def test_group_refuses_runs_that_cannot_share_a_stream(setup):
 
 
 def _cli(monkeypatch, capsys, args):
-    from sae_transfer.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["sae-transfer", "train", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
+    code, out, err = run_cli(monkeypatch, capsys, "train", *args)
     return code, out, err.strip()
 
 
