@@ -46,16 +46,20 @@ def worker_pool(workers: int | None = None) -> ProcessPoolTaskRunner:
     PREFECT_TASKS_RUNNER_PROCESS_POOL_MAX_WORKERS, else one per CUDA GPU, else 2), each with
     cores / workers torch threads and, with several GPUs, a GPU of its own."""
     gpus = _visible_gpus()
-    workers = (workers or get_current_settings().tasks.runner.process_pool_max_workers
-               or len(gpus) or DEFAULT_CPU_WORKERS)
+    workers = _worker_count(workers, gpus, pool_setting=True)
     return ProcessPoolTaskRunner(max_workers=workers, initializer=_init_worker, initargs=(workers, gpus))
 
 
+def _worker_count(workers: int | None, gpus: list[str], pool_setting: bool) -> int:
+    """`workers`, else (worker processes only) Prefect's pool setting, else one per GPU, else 2."""
+    pool = get_current_settings().tasks.runner.process_pool_max_workers if pool_setting else None
+    return workers or pool or len(gpus) or DEFAULT_CPU_WORKERS
+
+
 def runner_workers(runner) -> int:
-    """How many workers a study's runner section gives (its `workers`, else Prefect's pool setting,
-    else one per CUDA GPU, else 2); for a Dask scheduler at an address, what `workers` says it has."""
-    return (runner.workers or get_current_settings().tasks.runner.process_pool_max_workers
-            or len(_visible_gpus()) or DEFAULT_CPU_WORKERS)
+    """How many workers a study's runner section gives, by the rule `task_runner` starts them with;
+    for a Dask scheduler at an address, what `workers` says it has."""
+    return _worker_count(runner.workers, _visible_gpus(), pool_setting=runner.kind == "processes")
 
 
 def task_runner(runner):
@@ -68,8 +72,7 @@ def task_runner(runner):
         check_cluster(runner.address, runner.gpu_resource, api_configured=_api_configured_by_user())
         return dask_runner(0, [], runner.address, runner.gpu_resource)
     gpus = _visible_gpus()
-    workers = runner.workers or len(gpus) or DEFAULT_CPU_WORKERS
-    return dask_runner(workers, gpus, None, runner.gpu_resource)
+    return dask_runner(_worker_count(runner.workers, gpus, pool_setting=False), gpus, None, runner.gpu_resource)
 
 
 def _is_url(root: str) -> bool:

@@ -94,9 +94,14 @@ class SAESection(_Section):
         keys = list(self.sweep)
         out = []
         for combo in itertools.product(*(self.sweep[k] for k in keys)):
-            label = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in zip(keys, combo))
-            out.append((label, self.model_copy(update={"sweep": {}, **dict(zip(keys, combo))})))
+            out.append((variant_label(zip(keys, combo)), self.model_copy(update={"sweep": {}, **dict(zip(keys, combo))})))
         return out
+
+
+def variant_label(settings) -> str:
+    """`key=value,...` for one combination of swept (key, value) settings: what a sweep's SAE is
+    called in cfg.json, the tables and the report."""
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings)
 
 
 # What `sae.sweep` may vary: the settings of one SAE (not of the stream they share).

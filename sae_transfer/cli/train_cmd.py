@@ -158,11 +158,9 @@ def sweep_variants(specs: list[str]) -> list[tuple[str | None, dict]]:
             raise UserError(f"--sweep {spec!r}: {key} takes {kind.__name__} values, e.g. {key}=2,5") from None
     if not axes:
         return [(None, {})]
-    out = []
-    for combo in itertools.product(*axes):
-        label = ",".join(f"{f}={v:g}" if isinstance(v, float) else f"{f}={v}" for f, v in combo)
-        out.append((label, dict(combo)))
-    return out
+    from sae_transfer.study import variant_label
+
+    return [(variant_label(combo), dict(combo)) for combo in itertools.product(*axes)]
 
 
 def _run_folder(hook: str | None, variant: str | None) -> str:
