@@ -26,12 +26,12 @@ import dataclasses
 import math
 import re
 import shutil
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from sae_transfer.errors import UserError
+from sae_transfer.gpu_rates import GPU, GPUS, detect_device, measured_rate
 from sae_transfer.model_shapes import ModelShape, study_shapes
 from sae_transfer.storage.mirror import mirror_dir
 from sae_transfer.storage.store import RemotePath, location
@@ -47,24 +47,6 @@ ROLLOUT_BATCH = 16  # greedy_rollouts' batch size
 PROMPT_TOKENS = 64  # assumed mean prompt length of an instruction, chat template included
 UTILISATION = 0.4  # assumed fraction of a GPU's dense peak rate reached by forward passes and SAE steps
 BANDWIDTH_UTILISATION = 0.6  # assumed fraction of peak memory bandwidth reached by decoding
-
-
-@dataclass(frozen=True)
-class GPU:
-    """Published dense (no sparsity) peak rates of one accelerator (SXM parts)."""
-
-    name: str
-    bf16_flops: float  # tensor-core bf16/fp16, dense
-    tf32_flops: float  # tensor-core TF32, dense (SAE training: fp32 weights, TF32 matmuls)
-    bandwidth: float  # bytes/s of device memory
-    memory: int  # bytes of device memory
-
-
-GPUS = {
-    "h100": GPU("H100 SXM", 989e12, 494e12, 3.35e12, 80 * 10**9),
-    "h200": GPU("H200 SXM", 989e12, 494e12, 4.8e12, 141 * 10**9),
-    "a100": GPU("A100 SXM 80GB", 312e12, 156e12, 2.04e12, 80 * 10**9),
-}
 
 
 @dataclass
@@ -325,39 +307,6 @@ def _live_streams(cfg: StudyConfig, shapes: dict[str, ModelShape], steps: list[S
     return steps
 
 
-def _measured_rate(device: str) -> float:
-    """FLOP/s of a float32 1024 x 1024 matmul on `device`, timed once (about 0.2 s)."""
-    import torch
-
-    n = 1024
-    a = torch.randn(n, n, device=device)
-    b = torch.randn(n, n, device=device)
-    a @ b
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-    reps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < 0.2:
-        a @ b
-        reps += 1
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-    return 2.0 * n**3 * reps / (time.perf_counter() - start)
-
-
-def detect_device(requested: str | None = None) -> tuple[str, GPU | None]:
-    """(description, GPU rates or None) of the device the study would run on."""
-    import torch
-
-    device = requested or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and torch.cuda.is_available():
-        name = torch.cuda.get_device_name(torch.device(device))
-        for key, gpu in GPUS.items():
-            if key in name.lower():
-                return name, gpu
-        return name, None
-    return device, None
-
-
 def estimate_seconds(step: Step, gpu: GPU | None, rate: float | None = None) -> float:
     """Seconds of `step` on `gpu` (published rates x UTILISATION) or at a measured `rate` (FLOP/s,
     already an achieved figure: used as is for SAE steps, halved for model passes)."""
@@ -379,7 +328,7 @@ def plan_study(cfg: StudyConfig, *, gpu: str | None = None, shapes: Mapping | No
     steps = plan_steps(cfg, model_shapes)
     name, local_gpu = detect_device(device or cfg.device)
     if local_gpu is None and rate is None:
-        rate = _measured_rate(device or cfg.device or "cpu")
+        rate = measured_rate(device or cfg.device or "cpu")
     named = GPUS[gpu.lower()] if gpu else None
     steps = [replace(s, seconds=estimate_seconds(s, local_gpu, rate),
                      gpu_seconds=estimate_seconds(s, named) if named else None) for s in steps]

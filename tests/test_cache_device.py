@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import sae_transfer.storage.activations_write as write_mod
-from sae_transfer.activations import CacheConfig, cache_activations, iter_hook_batches
+from sae_transfer.activations import CacheConfig, cache_activations
 from sae_transfer.attention import apply_attention, attention_of, check_choice, use_attention
 from sae_transfer.corpus import CorpusConfig
 from sae_transfer.errors import UserError
+from sae_transfer.hook_batches import iter_hook_batches
 from sae_transfer.models import load_model
 from sae_transfer.storage.activations import MANIFEST, PROGRESS, ActivationDataset
 from tests._tiny import tiny_corpus_dir, tiny_model_dir

@@ -120,7 +120,7 @@ def test_auto_source_trains_live_when_the_caches_do_not_fit(monkeypatch):
 
 def test_plan_cli_json_and_table(tiny, monkeypatch):
     path, _ = tiny
-    monkeypatch.setattr(plan_mod, "_measured_rate", lambda device: RATE)
+    monkeypatch.setattr(plan_mod, "measured_rate", lambda device: RATE)
     runner = CliRunner()
     out = runner.invoke(app, ["plan", str(path), "--format", "json", "--gpu", "a100"])
     assert out.exit_code == 0, out.output
