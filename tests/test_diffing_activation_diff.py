@@ -180,3 +180,20 @@ def test_task_refuses_caches_of_different_tokens(tmp_path):
     acts = [ActsRecord(path=str(p), model=m, hook=hook, n_tokens=N, reused=False) for m, p in (("base", base), ("chat", chat))]
     with pytest.raises(UserError, match="token_id"):
         task.fn([], acts[0], acts[1], DiffingSection().stats_tokens, "cpu", str(tmp_path / "results"))
+
+
+@pytest.mark.cuda
+def test_activation_diff_on_the_gpu_equals_the_cpu_pass(tmp_path):
+    """The sums stay on the device (only the results come back) and give the CPU's answer."""
+    x_ND, tok_N, role_N = _base()
+    chat_ND = x_ND + 0.3 * torch.randn(N, D, generator=torch.Generator().manual_seed(1))
+    pair = _pair(tmp_path, chat_ND, x_ND, tok_N, role_N)
+    cpu = activation_diff(iter_paired_raw(pair), D)
+    gpu = activation_diff(iter_paired_raw(pair), D, device="cuda")
+    for kind, g in cpu.groups.items():
+        h = gpu.groups[kind]
+        assert torch.equal(h.keys_G, g.keys_G) and torch.equal(h.count_G, g.count_G)
+        torch.testing.assert_close(h.mean_GD, g.mean_GD, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(h.mean_norm_G, g.mean_norm_G, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(gpu.variance_K, cpu.variance_K, atol=1e-5, rtol=1e-5)
+    assert abs((gpu.components_KD[0] @ cpu.components_KD[0]).item()) > 0.999

@@ -160,3 +160,19 @@ def test_cli_trains_every_hook_and_sweep_value_from_one_stream(setup, monkeypatc
                        (["--sweep", "k=64"], "at most d_sae")):
         code, _, err = _cli(monkeypatch, capsys, [*common, "--hook", HOOKS[0], *bad])
         assert code == 2 and len(err.splitlines()) == 1 and words in err, err
+
+
+@pytest.mark.cuda
+def test_group_on_the_gpu_keeps_its_stream_on_the_device_and_trains_as_alone(setup):
+    """The multi-hook stream's batches and every member's weights live on the GPU; a member of a
+    group trains what it trains alone there too."""
+    model = load_model(str(setup["model_dir"]), device="cuda")
+    stream = open_live_stream(model, HOOKS, setup["corpus"], 128, buffer_tokens=BUFFER, context_size=S, n_tokens=N_TOKENS)
+    batch = next(iter(stream.live.batches(0)))
+    assert all(b.device.type == "cuda" for b in batch.values())
+    root = setup["root"] / "gpu"
+    runs = [LiveRun(HOOKS[0], _cfg(device="cuda"), root / "a"), LiveRun(HOOKS[1], _cfg(device="cuda", k=4), root / "b")]
+    results = train_live_group(model, setup["corpus"], runs, context_size=S, buffer_tokens=BUFFER)
+    assert all(json.loads(r.run_json.read_text())["numerics"]["device"].startswith("cuda") for r in results)
+    alone = train_live(model, HOOKS[1], setup["corpus"], root / "b-alone", runs[1].cfg, context_size=S, buffer_tokens=BUFFER)
+    _assert_same_weights(alone.sae_dir, results[1].sae_dir, atol=1e-5)
